@@ -1,0 +1,649 @@
+"""The ringblob wire protocol: a sans-I/O codec shared by the server and the clients.
+
+Nothing here touches a socket. :class:`FrameDecoder` is a state machine fed
+bytes (``feed``) that hands out complete :class:`Frame` objects
+(``next_frame``); the ``encode_*`` functions build frames; ``parse_request``
+and the ``decode_*_reply`` functions interpret frame bodies. The exact format
+is specified in docs/PROTOCOL.md; in short:
+
+* every frame starts with a 20-byte little-endian header ``<4sBBHQI``:
+  magic ``b"RBLB"``, version (1), opcode, flags (requests) or status
+  (replies), request id (u64) and body length (u32);
+* replies carry the opcode and request id of their request and may arrive in
+  any order (requests are pipelined);
+* status 0 is success; any other status is the ``code`` of a
+  :mod:`ringblob.errors` class and the body is its UTF-8 message.
+
+Errors: a malformed frame raises :class:`~ringblob.errors.ProtocolError`
+(a frame over the size limit :class:`~ringblob.errors.FrameTooLarge`); the
+exception carries ``request_id`` and ``opcode`` attributes (0 when the header
+itself was unreadable) so the server can address its error reply.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Iterable, Iterator, Sequence
+
+from .errors import (
+    FrameTooLarge,
+    InvalidKey,
+    IOFailed,
+    ProtocolError,
+    RingblobError,
+    error_for_code,
+)
+
+__all__ = [
+    "MAGIC",
+    "VERSION",
+    "HEADER",
+    "HEADER_SIZE",
+    "DEFAULT_MAX_FRAME_SIZE",
+    "MAX_KEY_SIZE",
+    "STATUS_OK",
+    "FLAG_SYNC",
+    "FLAG_VERIFY",
+    "LIST_MORE",
+    "Op",
+    "Frame",
+    "Request",
+    "FrameDecoder",
+    "encode_frame",
+    "encode_frame_parts",
+    "encode_put",
+    "encode_get",
+    "encode_has",
+    "encode_delete",
+    "encode_list",
+    "encode_flush",
+    "encode_stat",
+    "encode_ping",
+    "encode_mput",
+    "encode_mget",
+    "encode_needs_flush",
+    "encode_reply",
+    "encode_reply_parts",
+    "encode_error_reply",
+    "list_reply_body",
+    "mget_reply_body",
+    "bool_body",
+    "parse_request",
+    "reply_error",
+    "raise_for_status",
+    "decode_bool_reply",
+    "decode_list_reply",
+    "decode_mget_reply",
+    "decode_stat_reply",
+]
+
+MAGIC = b"RBLB"
+VERSION = 1
+HEADER = struct.Struct("<4sBBHQI")
+HEADER_SIZE = HEADER.size  # 20 bytes
+DEFAULT_MAX_FRAME_SIZE = 72 * 1024 * 1024  # header + body; a 64 MiB value fits
+MAX_KEY_SIZE = 255
+STATUS_OK = 0
+
+FLAG_SYNC = 0x0001  # PUT, DELETE, MPUT: acknowledge only once durable (fdatasync)
+FLAG_VERIFY = 0x0002  # PUT: the key is the BLAKE3 digest of the value; check it
+LIST_MORE = 0x01  # LIST reply flags: more keys follow; ask again with start_after
+
+_U8 = struct.Struct("<B")
+_U32 = struct.Struct("<I")
+_MGET_ITEM = struct.Struct("<HI")
+
+
+class Op(IntEnum):
+    """Operation codes (the header's opcode byte)."""
+
+    PUT = 1
+    GET = 2
+    HAS = 3
+    DELETE = 4
+    LIST = 5
+    FLUSH = 6
+    STAT = 7
+    PING = 8
+    MPUT = 9
+    MGET = 10
+    NEEDS_FLUSH = 11
+
+
+_KNOWN_OPS = frozenset(int(o) for o in Op)
+_FLAGS_ALLOWED = {
+    Op.PUT: FLAG_SYNC | FLAG_VERIFY,
+    Op.DELETE: FLAG_SYNC,
+    Op.MPUT: FLAG_SYNC,
+}
+
+
+def op_name(opcode: int) -> str:
+    """Lower-case name of ``opcode`` (``"put"``), or ``"op<N>"`` for an unknown one."""
+    try:
+        return Op(opcode).name.lower()
+    except ValueError:
+        return f"op{opcode}"
+
+
+@dataclass(slots=True)
+class Frame:
+    """One decoded frame.
+
+    ``flags`` is the header's u16: request flags in a request, the status in
+    a reply (also readable as ``status``). ``body`` is ``body_length`` bytes.
+    """
+
+    opcode: int
+    flags: int
+    request_id: int
+    body: bytes
+
+    @property
+    def status(self) -> int:
+        return self.flags
+
+
+def _protocol_error(cls, message: str, request_id: int = 0, opcode: int = 0) -> ProtocolError:
+    exc = cls(message)
+    exc.request_id = request_id
+    exc.opcode = opcode
+    return exc
+
+
+class FrameDecoder:
+    """Incremental frame decoder: feed it bytes, take out complete frames.
+
+    ``max_frame_size`` bounds header + body in bytes; a header announcing a
+    larger frame raises :class:`~ringblob.errors.FrameTooLarge` as soon as the
+    header is read (before the body is buffered). A bad magic or version
+    raises :class:`~ringblob.errors.ProtocolError`. Errors are sticky: after
+    one, every further ``next_frame`` raises the same error, since the byte
+    stream can no longer be framed.
+
+    Usage::
+
+        dec = FrameDecoder()
+        dec.feed(data)
+        while (frame := dec.next_frame()) is not None:
+            ...
+    """
+
+    __slots__ = ("max_frame_size", "_buf", "_pos", "_error")
+
+    def __init__(self, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE):
+        if max_frame_size < HEADER_SIZE:
+            raise ValueError(f"max_frame_size must be at least {HEADER_SIZE} bytes, got {max_frame_size}")
+        self.max_frame_size = max_frame_size
+        self._buf = bytearray()
+        self._pos = 0
+        self._error: ProtocolError | None = None
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received and not yet returned as frames."""
+        return len(self._buf) - self._pos
+
+    @property
+    def error(self) -> ProtocolError | None:
+        """The sticky decoding error, or ``None``."""
+        return self._error
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        """Append received bytes (any split: one byte at a time works)."""
+        if self._pos and self._pos >= len(self._buf) // 2:
+            del self._buf[: self._pos]
+            self._pos = 0
+        self._buf += data
+
+    def next_frame(self) -> Frame | None:
+        """Return the next complete frame, or ``None`` if more bytes are needed.
+
+        Raises :class:`~ringblob.errors.ProtocolError` or
+        :class:`~ringblob.errors.FrameTooLarge` on a malformed stream.
+        """
+        if self._error is not None:
+            raise self._error
+        buf = self._buf
+        pos = self._pos
+        avail = len(buf) - pos
+        if avail < HEADER_SIZE:
+            if avail and buf[pos : pos + min(avail, 4)] != MAGIC[: min(avail, 4)]:
+                self._fail(ProtocolError, "bad magic: not a ringblob frame (expected b'RBLB')", 0, 0)
+            return None
+        magic, version, opcode, flags, request_id, length = HEADER.unpack_from(buf, pos)
+        if magic != MAGIC:
+            self._fail(ProtocolError, f"bad magic {bytes(magic)!r}: not a ringblob frame (expected b'RBLB')", 0, 0)
+        if version != VERSION:
+            self._fail(
+                ProtocolError,
+                f"unsupported protocol version {version}; this side speaks version {VERSION}",
+                request_id,
+                opcode,
+            )
+        if HEADER_SIZE + length > self.max_frame_size:
+            self._fail(
+                FrameTooLarge,
+                f"frame of {HEADER_SIZE + length} bytes is over the maximum frame size of "
+                f"{self.max_frame_size} bytes; send smaller values or raise max_frame_size",
+                request_id,
+                opcode,
+            )
+        end = pos + HEADER_SIZE + length
+        if len(buf) < end:
+            return None
+        body = bytes(buf[pos + HEADER_SIZE : end])
+        if end == len(buf):
+            buf.clear()
+            self._pos = 0
+        else:
+            self._pos = end
+        return Frame(opcode, flags, request_id, body)
+
+    def __iter__(self) -> Iterator[Frame]:
+        while (frame := self.next_frame()) is not None:
+            yield frame
+
+    def _fail(self, cls, message: str, request_id: int, opcode: int) -> None:
+        self._error = _protocol_error(cls, message, request_id, opcode)
+        raise self._error
+
+
+# -- encoding ------------------------------------------------------------------
+
+
+def _check_key(key: bytes, what: str = "key") -> bytes:
+    if not isinstance(key, (bytes, bytearray, memoryview)):
+        raise InvalidKey(f"{what} must be bytes, not {type(key).__name__}")
+    key = bytes(key)
+    if not 1 <= len(key) <= MAX_KEY_SIZE:
+        raise InvalidKey(f"{what} must be 1 to {MAX_KEY_SIZE} bytes long, got {len(key)}")
+    return key
+
+
+def _short(data: bytes, what: str) -> bytes:
+    data = bytes(data)
+    if len(data) > MAX_KEY_SIZE:
+        raise InvalidKey(f"{what} must be at most {MAX_KEY_SIZE} bytes long, got {len(data)}")
+    return _U8.pack(len(data)) + data
+
+
+def encode_frame_parts(opcode: int, request_id: int, body_parts: Sequence[bytes] = (), flags: int = 0) -> list:
+    """Header plus ``body_parts`` as a list (no copy of the parts; for ``writelines``/``sendmsg``)."""
+    length = 0
+    for part in body_parts:
+        length += len(part)
+    if length > 0xFFFFFFFF:
+        raise FrameTooLarge(f"frame body of {length} bytes cannot be encoded (the limit is 4 GiB - 1)")
+    return [HEADER.pack(MAGIC, VERSION, opcode, flags, request_id, length), *body_parts]
+
+
+def encode_frame(opcode: int, request_id: int, body: bytes = b"", flags: int = 0) -> bytes:
+    """One frame as bytes: 20-byte header + ``body``."""
+    if len(body) > 0xFFFFFFFF:
+        raise FrameTooLarge(f"frame body of {len(body)} bytes cannot be encoded (the limit is 4 GiB - 1)")
+    return HEADER.pack(MAGIC, VERSION, opcode, flags, request_id, len(body)) + body
+
+
+def encode_put(request_id: int, key: bytes, value: bytes, *, sync: bool = False, verify: bool = False) -> bytes:
+    """PUT request. ``verify``: the key is the BLAKE3 digest of ``value``; the server checks it."""
+    key = _check_key(key)
+    flags = (FLAG_SYNC if sync else 0) | (FLAG_VERIFY if verify else 0)
+    return b"".join(encode_frame_parts(Op.PUT, request_id, [_U8.pack(len(key)), key, value], flags))
+
+
+def encode_get(request_id: int, key: bytes) -> bytes:
+    """GET request; the reply body is the value."""
+    key = _check_key(key)
+    return encode_frame(Op.GET, request_id, _U8.pack(len(key)) + key)
+
+
+def encode_has(request_id: int, key: bytes) -> bytes:
+    """HAS request; the reply body is one byte, 1 if the key is stored."""
+    key = _check_key(key)
+    return encode_frame(Op.HAS, request_id, _U8.pack(len(key)) + key)
+
+
+def encode_delete(request_id: int, key: bytes, *, sync: bool = False) -> bytes:
+    """DELETE request (deleting a missing key succeeds)."""
+    key = _check_key(key)
+    return encode_frame(Op.DELETE, request_id, _U8.pack(len(key)) + key, FLAG_SYNC if sync else 0)
+
+
+def encode_list(request_id: int, prefix: bytes = b"", start_after: bytes | None = None, limit: int = 0) -> bytes:
+    """LIST request: keys starting with ``prefix``, greater than ``start_after``, ascending.
+
+    ``limit`` 0 asks for the server's page size; the server may return fewer.
+    """
+    if not 0 <= limit <= 0xFFFFFFFF:
+        raise ValueError(f"limit must be 0 to 2**32-1, got {limit}")
+    body = _short(prefix, "prefix") + _short(start_after or b"", "start_after") + _U32.pack(limit)
+    return encode_frame(Op.LIST, request_id, body)
+
+
+def encode_flush(request_id: int) -> bytes:
+    """FLUSH request: every earlier acknowledged write is durable once the reply arrives."""
+    return encode_frame(Op.FLUSH, request_id)
+
+
+def encode_stat(request_id: int) -> bytes:
+    """STAT request; the reply body is a UTF-8 JSON object."""
+    return encode_frame(Op.STAT, request_id)
+
+
+def encode_ping(request_id: int, payload: bytes = b"") -> bytes:
+    """PING request; the reply echoes ``payload``."""
+    return encode_frame(Op.PING, request_id, bytes(payload))
+
+
+def encode_needs_flush(request_id: int) -> bytes:
+    """NEEDS_FLUSH request; the reply body is one byte, 1 if a flush has work to do."""
+    return encode_frame(Op.NEEDS_FLUSH, request_id)
+
+
+def encode_mput(request_id: int, items: Iterable[tuple[bytes, bytes]], *, sync: bool = False) -> bytes:
+    """MPUT request: many ``(key, value)`` pairs in one frame."""
+    parts: list = [b""]
+    count = 0
+    for key, value in items:
+        key = _check_key(key)
+        parts += [_U8.pack(len(key)), key, _U32.pack(len(value)), value]
+        count += 1
+    parts[0] = _U32.pack(count)
+    return b"".join(encode_frame_parts(Op.MPUT, request_id, parts, FLAG_SYNC if sync else 0))
+
+
+def encode_mget(request_id: int, keys: Iterable[bytes]) -> bytes:
+    """MGET request: many keys; the reply reports each key's value or error individually."""
+    parts: list = [b""]
+    count = 0
+    for key in keys:
+        key = _check_key(key)
+        parts += [_U8.pack(len(key)), key]
+        count += 1
+    parts[0] = _U32.pack(count)
+    return encode_frame(Op.MGET, request_id, b"".join(parts))
+
+
+def encode_reply_parts(opcode: int, request_id: int, body_parts: Sequence[bytes] = (), status: int = STATUS_OK) -> list:
+    """A reply frame as a list of buffers (header first)."""
+    return encode_frame_parts(opcode, request_id, body_parts, status)
+
+
+def encode_reply(opcode: int, request_id: int, body: bytes = b"", status: int = STATUS_OK) -> bytes:
+    """A reply frame as bytes."""
+    return encode_frame(opcode, request_id, body, status)
+
+
+def _error_status(exc: BaseException) -> tuple[int, str]:
+    if isinstance(exc, RingblobError):
+        return exc.code, str(exc) or type(exc).__name__
+    if isinstance(exc, OSError):
+        return IOFailed.code, f"I/O error: {exc}"
+    return RingblobError.code, f"internal error: {type(exc).__name__}: {exc}"
+
+
+def encode_error_reply(opcode: int, request_id: int, exc: BaseException) -> bytes:
+    """An error reply: status = the error's ``code``, body = its UTF-8 message.
+
+    ``OSError`` maps to :class:`~ringblob.errors.IOFailed`, anything else to
+    :class:`~ringblob.errors.RingblobError` (code 1).
+    """
+    status, message = _error_status(exc)
+    return encode_frame(opcode, request_id, message.encode("utf-8", "replace"), status)
+
+
+def bool_body(value: bool) -> bytes:
+    """One byte, 1 or 0 (HAS and NEEDS_FLUSH replies)."""
+    return b"\x01" if value else b"\x00"
+
+
+def list_reply_body(keys: Sequence[bytes], more: bool) -> bytes:
+    """LIST reply body: u8 flags (bit 0 = more), u32 count, count x (u8 len, key)."""
+    parts = [_U8.pack(LIST_MORE if more else 0), _U32.pack(len(keys))]
+    for key in keys:
+        parts += [_U8.pack(len(key)), key]
+    return b"".join(parts)
+
+
+def mget_reply_body(results: Sequence) -> list:
+    """MGET reply body as buffers: u32 count, then per key u16 status, u32 length, bytes.
+
+    ``results`` holds, per requested key in order, the value (bytes) or an
+    exception (its code and message are sent).
+    """
+    parts: list = [_U32.pack(len(results))]
+    for res in results:
+        if isinstance(res, BaseException):
+            status, message = _error_status(res)
+            data = message.encode("utf-8", "replace")
+        else:
+            status, data = STATUS_OK, res
+        parts += [_MGET_ITEM.pack(status, len(data)), data]
+    return parts
+
+
+# -- request parsing (server side) -------------------------------------------------
+
+
+@dataclass(slots=True)
+class Request:
+    """A parsed request. Which fields are set depends on ``op``:
+
+    PUT: key, value; GET/HAS/DELETE: key; LIST: prefix, start_after (None
+    when absent), limit; PING: value (the payload); MPUT: items (list of
+    ``(key, value)``); MGET: keys. ``sync``/``verify`` come from the flags.
+    """
+
+    op: Op
+    request_id: int
+    flags: int = 0
+    key: bytes = b""
+    value: bytes = b""
+    prefix: bytes = b""
+    start_after: bytes | None = None
+    limit: int = 0
+    items: list | None = None
+    keys: list | None = None
+
+    @property
+    def sync(self) -> bool:
+        return bool(self.flags & FLAG_SYNC)
+
+    @property
+    def verify(self) -> bool:
+        return bool(self.flags & FLAG_VERIFY)
+
+
+class _Reader:
+    __slots__ = ("data", "pos", "frame")
+
+    def __init__(self, frame: Frame):
+        self.data = frame.body
+        self.pos = 0
+        self.frame = frame
+
+    def fail(self, message: str):
+        f = self.frame
+        raise _protocol_error(
+            ProtocolError, f"malformed {op_name(f.opcode).upper()} request {f.request_id}: {message}", f.request_id, f.opcode
+        )
+
+    def take(self, n: int, what: str) -> bytes:
+        end = self.pos + n
+        if end > len(self.data):
+            self.fail(f"body ends inside {what} (needs {end} bytes, has {len(self.data)})")
+        out = self.data[self.pos : end]
+        self.pos = end
+        return out
+
+    def u8(self, what: str) -> int:
+        return self.take(1, what)[0]
+
+    def u32(self, what: str) -> int:
+        return _U32.unpack(self.take(4, what))[0]
+
+    def short(self, what: str) -> bytes:
+        return self.take(self.u8(what + " length"), what)
+
+    def rest(self) -> bytes:
+        out = self.data[self.pos :] if self.pos else self.data
+        self.pos = len(self.data)
+        return out
+
+    def end(self) -> None:
+        if self.pos != len(self.data):
+            self.fail(f"{len(self.data) - self.pos} unexpected bytes after the body")
+
+
+def parse_request(frame: Frame) -> Request:
+    """Interpret a request frame's body.
+
+    Raises :class:`~ringblob.errors.ProtocolError` (with ``request_id`` and
+    ``opcode``) for an unknown opcode, flags the opcode does not define, or a
+    body that is truncated or has trailing bytes. Key *validity* (empty keys)
+    is left to the store, which answers :class:`~ringblob.errors.InvalidKey`.
+    """
+    opcode = frame.opcode
+    if opcode not in _KNOWN_OPS:
+        raise _protocol_error(
+            ProtocolError, f"unknown opcode {opcode} in request {frame.request_id}", frame.request_id, opcode
+        )
+    op = Op(opcode)
+    if frame.flags & ~_FLAGS_ALLOWED.get(op, 0):
+        raise _protocol_error(
+            ProtocolError,
+            f"flags 0x{frame.flags:04x} are not defined for {op.name} (request {frame.request_id})",
+            frame.request_id,
+            opcode,
+        )
+    req = Request(op, frame.request_id, frame.flags)
+    r = _Reader(frame)
+    if op is Op.PUT:
+        req.key = r.short("key")
+        req.value = r.rest()
+    elif op in (Op.GET, Op.HAS, Op.DELETE):
+        req.key = r.short("key")
+    elif op is Op.LIST:
+        req.prefix = r.short("prefix")
+        start_after = r.short("start_after")
+        req.start_after = start_after or None
+        req.limit = r.u32("limit")
+    elif op is Op.PING:
+        req.value = r.rest()
+    elif op is Op.MPUT:
+        count = r.u32("item count")
+        if count > len(frame.body) // 6 + 1:
+            r.fail(f"item count {count} does not fit a body of {len(frame.body)} bytes")
+        items = []
+        for _ in range(count):
+            key = r.short("key")
+            value = r.take(r.u32("value length"), "value")
+            items.append((key, value))
+        req.items = items
+    elif op is Op.MGET:
+        count = r.u32("key count")
+        if count > len(frame.body) // 2 + 1:
+            r.fail(f"key count {count} does not fit a body of {len(frame.body)} bytes")
+        req.keys = [r.short("key") for _ in range(count)]
+    r.end()
+    return req
+
+
+# -- reply decoding (client side) ----------------------------------------------------
+
+
+def reply_error(frame: Frame) -> RingblobError | None:
+    """The exception a reply frame carries (``None`` for status 0).
+
+    The class comes from :func:`ringblob.errors.error_for_code`, so a client
+    raises the same class the store raised; the message is the body.
+    """
+    if frame.flags == STATUS_OK:
+        return None
+    cls = error_for_code(frame.flags)
+    message = frame.body.decode("utf-8", "replace")
+    try:
+        return cls(message)
+    except TypeError:  # a class with an unusual constructor
+        return RingblobError(message)
+
+
+def raise_for_status(frame: Frame) -> Frame:
+    """Raise the reply's error if its status is not 0; else return the frame."""
+    exc = reply_error(frame)
+    if exc is not None:
+        raise exc
+    return frame
+
+
+def _reply_fail(message: str) -> ProtocolError:
+    return _protocol_error(ProtocolError, f"malformed reply: {message}")
+
+
+def decode_bool_reply(body: bytes) -> bool:
+    """HAS / NEEDS_FLUSH reply body -> bool."""
+    if len(body) != 1 or body[0] > 1:
+        raise _reply_fail(f"expected one byte 0 or 1, got {bytes(body[:8])!r}")
+    return body[0] == 1
+
+
+def decode_list_reply(body: bytes) -> tuple[list[bytes], bool]:
+    """LIST reply body -> ``(keys, more)``. When ``more``, ask again with ``start_after=keys[-1]``."""
+    if len(body) < 5:
+        raise _reply_fail("LIST reply shorter than 5 bytes")
+    flags = body[0]
+    (count,) = _U32.unpack_from(body, 1)
+    pos = 5
+    keys = []
+    for _ in range(count):
+        if pos >= len(body):
+            raise _reply_fail("LIST reply ends inside a key")
+        n = body[pos]
+        end = pos + 1 + n
+        if end > len(body):
+            raise _reply_fail("LIST reply ends inside a key")
+        keys.append(bytes(body[pos + 1 : end]))
+        pos = end
+    if pos != len(body):
+        raise _reply_fail("trailing bytes after the LIST keys")
+    return keys, bool(flags & LIST_MORE)
+
+
+def decode_mget_reply(body: bytes) -> list:
+    """MGET reply body -> list (in request order) of values (bytes) or exceptions (e.g. NotFound)."""
+    if len(body) < 4:
+        raise _reply_fail("MGET reply shorter than 4 bytes")
+    (count,) = _U32.unpack_from(body, 0)
+    pos = 4
+    out: list = []
+    for _ in range(count):
+        if pos + _MGET_ITEM.size > len(body):
+            raise _reply_fail("MGET reply ends inside an item header")
+        status, length = _MGET_ITEM.unpack_from(body, pos)
+        pos += _MGET_ITEM.size
+        if pos + length > len(body):
+            raise _reply_fail("MGET reply ends inside an item")
+        data = bytes(body[pos : pos + length])
+        pos += length
+        if status == STATUS_OK:
+            out.append(data)
+        else:
+            out.append(reply_error(Frame(Op.MGET, status, 0, data)))
+    if pos != len(body):
+        raise _reply_fail("trailing bytes after the MGET items")
+    return out
+
+
+def decode_stat_reply(body: bytes) -> dict:
+    """STAT reply body (UTF-8 JSON object) -> dict."""
+    try:
+        out = json.loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise _reply_fail(f"STAT reply is not UTF-8 JSON: {exc}") from None
+    if not isinstance(out, dict):
+        raise _reply_fail("STAT reply is not a JSON object")
+    return out

@@ -1,0 +1,277 @@
+"""Unit tests of the sans-I/O wire codec (ringblob.protocol)."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ringblob import errors
+from ringblob import protocol as p
+
+keys = st.binary(min_size=1, max_size=255)
+values = st.binary(max_size=2048)
+
+
+def decode_all(data: bytes, max_frame_size: int = p.DEFAULT_MAX_FRAME_SIZE) -> list[p.Frame]:
+    dec = p.FrameDecoder(max_frame_size)
+    dec.feed(data)
+    return list(dec)
+
+
+def one_request(data: bytes) -> p.Request:
+    (frame,) = decode_all(data)
+    return p.parse_request(frame)
+
+
+def test_header_layout_matches_the_spec():
+    raw = p.encode_put(7, b"k", b"hi", sync=True)
+    assert raw.hex(" ") == "52 42 4c 42 01 01 01 00 07 00 00 00 00 00 00 00 04 00 00 00 01 6b 68 69"
+    assert p.HEADER_SIZE == 20
+    magic, version, opcode, flags, rid, length = struct.unpack("<4sBBHQI", raw[:20])
+    assert (magic, version, opcode, flags, rid, length) == (b"RBLB", 1, 1, 1, 7, 4)
+
+
+@given(key=keys, value=values, sync=st.booleans(), verify=st.booleans(), rid=st.integers(0, 2**64 - 1))
+@settings(max_examples=60, deadline=None)
+def test_put_round_trip(key, value, sync, verify, rid):
+    req = one_request(p.encode_put(rid, key, value, sync=sync, verify=verify))
+    assert (req.op, req.request_id, req.key, req.value, req.sync, req.verify) == (
+        p.Op.PUT, rid, key, value, sync, verify,
+    )
+
+
+@given(key=keys, sync=st.booleans())
+@settings(max_examples=30, deadline=None)
+def test_key_ops_round_trip(key, sync):
+    assert one_request(p.encode_get(1, key)).key == key
+    assert one_request(p.encode_has(2, key)).op is p.Op.HAS
+    req = one_request(p.encode_delete(3, key, sync=sync))
+    assert (req.op, req.key, req.sync) == (p.Op.DELETE, key, sync)
+
+
+@given(prefix=st.binary(max_size=255), start=st.one_of(st.none(), keys), limit=st.integers(0, 2**32 - 1))
+@settings(max_examples=40, deadline=None)
+def test_list_round_trip(prefix, start, limit):
+    req = one_request(p.encode_list(5, prefix, start, limit))
+    assert (req.prefix, req.start_after, req.limit) == (prefix, start, limit)
+
+
+@given(items=st.lists(st.tuples(keys, values), max_size=20), sync=st.booleans())
+@settings(max_examples=40, deadline=None)
+def test_mput_round_trip(items, sync):
+    req = one_request(p.encode_mput(9, items, sync=sync))
+    assert req.items == items and req.sync == sync
+
+
+@given(ks=st.lists(keys, max_size=30))
+@settings(max_examples=40, deadline=None)
+def test_mget_round_trip(ks):
+    assert one_request(p.encode_mget(10, ks)).keys == ks
+
+
+def test_empty_body_ops_and_ping():
+    for enc, op in [
+        (p.encode_flush, p.Op.FLUSH),
+        (p.encode_stat, p.Op.STAT),
+        (p.encode_needs_flush, p.Op.NEEDS_FLUSH),
+    ]:
+        req = one_request(enc(3))
+        assert req.op is op and req.request_id == 3
+    assert one_request(p.encode_ping(4, b"echo me")).value == b"echo me"
+
+
+def test_byte_by_byte_feed_yields_every_frame_in_order():
+    stream = b"".join(
+        [
+            p.encode_put(1, b"a", b"x" * 1000),
+            p.encode_get(2, b"a"),
+            p.encode_ping(3),
+            p.encode_mget(4, [b"a", b"b"]),
+        ]
+    )
+    dec = p.FrameDecoder()
+    got = []
+    for i in range(len(stream)):
+        dec.feed(stream[i : i + 1])
+        got.extend(dec)
+    assert [f.request_id for f in got] == [1, 2, 3, 4]
+    assert p.parse_request(got[0]).value == b"x" * 1000
+    assert dec.buffered == 0
+
+
+@given(split=st.lists(st.integers(1, 50), max_size=30))
+@settings(max_examples=50, deadline=None)
+def test_arbitrary_splits(split):
+    stream = b"".join(p.encode_put(i, b"k%d" % i, b"v" * i) for i in range(1, 8))
+    dec = p.FrameDecoder()
+    got, pos = [], 0
+    for n in split:
+        dec.feed(stream[pos : pos + n])
+        pos += n
+        got.extend(dec)
+    dec.feed(stream[pos:])
+    got.extend(dec)
+    assert [p.parse_request(f).value for f in got] == [b"v" * i for i in range(1, 8)]
+
+
+def test_replies_round_trip_and_errors_map_back_to_their_class():
+    frames = decode_all(
+        p.encode_reply(p.Op.GET, 9, b"value")
+        + p.encode_error_reply(p.Op.GET, 10, errors.NotFound("no blob under key b'x'"))
+        + p.encode_error_reply(p.Op.PUT, 11, OSError(5, "Input/output error"))
+        + p.encode_error_reply(p.Op.PUT, 12, errors.DigestMismatch("digest mismatch"))
+    )
+    assert p.raise_for_status(frames[0]).body == b"value"
+    with pytest.raises(errors.NotFound, match="no blob"):
+        p.raise_for_status(frames[1])
+    assert frames[1].status == errors.NotFound.code
+    assert isinstance(p.reply_error(frames[2]), errors.IOFailed)
+    assert isinstance(p.reply_error(frames[3]), errors.DigestMismatch)
+    assert p.reply_error(frames[0]) is None
+
+
+def test_every_error_class_survives_the_wire():
+    for cls in set(errors._BY_CODE.values()):
+        try:
+            exc = cls("boom")
+        except TypeError:
+            continue
+        (frame,) = decode_all(p.encode_error_reply(p.Op.GET, 1, exc))
+        got = p.reply_error(frame)
+        assert type(got) is cls and str(got) == "boom"
+
+
+def test_unknown_status_maps_to_the_base_error():
+    (frame,) = decode_all(p.encode_reply(p.Op.GET, 1, b"from the future", status=999))
+    got = p.reply_error(frame)
+    assert type(got) is errors.RingblobError and str(got) == "from the future"
+
+
+def test_reply_bodies():
+    assert p.decode_bool_reply(p.bool_body(True)) is True
+    assert p.decode_bool_reply(p.bool_body(False)) is False
+    with pytest.raises(errors.ProtocolError):
+        p.decode_bool_reply(b"\x02")
+    ks = [b"a", b"b" * 255, b"\x00"]
+    assert p.decode_list_reply(p.list_reply_body(ks, True)) == (ks, True)
+    assert p.decode_list_reply(p.list_reply_body([], False)) == ([], False)
+    res = p.decode_mget_reply(b"".join(p.mget_reply_body([b"v1", errors.NotFound("missing"), b""])))
+    assert res[0] == b"v1" and res[2] == b""
+    assert isinstance(res[1], errors.NotFound) and str(res[1]) == "missing"
+    assert p.decode_stat_reply(json.dumps({"blob_count": 3}).encode()) == {"blob_count": 3}
+    for bad in (b"[]", b"\xff"):
+        with pytest.raises(errors.ProtocolError):
+            p.decode_stat_reply(bad)
+
+
+def test_bad_magic_is_detected_before_a_full_header():
+    dec = p.FrameDecoder()
+    dec.feed(b"GET ")
+    with pytest.raises(errors.ProtocolError, match="magic") as ei:
+        dec.next_frame()
+    assert ei.value.request_id == 0
+    with pytest.raises(errors.ProtocolError):  # sticky
+        dec.next_frame()
+
+
+def test_bad_version_names_both_versions():
+    raw = bytearray(p.encode_ping(77))
+    raw[4] = 9
+    dec = p.FrameDecoder()
+    dec.feed(raw)
+    with pytest.raises(errors.ProtocolError, match="version 9.*version 1") as ei:
+        dec.next_frame()
+    assert ei.value.request_id == 77
+
+
+def test_oversized_frame_is_refused_from_its_header():
+    dec = p.FrameDecoder(max_frame_size=1024)
+    dec.feed(p.encode_put(5, b"k", b"x" * 2000)[:20])  # only the header
+    with pytest.raises(errors.FrameTooLarge) as ei:
+        dec.next_frame()
+    assert ei.value.request_id == 5 and ei.value.opcode == p.Op.PUT
+    assert isinstance(ei.value, errors.ProtocolError)
+    # exactly at the limit is fine
+    dec = p.FrameDecoder(max_frame_size=1024)
+    dec.feed(p.encode_ping(1, b"x" * (1024 - 20)))
+    assert dec.next_frame().body == b"x" * 1004
+
+
+def test_default_limit_fits_a_64_mib_value():
+    assert p.HEADER_SIZE + 1 + 255 + 64 * 1024 * 1024 <= p.DEFAULT_MAX_FRAME_SIZE
+
+
+@pytest.mark.parametrize(
+    "frame, match",
+    [
+        (p.Frame(99, 0, 1, b""), "unknown opcode 99"),
+        (p.Frame(p.Op.GET, p.FLAG_SYNC, 1, b"\x01k"), "flags"),
+        (p.Frame(p.Op.PUT, 0x8000, 1, b"\x01k"), "flags"),
+        (p.Frame(p.Op.GET, 0, 1, b"\x05ab"), "ends inside key"),
+        (p.Frame(p.Op.GET, 0, 1, b"\x01ab"), "unexpected bytes"),
+        (p.Frame(p.Op.PUT, 0, 1, b""), "ends inside key length"),
+        (p.Frame(p.Op.LIST, 0, 1, b"\x00\x00\x01"), "limit"),
+        (p.Frame(p.Op.MPUT, 0, 1, b"\x02\x00\x00\x00\x01k\x05\x00\x00\x00ab"), "count|value"),
+        (p.Frame(p.Op.MGET, 0, 1, b"\xff\xff\xff\xff"), "count"),
+        (p.Frame(p.Op.FLUSH, 0, 1, b"x"), "unexpected bytes"),
+    ],
+)
+def test_malformed_bodies_raise_protocol_error(frame, match):
+    with pytest.raises(errors.ProtocolError, match=match) as ei:
+        p.parse_request(frame)
+    assert ei.value.request_id == 1 and ei.value.opcode == frame.opcode
+
+
+def test_empty_key_parses_so_the_store_can_say_invalid_key():
+    assert p.parse_request(p.Frame(p.Op.GET, 0, 1, b"\x00")).key == b""
+
+
+def test_encoders_reject_bad_keys():
+    with pytest.raises(errors.InvalidKey):
+        p.encode_get(1, b"")
+    with pytest.raises(errors.InvalidKey):
+        p.encode_put(1, b"k" * 256, b"")
+    with pytest.raises(errors.InvalidKey):
+        p.encode_get(1, "text")  # type: ignore[arg-type]
+    with pytest.raises(errors.InvalidKey):
+        p.encode_list(1, prefix=b"p" * 256)
+
+
+@given(st.binary(max_size=400))
+@settings(max_examples=400, deadline=None)
+def test_fuzz_decoder_only_raises_protocol_error(data):
+    dec = p.FrameDecoder(max_frame_size=256)
+    try:
+        dec.feed(data)
+        for frame in dec:
+            try:
+                p.parse_request(frame)
+            except errors.ProtocolError:
+                pass
+    except errors.ProtocolError:
+        pass
+
+
+@given(
+    st.lists(st.sampled_from(list(p.Op)), min_size=1, max_size=6),
+    st.data(),
+)
+@settings(max_examples=150, deadline=None)
+def test_fuzz_mutated_valid_frames(ops, data):
+    """Valid headers with random bodies/flags: parse_request only raises ProtocolError."""
+    dec = p.FrameDecoder()
+    for i, op in enumerate(ops):
+        body = data.draw(st.binary(max_size=80))
+        flags = data.draw(st.integers(0, 3))
+        dec.feed(p.encode_frame(op, i, body, flags))
+    for frame in dec:
+        try:
+            req = p.parse_request(frame)
+        except errors.ProtocolError as exc:
+            assert exc.request_id == frame.request_id
+        else:
+            assert req.op == frame.opcode
