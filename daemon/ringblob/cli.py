@@ -18,6 +18,15 @@ from .errors import RingblobError
 
 # subcommand -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
+    "serve": ("ringblob.serve", "run the daemon: serve blobs over a Unix socket (foreground)"),
+    "put": ("ringblob.commands.put", "store a blob from a file or stdin (--cas: under its BLAKE3 digest)"),
+    "get": ("ringblob.commands.get", "write a blob to stdout or a file"),
+    "has": ("ringblob.commands.has", "exit 0 if a blob exists, 1 if not"),
+    "delete": ("ringblob.commands.delete", "delete a blob (a missing key is not an error)"),
+    "list": ("ringblob.commands.list", "list keys in ascending order (--prefix)"),
+    "flush": ("ringblob.commands.flush", "make every acknowledged write durable"),
+    "stat": ("ringblob.commands.stat", "show the daemon's state (--json)"),
+    "ping": ("ringblob.commands.ping", "check that the daemon answers"),
     "doctor": ("ringblob.doctor", "check that this host can run ringblob (io_uring, O_DIRECT, memlock)"),
 }
 
@@ -34,7 +43,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     for name, (modname, helptext) in COMMANDS.items():
         mod = importlib.import_module(modname)
-        p = sub.add_parser(name, help=helptext, description=(mod.__doc__ or helptext).strip().splitlines()[0])
+        doc = (mod.__doc__ or helptext).strip()
+        first, _, rest = doc.partition("\n\n")
+        p = sub.add_parser(
+            name,
+            help=helptext,
+            description=" ".join(first.split()),
+            epilog=rest.strip() or None,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         mod.add_arguments(p)
         p.set_defaults(_run=mod.run)
     return parser

@@ -1,0 +1,45 @@
+"""Fetch a blob: `ringblob get KEY [-o FILE]` writes its bytes to standard output or FILE.
+
+Exit status: 0 found, 2 on error (NotFound when no blob has the key; Corrupt
+when its bytes fail their BLAKE3 digest, in which case nothing is written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from . import _common
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``ringblob get``."""
+    parser.add_argument("key", metavar="KEY", help="the key (UTF-8 text, or hex with --hex)")
+    parser.add_argument("-o", "--output", metavar="FILE", help="write the value to FILE (replaced atomically) instead of standard output")
+    _common.add_hex_argument(parser)
+    _common.add_socket_argument(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Send one GET and write the value out."""
+    key = _common.parse_key(args.key, args.hex)
+    with _common.connect(args) as client, _common.Progress("get") as progress:
+        value = client.get(key, progress=progress)
+    if args.output is None or args.output == "-":
+        out = sys.stdout.buffer
+        out.write(value)
+        out.flush()
+        return 0
+    tmp = f"{args.output}.ringblob-tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(value)
+        os.replace(tmp, args.output)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return 0

@@ -1,0 +1,31 @@
+"""List keys: `ringblob list [--prefix P]` prints one key per line in ascending byte order.
+
+Keys print as UTF-8 text (bytes that are not UTF-8 as \\xNN escapes), or as
+hex with --hex (then --prefix is hex too). The daemon sends the keys in pages;
+the command prints each page as it arrives.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import _common
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``ringblob list``."""
+    parser.add_argument("--prefix", metavar="P", default="", help="only keys starting with P (UTF-8 text, or hex with --hex)")
+    _common.add_hex_argument(parser)
+    _common.add_socket_argument(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Page through LIST and print the keys."""
+    prefix = _common.parse_key(args.prefix, args.hex) if args.prefix else b""
+    out = sys.stdout
+    with _common.connect(args) as client:
+        for key in client.list(prefix):
+            out.write(_common.format_key(key, args.hex) + "\n")
+    out.flush()
+    return 0

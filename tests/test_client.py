@@ -1,0 +1,539 @@
+"""ringblob.Client and ringblob.AsyncClient end to end against a real daemon subprocess.
+
+The daemon is ``ringblob serve`` on a data file under .test-tmp/ (ext4, so
+O_DIRECT behaves as in production) with metrics disabled. A few tests use a
+scripted peer speaking the protocol codec to provoke what a well-behaved
+daemon never does (replies out of order, a connection dropped mid-request).
+
+``Daemon`` and the ``daemon`` fixture are shared with tests/test_cli.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import pathlib
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import blake3
+import pytest
+
+import ringblob
+from ringblob import protocol
+from ringblob.errors import (
+    ConnectionLost,
+    DigestMismatch,
+    InvalidKey,
+    NotFound,
+    RingblobError,
+    TooLarge,
+)
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+TEST_TMP = ROOT / ".test-tmp"
+
+
+def ringblob_cmd() -> list[str]:
+    """The ``ringblob`` console script of this interpreter's venv (or ``python -m ringblob.cli``)."""
+    script = pathlib.Path(sys.executable).parent / "ringblob"
+    if script.exists():
+        return [str(script)]
+    return [sys.executable, "-m", "ringblob.cli"]
+
+
+def make_tmp(prefix: str) -> pathlib.Path:
+    """A fresh directory under .test-tmp/ (ext4, short enough for a Unix socket path)."""
+    TEST_TMP.mkdir(exist_ok=True)
+    return pathlib.Path(tempfile.mkdtemp(prefix=prefix, dir=TEST_TMP))
+
+
+class Daemon:
+    """A ``ringblob serve`` subprocess; ``start()`` waits until it answers PING."""
+
+    def __init__(self, workdir: pathlib.Path, *extra: str, size: str = "64M", cwd: pathlib.Path | None = None,
+                 data: pathlib.Path | None = None, sock: pathlib.Path | None = None):
+        self.workdir = workdir
+        self.data = data or workdir / "ringblob.data"
+        self.socket = sock or workdir / "rb.sock"
+        self.args = ringblob_cmd() + [
+            "serve", "--data", str(self.data), "--socket", str(self.socket), "--size", size, "--metrics-addr", "",
+            *extra,
+        ]
+        self.cwd = cwd or ROOT
+        self.proc: subprocess.Popen | None = None
+        self.log = workdir / f"daemon-{time.monotonic_ns()}.log"
+
+    def start(self, timeout: float = 30.0) -> "Daemon":
+        self._logfh = open(self.log, "wb")
+        self.proc = subprocess.Popen(self.args, cwd=self.cwd, stdout=self._logfh, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"ringblob serve exited with {self.proc.returncode}:\n{self.output()}")
+            try:
+                with ringblob.Client(self.socket, timeout=5) as c:
+                    c.ping()
+                return self
+            except (OSError, RingblobError):
+                time.sleep(0.05)
+        self.kill()
+        raise AssertionError(f"ringblob serve did not answer within {timeout} s:\n{self.output()}")
+
+    def output(self) -> str:
+        try:
+            return self.log.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def stop(self, timeout: float = 30.0) -> int:
+        """SIGTERM and wait; returns the exit status."""
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            rc = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError(f"ringblob serve ignored SIGTERM for {timeout} s:\n{self.output()}")
+        self._logfh.close()
+        return rc
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def daemon():
+    """One daemon for the test module, stopped with SIGTERM at the end (must exit 0)."""
+    workdir = make_tmp("cl-")
+    d = Daemon(workdir).start()
+    try:
+        yield d
+    finally:
+        rc = d.stop()
+        out = d.output()
+        shutil.rmtree(workdir, ignore_errors=True)
+        assert rc == 0, f"ringblob serve exited with {rc} after SIGTERM:\n{out}"
+
+
+def unique(name: str) -> bytes:
+    return f"{name}-{time.monotonic_ns()}".encode()
+
+
+# -- blocking client ---------------------------------------------------------------
+
+
+def test_sync_put_get_has_delete(daemon):
+    with ringblob.Client(daemon.socket) as c:
+        key = unique("a")
+        assert not c.has(key)
+        c.put(key, b"hello")
+        assert c.has(key)
+        assert c.get(key) == b"hello"
+        c.put(key, b"world" * 1000, sync=True)  # overwrite, durable
+        assert c.get(key) == b"world" * 1000
+        c.put(key.decode() + "-empty", b"")  # str keys are UTF-8; empty values are fine
+        assert c.get(key + b"-empty") == b""
+        c.delete(key)
+        assert not c.has(key)
+        c.delete(key)  # deleting a missing key is not an error
+        with pytest.raises(NotFound) as info:
+            c.get(key)
+        assert isinstance(info.value, KeyError)
+        c.delete(key + b"-empty", sync=True)
+
+
+def test_sync_unicode_and_binary_keys(daemon):
+    with ringblob.Client(daemon.socket) as c:
+        c.put("clé-ünïcode", b"1")
+        assert c.get("clé-ünïcode".encode("utf-8")) == b"1"
+        binkey = bytes(range(256))[1:200]
+        c.put(binkey, b"2")
+        assert c.get(binkey) == b"2"
+
+
+def test_sync_large_value_with_progress(daemon):
+    value = os.urandom(3 * 1024 * 1024 + 123)
+    seen_put: list[tuple[int, int]] = []
+    seen_get: list[tuple[int, int]] = []
+    with ringblob.Client(daemon.socket) as c:
+        key = unique("big")
+        c.put(key, value, progress=lambda d, t: seen_put.append((d, t)))
+        assert c.get(key, progress=lambda d, t: seen_get.append((d, t))) == value
+    assert seen_put and seen_put[-1][0] == seen_put[-1][1] >= len(value)
+    assert seen_get and seen_get[-1][0] == seen_get[-1][1] >= len(value)
+    assert [d for d, _ in seen_get] == sorted(d for d, _ in seen_get)
+
+
+def test_sync_put_cas(daemon):
+    data = os.urandom(10000)
+    with ringblob.Client(daemon.socket) as c:
+        digest = c.put_cas(data, sync=True)
+        assert digest == blake3.blake3(data).digest()
+        assert c.get(digest) == data
+        assert c.has(digest)
+        # a digest that is not the value's: nothing stored
+        bad = blake3.blake3(b"something else").digest()
+        with pytest.raises(DigestMismatch):
+            c.put(bad, data, verify=True)
+        assert not c.has(bad)
+
+
+def test_sync_list_pages(daemon):
+    prefix = unique("list") + b"/"
+    keys = sorted(prefix + b"%05d" % i for i in range(2500))  # more than one 1000-key page
+    with ringblob.Client(daemon.socket) as c:
+        c.put_many([(k, k[-5:]) for k in keys])
+        c.put(prefix[:-1] + b"0", b"outside the prefix")
+        assert list(c.list(prefix)) == keys
+        assert list(c.list(prefix, page_size=7))[:20] == keys[:20]
+        assert list(c.list(prefix.decode() + "0001")) == [k for k in keys if k.startswith(prefix + b"0001")]
+        everything = list(c.list())
+        assert everything == sorted(everything)
+        assert set(keys) <= set(everything)
+        assert list(c.list(b"no-such-prefix-" + prefix)) == []
+
+
+def test_sync_put_many_get_many(daemon):
+    prefix = unique("many")
+    items = {prefix + b"%d" % i: os.urandom(i * 37) for i in range(300)}
+    with ringblob.Client(daemon.socket) as c:
+        c.put_many(items, sync=True)
+        missing = prefix + b"-missing"
+        keys = list(items) + [missing]
+        values = c.get_many(keys)
+        assert values[:-1] == list(items.values())
+        assert values[-1] is None
+        assert c.get_many([]) == []
+
+
+def test_sync_put_many_splits_frames(daemon):
+    # a small client-side frame limit forces several MPUT/MGET frames
+    prefix = unique("split")
+    items = [(prefix + b"%d" % i, bytes([i]) * 3000) for i in range(40)]
+    with ringblob.Client(daemon.socket, max_frame_size=16384) as c:
+        c.put_many(items)
+        assert c.get_many([k for k, _ in items]) == [v for _, v in items]
+
+
+def test_sync_flush_needs_flush_stat_ping(daemon):
+    with ringblob.Client(daemon.socket) as c:
+        c.put(unique("nf"), b"x")  # not sync: durable at the next flush
+        assert c.needs_flush() is True
+        c.flush()
+        assert c.needs_flush() is False
+        c.flush()  # nothing to do: fine
+        assert c.ping() == b""
+        assert c.ping(b"echo") == b"echo"
+        st = c.stat()
+        for field in ("blob_count", "used_bytes", "free_bytes", "read_only", "needs_flush"):
+            assert field in st, st
+        assert st["blob_count"] >= 1
+        assert st["read_only"] is False
+
+
+def test_sync_errors_map_to_store_classes(daemon):
+    with ringblob.Client(daemon.socket) as c:
+        with pytest.raises(InvalidKey):
+            c.put(b"k" * 256, b"x")  # refused before sending
+        with pytest.raises(InvalidKey):
+            c.get(b"")
+        with pytest.raises(InvalidKey):
+            c.get(12)  # type: ignore[arg-type]
+        with pytest.raises(NotFound):
+            c.get(unique("absent"))
+        # connection still usable after errors
+        c.put(b"after-errors", b"ok")
+        assert c.get(b"after-errors") == b"ok"
+
+
+def test_too_large_value(daemon):
+    # the daemon runs with --max-blob-size 1M in this module? No: it runs with the 64M default;
+    # a dedicated daemon with a small limit checks TooLarge and the frame limit
+    workdir = make_tmp("tl-")
+    d = Daemon(workdir, "--max-blob-size", "64K", "--max-frame-size", "256K").start()
+    try:
+        with ringblob.Client(d.socket) as c:
+            with pytest.raises(TooLarge):
+                c.put(b"big", b"x" * (64 * 1024 + 1))
+            c.put(b"fits", b"x" * 64 * 1024)
+            assert c.get(b"fits") == b"x" * 64 * 1024
+        with ringblob.Client(d.socket) as c:
+            # over the frame limit: the daemon answers FrameTooLarge (a TooLarge? no: a ProtocolError)
+            # and closes this connection only
+            with pytest.raises((protocol.FrameTooLarge, ConnectionLost)):
+                c.put(b"huge", b"x" * (1024 * 1024))
+            with pytest.raises(ConnectionLost):
+                c.ping()
+        with ringblob.Client(d.socket) as c:  # the daemon is unaffected
+            assert c.get(b"fits") == b"x" * 64 * 1024
+    finally:
+        assert d.stop() == 0, d.output()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def test_connect_errors():
+    workdir = make_tmp("ce-")
+    try:
+        with pytest.raises(FileNotFoundError):
+            ringblob.Client(workdir / "nothing.sock")
+        # a socket file nobody listens on
+        path = workdir / "dead.sock"
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.bind(str(path))
+        s.close()
+        with pytest.raises(ConnectionRefusedError):
+            ringblob.Client(path)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def test_default_socket_path(monkeypatch):
+    monkeypatch.setenv("RINGBLOB_SOCKET", "/run/ringblob/x.sock")
+    assert ringblob.client.default_socket_path() == "/run/ringblob/x.sock"
+    monkeypatch.delenv("RINGBLOB_SOCKET")
+    assert ringblob.client.default_socket_path() == "./var/ringblob.sock"
+
+
+# -- asyncio client -----------------------------------------------------------------
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_async_every_method(daemon):
+    async def main():
+        async with ringblob.AsyncClient(daemon.socket) as c:
+            key = unique("async")
+            assert not await c.has(key)
+            await c.put(key, b"v1")
+            assert await c.has(key)
+            assert await c.get(key) == b"v1"
+            await c.put(key, b"v2", sync=True)
+            assert await c.get(key.decode()) == b"v2"
+            data = os.urandom(5000)
+            digest = await c.put_cas(data)
+            assert digest == blake3.blake3(data).digest()
+            assert await c.get(digest) == data
+            with pytest.raises(DigestMismatch):
+                await c.put(blake3.blake3(b"other").digest(), data, verify=True)
+            await c.delete(key, sync=True)
+            await c.delete(key)
+            with pytest.raises(NotFound):
+                await c.get(key)
+            prefix = unique("alist") + b"/"
+            keys = [prefix + b"%04d" % i for i in range(1500)]
+            await c.put_many({k: k for k in keys})
+            assert [k async for k in c.list(prefix)] == keys
+            assert await c.get_many(keys[:3] + [prefix + b"x"]) == keys[:3] + [None]
+            assert await c.needs_flush() is True
+            await c.flush()
+            assert await c.needs_flush() is False
+            st = await c.stat()
+            assert st["blob_count"] >= len(keys)
+            assert await c.ping(b"p") == b"p"
+            with pytest.raises(InvalidKey):
+                await c.get(b"")
+            assert c.in_flight == 0
+
+    run(main())
+
+
+def test_async_pipelining_200_requests(daemon):
+    async def main():
+        async with ringblob.AsyncClient(daemon.socket) as c:
+            prefix = unique("pipe")
+            values = {prefix + b"%d" % i: os.urandom(100 + i) for i in range(200)}
+            await asyncio.gather(*(c.put(k, v, sync=(i % 4 == 0)) for i, (k, v) in enumerate(values.items())))
+            got = await asyncio.gather(*(c.get(k) for k in values))
+            assert got == list(values.values())
+            # mixed operations in flight together, some failing: each gets its own answer
+            calls = []
+            for i, k in enumerate(values):
+                calls.append(c.has(k) if i % 3 else c.get(k + b"-missing"))
+            results = await asyncio.gather(*calls, return_exceptions=True)
+            for i, res in enumerate(results):
+                if i % 3:
+                    assert res is True
+                else:
+                    assert isinstance(res, NotFound)
+            assert c.in_flight == 0
+
+    run(main())
+
+
+def test_async_concurrent_clients(daemon):
+    async def worker(n: int):
+        async with ringblob.AsyncClient(daemon.socket) as c:
+            keys = [unique(f"cc{n}-{i}") for i in range(50)]
+            await asyncio.gather(*(c.put(k, k * 3) for k in keys))
+            assert await asyncio.gather(*(c.get(k) for k in keys)) == [k * 3 for k in keys]
+
+    async def main():
+        await asyncio.gather(*(worker(n) for n in range(8)))
+
+    run(main())
+
+
+def test_async_cancelled_call_leaves_connection_usable(daemon):
+    async def main():
+        async with ringblob.AsyncClient(daemon.socket) as c:
+            task = asyncio.ensure_future(c.get(b"whatever"))
+            await asyncio.sleep(0)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert await c.ping(b"still") == b"still"
+            await asyncio.sleep(0.05)
+            assert c.in_flight == 0
+
+    run(main())
+
+
+def test_async_not_connected_and_closed(daemon):
+    async def main():
+        c = ringblob.AsyncClient(daemon.socket)
+        with pytest.raises(ConnectionLost):
+            await c.ping()
+        await c.connect()
+        assert await c.ping() == b""
+        await c.close()
+        with pytest.raises(ConnectionLost):
+            await c.ping()
+        await c.close()  # idempotent
+
+    run(main())
+
+
+# -- scripted peer: what a well-behaved daemon never does ---------------------------
+
+
+class ScriptedPeer:
+    """A Unix-socket server thread that runs ``script(conn, decoder)`` for one connection."""
+
+    def __init__(self, script):
+        self.dir = make_tmp("sp-")
+        self.path = self.dir / "peer.sock"
+        self.srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.srv.bind(str(self.path))
+        self.srv.listen(1)
+        self.script = script
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        try:
+            conn, _ = self.srv.accept()
+            with conn:
+                self.script(conn, protocol.FrameDecoder())
+        except BaseException as exc:  # surfaced by close()
+            self.error = exc
+
+    @staticmethod
+    def read_frames(conn, decoder, n):
+        frames = []
+        while len(frames) < n:
+            while (f := decoder.next_frame()) is not None:
+                frames.append(f)
+            if len(frames) >= n:
+                break
+            data = conn.recv(65536)
+            if not data:
+                break
+            decoder.feed(data)
+        return frames
+
+    def close(self):
+        self.thread.join(10)
+        self.srv.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+        if self.error:
+            raise self.error
+
+
+def test_async_replies_out_of_order_are_matched_by_id():
+    def script(conn, dec):
+        frames = ScriptedPeer.read_frames(conn, dec, 10)
+        replies = [protocol.encode_reply(f.opcode, f.request_id, protocol.parse_request(f).key) for f in reversed(frames)]
+        conn.sendall(b"".join(replies))
+        ScriptedPeer.read_frames(conn, dec, 1)  # wait for the client to close
+
+    peer = ScriptedPeer(script)
+
+    async def main():
+        async with ringblob.AsyncClient(peer.path) as c:
+            keys = [b"k%d" % i for i in range(10)]
+            return await asyncio.gather(*(c.get(k) for k in keys))
+
+    try:
+        assert run(main()) == [b"k%d" % i for i in range(10)]
+    finally:
+        peer.close()
+
+
+def test_connection_lost_mid_request():
+    def script(conn, dec):
+        frames = ScriptedPeer.read_frames(conn, dec, 3)
+        # answer the first, then drop the connection with two requests in flight
+        conn.sendall(protocol.encode_reply(frames[0].opcode, frames[0].request_id, b"first"))
+
+    peer = ScriptedPeer(script)
+
+    async def main():
+        async with ringblob.AsyncClient(peer.path) as c:
+            results = await asyncio.gather(c.get(b"a"), c.get(b"b"), c.get(b"c"), return_exceptions=True)
+            with pytest.raises(ConnectionLost):
+                await c.ping()
+            return results
+
+    try:
+        results = run(main())
+        assert results[0] == b"first"
+        assert all(isinstance(r, ConnectionLost) for r in results[1:]), results
+    finally:
+        peer.close()
+
+    def script_sync(conn, dec):
+        ScriptedPeer.read_frames(conn, dec, 1)  # read the request, never answer, hang up
+
+    peer = ScriptedPeer(script_sync)
+    try:
+        with ringblob.Client(peer.path) as c:
+            with pytest.raises(ConnectionLost, match="closed the connection"):
+                c.get(b"x")
+            with pytest.raises(ConnectionLost):
+                c.ping()
+    finally:
+        peer.close()
+
+
+def test_error_status_carries_class_and_message():
+    def script(conn, dec):
+        frames = ScriptedPeer.read_frames(conn, dec, 2)
+        conn.sendall(protocol.encode_error_reply(frames[0].opcode, frames[0].request_id, ringblob.errors.ReadOnly("store is read-only after EIO")))
+        conn.sendall(protocol.encode_frame(frames[1].opcode, frames[1].request_id, b"from the future", 999))
+        ScriptedPeer.read_frames(conn, dec, 1)
+
+    peer = ScriptedPeer(script)
+
+    async def main():
+        async with ringblob.AsyncClient(peer.path) as c:
+            return await asyncio.gather(c.put(b"a", b"1"), c.flush(), return_exceptions=True)
+
+    try:
+        ro, unknown = run(main())
+        assert type(ro) is ringblob.errors.ReadOnly and "EIO" in str(ro)
+        assert type(unknown) is RingblobError and "from the future" in str(unknown)
+    finally:
+        peer.close()
