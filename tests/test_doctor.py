@@ -242,3 +242,24 @@ def test_bad_buffer_size_is_a_usage_error(repo_tmp):
     assert "page size" in p.stderr
     p = doctor("--data", str(repo_tmp / "x.data"), "--buffer-count", "0")
     assert p.returncode == 2 and "at least 1" in p.stderr
+
+
+def test_config_file_supplies_settings_and_flags_win(repo_tmp):
+    cfg = repo_tmp / "ringblob.toml"
+    cfg.write_text(f'data = "{repo_tmp / "from-toml.data"}"\nengine = "psync"\n'
+                   'buffer_size = "128K"\nbuffer_count = 4\nsocket = "/run/x.sock"\n')
+    rc, d = doctor_json("--config", str(cfg))
+    assert rc == 0, d
+    assert d["data"] == str(repo_tmp / "from-toml.data") and d["engine_requested"] == "psync"
+    assert (d["buffer_size"], d["buffer_count"]) == (128 << 10, 4)
+    rc, d = doctor_json("--config", str(cfg), "--buffer-count", "2", "--engine", "auto")
+    assert rc == 0 and d["buffer_count"] == 2 and d["engine_requested"] == "auto"
+    p = doctor("--config", str(repo_tmp / "absent.toml"))
+    assert p.returncode == 2 and "absent.toml" in p.stderr
+
+
+def test_example_config_of_the_unit_passes_doctor_checks_except_location(repo_tmp):
+    """systemd/ringblob.toml is a valid `ringblob serve` file; only its /var/lib path is host-specific."""
+    rc, d = doctor_json("--config", str(ROOT / "systemd" / "ringblob.toml"), "--data", str(repo_tmp / "x.data"))
+    assert rc == 0 and d["ok"] is True
+    assert (d["buffer_size"], d["buffer_count"], d["engine_requested"]) == (256 << 10, 64, "auto")

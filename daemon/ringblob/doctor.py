@@ -1,9 +1,10 @@
 """Check that this host can run ringblob: io_uring, opcodes, O_DIRECT, memlock, engine.
 
-``ringblob doctor [--data PATH] [--json] [--engine uring|psync|auto]
+``ringblob doctor [--config FILE] [--data PATH] [--json] [--engine uring|psync|auto]
 [--buffer-size BYTES] [--buffer-count N]`` runs every check and prints one
 line per check (``OK``, ``WARN`` or ``FAIL``), or with ``--json`` one JSON
-object. It exits 0 when the chosen engine can run on the data path (warnings
+object. ``--config`` reads the same settings from the TOML file of
+``ringblob serve`` (flags win). It exits 0 when the chosen engine can run on the data path (warnings
 allowed) and 1 when any check fails.
 
 The checks:
@@ -130,15 +131,37 @@ def _positive_int(text: str) -> int:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Register doctor's flags on its subparser."""
-    parser.add_argument("--data", default=DEFAULT_DATA, metavar="PATH",
+    parser.add_argument("--config", metavar="FILE",
+                        help="read data, engine, buffer_size and buffer_count from this `ringblob serve` TOML "
+                        "file (flags given here win)")
+    parser.add_argument("--data", default=None, metavar="PATH",
                         help=f"data file or block device the daemon will use (default: {DEFAULT_DATA})")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of one line per check")
-    parser.add_argument("--engine", choices=ENGINE_KINDS, default="auto",
+    parser.add_argument("--engine", choices=ENGINE_KINDS, default=None,
                         help="engine to check: uring, psync, or auto (io_uring else psync; default)")
-    parser.add_argument("--buffer-size", type=_positive_size, default=DEFAULT_BUFFER_SIZE, metavar="BYTES",
+    parser.add_argument("--buffer-size", type=_positive_size, default=None, metavar="BYTES",
                         help=f"size of each registered buffer in bytes, K/M suffixes allowed (default: {DEFAULT_BUFFER_SIZE})")
-    parser.add_argument("--buffer-count", type=_positive_int, default=DEFAULT_BUFFER_COUNT, metavar="N",
+    parser.add_argument("--buffer-count", type=_positive_int, default=None, metavar="N",
                         help=f"number of registered buffers (default: {DEFAULT_BUFFER_COUNT})")
+
+
+def settings_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """``data``, ``engine``, ``buffer_size``, ``buffer_count`` from flags > ``--config`` TOML > defaults.
+
+    Raises :class:`~ringblob.errors.ConfigError` for a bad or unreadable TOML file.
+    """
+    values: dict[str, Any] = {"data": DEFAULT_DATA, "engine": "auto", "buffer_size": DEFAULT_BUFFER_SIZE,
+                              "buffer_count": DEFAULT_BUFFER_COUNT}
+    if getattr(args, "config", None):
+        from .config import load_toml
+
+        toml = load_toml(args.config)
+        values.update({k: toml[k] for k in values if k in toml})
+    for key in values:
+        given = getattr(args, key, None)
+        if given is not None:
+            values[key] = given
+    return values
 
 
 # -- helpers -------------------------------------------------------------------
@@ -496,7 +519,7 @@ def format_report(report: Report) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Run the checks for ``args`` (see :func:`add_arguments`); returns 0 when all pass, else 1."""
-    report = diagnose(args.data, args.engine, args.buffer_size, args.buffer_count)
+    report = diagnose(**settings_from_args(args))
     if args.json:
         json.dump(report.to_dict(), sys.stdout, indent=2, sort_keys=True)
         sys.stdout.write("\n")
