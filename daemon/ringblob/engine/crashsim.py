@@ -1,0 +1,242 @@
+"""Power-loss simulation: an engine wrapper that records what a crash may lose.
+
+:class:`CrashRecorder` wraps any engine of the :mod:`ringblob.engine`
+contract. Before a write is handed to the inner engine it appends to a
+*crash log* (an ordinary file, flushed to the kernel at once so it survives
+SIGKILL of the process): the write's id, offset, the bytes it replaces and the
+bytes it writes. It also logs each write's completion as the caller reaps it,
+and, when an fdatasync completes successfully, which writes that fdatasync
+covered: those whose completion the caller had reaped before it queued the
+fdatasync, plus the writes linked ahead of it in its chain (IOSQE_IO_LINK).
+That is exactly what a correct store may rely on.
+
+After the process is killed, :func:`simulate_power_loss` reads the log and
+turns the data file into one state the medium could hold after a power cut,
+in the manner of SQLite's crash VFS: every write not covered by a completed
+fdatasync is first undone, then a random subset of them is applied again in a
+random order, each 4 KiB sector of each write independently written, dropped
+or filled with garbage. The same seed gives the same image.
+
+Used by the power-loss suite (tests/test_powerloss.py and ``make torture``);
+it is test machinery, not part of the daemon's I/O path.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import struct
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+__all__ = ["CrashRecorder", "simulate_power_loss", "CrashOutcome", "SECTOR"]
+
+SECTOR = 4096  # tearing granularity (bytes)
+_UNIT = 512  # bookkeeping granularity: the smallest logical block size
+# log entries: 1-byte kind, then fields
+_W = b"W"  # write: <QqI id offset length> old new
+_C = b"C"  # write completed ok: <Q id>
+_S = b"S"  # fdatasync completed ok, covering: <I count> <Q id>*count
+_HDR_W = struct.Struct("<QqI")
+
+
+class _Tagged:
+    """Wraps the caller's tag so the recorder can see its own ops in completions."""
+
+    __slots__ = ("tag", "kind", "wid", "covers")
+
+    def __init__(self, tag: Any, kind: str, wid: int = 0, covers: tuple = ()):
+        self.tag = tag
+        self.kind = kind
+        self.wid = wid
+        self.covers = covers
+
+
+class CrashRecorder:
+    """Engine wrapper that logs writes and fdatasync coverage to ``log_path``.
+
+    ``inner``: an engine (uring or psync) over ``fds``; ``fds``: the same
+    descriptors (the recorder reads the bytes a write replaces through its own
+    buffered descriptor on ``/proc/self/fd/N``). Every attribute of the contract
+    not overridden here is the inner engine's.
+    """
+
+    def __init__(self, inner, fds: Sequence[int], log_path: str):
+        self._inner = inner
+        self._readers = [os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC) for fd in fds]
+        self._log = open(log_path, "ab", buffering=0)
+        self._next_id = 1
+        self._reaped: set[int] = set()  # completed writes not yet covered by a completed fdatasync
+        self._chain: list[int] = []  # writes queued with link=True, ahead of the next op
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    # -- queueing -------------------------------------------------------------
+
+    def write_fixed(self, buf, offset, length, tag, *, buf_offset=0, file_index=0, link=False) -> None:
+        wid = self._next_id
+        self._next_id += 1
+        old = os.pread(self._readers[file_index], length, offset)
+        old = old + b"\0" * (length - len(old))
+        new = bytes(buf.view[buf_offset : buf_offset + length])
+        self._log.write(_W + _HDR_W.pack(wid, offset, length) + old + new)
+        self._inner.write_fixed(
+            buf, offset, length, _Tagged(tag, "w", wid), buf_offset=buf_offset, file_index=file_index, link=link
+        )
+        if link:
+            self._chain.append(wid)
+        else:
+            self._chain = []
+
+    def read_fixed(self, buf, offset, length, tag, *, buf_offset=0, file_index=0, link=False) -> None:
+        self._inner.read_fixed(
+            buf, offset, length, _Tagged(tag, "r"), buf_offset=buf_offset, file_index=file_index, link=link
+        )
+        if not link:
+            self._chain = []
+
+    def fdatasync(self, tag, *, file_index=0, link=False) -> None:
+        covers = tuple(self._reaped) + tuple(self._chain)
+        self._chain = []
+        self._inner.fdatasync(_Tagged(tag, "s", covers=covers), file_index=file_index, link=link)
+
+    # -- completions ----------------------------------------------------------
+
+    def _translate(self, pairs: list) -> list:
+        out = []
+        for t, result in pairs:
+            if t.kind == "w" and not isinstance(result, BaseException):
+                self._log.write(_C + struct.pack("<Q", t.wid))
+                self._reaped.add(t.wid)
+            elif t.kind == "s" and not isinstance(result, BaseException):
+                self._log.write(_S + struct.pack(f"<I{len(t.covers)}Q", len(t.covers), *t.covers))
+                self._reaped.difference_update(t.covers)
+            out.append((t.tag, result))
+        return out
+
+    def reap(self, max_cqes: int = 256) -> list:
+        return self._translate(self._inner.reap(max_cqes))
+
+    def wait(self, min_complete: int = 1, timeout: float | None = None) -> list:
+        return self._translate(self._inner.wait(min_complete, timeout))
+
+    def close(self) -> None:
+        self._inner.close()
+        for fd in self._readers:
+            os.close(fd)
+        self._readers = []
+        self._log.close()
+
+
+@dataclass
+class _Write:
+    wid: int
+    offset: int
+    old: bytes
+    new: bytes
+
+
+@dataclass
+class CrashOutcome:
+    """What :func:`simulate_power_loss` did: counts of writes and sectors."""
+
+    unsynced_writes: int = 0
+    applied_sectors: int = 0
+    dropped_sectors: int = 0
+    garbage_sectors: int = 0
+    seed: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+def _parse_log(log_path: str) -> tuple[list[_Write], set[int]]:
+    """Return (writes in log order, ids durable by a completed fdatasync).
+
+    A torn last entry (the process died while logging) is ignored; its write
+    was never handed to the engine.
+    """
+    with open(log_path, "rb") as f:
+        data = f.read()
+    writes: list[_Write] = []
+    durable: set[int] = set()
+    pos = 0
+    while pos < len(data):
+        kind = data[pos : pos + 1]
+        pos += 1
+        if kind == _W:
+            if pos + _HDR_W.size > len(data):
+                break
+            wid, offset, length = _HDR_W.unpack_from(data, pos)
+            end = pos + _HDR_W.size + 2 * length
+            if end > len(data):
+                break
+            body = pos + _HDR_W.size
+            writes.append(_Write(wid, offset, data[body : body + length], data[body + length : end]))
+            pos = end
+        elif kind == _C:
+            if pos + 8 > len(data):
+                break
+            pos += 8
+        elif kind == _S:
+            if pos + 4 > len(data):
+                break
+            (n,) = struct.unpack_from("<I", data, pos)
+            if pos + 4 + 8 * n > len(data):
+                break
+            durable.update(struct.unpack_from(f"<{n}Q", data, pos + 4))
+            pos += 4 + 8 * n
+        else:
+            raise ValueError(f"crash log {log_path}: unknown entry {kind!r} at byte {pos - 1}")
+    return writes, durable
+
+
+def simulate_power_loss(data_path: str, log_path: str, seed: int, *, p_write: float = 0.5, p_garbage: float = 0.15) -> CrashOutcome:
+    """Turn ``data_path`` into a state a power cut could have left, from ``log_path``.
+
+    Writes not covered by a completed fdatasync are undone (newest first),
+    then, in a random order, each sector of each such write is written with
+    probability ``p_write``, filled with random bytes with ``p_garbage``, or
+    else dropped. Deterministic for a given ``seed``. The file is modified in
+    place through buffered I/O and fsynced.
+    """
+    rng = random.Random(seed)
+    writes, durable = _parse_log(log_path)
+    # Where a durable write later in the log covers a unit, an older unsynced
+    # write there is superseded: it is neither undone nor applied again.
+    last_durable: dict[int, int] = {}
+    for i, w in enumerate(writes):
+        if w.wid in durable:
+            for u in range(w.offset // _UNIT, (w.offset + len(w.new)) // _UNIT):
+                last_durable[u] = i
+    unsynced = [(i, w) for i, w in enumerate(writes) if w.wid not in durable]
+    out = CrashOutcome(unsynced_writes=len(unsynced), seed=seed)
+
+    def live(i: int, off: int) -> bool:
+        return last_durable.get(off // _UNIT, -1) < i
+
+    fd = os.open(data_path, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        for i, w in reversed(unsynced):
+            for u in range(0, len(w.old), _UNIT):
+                if live(i, w.offset + u):
+                    os.pwrite(fd, w.old[u : u + _UNIT], w.offset + u)
+        order = list(unsynced)
+        rng.shuffle(order)
+        for i, w in order:
+            for s in range(0, len(w.new), SECTOR):
+                r = rng.random()
+                n = min(SECTOR, len(w.new) - s)
+                if r < p_write:
+                    chunk, out.applied_sectors = w.new[s : s + n], out.applied_sectors + 1
+                elif r < p_write + p_garbage:
+                    chunk, out.garbage_sectors = rng.randbytes(n), out.garbage_sectors + 1
+                else:
+                    out.dropped_sectors += 1
+                    continue
+                for u in range(0, n, _UNIT):
+                    if live(i, w.offset + s + u):
+                        os.pwrite(fd, chunk[u : u + _UNIT], w.offset + s + u)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return out
