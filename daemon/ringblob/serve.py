@@ -82,7 +82,7 @@ def banner(settings: config.Settings, engine: str | None) -> str:
         host, port = metrics
         shown = f"[{host}]" if ":" in host else host
         lines.append(f"ringblob: metrics  http://{shown}:{port}/metrics")
-    lines.append(f"ringblob: stop it with Ctrl-C or `kill -TERM {os.getpid()}`")
+    lines.append(f"ringblob: stop it with Ctrl-C or SIGTERM (kill -TERM {os.getpid()}); it finishes requests in flight and flushes")
     return "\n".join(lines)
 
 

@@ -1,0 +1,281 @@
+"""The ``ringblob`` CLI end to end: real daemon subprocess, real command subprocesses.
+
+Checks exit codes, stdout and the one-line stderr of errors for put (file,
+stdin, --cas), get (stdout, -o), has, delete, list, flush, stat (--json),
+ping, --hex keys and $RINGBLOB_SOCKET; and for ``serve``: --print-config,
+bad settings, a second daemon on the same data file, and the embedded
+defaults (./var/ringblob.data, ./var/ringblob.sock mode 0600).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pathlib
+import shutil
+import stat
+import subprocess
+import time
+import tomllib
+
+import blake3
+import pytest
+
+import ringblob
+from ringblob.commands._common import Progress, format_key, parse_key
+from ringblob.errors import InvalidKey
+
+from test_client import ROOT, Daemon, daemon, make_tmp, ringblob_cmd  # noqa: F401  (daemon is a fixture)
+
+
+def rb(*args: str, input: bytes | None = None, env: dict | None = None, cwd=None, timeout: float = 60) -> subprocess.CompletedProcess:
+    """Run ``ringblob ARGS`` and return the completed process (stdout/stderr as bytes)."""
+    full_env = dict(os.environ)
+    full_env.pop("RINGBLOB_SOCKET", None)
+    if env:
+        full_env.update(env)
+    return subprocess.run(
+        ringblob_cmd() + list(args), input=input if input is not None else b"", capture_output=True,
+        env=full_env, cwd=cwd or ROOT, timeout=timeout,
+    )
+
+
+def ok(proc: subprocess.CompletedProcess) -> bytes:
+    assert proc.returncode == 0, f"exit {proc.returncode}: {proc.stderr.decode(errors='replace')}"
+    return proc.stdout
+
+
+def one_line_error(proc: subprocess.CompletedProcess, command: str) -> str:
+    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
+    err = proc.stderr.decode()
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, f"expected one line on stderr, got:\n{err}"
+    assert lines[0].startswith(f"ringblob {command}: "), lines[0]
+    return lines[0]
+
+
+def test_put_get_file_stdin_and_output(daemon, tmp_path):
+    s = str(daemon.socket)
+    src = tmp_path / "in.bin"
+    data = os.urandom(200_000)
+    src.write_bytes(data)
+    ok(rb("put", "cli/file", str(src), "--socket", s))
+    assert ok(rb("get", "cli/file", "--socket", s)) == data
+    ok(rb("put", "cli/stdin", "-", "--sync", "--socket", s, input=b"from stdin"))
+    ok(rb("put", "cli/stdin2", "--socket", s, input=b"no dash"))
+    assert ok(rb("get", "cli/stdin", "--socket", s)) == b"from stdin"
+    assert ok(rb("get", "cli/stdin2", "--socket", s)) == b"no dash"
+    out = tmp_path / "out.bin"
+    assert ok(rb("get", "cli/file", "-o", str(out), "--socket", s)) == b""
+    assert out.read_bytes() == data
+    # the output file is replaced, not appended to; no temporary files are left behind
+    ok(rb("get", "cli/stdin", "-o", str(out), "--socket", s))
+    assert out.read_bytes() == b"from stdin"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.bin", "out.bin"]
+
+
+def test_put_cas_prints_blake3_digest(daemon, tmp_path):
+    s = str(daemon.socket)
+    data = os.urandom(50_000)
+    src = tmp_path / "cas.bin"
+    src.write_bytes(data)
+    digest = ok(rb("put", "--cas", str(src), "--socket", s)).decode().strip()
+    assert digest == blake3.blake3(data).hexdigest()
+    digest2 = ok(rb("put", "--cas", "--sync", "--socket", s, input=b"cas from stdin")).decode().strip()
+    assert digest2 == blake3.blake3(b"cas from stdin").hexdigest()
+    assert ok(rb("get", "--hex", digest, "--socket", s)) == data
+    assert rb("has", "--hex", digest2, "--socket", s).returncode == 0
+    line = one_line_error(rb("put", "--cas", "key", str(src), "--socket", s), "put")
+    assert "no KEY" in line
+
+
+def test_has_delete_exit_codes(daemon):
+    s = str(daemon.socket)
+    ok(rb("put", "cli/has", "--socket", s, input=b"x"))
+    p = rb("has", "cli/has", "--socket", s)
+    assert p.returncode == 0 and p.stdout == b""
+    assert rb("has", "cli/absent", "--socket", s).returncode == 1
+    ok(rb("delete", "cli/has", "--socket", s))
+    assert rb("has", "cli/has", "--socket", s).returncode == 1
+    ok(rb("delete", "cli/has", "--sync", "--socket", s))  # missing: still fine
+
+
+def test_hex_keys(daemon):
+    s = str(daemon.socket)
+    key = bytes([0, 1, 2, 0xFF, 0xFE])
+    ok(rb("put", "--hex", key.hex(), "--socket", s, input=b"binary key"))
+    with ringblob.Client(daemon.socket) as c:
+        assert c.get(key) == b"binary key"
+    assert ok(rb("get", "--hex", key.hex().upper(), "--socket", s)) == b"binary key"
+    lines = ok(rb("list", "--hex", "--prefix", "000102", "--socket", s)).decode().split()
+    assert lines == [key.hex()]
+    line = one_line_error(rb("get", "--hex", "xyz", "--socket", s), "get")
+    assert "not hexadecimal" in line
+
+
+def test_list_prefix(daemon):
+    s = str(daemon.socket)
+    names = [f"cli-list/{i:04d}" for i in range(1203)]
+    with ringblob.Client(daemon.socket) as c:
+        c.put_many({n: b"v" for n in names})
+        c.put("cli-list/ü", b"u")
+        c.put(b"cli-list/\xff", b"not utf-8")
+    out = ok(rb("list", "--prefix", "cli-list/", "--socket", s)).decode()
+    lines = out.splitlines()
+    assert lines == names + ["cli-list/ü", "cli-list/\\xff"]
+    out = ok(rb("list", "--prefix", "cli-list/011", "--socket", s)).decode().splitlines()
+    assert out == [f"cli-list/{i:04d}" for i in range(110, 120)]
+    assert ok(rb("list", "--prefix", "cli-nothing-here/", "--socket", s)) == b""
+    everything = ok(rb("list", "--socket", s)).decode().splitlines()
+    assert set(names) <= set(everything)
+
+
+def test_flush_stat_ping(daemon):
+    s = str(daemon.socket)
+    ok(rb("put", "cli/flush", "--socket", s, input=b"x"))
+    ok(rb("flush", "--socket", s))
+    with ringblob.Client(daemon.socket) as c:
+        assert c.needs_flush() is False
+    info = json.loads(ok(rb("stat", "--json", "--socket", s)))
+    assert info["blob_count"] >= 1 and "free_bytes" in info
+    text = ok(rb("stat", "--socket", s)).decode()
+    assert any(line.startswith("blob_count:") for line in text.splitlines()), text
+    assert "answered in" in ok(rb("ping", "--socket", s)).decode()
+
+
+def test_socket_from_environment(daemon):
+    env = {"RINGBLOB_SOCKET": str(daemon.socket)}
+    ok(rb("put", "cli/env", env=env, input=b"via env"))
+    assert ok(rb("get", "cli/env", env=env)) == b"via env"
+
+
+def test_errors_are_one_line_and_nonzero(daemon, tmp_path):
+    s = str(daemon.socket)
+    line = one_line_error(rb("get", "cli/definitely-missing", "--socket", s), "get")
+    assert "cli/definitely-missing" in line or "not found" in line.lower() or "no blob" in line.lower()
+    line = one_line_error(rb("ping", "--socket", str(tmp_path / "nothing.sock")), "ping")
+    assert "cannot connect" in line and "nothing.sock" in line
+    line = one_line_error(rb("put", "cli/nofile", str(tmp_path / "absent.bin"), "--socket", s), "put")
+    assert "absent.bin" in line
+    one_line_error(rb("put", "--socket", s), "put")  # no KEY
+    one_line_error(rb("put", "k" * 300, "--socket", s, input=b"x"), "put")  # key too long
+    # argparse errors: usage on stderr, exit 2
+    assert rb("get", "--socket", s).returncode == 2
+
+
+def test_help_on_every_subcommand():
+    from ringblob.cli import COMMANDS
+
+    for name in COMMANDS:
+        p = rb(name, "--help")
+        assert p.returncode == 0, (name, p.stderr)
+        assert b"usage: ringblob " + name.encode() in p.stdout
+
+
+def test_progress_bar_draws_only_on_a_terminal():
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    tty = Tty()
+    with Progress("put", tty, delay=0, interval=0) as bar:
+        for done in range(0, 10 << 20, 1 << 20):
+            bar(done, 10 << 20)
+        bar(10 << 20, 10 << 20)
+    out = tty.getvalue()
+    assert "\rput [" in out and "100.0%" in out and "10.0 MiB" in out and out.endswith("\n")
+    plain = io.StringIO()  # not a terminal: nothing at all
+    with Progress("put", plain, delay=0, interval=0) as bar:
+        bar(5, 10)
+    assert plain.getvalue() == ""
+    quick = Tty()  # a transfer shorter than the delay draws nothing
+    with Progress("get", quick, delay=60) as bar:
+        bar(10, 10)
+    assert quick.getvalue() == ""
+
+
+def test_parse_and_format_keys():
+    assert parse_key("päge:1", False) == "päge:1".encode()
+    assert parse_key("00ff", True) == b"\x00\xff"
+    with pytest.raises(InvalidKey):
+        parse_key("", False)
+    with pytest.raises(InvalidKey):
+        parse_key("0g", True)
+    assert format_key(b"\x00\xff", True) == "00ff"
+    assert format_key(b"a\xff", False) == "a\\xff"
+
+
+# -- serve ------------------------------------------------------------------------------------
+
+
+def test_serve_print_config(tmp_path):
+    cfg = tmp_path / "rb.toml"
+    cfg.write_text('size = "2G"\nmetrics_addr = ""\nallow_uids = [1000]\n')
+    out = ok(rb("serve", "--config", str(cfg), "--size", "3G", "--print-config"))
+    got = tomllib.loads(out.decode())
+    assert got["size"] == "3G" and got["metrics_addr"] == "" and got["allow_uids"] == [1000]
+    assert got["socket"] == "./var/ringblob.sock" and got["data"] == "./var/ringblob.data"
+    defaults = tomllib.loads(ok(rb("serve", "--print-config")).decode())
+    assert defaults["metrics_addr"] == "127.0.0.1:9464" and defaults["size"] == "1G"
+    assert defaults["socket_mode"] == "0600"
+
+
+def test_serve_rejects_bad_settings(tmp_path):
+    cfg = tmp_path / "rb.toml"
+    cfg.write_text('sockett = "/tmp/x"\n')
+    line = one_line_error(rb("serve", "--config", str(cfg)), "serve")
+    assert "sockett" in line and str(cfg) in line
+    line = one_line_error(rb("serve", "--size", "lots"), "serve")
+    assert "size" in line
+    line = one_line_error(rb("serve", "--engine", "spdk"), "serve")
+    assert "engine" in line
+
+
+def test_second_daemon_on_same_data_file_is_refused(daemon):
+    other_sock = daemon.workdir / "second.sock"
+    p = rb("serve", "--data", str(daemon.data), "--socket", str(other_sock), "--metrics-addr", "", timeout=60)
+    assert p.returncode != 0
+    err = p.stderr.decode()
+    assert "lock" in err.lower(), err
+    assert str(daemon.data) in err or "ringblob.data" in err, err
+    # the first daemon is unaffected
+    with ringblob.Client(daemon.socket) as c:
+        c.ping()
+
+
+def test_serve_embedded_defaults_create_var():
+    """`make run`-style: with cwd in a fresh directory, ./var/ringblob.data (1 GiB) and ./var/ringblob.sock (0600)."""
+    cwd = make_tmp("run-")
+    try:
+        d = Daemon(cwd, cwd=cwd, size="1G", data=pathlib.Path("var/ringblob.data"), sock=pathlib.Path("var/ringblob.sock"))
+        # exactly the defaults except metrics (port 9464 may be taken by a neighbour); --print-config
+        # above checks that metrics default to 127.0.0.1:9464
+        d.args = ringblob_cmd() + ["serve", "--metrics-addr", ""]
+        d.socket = cwd / "var" / "ringblob.sock"
+        d.start()
+        try:
+            data = cwd / "var" / "ringblob.data"
+            assert data.stat().st_size == 1 << 30
+            mode = (cwd / "var" / "ringblob.sock").stat()
+            assert stat.S_ISSOCK(mode.st_mode)
+            assert stat.S_IMODE(mode.st_mode) == 0o600
+            with ringblob.Client(d.socket) as c:
+                c.put(b"k", b"v", sync=True)
+            # the banner says where the socket is and how to stop it
+            deadline = time.monotonic() + 5
+            while "Ctrl-C" not in d.output() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            out = d.output()
+            assert "ringblob.sock" in out and "Ctrl-C" in out and "SIGTERM" in out, out
+        finally:
+            assert d.stop() == 0, d.output()
+        # restart on the same files: the data survives
+        d.start()
+        try:
+            with ringblob.Client(d.socket) as c:
+                assert c.get(b"k") == b"v"
+        finally:
+            assert d.stop() == 0, d.output()
+    finally:
+        shutil.rmtree(cwd, ignore_errors=True)
