@@ -1,0 +1,531 @@
+"""The engine contract (ringblob.engine), run against both engines: psync and uring.
+
+Every test uses real files opened with O_DIRECT on the repository's ext4 file
+system (.test-tmp/), never tmpfs, so alignment and end-of-file behave as on a
+data file. Ring-specific tests (setup flags, thread ownership, setup errors,
+link resubmission counters) are at the end.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+import select
+import shutil
+import threading
+import uuid
+
+import pytest
+
+from ringblob.direct import open_direct
+from ringblob.engine import open_engine
+from ringblob.engine.psync import PsyncEngine
+from ringblob.errors import BufferBusy, Busy, EngineClosed, Misaligned, NoBuffers
+
+from ringblob._uring import Buffer, Ring  # noqa: E402  (io_uring works on the test hosts: never skip)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TMP_ROOT = os.path.join(REPO, ".test-tmp")
+BS = 4096
+ENGINES = ["psync", "uring"]
+
+
+@pytest.fixture
+def tmpdir_ext4():
+    d = os.path.join(TMP_ROOT, f"engine-{uuid.uuid4().hex[:12]}")
+    os.makedirs(d)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def datafile(tmpdir_ext4):
+    """A 4 MiB data file opened with O_DIRECT (fd, size)."""
+    f = open_direct(os.path.join(tmpdir_ext4, "data"), create_size=4 << 20)
+    yield f
+    f.close()
+
+
+def make_engine(kind: str, fds, **kw):
+    if kind == "uring":
+        return Ring(fds, **kw)
+    return PsyncEngine(fds, **kw)
+
+
+@pytest.fixture(params=ENGINES)
+def kind(request):
+    return request.param
+
+
+@pytest.fixture
+def engine(kind, datafile):
+    eng = make_engine(kind, [datafile.fd], buffer_size=64 * 1024, buffer_count=16, queue_depth=64)
+    yield eng
+    eng.close()
+
+
+def collect(eng, n: int, timeout: float = 10.0) -> dict:
+    """Wait for ``n`` results; return {tag: result}."""
+    out: dict = {}
+    while len(out) < n:
+        got = eng.wait(n - len(out), timeout=timeout)
+        if not got:
+            raise AssertionError(f"timed out with {len(out)} of {n} results")
+        for tag, res in got:
+            assert tag not in out, f"result for {tag!r} delivered twice"
+            out[tag] = res
+    return out
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+# -- data through fixed buffers ---------------------------------------------------
+
+
+def test_random_roundtrip_at_random_aligned_offsets(engine, datafile):
+    rng = random.Random(1234)
+    size = datafile.size
+    expected: dict[int, bytes] = {}
+    for _round in range(6):
+        bufs = [engine.lease() for _ in range(8)]
+        slots = rng.sample(range(size // BS - 16), 8)
+        for i, (buf, slot) in enumerate(zip(bufs, slots)):
+            nblocks = rng.randint(1, 4)
+            data = rng.randbytes(nblocks * BS)
+            boff = rng.randrange(0, buf.size // BS - nblocks + 1) * BS
+            buf.view[boff : boff + len(data)] = data  # written in place, no copy into the engine
+            off = slot * BS
+            engine.write_fixed(buf, off, len(data), ("w", i), buf_offset=boff)
+            for k in range(nblocks):
+                expected[off + k * BS] = data[k * BS : (k + 1) * BS]
+        assert engine.pending == 8
+        assert engine.submit() == 8
+        res = collect(engine, 8)
+        assert all(isinstance(r, int) and r > 0 for r in res.values()), res
+        for buf in bufs:
+            engine.release(buf)
+    # read every written block back at a random buffer offset
+    buf = engine.lease()
+    items = list(expected.items())
+    rng.shuffle(items)
+    for start in range(0, len(items), 12):
+        batch = items[start : start + 12]
+        for j, (off, _data) in enumerate(batch):
+            engine.read_fixed(buf, off, BS, off, buf_offset=j * BS)
+        engine.submit()
+        res = collect(engine, len(batch))
+        for j, (off, data) in enumerate(batch):
+            assert res[off] == BS
+            assert buf.view[j * BS : (j + 1) * BS] == data, f"block at {off} differs"
+    engine.release(buf)
+    assert engine.free_buffers == engine.buffer_count
+    assert engine.in_flight == 0 and engine.pending == 0
+
+
+def test_linked_writes_and_fdatasync_go_in_one_submit(engine, datafile):
+    bufs = [engine.lease() for _ in range(4)]
+    for i, b in enumerate(bufs):
+        b.view[:BS] = bytes([i + 1]) * BS
+    before = engine.counters()
+    for i, b in enumerate(bufs):
+        engine.write_fixed(b, i * BS, BS, f"w{i}", link=True)
+    engine.fdatasync("sync")
+    assert engine.submit() == 5
+    after = engine.counters()
+    assert after["enters"] == before["enters"] + 1
+    res = collect(engine, 5)
+    assert res == {"w0": BS, "w1": BS, "w2": BS, "w3": BS, "sync": 0}
+    assert engine.counters()["fdatasyncs"] == before["fdatasyncs"] + 1
+    with open(datafile.path, "rb") as f:
+        head = f.read(4 * BS)
+    assert head == b"".join(bytes([i + 1]) * BS for i in range(4))
+    for b in bufs:
+        engine.release(b)
+
+
+def test_failed_linked_write_cancels_its_fdatasync(engine):
+    buf = engine.lease()
+    engine.write_fixed(buf, 0, BS, "w", file_index=5, link=True)  # no file registered at 5
+    engine.fdatasync("sync")
+    engine.submit()
+    res = collect(engine, 2)
+    assert isinstance(res["w"], OSError) and res["w"].errno == errno.EBADF
+    assert "write_fixed" in str(res["w"])
+    assert isinstance(res["sync"], OSError) and res["sync"].errno == errno.ECANCELED
+    assert "fdatasync" in str(res["sync"])
+    engine.release(buf)
+
+
+# -- errors -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("op", ["read", "write", "fdatasync"])
+def test_bad_file_index_is_ebadf(engine, op):
+    buf = engine.lease()
+    if op == "read":
+        engine.read_fixed(buf, 0, BS, "x", file_index=1)
+    elif op == "write":
+        engine.write_fixed(buf, 0, BS, "x", file_index=1)
+    else:
+        engine.fdatasync("x", file_index=7)
+    engine.submit()
+    res = collect(engine, 1)["x"]
+    assert isinstance(res, OSError)
+    assert res.errno == errno.EBADF
+    assert res.strerror.startswith({"read": "read_fixed", "write": "write_fixed", "fdatasync": "fdatasync"}[op])
+    engine.release(buf)
+
+
+def test_reads_at_and_across_end_of_file(engine, datafile):
+    buf = engine.lease()
+    size = datafile.size
+    engine.read_fixed(buf, size, BS, "at_eof")
+    engine.read_fixed(buf, size - BS, 4 * BS, "across", buf_offset=4 * BS)
+    engine.read_fixed(buf, size + 64 * BS, BS, "beyond", buf_offset=8 * BS)
+    engine.submit()
+    res = collect(engine, 3)
+    assert res == {"at_eof": 0, "across": BS, "beyond": 0}
+    engine.release(buf)
+
+
+def test_write_past_end_of_file_extends_it(engine, datafile):
+    buf = engine.lease()
+    buf.view[:BS] = b"z" * BS
+    engine.write_fixed(buf, datafile.size + BS, BS, "w")
+    engine.submit()
+    assert collect(engine, 1) == {"w": BS}
+    assert os.fstat(datafile.fd).st_size == datafile.size + 2 * BS
+    engine.release(buf)
+
+
+@pytest.mark.parametrize(
+    "offset,length,buf_offset",
+    [(1, BS, 0), (0, 100, 0), (0, BS, 512), (BS + 512, BS, 0), (-BS, BS, 0), (0, 0, 0), (0, -BS, 0)],
+)
+def test_misaligned_rejected_before_queueing(engine, offset, length, buf_offset):
+    buf = engine.lease()
+    for fn in (engine.read_fixed, engine.write_fixed):
+        with pytest.raises(Misaligned) as info:
+            fn(buf, offset, length, "m", buf_offset=buf_offset)
+        assert isinstance(info.value, ValueError)
+    assert engine.pending == 0 and buf.in_flight == 0
+    engine.release(buf)
+
+
+def test_range_past_buffer_and_foreign_buffer_rejected(kind, engine, datafile):
+    buf = engine.lease()
+    with pytest.raises(ValueError, match="exceeds the buffer size"):
+        engine.read_fixed(buf, 0, BS, "x", buf_offset=buf.size)
+    with pytest.raises(ValueError, match="exceeds the buffer size"):
+        engine.write_fixed(buf, 0, buf.size + BS, "x")
+    other = make_engine(kind, [datafile.fd], buffer_size=64 * 1024, buffer_count=2)
+    try:
+        foreign = other.lease()
+        with pytest.raises(ValueError, match="does not belong"):
+            engine.write_fixed(foreign, 0, BS, "x")
+        with pytest.raises(ValueError, match="does not belong"):
+            engine.release(foreign)
+        with pytest.raises(ValueError):
+            engine.read_fixed(b"\0" * BS, 0, BS, "x")
+    finally:
+        other.close()
+    assert engine.pending == 0
+    engine.release(buf)
+    with pytest.raises(ValueError, match="not leased"):
+        engine.release(buf)
+    with pytest.raises(ValueError, match="not leased"):
+        engine.read_fixed(buf, 0, BS, "x")
+
+
+def test_queue_depth_and_buffer_pool_limits(kind, datafile):
+    eng = make_engine(kind, [datafile.fd], buffer_size=8192, buffer_count=2, queue_depth=4)
+    try:
+        a, b = eng.lease(), eng.lease()
+        with pytest.raises(NoBuffers):
+            eng.lease()
+        for i in range(4):
+            eng.read_fixed(a, i * BS, BS, i)
+        with pytest.raises(Busy):
+            eng.fdatasync("one too many")
+        eng.submit()
+        with pytest.raises(Busy):  # in flight counts too
+            eng.read_fixed(b, 0, BS, "x")
+        assert set(collect(eng, 4)) == {0, 1, 2, 3}
+        eng.read_fixed(b, 0, BS, "again")
+        eng.submit()
+        assert collect(eng, 1) == {"again": BS}
+        eng.release(a)
+        eng.release(b)
+        assert eng.free_buffers == 2
+    finally:
+        eng.close()
+
+
+# -- buffer lifetime and close ------------------------------------------------------
+
+
+def test_release_while_in_flight_is_refused(engine):
+    buf = engine.lease()
+    engine.write_fixed(buf, 0, 16 * BS, "w")
+    assert buf.in_flight == 1
+    with pytest.raises(BufferBusy):
+        engine.release(buf)  # queued, not yet submitted
+    engine.submit()
+    with pytest.raises(BufferBusy):
+        engine.release(buf)  # in flight (or completed but not reaped)
+    assert collect(engine, 1) == {"w": 16 * BS}
+    assert buf.in_flight == 0
+    engine.release(buf)
+
+
+def test_close_with_ops_in_flight_then_use_raises_engine_closed(kind, datafile):
+    fds_before = open_fds()
+    eng = make_engine(kind, [datafile.fd], buffer_size=256 * 1024, buffer_count=8, queue_depth=64)
+    bufs = [eng.lease() for _ in range(8)]
+    views = [b.view for b in bufs]
+    for i, b in enumerate(bufs):
+        b.view[:] = bytes([i]) * b.size
+        eng.write_fixed(b, i * b.size, b.size, i, link=(i % 2 == 0))
+    eng.fdatasync("sync")
+    eng.submit()
+    eng.read_fixed(bufs[0], 0, BS, "never submitted")
+    eng.close()  # waits for the writes; drops the queued read
+    assert eng.closed
+    eng.close()  # idempotent
+    for call in (
+        eng.lease,
+        lambda: eng.release(bufs[0]),
+        lambda: eng.read_fixed(bufs[0], 0, BS, "x"),
+        lambda: eng.write_fixed(bufs[0], 0, BS, "x"),
+        lambda: eng.fdatasync("x"),
+        eng.submit,
+        eng.reap,
+        eng.wait,
+    ):
+        with pytest.raises(EngineClosed):
+            call()
+    # the views handed out stay valid memory after close (no dangling mapping)
+    for i, v in enumerate(views):
+        assert v[0] == i and v[-1] == i
+        v[:4] = b"safe"
+    assert open_fds() == fds_before
+    # the writes finished before close returned
+    with open(datafile.path, "rb") as f:
+        for i in range(8):
+            f.seek(i * 256 * 1024)
+            assert f.read(BS) == bytes([i]) * BS
+
+
+def test_eventfd_becomes_readable_on_completion(engine):
+    buf = engine.lease()
+    efd = engine.eventfd
+    engine.reap()  # start from a drained eventfd
+    r, _, _ = select.select([efd], [], [], 0)
+    assert not r
+    engine.read_fixed(buf, 0, BS, "r")
+    engine.submit()
+    # only the eventfd is watched here: no engine call until it fires
+    r, _, _ = select.select([efd], [], [], 10)
+    assert r == [efd]
+    got = []
+    for _ in range(1000):
+        got += engine.reap()
+        if got:
+            break
+        r, _, _ = select.select([efd], [], [], 10)
+        assert r, "eventfd fired but the completion never came"
+    assert got == [("r", BS)]
+    engine.reap()  # nothing left: the eventfd ends drained
+    r, _, _ = select.select([efd], [], [], 0)
+    assert not r
+    engine.release(buf)
+
+
+def test_reap_with_small_max_keeps_eventfd_readable(engine):
+    buf = engine.lease()
+    for i in range(8):
+        engine.read_fixed(buf, i * BS, BS, i, buf_offset=i * BS)
+    engine.submit()
+    got: list = []
+    while len(got) < 8:
+        r, _, _ = select.select([engine.eventfd], [], [], 10)
+        assert r, f"eventfd not readable with {8 - len(got)} results outstanding"
+        part = engine.reap(max_cqes=2)
+        assert len(part) <= 2
+        got += part
+    assert sorted(t for t, _ in got) == list(range(8))
+    engine.release(buf)
+
+
+def test_wait_timeout_and_nothing_in_flight(engine):
+    assert engine.wait() == []  # nothing in flight: returns at once
+    assert engine.wait(5, timeout=0.01) == []
+    buf = engine.lease()
+    engine.read_fixed(buf, 0, BS, "r")
+    engine.submit()
+    assert engine.wait(10, timeout=10) == [("r", BS)]  # capped at what is in flight
+    engine.release(buf)
+
+
+def test_twenty_thousand_ops_leak_no_buffers_or_fds(kind, datafile):
+    fds_before = open_fds()
+    eng = make_engine(kind, [datafile.fd], buffer_size=BS * 4, buffer_count=40, queue_depth=32)
+    rng = random.Random(7)
+    nblocks = datafile.size // BS
+    total, done, errors = 20000, 0, 0
+    inflight: dict[int, Buffer] = {}
+    seq = 0
+    try:
+        while done < total:
+            while seq < total and len(inflight) < 32:
+                buf = eng.lease()
+                off = rng.randrange(nblocks) * BS
+                if seq % 3 == 0:
+                    eng.write_fixed(buf, off, BS, seq)
+                elif seq % 97 == 0:
+                    eng.fdatasync(seq)
+                else:
+                    eng.read_fixed(buf, off, BS, seq)
+                inflight[seq] = buf
+                seq += 1
+            eng.submit()
+            for tag, res in eng.wait(1):
+                done += 1
+                if not (res == BS or (res == 0 and tag % 97 == 0 and tag % 3)):
+                    errors += 1
+                eng.release(inflight.pop(tag))
+        assert errors == 0
+        assert eng.free_buffers == eng.buffer_count
+        assert eng.in_flight == 0 and eng.pending == 0
+        c = eng.counters()
+        assert c["sqes"] >= total
+    finally:
+        eng.close()
+    assert open_fds() == fds_before
+
+
+def test_linked_chain_after_short_read_at_eof_still_runs_in_order(kind, datafile):
+    """A read crossing end of file comes back short, which breaks an io_uring link:
+    the engine must still run the linked ops after it (psync runs them anyway)."""
+    eng = make_engine(kind, [datafile.fd], buffer_size=64 * 1024, buffer_count=4)
+    try:
+        size = datafile.size
+        buf, wbuf = eng.lease(), eng.lease()
+        wbuf.view[:BS] = b"L" * BS
+        eng.read_fixed(buf, size - BS, 3 * BS, "short", link=True)
+        eng.write_fixed(wbuf, 0, BS, "w", link=True)
+        eng.fdatasync("sync")
+        eng.submit()
+        res = collect(eng, 3)
+        assert res == {"short": BS, "w": BS, "sync": 0}
+        with open(datafile.path, "rb") as f:
+            assert f.read(BS) == b"L" * BS
+        if kind == "uring":
+            c = eng.counters()
+            assert c["short_continuations"] >= 1
+            assert c["link_resubmits"] >= 2  # the write and the fdatasync went again
+        eng.release(buf)
+        eng.release(wbuf)
+    finally:
+        eng.close()
+
+
+def test_open_engine_kinds(datafile):
+    for kind, cls in (("psync", PsyncEngine), ("uring", Ring), ("auto", Ring)):
+        eng = open_engine(kind, [datafile.fd], buffer_size=8192, buffer_count=2)
+        try:
+            assert isinstance(eng, cls)
+            assert eng.name == ("psync" if cls is PsyncEngine else "uring")
+            assert eng.block_size == 4096 and eng.buffer_size == 8192 and eng.buffer_count == 2
+        finally:
+            eng.close()
+
+
+# -- Ring-specific -----------------------------------------------------------------
+
+
+KNOWN_FLAGS = {"SINGLE_ISSUER", "DEFER_TASKRUN", "TASKRUN_FLAG", "COOP_TASKRUN"}
+
+
+def test_ring_reports_setup_flags(datafile):
+    with Ring([datafile.fd], buffer_size=8192, buffer_count=2) as ring:
+        assert isinstance(ring.setup_flags, list)
+        assert set(ring.setup_flags) <= KNOWN_FLAGS
+        # this kernel (>= 6.1) takes the newest mode
+        assert {"SINGLE_ISSUER", "DEFER_TASKRUN"} <= set(ring.setup_flags)
+    with Ring([datafile.fd], buffer_size=8192, buffer_count=2, single_issuer=False) as ring:
+        assert "SINGLE_ISSUER" not in ring.setup_flags and "DEFER_TASKRUN" not in ring.setup_flags
+
+
+def test_single_issuer_ring_refuses_other_threads(datafile):
+    with Ring([datafile.fd], buffer_size=8192, buffer_count=2) as ring:
+        buf = ring.lease()
+        ring.read_fixed(buf, 0, BS, "r")
+        errs: list = []
+
+        def other():
+            try:
+                ring.submit()
+            except RuntimeError as exc:
+                errs.append(exc)
+
+        t = threading.Thread(target=other)
+        t.start()
+        t.join()
+        assert errs and "SINGLE_ISSUER" in str(errs[0])
+        ring.submit()
+        assert collect(ring, 1) == {"r": BS}
+
+
+def test_shared_ring_can_wait_in_another_thread(datafile):
+    """single_issuer=False: submit here, wait (GIL released) in a worker thread."""
+    with Ring([datafile.fd], buffer_size=8192, buffer_count=2, single_issuer=False) as ring:
+        buf = ring.lease()
+        ring.read_fixed(buf, 0, BS, "r")
+        ring.submit()
+        got: list = []
+        t = threading.Thread(target=lambda: got.extend(ring.wait(1, timeout=10)))
+        t.start()
+        t.join()
+        assert got == [("r", BS)]
+
+
+def test_ring_setup_failure_names_the_step_and_leaks_nothing(tmpdir_ext4):
+    fds_before = open_fds()
+    r, w = os.pipe()
+    os.close(r)
+    os.close(w)  # a descriptor number that is no longer open
+    with pytest.raises(OSError) as info:
+        Ring([r], buffer_size=8192, buffer_count=2)
+    assert info.value.errno == errno.EBADF
+    assert info.value.strerror.startswith("io_uring_register_files: EBADF")
+    assert open_fds() == fds_before
+
+
+def test_ring_rejects_bad_sizes(datafile):
+    with pytest.raises(ValueError):
+        Ring([datafile.fd], block_size=3000)
+    with pytest.raises(ValueError):
+        Ring([datafile.fd], buffer_size=1000)
+    with pytest.raises(ValueError):
+        Ring([datafile.fd], buffer_count=0)
+    with pytest.raises(ValueError):
+        Ring([])
+
+
+def test_ring_buffer_view_is_the_registered_memory(datafile):
+    """A write from a buffer's view needs no copy: bytes put in the view land on disk."""
+    with Ring([datafile.fd], buffer_size=8192, buffer_count=2) as ring:
+        buf = ring.lease()
+        assert isinstance(buf, Buffer) and buf.size == 8192 and len(buf.view) == 8192
+        assert not buf.view.readonly
+        buf.view[BS : 2 * BS] = b"q" * BS
+        ring.write_fixed(buf, 3 * BS, BS, "w", buf_offset=BS)
+        ring.submit()
+        assert collect(ring, 1) == {"w": BS}
+        with open(datafile.path, "rb") as f:
+            f.seek(3 * BS)
+            assert f.read(BS) == b"q" * BS
