@@ -193,6 +193,7 @@ _IDS = _Kind("id list", _id_list_flag, _id_list_toml, lambda v: "[" + ", ".join(
 _ADDR = _Kind("HOST:PORT", lambda t, n: t, _want((str,), "a \"HOST:PORT\" string"), _toml_str)
 
 ENGINES = ("auto", "uring", "psync")
+LOOPS = ("auto", "uvloop", "asyncio")
 
 
 def _setting(default: Any, kind: _Kind, help: str, *, group: str, choices: tuple | None = None, minimum: int | float | None = None):
@@ -231,6 +232,8 @@ class Settings:
     max_in_flight_total: int = _setting(4096, _INT, "requests in flight over all connections before the daemon stops reading", group="server", minimum=1)
     idle_timeout: float = _setting(300.0, _SECONDS, "close a connection idle this long (seconds; 0 never)", group="server", minimum=0)
     metrics_addr: str = _setting("127.0.0.1:9464", _ADDR, "Prometheus /metrics listener HOST:PORT; empty disables it", group="server")
+    shutdown_timeout: float = _setting(30.0, _SECONDS, "at SIGTERM/SIGINT, seconds to wait for requests in flight before closing the store", group="server", minimum=0)
+    loop: str = _setting("auto", _STR, "event loop: auto (uvloop when installed), uvloop or asyncio", group="server", choices=LOOPS)
 
     def validate(self) -> "Settings":
         """Check every value's type and range; return ``self``. Raises :class:`ConfigError`."""

@@ -16,8 +16,8 @@ daemon on the same data file refuses to start (StoreLocked).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import dataclasses
+import inspect
 import logging
 import os
 import sys
@@ -51,68 +51,119 @@ def prepare_dirs(settings: config.Settings) -> None:
 
 
 def server_config(settings: config.Settings):
-    """The :class:`ringblob.server.ServerConfig` for ``settings`` (the fields it has, by name)."""
+    """The :class:`ringblob.server.ServerConfig` for ``settings``."""
     from .server import ServerConfig
 
-    values = {
-        "socket_path": settings.socket,
-        "socket_mode": settings.socket_mode,
-        "socket_group": settings.socket_group or None,
-        "allow_uids": tuple(settings.allow_uids),
-        "allow_gids": tuple(settings.allow_gids),
-        "max_frame_size": settings.max_frame_size,
-        "max_connections": settings.max_connections,
-        "max_in_flight_per_conn": settings.max_in_flight_per_conn,
-        "max_in_flight_total": settings.max_in_flight_total,
-        "idle_timeout": settings.idle_timeout or None,
-        "metrics_addr": settings.metrics,
-    }
-    names = {f.name for f in dataclasses.fields(ServerConfig)}
-    return ServerConfig(**{k: v for k, v in values.items() if k in names})
+    return ServerConfig(
+        socket_path=settings.socket,
+        socket_mode=settings.socket_mode,
+        socket_group=settings.socket_group or None,
+        allow_uids=tuple(settings.allow_uids),
+        allow_gids=tuple(settings.allow_gids),
+        max_frame_size=settings.max_frame_size,
+        max_connections=settings.max_connections,
+        max_in_flight_per_conn=settings.max_in_flight_per_conn,
+        max_in_flight_total=settings.max_in_flight_total,
+        idle_timeout=settings.idle_timeout,
+        metrics_addr=settings.metrics_addr,
+        shutdown_timeout=settings.shutdown_timeout,
+        loop=settings.loop,
+    )
 
 
-def banner(settings: config.Settings, engine: str | None) -> str:
-    """The lines printed once the daemon is ready: socket, metrics URL, how to stop it."""
-    lines = [f"ringblob: serving {os.path.abspath(settings.data)}" + (f" (engine {engine})" if engine else "")]
-    lines.append(f"ringblob: socket   {os.path.abspath(settings.socket)}")
-    metrics = settings.metrics
-    if metrics is None:
-        lines.append("ringblob: metrics  disabled (--metrics-addr \"\")")
+def banner(settings: config.Settings, engine: str | None, *, socket_path: str | None = None,
+           metrics_address: tuple[str, int] | None = None) -> str:
+    """The lines printed once the daemon is ready: data file, socket, metrics URL, how to stop it.
+
+    ``socket_path`` (``None``: socket-activated) and ``metrics_address`` (the
+    bound ``(host, port)``) come from the running server where known, else
+    from ``settings``.
+    """
+    lines = [f"ringblob: serving {os.path.abspath(settings.data)}" + (f" with the {engine} engine" if engine else "")]
+    if socket_path is None and os.environ.get("LISTEN_FDS"):
+        lines.append("ringblob: socket   passed by systemd (socket activation)")
     else:
-        host, port = metrics
+        lines.append(f"ringblob: socket   {os.path.abspath(socket_path or settings.socket)}")
+    addr = metrics_address or settings.metrics
+    if addr is None:
+        lines.append('ringblob: metrics  disabled (metrics_addr "")')
+    else:
+        host, port = addr[0], addr[1]
         shown = f"[{host}]" if ":" in host else host
         lines.append(f"ringblob: metrics  http://{shown}:{port}/metrics")
-    lines.append(f"ringblob: stop it with Ctrl-C or SIGTERM (kill -TERM {os.getpid()}); it finishes requests in flight and flushes")
+    lines.append(
+        f"ringblob: stop it with Ctrl-C or SIGTERM (kill -TERM {os.getpid()}); "
+        "it finishes the requests in flight, flushes and writes a checkpoint"
+    )
     return "\n".join(lines)
 
 
-async def _serve(settings: config.Settings) -> int:
-    from .server import run_server
-    from .store import BlobStore
-
-    store = await BlobStore.open(
-        settings.data,
-        engine=settings.engine,
-        create_size=settings.size,
-        max_blob_size=settings.max_blob_size,
-        buffer_size=settings.buffer_size,
-        buffer_count=settings.buffer_count,
-        queue_depth=settings.queue_depth,
-    )
-    engine = getattr(store, "engine_name", None)
-    log.info("store %s open with the %s engine", settings.data, engine or "?")
-
-    def ready() -> None:
-        print(banner(settings, engine), flush=True)
-
-    return int(await run_server(store, server_config(settings), on_ready=ready) or 0)
+def _engine_name(store) -> str | None:
+    for attr in ("engine_name", "engine_kind"):
+        name = getattr(store, attr, None)
+        if isinstance(name, str):
+            return name
+    engine = getattr(store, "engine", None)
+    name = getattr(engine, "name", None)
+    return name if isinstance(name, str) else None
 
 
 def run(args: argparse.Namespace) -> int:
-    """Resolve the settings, prepare ./var, open the store and serve until SIGTERM/SIGINT."""
+    """Resolve the settings, prepare ./var, open the store and serve until SIGTERM/SIGINT.
+
+    Returns 0 after a clean shutdown. Raises :class:`~ringblob.errors.ConfigError`
+    (bad settings, a live daemon on the socket), :class:`~ringblob.errors.StoreLocked`
+    (another daemon holds the data file), ``OSError``.
+    """
     settings = config.resolve(args)
     if args.print_config:
         sys.stdout.write(config.to_toml(settings))
         return 0
-    prepare_dirs(settings)
-    return asyncio.run(_serve(settings))
+    from . import server as server_mod
+
+    cfg = server_config(settings)
+    listen = None
+    try:
+        from . import systemd
+    except ImportError:  # pragma: no cover - systemd.py is part of the package
+        systemd = None
+    if systemd is not None:
+        socks = systemd.listen_fds()
+        if socks:
+            listen = socks[0]
+            log.info("socket activation: using the listening socket passed by systemd")
+    if listen is None:
+        prepare_dirs(settings)
+    else:
+        prepare_dirs(dataclasses.replace(settings, socket=settings.data))
+    engine: list[str | None] = [None]
+
+    async def open_store(metrics):
+        from .store import BlobStore
+
+        store = await BlobStore.open(
+            settings.data,
+            engine=settings.engine,
+            create_size=settings.size,
+            max_blob_size=settings.max_blob_size,
+            buffer_size=settings.buffer_size,
+            buffer_count=settings.buffer_count,
+            queue_depth=settings.queue_depth,
+            observer=metrics,
+        )
+        engine[0] = _engine_name(store)
+        log.info("store %s open (engine %s)", settings.data, engine[0] or "unknown")
+        if not _accepts_on_ready:
+            print(banner(settings, engine[0]), flush=True)
+        return store
+
+    def on_ready(server) -> None:
+        print(
+            banner(settings, engine[0], socket_path=getattr(server, "socket_path", None),
+                   metrics_address=getattr(server, "metrics_address", None)),
+            flush=True,
+        )
+
+    _accepts_on_ready = "on_ready" in inspect.signature(server_mod.run).parameters
+    kwargs = {"on_ready": on_ready} if _accepts_on_ready else {}
+    return int(server_mod.run(cfg, open_store, listen_sock=listen, **kwargs) or 0)
