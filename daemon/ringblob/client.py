@@ -47,6 +47,7 @@ from .protocol import DEFAULT_MAX_FRAME_SIZE, HEADER, HEADER_SIZE, FrameDecoder,
 __all__ = ["Client", "AsyncClient", "DEFAULT_SOCKET", "default_socket_path"]
 
 DEFAULT_SOCKET = "./var/ringblob.sock"
+DEFAULT_MAX_REPLY_SIZE = 1 << 30  # largest reply frame a client accepts (bytes): MGET replies can be big
 _CHUNK = 1 << 20  # bytes per send/recv call when reporting progress
 _MPUT_ITEM_OVERHEAD = 1 + 4  # u8 key length + u32 value length
 _MGET_ITEM_OVERHEAD = 1 + 6  # u8 key length in the request; u16 status + u32 length in the reply
@@ -128,9 +129,11 @@ class Client:
     ``socket_path``: the daemon's socket (default :func:`default_socket_path`).
     ``timeout``: seconds to wait for each send or receive (``None`` waits
     forever); a timeout raises ``TimeoutError`` and closes the connection
-    (its reply stream can no longer be trusted). ``max_frame_size``: the
-    largest reply accepted and the size ``put_many``/``get_many`` batches are
-    cut to (bytes; keep it at or below the daemon's ``max_frame_size``).
+    (its reply stream can no longer be trusted). ``max_frame_size``: the size
+    ``put_many``/``get_many`` request frames are cut to (bytes; keep it at or
+    below the daemon's ``max_frame_size``). ``max_reply_size``: the largest
+    reply frame accepted (bytes; a larger one raises FrameTooLarge and drops
+    the connection).
 
     Connects at construction (raising ``OSError`` from ``connect(2)``). Use
     it as a context manager or call :meth:`close`. Not thread-safe: one
@@ -143,11 +146,13 @@ class Client:
         *,
         timeout: float | None = None,
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+        max_reply_size: int = DEFAULT_MAX_REPLY_SIZE,
     ):
         self.socket_path = os.fspath(socket_path) if socket_path is not None else default_socket_path()
         self.max_frame_size = max_frame_size
+        self.max_reply_size = max_reply_size
         self._ids = itertools.count(1)
-        self._decoder = FrameDecoder(max_frame_size)
+        self._decoder = FrameDecoder(max_reply_size)
         self._lost: str | None = None
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -359,8 +364,8 @@ class Client:
     def get_many(self, keys: Iterable[bytes | str]) -> list[bytes | None]:
         """The values of ``keys`` in order, ``None`` for a key with no blob (MGET).
 
-        Any other per-key error (e.g. Corrupt) is raised. Replies larger than
-        ``max_frame_size`` fail with FrameTooLarge: fetch large blobs with :meth:`get`.
+        Any other per-key error (e.g. Corrupt) is raised. A reply larger than
+        ``max_reply_size`` fails with FrameTooLarge: fetch large blobs with :meth:`get`.
         """
         out: list[bytes | None] = []
         for batch in _key_batches([_key(k) for k in keys], self.max_frame_size):
@@ -390,9 +395,11 @@ class AsyncClient:
         *,
         timeout: float | None = None,
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+        max_reply_size: int = DEFAULT_MAX_REPLY_SIZE,
     ):
         self.socket_path = os.fspath(socket_path) if socket_path is not None else default_socket_path()
         self.max_frame_size = max_frame_size
+        self.max_reply_size = max_reply_size
         self.timeout = timeout
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future] = {}
@@ -456,7 +463,7 @@ class AsyncClient:
                 fut.set_exception(ConnectionLost(why))
 
     async def _read_loop(self) -> None:
-        decoder = FrameDecoder(self.max_frame_size)
+        decoder = FrameDecoder(self.max_reply_size)
         reader = self._reader
         assert reader is not None
         last_error: BaseException | None = None
