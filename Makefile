@@ -49,7 +49,7 @@ $(EXT_STAMP): $(STAMP) $(EXT_SRC)
 setup: liburing $(STAMP) $(EXT_STAMP)
 
 run: setup
-	$(VENV)/bin/ringblob doctor
+	$(VENV)/bin/ringblob serve
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
