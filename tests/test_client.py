@@ -257,8 +257,7 @@ def test_sync_errors_map_to_store_classes(daemon):
 
 
 def test_too_large_value(daemon):
-    # the daemon runs with --max-blob-size 1M in this module? No: it runs with the 64M default;
-    # a dedicated daemon with a small limit checks TooLarge and the frame limit
+    # a dedicated daemon with small limits: TooLarge from the store, FrameTooLarge from the server
     workdir = make_tmp("tl-")
     d = Daemon(workdir, "--max-blob-size", "64K", "--max-frame-size", "256K").start()
     try:
@@ -268,8 +267,8 @@ def test_too_large_value(daemon):
             c.put(b"fits", b"x" * 64 * 1024)
             assert c.get(b"fits") == b"x" * 64 * 1024
         with ringblob.Client(d.socket) as c:
-            # over the frame limit: the daemon answers FrameTooLarge (a TooLarge? no: a ProtocolError)
-            # and closes this connection only
+            # over the frame limit: the daemon answers FrameTooLarge (a ProtocolError) and closes
+            # this connection only (the client may see the close first: ConnectionLost)
             with pytest.raises((protocol.FrameTooLarge, ConnectionLost)):
                 c.put(b"huge", b"x" * (1024 * 1024))
             with pytest.raises(ConnectionLost):
