@@ -1,0 +1,998 @@
+"""The ringblob daemon's server: asyncio over a Unix socket, one event loop, one ring.
+
+Data path: a connection's bytes go to the shared sans-I/O codec
+(:mod:`ringblob.protocol`); every frame decoded from one read is dispatched
+(one task per request) before the loop turns, so the store queues their SQEs
+in the same turn and the engine submits them with one ``io_uring_enter``;
+completions wake the loop through the ring's eventfd. Replies completed in
+the same loop turn are written to their connection with one ``writelines``.
+
+Limits and backpressure (see :class:`ServerConfig`): maximum frame size,
+requests in flight per connection and in total (the server stops reading a
+connection — ``pause_reading`` — while at a limit), maximum connections
+(refused with a ``Busy`` frame), idle timeout, and a write high-water mark
+per connection (a client that sends but does not read stops being read).
+A malformed or oversized frame gets one error reply and its connection is
+closed once the replies to its earlier requests are out; nothing else is
+affected.
+
+Access: socket file mode and group, and an optional allowlist of peer uids /
+gids checked with ``SO_PEERCRED``. A stale socket file (nobody accepting) is
+replaced; a live one is not.
+
+Lifecycle: :meth:`Server.start` (bind or adopt a socket-activated listener,
+start the /metrics listener), :meth:`Server.serve_forever` (until
+:meth:`Server.request_stop`, wired to SIGTERM / SIGINT by
+:func:`run_server`), :meth:`Server.shutdown` (stop accepting, finish
+requests in flight, ``store.close()`` = flush + checkpoint + close the ring).
+systemd: ``READY=1`` once the store is open and the socket listens,
+``STOPPING=1`` on shutdown, ``WATCHDOG=1`` every half ``WatchdogSec``.
+
+Entry points for ``ringblob serve``: :func:`run` (synchronous; picks the
+event loop, opens the store through a callback, serves, returns the exit
+status) and :func:`run_server` (inside a running loop). A development entry
+``python -m ringblob.server --data PATH --socket PATH`` runs the real store.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import errno
+import grp
+import json
+import logging
+import os
+import signal
+import socket
+import stat as stat_mod
+import struct
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable, Sequence
+
+from . import __version__
+from . import protocol as P
+from .errors import (
+    AccessDenied,
+    Busy,
+    ConfigError,
+    FrameTooLarge,
+    ProtocolError,
+    ServerShuttingDown,
+)
+from .metrics import Metrics, serve_metrics
+
+__all__ = ["ServerConfig", "Server", "run_server", "run", "new_event_loop", "main"]
+
+log = logging.getLogger("ringblob.server")
+
+try:  # H2's systemd helpers (sd_notify, watchdog); absent -> notifications are no-ops
+    from . import systemd as _systemd
+except ImportError:  # pragma: no cover - only before ringblob.systemd exists
+    _systemd = None
+
+
+def _sd_notify(state: str) -> None:
+    if _systemd is not None:
+        _systemd.notify(state)
+
+
+def _sd_watchdog_interval() -> float | None:
+    if _systemd is not None:
+        return _systemd.watchdog_interval()
+    return None
+
+
+_PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+
+
+@dataclass
+class ServerConfig:
+    """Settings of the server (sizes in bytes, times in seconds).
+
+    ``socket_path``            Unix socket to bind (ignored when a listening socket is passed,
+                               e.g. from systemd socket activation). Default ``./var/ringblob.sock``.
+    ``socket_mode``            file mode of the socket, default ``0o600`` (owner only).
+    ``socket_group``           group owning the socket file: a name, a numeric gid (int or
+                               digits), or ``None``/``""`` to keep the daemon's group.
+    ``allow_uids``/``allow_gids``  peer uids / gids (``SO_PEERCRED``) allowed to connect; both
+                               empty = anyone who can open the socket. When either is set, a peer
+                               must match one uid or one gid, else it gets ``AccessDenied``.
+    ``max_frame_size``         largest frame (header + body) accepted, default 72 MiB; larger
+                               ones get ``FrameTooLarge`` and the connection closes.
+    ``max_connections``        connections open at once; more get ``Busy`` and are closed.
+    ``max_in_flight_per_conn`` requests in flight on one connection before it stops being read.
+    ``max_in_flight_total``    requests in flight over all connections before reading stops.
+    ``idle_timeout``           close a connection with nothing in flight and no traffic this long
+                               (seconds; 0 disables).
+    ``metrics_addr``           ``HOST:PORT`` for ``/metrics`` (``[::1]:9464`` for IPv6), or a
+                               ``(host, port)`` tuple; ``""``/``None`` disables it. Default
+                               ``127.0.0.1:9464``; port 0 picks a free port (see
+                               ``Server.metrics_address``).
+    ``socket_activation``      take the listening socket from systemd (``LISTEN_FDS``) when
+                               started that way (then ``socket_path`` is not bound).
+    ``write_high_water``       unsent reply bytes on one connection above which the server stops
+                               reading it until the client has read (backpressure).
+    ``list_page_max``          most keys in one LIST reply.
+    ``shutdown_timeout``       seconds to wait for requests in flight at shutdown.
+    ``loop``                   ``"auto"`` (uvloop when installed), ``"uvloop"`` or ``"asyncio"``.
+    ``backlog``                listen(2) backlog.
+    """
+
+    socket_path: str = "./var/ringblob.sock"
+    socket_mode: int = 0o600
+    socket_group: str | int | None = None
+    allow_uids: Sequence[int] = field(default_factory=tuple)
+    allow_gids: Sequence[int] = field(default_factory=tuple)
+    max_frame_size: int = P.DEFAULT_MAX_FRAME_SIZE
+    max_connections: int = 1024
+    max_in_flight_per_conn: int = 256
+    max_in_flight_total: int = 4096
+    idle_timeout: float | None = 300.0
+    metrics_addr: str | tuple | None = "127.0.0.1:9464"
+    socket_activation: bool = True
+    write_high_water: int = 4 * 1024 * 1024
+    list_page_max: int = 1000
+    shutdown_timeout: float = 30.0
+    loop: str = "auto"
+    backlog: int = 512
+
+    def validate(self) -> "ServerConfig":
+        """Check ranges; return ``self``. Raises :class:`~ringblob.errors.ConfigError` naming the field."""
+        if self.max_frame_size < 4096:
+            raise ConfigError(f"max_frame_size: {self.max_frame_size} is below the minimum 4096 bytes")
+        for name in ("max_connections", "max_in_flight_per_conn", "max_in_flight_total", "list_page_max"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: must be at least 1, got {getattr(self, name)}")
+        if self.idle_timeout is None:
+            self.idle_timeout = 0.0
+        if self.idle_timeout < 0:
+            raise ConfigError(f"idle_timeout: must be >= 0 seconds (0 disables), got {self.idle_timeout}")
+        if self.loop not in ("auto", "uvloop", "asyncio"):
+            raise ConfigError(f"loop: {self.loop!r} is not one of auto, uvloop, asyncio")
+        if not 0 <= self.socket_mode <= 0o777:
+            raise ConfigError(f"socket_mode: {oct(self.socket_mode)} is outside 0000..0777")
+        parse_metrics_addr(self.metrics_addr)
+        return self
+
+
+def parse_metrics_addr(value: str | tuple | None) -> tuple[str, int] | None:
+    """``"HOST:PORT"`` or ``(host, port)`` -> ``(host, port)``; ``""``/``None`` -> ``None``. Raises ConfigError."""
+    if isinstance(value, (tuple, list)):
+        if len(value) != 2:
+            raise ConfigError(f"metrics_addr: expected (host, port), got {value!r}")
+        return str(value[0]), int(value[1])
+    text = (value or "").strip()
+    if not text:
+        return None
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ConfigError(f"metrics_addr: {value!r} is not HOST:PORT (e.g. 127.0.0.1:9464; \"\" disables it)")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host, int(port)
+
+
+def _resolve_gid(group: str | int | None) -> int | None:
+    if group is None or group == "":
+        return None
+    if isinstance(group, int):
+        return group
+    if group.isdigit():
+        return int(group)
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise ConfigError(f"socket_group: no group named {group!r} on this host; create it or use a numeric gid") from None
+
+
+# -- the listening socket ---------------------------------------------------------------
+
+
+def _socket_is_live(path: str) -> bool:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        return False
+    except OSError as exc:
+        if exc.errno in (errno.ECONNREFUSED, errno.ENOENT):
+            return False
+        return True  # EAGAIN (backlog full) etc.: someone is there
+    else:
+        return True
+    finally:
+        probe.close()
+
+
+def bind_unix_socket(path: str, mode: int = 0o600, group: str | int | None = None, backlog: int = 512) -> socket.socket:
+    """Create, bind and listen on a Unix stream socket at ``path`` with ``mode`` and ``group``.
+
+    A stale socket file (nothing accepting on it: a dead daemon's) is removed
+    and replaced. Raises :class:`~ringblob.errors.ConfigError` when a live
+    daemon answers on ``path`` or ``path`` exists and is not a socket, and
+    ``OSError`` for other failures (missing directory, permissions).
+    """
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        st = None
+    if st is not None:
+        if not stat_mod.S_ISSOCK(st.st_mode):
+            raise ConfigError(f"socket: {path} exists and is not a socket; remove it or choose another --socket")
+        if _socket_is_live(path):
+            raise ConfigError(
+                f"socket: {path} is in use by a running daemon (it accepted a connection); "
+                "stop that daemon or choose another --socket"
+            )
+        log.info("replacing stale socket file %s (nothing is listening on it)", path)
+        os.unlink(path)
+    gid = _resolve_gid(group)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        old = os.umask(0o177)  # never more open than 0600 between bind and chmod
+        try:
+            sock.bind(path)
+        finally:
+            os.umask(old)
+        os.chmod(path, mode)
+        if gid is not None:
+            os.chown(path, -1, gid)
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+# -- one client connection ----------------------------------------------------------------
+
+_P_CONN = 1  # this connection's in-flight limit
+_P_TOTAL = 2  # the daemon's in-flight limit
+_P_WRITE = 4  # too many unsent reply bytes (transport pause_writing)
+
+
+class _Connection(asyncio.Protocol):
+    """asyncio Protocol of one client: decode, dispatch, coalesce replies."""
+
+    def __init__(self, server: "Server"):
+        self.server = server
+        self.loop = server._loop
+        self.decoder = P.FrameDecoder(server.config.max_frame_size)
+        self.transport: asyncio.Transport | None = None
+        self.in_flight = 0
+        self.out: list = []
+        self.out_bytes = 0  # reply bytes queued this loop turn, not yet handed to the transport
+        self.stalled = False
+        self.flush_scheduled = False
+        self.paused = 0
+        self.reading_paused = False
+        self.closing = False  # dispatch no more requests; close once replies are out
+        self.eof = False  # the client half-closed: serve what was received, then close
+        self.closed = False
+        self.rejected = False
+        self.peer: tuple[int, int, int] | None = None
+        self.last_activity = 0.0
+        self.idle_handle: asyncio.TimerHandle | None = None
+
+    # -- asyncio callbacks --
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        srv = self.server
+        self.transport = transport  # type: ignore[assignment]
+        self.peer = _peer_credentials(transport)
+        if srv.stopping:
+            self._reject(ServerShuttingDown("the daemon is shutting down; retry when it is back"), "shutting_down")
+            return
+        if len(srv.connections) >= srv.config.max_connections:
+            self._reject(
+                Busy(f"too many connections ({srv.config.max_connections} open, the max_connections limit); retry later"),
+                "busy",
+            )
+            return
+        if not srv._peer_allowed(self.peer):
+            pid, uid, gid = self.peer or (0, -1, -1)
+            self._reject(
+                AccessDenied(f"peer uid {uid} gid {gid} (pid {pid}) is not on the daemon's allow_uids/allow_gids list"),
+                "access_denied",
+            )
+            return
+        srv.connections.add(self)
+        srv.metrics.connections.set(len(srv.connections))
+        srv.metrics.connections_accepted.inc()
+        transport.set_write_buffer_limits(high=srv.config.write_high_water)  # type: ignore[attr-defined]
+        self.last_activity = self.loop.time()
+        if srv.config.idle_timeout > 0:
+            self.idle_handle = self.loop.call_at(self.last_activity + srv.config.idle_timeout, self._idle_check)
+
+    def _reject(self, exc: Exception, reason: str) -> None:
+        self.rejected = True
+        self.closing = True
+        if reason in ("busy", "access_denied"):
+            self.server.metrics.connections_rejected.labels(reason).inc()
+        log.info("refusing connection from %s: %s", _fmt_peer(self.peer), exc)
+        assert self.transport is not None
+        self.transport.write(P.encode_error_reply(0, 0, exc))
+        self.transport.close()
+
+    def data_received(self, data: bytes) -> None:
+        if self.closing:
+            return
+        self.server.metrics.received_bytes.inc(len(data))
+        self.last_activity = self.loop.time()
+        self.decoder.feed(data)
+        self._pump()
+
+    def eof_received(self) -> bool | None:
+        # the client will send nothing more: answer every request received, then close
+        self.eof = True
+        self._maybe_close()
+        return True  # keep the transport open for our replies
+
+    def pause_writing(self) -> None:
+        self._pause(_P_WRITE)
+
+    def resume_writing(self) -> None:
+        self._unpause(_P_WRITE)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.closing = True
+        self.out.clear()
+        if self.idle_handle is not None:
+            self.idle_handle.cancel()
+            self.idle_handle = None
+        srv = self.server
+        srv._waiting.discard(self)
+        if not self.rejected:
+            srv.connections.discard(self)
+            srv.metrics.connections.set(len(srv.connections))
+        if self.in_flight:
+            log.debug("client %s went away with %d requests in flight; their replies are dropped",
+                      _fmt_peer(self.peer), self.in_flight)
+        srv._conn_closed.set()
+
+    # -- reading and dispatch --
+
+    def _pump(self) -> None:
+        """Dispatch every complete buffered frame, up to the in-flight limits."""
+        srv = self.server
+        cfg = srv.config
+        while not self.closing:
+            if self.paused & _P_WRITE:
+                return  # replies pile up unsent: dispatch nothing more until the client reads
+            if self.out_bytes >= cfg.write_high_water:
+                self.stalled = True  # this turn's replies are already over the mark: go on after they are written
+                return
+            if self.in_flight >= cfg.max_in_flight_per_conn:
+                self._pause(_P_CONN)
+                return
+            if srv.in_flight >= cfg.max_in_flight_total:
+                self._pause(_P_TOTAL)
+                srv._waiting.add(self)
+                return
+            self.paused &= ~(_P_CONN | _P_TOTAL)  # under both limits again (reading resumes below)
+            try:
+                frame = self.decoder.next_frame()
+                if frame is None:
+                    break
+                req = P.parse_request(frame)
+            except ProtocolError as exc:
+                self._protocol_error(exc)
+                return
+            if srv.stopping:
+                self._queue_reply(req.op, req.request_id, [b"the daemon is shutting down; retry when it is back"],
+                                  ServerShuttingDown.code)
+                srv.metrics.observe_request(P.op_name(req.op), ServerShuttingDown.code, 0.0)
+                continue
+            self.in_flight += 1
+            srv.in_flight += 1
+            srv.metrics.in_flight.inc()
+            task = self.loop.create_task(self._serve(req))
+            srv._tasks.add(task)
+            task.add_done_callback(srv._tasks.discard)
+        self._unpause(_P_CONN | _P_TOTAL)
+
+    def _protocol_error(self, exc: ProtocolError) -> None:
+        srv = self.server
+        reason = "too_large" if isinstance(exc, FrameTooLarge) else "malformed"
+        srv.metrics.rejected_frames.labels(reason).inc()
+        log.info("closing connection from %s: %s", _fmt_peer(self.peer), exc)
+        self.closing = True
+        self._pause_reading_now()
+        rid = getattr(exc, "request_id", 0)
+        op = getattr(exc, "opcode", 0)
+        status, message = P._error_status(exc)
+        self._queue_reply(op if 0 <= op <= 255 else 0, rid, [message.encode("utf-8", "replace")], status)
+
+    async def _serve(self, req: P.Request) -> None:
+        srv = self.server
+        t0 = time.perf_counter()
+        try:
+            parts = await srv._handlers[req.op](req)
+            status = 0
+        except asyncio.CancelledError:
+            parts, status = [b"request cancelled: the daemon is shutting down"], ServerShuttingDown.code
+            self._finish(req, parts, status, t0)
+            raise
+        except Exception as exc:
+            status, message = P._error_status(exc)
+            if status == 1:
+                log.exception("internal error serving %s request %d", req.op.name, req.request_id)
+            parts = [message.encode("utf-8", "replace")]
+        self._finish(req, parts, status, t0)
+
+    def _finish(self, req: P.Request, parts: list, status: int, t0: float) -> None:
+        srv = self.server
+        srv.metrics.observe_request(P.op_name(req.op), status, time.perf_counter() - t0)
+        self._queue_reply(req.op, req.request_id, parts, status)
+        self.in_flight -= 1
+        srv.in_flight -= 1
+        srv.metrics.in_flight.dec()
+        if srv.in_flight == 0:
+            srv._idle.set()
+        if srv._waiting and srv.in_flight < srv.config.max_in_flight_total:
+            srv._wake_waiting()
+        if self.paused & _P_CONN and not self.closed:
+            self._pump()
+        if self.closing or self.eof:
+            self._maybe_close()
+
+    # -- writing --
+
+    def _queue_reply(self, opcode: int, request_id: int, parts: list, status: int) -> None:
+        if self.closed:
+            return
+        frame = P.encode_reply_parts(opcode, request_id, parts, status)
+        self.out.extend(frame)
+        for b in parts:
+            self.out_bytes += len(b)
+        if not self.flush_scheduled:
+            self.flush_scheduled = True
+            self.loop.call_soon(self._flush_out)
+
+    def _flush_out(self) -> None:
+        """Write every reply queued during this loop turn with one writelines."""
+        self.flush_scheduled = False
+        if self.closed or self.transport is None:
+            self.out.clear()
+            return
+        out, self.out = self.out, []
+        self.out_bytes = 0
+        if out:
+            n = 0
+            for b in out:
+                n += len(b)
+            self.transport.writelines(out)
+            self.server.metrics.sent_bytes.inc(n)
+            self.last_activity = self.loop.time()
+        if self.stalled:
+            self.stalled = False
+            self._pump()
+        if self.closing or self.eof:
+            self._maybe_close()
+
+    def _maybe_close(self) -> None:
+        if self.closed or self.in_flight or self.out or self.flush_scheduled:
+            return
+        if not self.closing and self.paused & (_P_CONN | _P_TOTAL):
+            return  # half-closed, but received frames still wait for dispatch
+        assert self.transport is not None
+        self.transport.close()  # flushes what is buffered, then closes
+
+    # -- flow control --
+
+    def _pause(self, why: int) -> None:
+        self.paused |= why
+        self._pause_reading_now()
+
+    def _pause_reading_now(self) -> None:
+        if not self.reading_paused and not self.closed and self.transport is not None:
+            self.reading_paused = True
+            with contextlib.suppress(RuntimeError, AttributeError):
+                self.transport.pause_reading()
+
+    def _unpause(self, why: int) -> None:
+        self.paused &= ~why
+        if self.closed or self.closing:
+            return
+        if why & _P_WRITE:
+            self._pump()  # frames may wait in the decoder; _pump resumes reading when all are out
+            return
+        if not self.paused and self.reading_paused:
+            self.reading_paused = False
+            with contextlib.suppress(RuntimeError, AttributeError):
+                self.transport.resume_reading()  # type: ignore[union-attr]
+
+    def begin_shutdown(self) -> None:
+        """Stop reading; close once every request in flight is answered."""
+        self.closing = True
+        self._pause_reading_now()
+        self._maybe_close()
+
+    def _idle_check(self) -> None:
+        self.idle_handle = None
+        if self.closed:
+            return
+        timeout = self.server.config.idle_timeout
+        now = self.loop.time()
+        deadline = self.last_activity + timeout
+        if self.in_flight == 0 and not self.out and now >= deadline:
+            log.debug("closing idle connection from %s (idle %.0f s)", _fmt_peer(self.peer), now - self.last_activity)
+            self.closing = True
+            self.transport.close()  # type: ignore[union-attr]
+            return
+        self.idle_handle = self.loop.call_at(max(deadline, now + min(timeout, 1.0)), self._idle_check)
+
+
+def _peer_credentials(transport: asyncio.BaseTransport) -> tuple[int, int, int] | None:
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return None
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
+    except (OSError, AttributeError):
+        return None
+    return _PEERCRED.unpack(raw)
+
+
+def _fmt_peer(peer: tuple[int, int, int] | None) -> str:
+    if not peer:
+        return "an unknown peer"
+    return f"pid {peer[0]} (uid {peer[1]}, gid {peer[2]})"
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, (bytes, bytearray, memoryview)):
+        return bytes(obj).hex()
+    if isinstance(obj, (set, frozenset, tuple)):
+        return list(obj)
+    return str(obj)
+
+
+# -- the server ---------------------------------------------------------------------------
+
+
+class Server:
+    """Serves one store over a Unix socket.
+
+    ``store`` is an open :class:`ringblob.store.BlobStore` (or anything with
+    its async API); the server closes it in :meth:`shutdown`. ``listen_sock``
+    is an already listening socket (systemd socket activation); without it,
+    :meth:`start` binds ``config.socket_path``. ``metrics`` is the
+    :class:`~ringblob.metrics.Metrics` the store was opened with as its
+    observer (a new one is made when omitted).
+    """
+
+    def __init__(self, store: Any, config: ServerConfig | None = None, *, metrics: Metrics | None = None,
+                 listen_sock: socket.socket | None = None):
+        self.store = store
+        self.config = (config or ServerConfig()).validate()
+        self.metrics = metrics or Metrics()
+        self.metrics.attach_store(store)
+        self.listen_sock = listen_sock
+        self.connections: set[_Connection] = set()
+        self.in_flight = 0
+        self.stopping = False
+        self.socket_path: str | None = None  # the path we bound (and unlink at shutdown)
+        self.metrics_address: tuple[str, int] | None = None
+        self._socket_ino: tuple[int, int] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._server: asyncio.AbstractServer | None = None
+        self._metrics_server: asyncio.AbstractServer | None = None
+        self._tasks: set[asyncio.Task] = set()
+        self._waiting: set[_Connection] = set()
+        self._stop_requested: asyncio.Event | None = None
+        self._idle: asyncio.Event | None = None
+        self._conn_closed: asyncio.Event | None = None
+        self._watchdog: asyncio.Task | None = None
+        self._shutdown_task: asyncio.Task | None = None
+        allow_u = frozenset(int(u) for u in (self.config.allow_uids or ()))
+        allow_g = frozenset(int(g) for g in (self.config.allow_gids or ()))
+        self._allow = (allow_u, allow_g) if (allow_u or allow_g) else None
+        self._handlers: dict[P.Op, Callable[[P.Request], Awaitable[list]]] = {
+            P.Op.PUT: self._op_put,
+            P.Op.GET: self._op_get,
+            P.Op.HAS: self._op_has,
+            P.Op.DELETE: self._op_delete,
+            P.Op.LIST: self._op_list,
+            P.Op.FLUSH: self._op_flush,
+            P.Op.STAT: self._op_stat,
+            P.Op.PING: self._op_ping,
+            P.Op.MPUT: self._op_mput,
+            P.Op.MGET: self._op_mget,
+            P.Op.NEEDS_FLUSH: self._op_needs_flush,
+        }
+
+    # -- lifecycle --
+
+    async def start(self) -> None:
+        """Listen on the socket and start /metrics (and the systemd watchdog when configured).
+
+        Raises :class:`~ringblob.errors.ConfigError` (a live daemon owns the
+        socket path, bad group or metrics address) or ``OSError``.
+        """
+        self._loop = asyncio.get_running_loop()
+        self._stop_requested = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._conn_closed = asyncio.Event()
+        cfg = self.config
+        maddr = parse_metrics_addr(cfg.metrics_addr)
+        sock = self.listen_sock
+        if sock is None:
+            sock = bind_unix_socket(cfg.socket_path, cfg.socket_mode, cfg.socket_group, cfg.backlog)
+            self.socket_path = cfg.socket_path
+            st = os.stat(cfg.socket_path)
+            self._socket_ino = (st.st_dev, st.st_ino)
+        else:
+            sock.setblocking(False)
+        try:
+            self._server = await self._loop.create_unix_server(lambda: _Connection(self), sock=sock, backlog=cfg.backlog)
+            if maddr is not None:
+                try:
+                    self._metrics_server = await serve_metrics(self.metrics, *maddr)
+                except OSError as exc:
+                    raise ConfigError(
+                        f"metrics_addr: cannot listen on {cfg.metrics_addr} ({exc.strerror or exc}); "
+                        "choose another HOST:PORT or \"\" to disable metrics"
+                    ) from exc
+                self.metrics_address = self._metrics_server.sockets[0].getsockname()[:2]
+        except BaseException:
+            await self._close_listeners()
+            raise
+        interval = _sd_watchdog_interval()
+        if interval:
+            self._watchdog = self._loop.create_task(self._watchdog_loop(interval))
+        where = self.socket_path or _sock_name(sock)
+        log.info("listening on %s%s", where,
+                 f"; metrics on http://{_fmt_addr(self.metrics_address)}/metrics" if self.metrics_address else "")
+
+    def request_stop(self) -> None:
+        """Ask :meth:`serve_forever` to return (signal-safe via ``loop.add_signal_handler``)."""
+        if self._stop_requested is not None:
+            self._stop_requested.set()
+
+    async def serve_forever(self) -> None:
+        """Serve until :meth:`request_stop`, then :meth:`shutdown`."""
+        assert self._stop_requested is not None, "call start() first"
+        await self._stop_requested.wait()
+        await self.shutdown()
+
+    async def shutdown(self) -> None:
+        """Stop accepting, answer requests in flight, close connections, close the store.
+
+        ``store.close()`` flushes (every acknowledged write becomes durable),
+        writes a checkpoint and closes the ring. Idempotent.
+        """
+        if self._shutdown_task is None:
+            self._shutdown_task = asyncio.get_running_loop().create_task(self._shutdown())
+        await asyncio.shield(self._shutdown_task)
+
+    async def _shutdown(self) -> None:
+        self.stopping = True
+        _sd_notify("STOPPING=1")
+        log.info("shutting down: %d connections, %d requests in flight", len(self.connections), self.in_flight)
+        if self._server is not None:
+            self._server.close()
+        self._unlink_socket()
+        for conn in list(self.connections):
+            conn.begin_shutdown()
+        if self._tasks:
+            done, pending = await asyncio.wait(set(self._tasks), timeout=self.config.shutdown_timeout)
+            if pending:
+                log.warning("%d requests still in flight after %.0f s; cancelling them", len(pending),
+                            self.config.shutdown_timeout)
+                for t in pending:
+                    t.cancel()
+                await asyncio.wait(pending, timeout=5)
+        # let queued replies go out and the transports close
+        deadline = time.monotonic() + 5.0
+        while self.connections and time.monotonic() < deadline:
+            self._conn_closed.clear()
+            for conn in list(self.connections):
+                if conn.closed:
+                    self.connections.discard(conn)
+                else:
+                    conn._maybe_close()
+            if not self.connections:
+                break
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._conn_closed.wait(), timeout=0.2)
+        for conn in list(self.connections):
+            if conn.transport is not None and not conn.closed:
+                conn.transport.abort()
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        self.metrics.detach_store()
+        try:
+            await self.store.close()
+        finally:
+            await self._close_listeners()
+            log.info("shutdown complete: store flushed, checkpointed and closed")
+
+    async def _close_listeners(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        if self._metrics_server is not None:
+            self._metrics_server.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._metrics_server.wait_closed(), 2)
+        self._unlink_socket()
+
+    def _unlink_socket(self) -> None:
+        path = self.socket_path
+        if path is None or self._socket_ino is None:
+            return
+        try:
+            st = os.stat(path)
+            if (st.st_dev, st.st_ino) == self._socket_ino:  # still ours, not a successor's
+                os.unlink(path)
+        except FileNotFoundError:
+            pass
+        self._socket_ino = None
+
+    async def _watchdog_loop(self, interval: float) -> None:
+        while True:
+            _sd_notify("WATCHDOG=1")
+            await asyncio.sleep(interval)
+
+    # -- helpers used by connections --
+
+    def _peer_allowed(self, peer: tuple[int, int, int] | None) -> bool:
+        if self._allow is None:
+            return True
+        if peer is None:
+            return False
+        uids, gids = self._allow
+        return peer[1] in uids or peer[2] in gids
+
+    def _wake_waiting(self) -> None:
+        waiting = list(self._waiting)
+        self._waiting.clear()
+        for conn in waiting:
+            if not conn.closed:
+                conn._pump()
+
+    # -- operations: each returns the reply body as a list of buffers --
+
+    async def _op_put(self, req: P.Request) -> list:
+        await self.store.put(req.key, req.value, sync=req.sync, verify=req.verify)
+        return []
+
+    async def _op_get(self, req: P.Request) -> list:
+        return [await self.store.get(req.key)]
+
+    async def _op_has(self, req: P.Request) -> list:
+        return [P.bool_body(await self.store.has(req.key))]
+
+    async def _op_delete(self, req: P.Request) -> list:
+        await self.store.delete(req.key, sync=req.sync)
+        return []
+
+    async def _op_list(self, req: P.Request) -> list:
+        cap = self.config.list_page_max
+        limit = min(req.limit, cap) if req.limit else cap
+        keys: list[bytes] = []
+        async for key in self.store.list(prefix=req.prefix, start_after=req.start_after, limit=limit + 1):
+            keys.append(bytes(key))
+            if len(keys) > limit:
+                break
+        more = len(keys) > limit
+        return [P.list_reply_body(keys[:limit], more)]
+
+    async def _op_flush(self, req: P.Request) -> list:
+        await self.store.flush()
+        return []
+
+    async def _op_stat(self, req: P.Request) -> list:
+        st = dict(self.store.stat())
+        st["server"] = {
+            "version": __version__,
+            "protocol_version": P.VERSION,
+            "connections": len(self.connections),
+            "in_flight": self.in_flight,
+            "loop": type(asyncio.get_running_loop()).__module__.split(".")[0],
+        }
+        return [json.dumps(st, default=_json_default, sort_keys=True).encode()]
+
+    async def _op_ping(self, req: P.Request) -> list:
+        return [req.value]
+
+    async def _op_mput(self, req: P.Request) -> list:
+        await self.store.put_many(req.items, sync=req.sync)
+        return []
+
+    async def _op_mget(self, req: P.Request) -> list:
+        get = self.store.get
+        results = await asyncio.gather(*(get(k) for k in req.keys), return_exceptions=True)
+        return P.mget_reply_body(results)
+
+    async def _op_needs_flush(self, req: P.Request) -> list:
+        return [P.bool_body(bool(self.store.needs_flush))]
+
+
+def _sock_name(sock: socket.socket) -> str:
+    try:
+        name = sock.getsockname()
+    except OSError:
+        return f"fd {sock.fileno()}"
+    return f"{name} (fd {sock.fileno()}, socket-activated)"
+
+
+def _fmt_addr(addr: tuple[str, int] | None) -> str:
+    if not addr:
+        return ""
+    host, port = addr[0], addr[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+# -- entry points ---------------------------------------------------------------------------
+
+
+async def run_server(store: Any, config: ServerConfig | None = None, *, metrics: Metrics | None = None,
+                     listen_sock: socket.socket | None = None, stop: asyncio.Event | None = None,
+                     on_ready: Callable[[], None] | None = None, install_signal_handlers: bool = True) -> int:
+    """Serve ``store`` until SIGTERM/SIGINT (or ``stop`` is set), shut down cleanly, return 0.
+
+    Call inside the running loop once the store is open (recovery finished):
+    binds the socket (or adopts ``listen_sock``; with ``config.socket_activation``
+    and no ``listen_sock``, a socket passed by systemd in ``LISTEN_FDS`` is
+    used), calls ``on_ready()`` and sends ``READY=1`` to systemd, serves, and on
+    the signal sends ``STOPPING=1``, finishes requests in flight and closes the
+    store (flush + checkpoint + ring). ``metrics`` should be the object the
+    store was opened with as ``observer`` (so fdatasync / group-commit /
+    checkpoint histograms fill). If :meth:`Server.start` fails, the store is
+    closed and the error propagates (``ConfigError`` for a live socket, ``OSError``).
+    """
+    if isinstance(store, ServerConfig):  # tolerate run_server(config, store)
+        store, config = config, store
+    config = config or ServerConfig()
+    loop = asyncio.get_running_loop()
+    if listen_sock is None and config.socket_activation and _systemd is not None:
+        socks = _systemd.listen_fds()
+        if socks:
+            listen_sock = socks[0]
+            for extra in socks[1:]:
+                log.warning("socket activation: ignoring extra socket %s; ringblob serves one", _sock_name(extra))
+                extra.close()
+    server = Server(store, config, metrics=metrics, listen_sock=listen_sock)
+    try:
+        await server.start()
+    except BaseException:
+        server.metrics.detach_store()
+        await store.close()
+        raise
+    installed = []
+    if install_signal_handlers:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                loop.add_signal_handler(sig, server.request_stop)
+                installed.append(sig)
+    if stop is not None:
+        if stop.is_set():
+            server.request_stop()
+        else:
+            loop.create_task(_relay(stop, server))
+    status = f"serving on {server.socket_path or 'a socket-activated listener'}"
+    if server.metrics_address:
+        status += f"; metrics on http://{_fmt_addr(server.metrics_address)}/metrics"
+    if on_ready is not None:
+        on_ready()
+    _sd_notify(f"READY=1\nSTATUS={status}")
+    try:
+        await server.serve_forever()
+    finally:
+        for sig in installed:
+            loop.remove_signal_handler(sig)
+    return 0
+
+
+async def _relay(stop: asyncio.Event, server: Server) -> None:
+    await stop.wait()
+    server.request_stop()
+
+
+def new_event_loop(kind: str = "auto") -> asyncio.AbstractEventLoop:
+    """A new event loop: ``"uvloop"`` (ConfigError if not installed), ``"asyncio"``, or ``"auto"``."""
+    if kind in ("auto", "uvloop"):
+        try:
+            import uvloop
+        except ImportError:
+            if kind == "uvloop":
+                raise ConfigError("loop: uvloop is not installed; `pip install uvloop` or use loop = \"asyncio\"") from None
+        else:
+            return uvloop.new_event_loop()
+    elif kind != "asyncio":
+        raise ConfigError(f"loop: {kind!r} is not one of auto, uvloop, asyncio")
+    return asyncio.new_event_loop()
+
+
+def run(config: ServerConfig, open_store: Callable[[Metrics], Awaitable[Any]], *,
+        listen_sock: socket.socket | None = None) -> int:
+    """Run the daemon to completion; return the exit status (0 after a clean shutdown).
+
+    ``open_store(metrics)`` is awaited inside the new event loop and must
+    return the open store; pass ``metrics`` to it as the store's observer
+    (``BlobStore.open(..., observer=metrics)``). SIGTERM / SIGINT arriving
+    while the store opens stop the daemon as soon as it is open.
+    Errors from opening the store or binding the socket propagate
+    (``StoreLocked``, ``ConfigError``, ``OSError``).
+    """
+    config.validate()
+    loop = new_event_loop(config.loop)
+    stop = asyncio.Event()
+
+    async def main_coro() -> int:
+        lp = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                lp.add_signal_handler(sig, stop.set)
+        metrics = Metrics()
+        store = await open_store(metrics)
+        # run_server replaces these handlers; until then a signal sets `stop`
+        return await run_server(store, config, metrics=metrics, listen_sock=listen_sock, stop=stop)
+
+    try:
+        asyncio.set_event_loop(loop)
+        return loop.run_until_complete(main_coro())
+    finally:
+        with contextlib.suppress(Exception):
+            loop.run_until_complete(loop.shutdown_asyncgens())
+        asyncio.set_event_loop(None)
+        loop.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Development entry: ``python -m ringblob.server --data PATH --socket PATH [...]``.
+
+    Opens the real store (formatting ``--size`` bytes when the file is
+    absent) and serves it; ``ringblob serve`` is the production command.
+    """
+    ap = argparse.ArgumentParser(prog="python -m ringblob.server", description="ringblob daemon (development entry)")
+    ap.add_argument("--data", required=True, help="data file")
+    ap.add_argument("--socket", required=True, help="Unix socket path")
+    ap.add_argument("--size", type=int, default=64 << 20, help="bytes of a new data file (default 64 MiB)")
+    ap.add_argument("--engine", default="auto", choices=("auto", "uring", "psync"))
+    ap.add_argument("--metrics-addr", default="", help="HOST:PORT for /metrics ('' disables; default disabled)")
+    ap.add_argument("--loop", default="auto", choices=("auto", "uvloop", "asyncio"))
+    ap.add_argument("--max-frame-size", type=int, default=P.DEFAULT_MAX_FRAME_SIZE)
+    ap.add_argument("--max-connections", type=int, default=1024)
+    ap.add_argument("--max-in-flight-per-conn", type=int, default=256)
+    ap.add_argument("--max-in-flight-total", type=int, default=4096)
+    ap.add_argument("--idle-timeout", type=float, default=300.0)
+    ap.add_argument("--allow-uid", type=int, action="append", default=[])
+    ap.add_argument("--allow-gid", type=int, action="append", default=[])
+    ap.add_argument("--socket-mode", type=lambda s: int(s, 8), default=0o600)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = ServerConfig(
+        socket_path=args.socket, socket_mode=args.socket_mode, metrics_addr=args.metrics_addr, loop=args.loop,
+        max_frame_size=args.max_frame_size, max_connections=args.max_connections,
+        max_in_flight_per_conn=args.max_in_flight_per_conn, max_in_flight_total=args.max_in_flight_total,
+        idle_timeout=args.idle_timeout, allow_uids=tuple(args.allow_uid), allow_gids=tuple(args.allow_gid),
+    )
+
+    async def open_store(metrics: Metrics) -> Any:
+        from .store import BlobStore
+
+        return await BlobStore.open(args.data, engine=args.engine, create_size=args.size, observer=metrics)
+
+    try:
+        return run(cfg, open_store)
+    except Exception as exc:
+        from .errors import RingblobError
+
+        if isinstance(exc, (RingblobError, OSError)):
+            print(f"ringblob server: {exc}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,608 @@
+"""In-process tests of ringblob.server: framing, limits, backpressure, access, lifecycle.
+
+The server runs in the test's event loop over a small in-memory store with
+the BlobStore async API (``FakeStore`` below, test-only), so these tests can
+hold requests in flight at will (``gate``). The end-to-end tests against the
+real store in a daemon process are in tests/test_server_e2e.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import stat
+import uuid
+
+import blake3
+import pytest
+
+from ringblob import errors
+from ringblob import protocol as P
+from ringblob import server as S
+from ringblob.metrics import Metrics
+
+TMP_ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".test-tmp")
+
+
+class FakeStore:
+    """In-memory stand-in with BlobStore's async API (test-only)."""
+
+    def __init__(self):
+        self.data: dict[bytes, bytes] = {}
+        self.dirty = False
+        self.closed = False
+        self.flushes = 0
+        self.gate: asyncio.Event | None = None  # when set: puts wait for it
+        self.active = 0
+        self.max_active = 0
+        self.started = 0
+
+    @staticmethod
+    def _check(key):
+        if not isinstance(key, bytes) or not 1 <= len(key) <= 255:
+            raise errors.InvalidKey(f"key must be 1 to 255 bytes, got {len(key)}")
+
+    async def put(self, key, value, *, sync=False, verify=False):
+        self._check(key)
+        if verify and blake3.blake3(value).digest() != key:
+            raise errors.DigestMismatch("BLAKE3 digest of the value does not match the key; nothing stored")
+        if self.closed:
+            raise errors.EngineClosed("store is closed")
+        self.started += 1
+        self.active += 1
+        self.max_active = max(self.max_active, self.active)
+        try:
+            if self.gate is not None:
+                await self.gate.wait()
+            await asyncio.sleep(0)
+            self.data[key] = bytes(value)
+            self.dirty = not sync or self.dirty
+        finally:
+            self.active -= 1
+
+    async def put_many(self, items, *, sync=False):
+        for k, v in items:
+            await self.put(k, v, sync=sync)
+
+    async def get(self, key):
+        self._check(key)
+        await asyncio.sleep(0)
+        try:
+            return self.data[key]
+        except KeyError:
+            raise errors.NotFound(f"no blob under key {key!r}") from None
+
+    async def get_many(self, keys):
+        return [await self.get(k) for k in keys]
+
+    async def has(self, key):
+        self._check(key)
+        return key in self.data
+
+    async def delete(self, key, *, sync=False):
+        self._check(key)
+        if self.data.pop(key, None) is not None and not sync:
+            self.dirty = True
+
+    async def list(self, prefix=b"", start_after=None, limit=None):
+        n = 0
+        for k in sorted(self.data):
+            if not k.startswith(prefix) or (start_after is not None and k <= start_after):
+                continue
+            if limit is not None and n >= limit:
+                return
+            n += 1
+            yield k
+            await asyncio.sleep(0)
+
+    async def flush(self):
+        self.flushes += 1
+        self.dirty = False
+
+    @property
+    def needs_flush(self):
+        return self.dirty
+
+    def stat(self):
+        return {
+            "blob_count": len(self.data),
+            "used_bytes": sum(len(v) for v in self.data.values()),
+            "free_bytes": 1 << 20,
+            "journal_bytes": 0,
+            "checkpoints": 0,
+            "read_only": False,
+            "needs_flush": self.dirty,
+            "counters": {"fdatasyncs": 0, "engine": {"sqes": 0, "cqes": 0, "enters": 0}},
+        }
+
+    async def close(self):
+        await self.flush()
+        self.closed = True
+
+
+@pytest.fixture
+def sockdir():
+    os.makedirs(TMP_ROOT, exist_ok=True)
+    d = os.path.join(TMP_ROOT, "srv-" + uuid.uuid4().hex[:8])
+    os.mkdir(d)
+    yield d
+    for name in os.listdir(d):
+        os.unlink(os.path.join(d, name))
+    os.rmdir(d)
+
+
+def run(coro, loop_kind="asyncio"):
+    loop = S.new_event_loop(loop_kind)
+    try:
+        return loop.run_until_complete(asyncio.wait_for(coro, 30))
+    finally:
+        loop.close()
+
+
+class Conn:
+    """A raw test client: asyncio streams + the shared codec."""
+
+    def __init__(self, reader, writer):
+        self.reader, self.writer = reader, writer
+        self.dec = P.FrameDecoder()
+
+    @classmethod
+    async def open(cls, path):
+        r, w = await asyncio.open_unix_connection(path)
+        return cls(r, w)
+
+    def send(self, *frames: bytes):
+        self.writer.write(b"".join(frames))
+
+    async def recv(self, timeout=10) -> P.Frame | None:
+        """Next frame, or None at EOF."""
+        while True:
+            f = self.dec.next_frame()
+            if f is not None:
+                return f
+            data = await asyncio.wait_for(self.reader.read(1 << 20), timeout)
+            if not data:
+                return None
+            self.dec.feed(data)
+
+    async def call(self, frame: bytes) -> P.Frame:
+        self.send(frame)
+        f = await self.recv()
+        assert f is not None
+        return f
+
+    async def close(self):
+        self.writer.close()
+        try:
+            await self.writer.wait_closed()
+        except (ConnectionError, BrokenPipeError):
+            pass
+
+
+async def start(sockdir, store=None, **cfg) -> S.Server:
+    cfg.setdefault("metrics_addr", "")
+    cfg.setdefault("socket_activation", False)
+    srv = S.Server(store or FakeStore(), S.ServerConfig(socket_path=os.path.join(sockdir, "s.sock"), **cfg))
+    await srv.start()
+    return srv
+
+
+@pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
+def test_every_operation_and_error(sockdir, loop_kind):
+    async def main():
+        srv = await start(sockdir)
+        c = await Conn.open(srv.socket_path)
+        assert P.raise_for_status(await c.call(P.encode_put(1, b"k1", b"v1"))).body == b""
+        f = await c.call(P.encode_get(2, b"k1"))
+        assert (f.opcode, f.request_id, f.status, f.body) == (P.Op.GET, 2, 0, b"v1")
+        assert P.decode_bool_reply((await c.call(P.encode_has(3, b"k1"))).body) is True
+        assert P.decode_bool_reply((await c.call(P.encode_has(4, b"zz"))).body) is False
+        assert P.decode_bool_reply((await c.call(P.encode_needs_flush(5))).body) is True
+        P.raise_for_status(await c.call(P.encode_flush(6)))
+        assert P.decode_bool_reply((await c.call(P.encode_needs_flush(7))).body) is False
+        with pytest.raises(errors.NotFound):
+            P.raise_for_status(await c.call(P.encode_get(8, b"missing")))
+        # an empty key reaches the store, which says InvalidKey; the connection stays usable
+        f = await c.call(P.encode_frame(P.Op.GET, 9, b"\x00"))
+        assert f.status == errors.InvalidKey.code
+        digest = blake3.blake3(b"content").digest()
+        P.raise_for_status(await c.call(P.encode_put(10, digest, b"content", verify=True)))
+        with pytest.raises(errors.DigestMismatch):
+            P.raise_for_status(await c.call(P.encode_put(11, digest, b"other", verify=True)))
+        P.raise_for_status(await c.call(P.encode_mput(12, [(b"a%d" % i, b"x" * i) for i in range(5)], sync=True)))
+        res = P.decode_mget_reply((await c.call(P.encode_mget(13, [b"a1", b"nope", b"a4"]))).body)
+        assert res[0] == b"x" and res[2] == b"xxxx" and isinstance(res[1], errors.NotFound)
+        keys, more = P.decode_list_reply((await c.call(P.encode_list(14, b"a", None, 2))).body)
+        assert keys == [b"a0", b"a1"] and more
+        keys, more = P.decode_list_reply((await c.call(P.encode_list(15, b"a", b"a1", 0))).body)
+        assert keys == [b"a2", b"a3", b"a4"] and not more
+        P.raise_for_status(await c.call(P.encode_delete(16, b"a0", sync=True)))
+        P.raise_for_status(await c.call(P.encode_delete(17, b"a0")))  # missing: not an error
+        assert (await c.call(P.encode_ping(18, b"hello"))).body == b"hello"
+        st = P.decode_stat_reply((await c.call(P.encode_stat(19))).body)
+        assert st["blob_count"] == 6 and st["server"]["connections"] == 1
+        assert st["server"]["loop"] == ("uvloop" if loop_kind == "uvloop" else "asyncio")
+        await c.close()
+        await srv.shutdown()
+        assert srv.store.closed
+
+    run(main(), loop_kind)
+
+
+def test_pipelined_requests_and_out_of_order_replies(sockdir):
+    async def main():
+        store = FakeStore()
+        srv = await start(sockdir, store)
+        c = await Conn.open(srv.socket_path)
+        store.gate = asyncio.Event()
+        # a slow put, then 200 pings in the same write: the pings overtake the put
+        c.send(P.encode_put(1, b"slow", b"v"), *(P.encode_ping(i, b"%d" % i) for i in range(2, 202)))
+        got = [await c.recv() for _ in range(200)]
+        assert sorted(f.request_id for f in got) == list(range(2, 202))
+        assert all(f.body == b"%d" % f.request_id for f in got)
+        store.gate.set()
+        f = await c.recv()
+        assert (f.request_id, f.status) == (1, 0)
+        await c.close()
+        await srv.shutdown()
+
+    run(main())
+
+
+def test_replies_of_one_turn_are_written_together(sockdir, monkeypatch):
+    writes = []
+    orig = S._Connection._flush_out
+
+    def counting(self):
+        if self.out:
+            writes.append(len(self.out) // 2)  # header + body per reply
+        orig(self)
+
+    monkeypatch.setattr(S._Connection, "_flush_out", counting)
+
+    async def main():
+        srv = await start(sockdir)
+        c = await Conn.open(srv.socket_path)
+        c.send(*(P.encode_ping(i, b"x") for i in range(1, 101)))
+        for _ in range(100):
+            assert (await c.recv()).status == 0
+        await c.close()
+        await srv.shutdown()
+
+    run(main())
+    assert sum(writes) == 100
+    assert len(writes) <= 5, writes  # 100 replies from one read leave in a few writes, not 100
+
+
+def test_per_connection_in_flight_limit_pauses_reading(sockdir):
+    async def main():
+        store = FakeStore()
+        srv = await start(sockdir, store, max_in_flight_per_conn=4)
+        c = await Conn.open(srv.socket_path)
+        store.gate = asyncio.Event()
+        c.send(*(P.encode_put(i, b"k%d" % i, b"v") for i in range(1, 41)))
+        await asyncio.sleep(0.2)
+        assert store.started == 4 and srv.in_flight == 4
+        store.gate.set()
+        got = [await c.recv() for _ in range(40)]
+        assert sorted(f.request_id for f in got) == list(range(1, 41))
+        assert all(f.status == 0 for f in got)
+        assert store.max_active == 4 and len(store.data) == 40
+        await c.close()
+        await srv.shutdown()
+
+    run(main())
+
+
+def test_total_in_flight_limit_spans_connections(sockdir):
+    async def main():
+        store = FakeStore()
+        srv = await start(sockdir, store, max_in_flight_total=6, max_in_flight_per_conn=100)
+        c1, c2 = await Conn.open(srv.socket_path), await Conn.open(srv.socket_path)
+        store.gate = asyncio.Event()
+        c1.send(*(P.encode_put(i, b"a%d" % i, b"v") for i in range(1, 11)))
+        c2.send(*(P.encode_put(i, b"b%d" % i, b"v") for i in range(1, 11)))
+        await asyncio.sleep(0.2)
+        assert store.started == 6
+        store.gate.set()
+        for c in (c1, c2):
+            got = [await c.recv() for _ in range(10)]
+            assert all(f.status == 0 for f in got)
+        assert store.max_active == 6 and len(store.data) == 20
+        await c1.close()
+        await c2.close()
+        await srv.shutdown()
+
+    run(main())
+
+
+def test_max_connections_refuses_with_busy(sockdir):
+    async def main():
+        srv = await start(sockdir, max_connections=2)
+        c1, c2 = await Conn.open(srv.socket_path), await Conn.open(srv.socket_path)
+        assert (await c1.call(P.encode_ping(1))).status == 0
+        assert (await c2.call(P.encode_ping(1))).status == 0
+        c3 = await Conn.open(srv.socket_path)
+        f = await c3.recv()
+        assert (f.opcode, f.request_id, f.status) == (0, 0, errors.Busy.code)
+        assert "max_connections" in f.body.decode()
+        assert await c3.recv() is None  # closed
+        assert (await c1.call(P.encode_ping(2))).status == 0
+        await c1.close()
+        await asyncio.sleep(0.1)
+        c4 = await Conn.open(srv.socket_path)  # a slot is free again
+        assert (await c4.call(P.encode_ping(1))).status == 0
+        assert srv.metrics.connections_rejected.labels("busy")._value.get() == 1
+        for c in (c2, c3, c4):
+            await c.close()
+        await srv.shutdown()
+
+    run(main())
+
+
+@pytest.mark.parametrize(
+    "bad, status",
+    [
+        (b"HTTP/1.1 GET /\r\n\r\n", errors.ProtocolError.code),  # bad magic
+        (P.encode_frame(99, 7, b""), errors.ProtocolError.code),  # unknown opcode
+        (P.encode_frame(P.Op.GET, 7, b"\x09k"), errors.ProtocolError.code),  # truncated body
+        (P.HEADER.pack(P.MAGIC, 2, P.Op.PING, 0, 7, 0), errors.ProtocolError.code),  # version
+        (P.HEADER.pack(P.MAGIC, 1, P.Op.PUT, 0, 7, 10 << 20), errors.FrameTooLarge.code),  # oversized
+    ],
+)
+def test_malformed_frame_gets_error_reply_and_close(sockdir, bad, status):
+    async def main():
+        srv = await start(sockdir, max_frame_size=1 << 20)
+        other = await Conn.open(srv.socket_path)
+        P.raise_for_status(await other.call(P.encode_put(1, b"keep", b"me")))
+        c = await Conn.open(srv.socket_path)
+        c.send(P.encode_ping(1, b"before"), bad, P.encode_ping(2, b"after"))
+        got = [await c.recv(), await c.recv()]  # replies may come in any order
+        (f1,) = [f for f in got if f.status == 0]
+        (f2,) = [f for f in got if f.status != 0]
+        assert (f1.request_id, f1.body) == (1, b"before")  # the request before the bad frame is answered
+        assert f2.status == status
+        if status == errors.FrameTooLarge.code or bad[:4] == P.MAGIC and bad[4] == 1:
+            assert f2.request_id == 7
+        assert await c.recv() is None  # the server closed the connection
+        # the other client and the daemon are unaffected
+        assert (await other.call(P.encode_get(2, b"keep"))).body == b"me"
+        c2 = await Conn.open(srv.socket_path)
+        assert (await c2.call(P.encode_ping(3, b"ok"))).body == b"ok"
+        reason = "too_large" if status == errors.FrameTooLarge.code else "malformed"
+        assert srv.metrics.rejected_frames.labels(reason)._value.get() == 1
+        for x in (c, c2, other):
+            await x.close()
+        await srv.shutdown()
+
+    run(main())
+
+
+def test_truncated_frame_then_disconnect_leaves_the_daemon_serving(sockdir):
+    async def main():
+        srv = await start(sockdir)
+        c = await Conn.open(srv.socket_path)
+        c.send(P.encode_put(1, b"k", b"v" * 1000)[:500])
+        await asyncio.sleep(0.05)
+        await c.close()
+        c2 = await Conn.open(srv.socket_path)
+        assert P.raise_for_status(await c2.call(P.encode_has(1, b"k"))).body == b"\x00"
+        await c2.close()
+        await srv.shutdown()
+
+    run(main())
+
+
+def test_client_disconnecting_mid_request(sockdir):
+    async def main():
+        store = FakeStore()
+        srv = await start(sockdir, store)
+        c = await Conn.open(srv.socket_path)
+        store.gate = asyncio.Event()
+        c.send(P.encode_put(1, b"k", b"v"), P.encode_get(2, b"nothing"))
+        await asyncio.sleep(0.05)
+        await c.close()
+        await asyncio.sleep(0.05)
+        store.gate.set()
+        await asyncio.sleep(0.05)
+        assert store.data == {b"k": b"v"}  # the request finished; its reply was dropped
+        assert srv.in_flight == 0 and not srv.connections
+        c2 = await Conn.open(srv.socket_path)
+        assert (await c2.call(P.encode_get(3, b"k"))).body == b"v"
+        await c2.close()
+        await srv.shutdown()
+
+    run(main())
+
+
+def test_half_close_gets_every_reply_then_eof(sockdir):
+    async def main():
+        srv = await start(sockdir, max_in_flight_per_conn=3)
+        c = await Conn.open(srv.socket_path)
+        c.send(*(P.encode_ping(i, b"p") for i in range(1, 21)))
+        c.writer.write_eof()
+        got = [await c.recv() for _ in range(20)]
+        assert sorted(f.request_id for f in got) == list(range(1, 21))
+        assert await c.recv() is None
+        await c.close()
+        await srv.shutdown()
+
+    run(main())
+
+
+@pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
+def test_backpressure_bounds_buffered_replies(sockdir, loop_kind):
+    value = b"v" * (256 * 1024)
+    n = 400  # 100 MiB of replies if the daemon buffered them all
+
+    async def main():
+        store = FakeStore()
+        store.data[b"big"] = value
+        srv = await start(sockdir, store, write_high_water=1 << 20, max_in_flight_per_conn=16)
+        c = await Conn.open(srv.socket_path)
+        frames = b"".join(P.encode_get(i, b"big") for i in range(1, n + 1))
+        writer = asyncio.get_running_loop().create_task(_write_all(c, frames))
+        peak = 0
+        for _ in range(20):
+            await asyncio.sleep(0.02)
+            (conn,) = srv.connections
+            peak = max(peak, conn.transport.get_write_buffer_size())
+        # the client is not reading: the daemon stopped reading it instead of buffering 100 MiB
+        assert peak < (1 << 20) + 17 * (len(value) + 64)
+        served = srv.metrics.requests.labels("get", "ok")._value.get()
+        assert served < n
+        got = 0
+        while got < n:
+            f = await c.recv()
+            assert f.status == 0 and len(f.body) == len(value)
+            got += 1
+        await writer
+        await c.close()
+        await srv.shutdown()
+
+    run(main(), loop_kind)
+
+
+async def _write_all(c: Conn, data: bytes):
+    c.writer.write(data)
+    await c.writer.drain()
+
+
+def test_idle_timeout_closes_quiet_connections(sockdir):
+    async def main():
+        srv = await start(sockdir, idle_timeout=0.3)
+        c = await Conn.open(srv.socket_path)
+        assert (await c.call(P.encode_ping(1))).status == 0
+        t0 = asyncio.get_running_loop().time()
+        assert await c.recv(timeout=5) is None
+        assert asyncio.get_running_loop().time() - t0 >= 0.25
+        await c.close()
+        await srv.shutdown()
+
+    run(main())
+
+
+def test_peer_credentials_allowlist(sockdir):
+    async def main():
+        srv = await start(sockdir, allow_uids=[os.getuid() + 12345])
+        c = await Conn.open(srv.socket_path)
+        f = await c.recv()
+        assert (f.request_id, f.status) == (0, errors.AccessDenied.code)
+        assert f"uid {os.getuid()}" in f.body.decode()
+        assert await c.recv() is None
+        await c.close()
+        await srv.shutdown()
+        srv = await start(sockdir, allow_uids=[os.getuid() + 12345], allow_gids=[os.getgid()])
+        c = await Conn.open(srv.socket_path)
+        assert (await c.call(P.encode_ping(1))).status == 0
+        await c.close()
+        await srv.shutdown()
+
+    run(main())
+
+
+def test_socket_mode_and_stale_and_live_socket_files(sockdir):
+    async def main():
+        path = os.path.join(sockdir, "s.sock")
+        # a stale socket file: bound, never listening (a dead daemon's)
+        dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        dead.bind(path)
+        dead.close()
+        srv = await start(sockdir)
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+        # a second server on the live socket refuses and leaves it alone
+        with pytest.raises(errors.ConfigError, match="in use by a running daemon"):
+            await start(sockdir)
+        c = await Conn.open(path)
+        assert (await c.call(P.encode_ping(1))).status == 0
+        await c.close()
+        await srv.shutdown()
+        assert not os.path.exists(path)  # unlinked at shutdown
+        srv = await start(sockdir, socket_mode=0o660, socket_group=os.getgid())
+        st = os.stat(path)
+        assert stat.S_IMODE(st.st_mode) == 0o660 and st.st_gid == os.getgid()
+        await srv.shutdown()
+        with open(path, "w") as fh:
+            fh.write("not a socket")
+        with pytest.raises(errors.ConfigError, match="not a socket"):
+            await start(sockdir)
+
+    run(main())
+
+
+def test_shutdown_finishes_requests_in_flight_then_closes_the_store(sockdir):
+    async def main():
+        store = FakeStore()
+        srv = await start(sockdir, store)
+        c = await Conn.open(srv.socket_path)
+        store.gate = asyncio.Event()
+        c.send(P.encode_put(1, b"k", b"v"))
+        await asyncio.sleep(0.05)
+        down = asyncio.get_running_loop().create_task(srv.shutdown())
+        await asyncio.sleep(0.05)
+        assert not os.path.exists(srv.config.socket_path)  # no longer accepting
+        assert not store.closed
+        store.gate.set()
+        f = await c.recv()
+        assert (f.request_id, f.status) == (1, 0)
+        assert await c.recv() is None
+        await down
+        assert store.closed and store.data == {b"k": b"v"} and not store.dirty
+
+    run(main())
+
+
+def test_run_server_with_a_preopened_socket_and_stop_event(sockdir):
+    """Socket activation path: the listener is passed in; READY via on_ready; stop -> exit 0."""
+
+    async def main():
+        path = os.path.join(sockdir, "act.sock")
+        lsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        lsock.bind(path)
+        lsock.listen(8)
+        stop = asyncio.Event()
+        ready = asyncio.Event()
+        store = FakeStore()
+        cfg = S.ServerConfig(socket_path=os.path.join(sockdir, "unused.sock"), metrics_addr="")
+        task = asyncio.get_running_loop().create_task(
+            S.run_server(store, cfg, listen_sock=lsock, stop=stop, on_ready=ready.set, install_signal_handlers=False)
+        )
+        await asyncio.wait_for(ready.wait(), 5)
+        c = await Conn.open(path)
+        P.raise_for_status(await c.call(P.encode_put(1, b"a", b"b")))
+        assert not os.path.exists(cfg.socket_path)
+        stop.set()
+        assert await task == 0
+        assert store.closed
+        await c.close()
+
+    run(main())
+
+
+def test_metrics_http_endpoint_in_process(sockdir):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    async def main():
+        srv = await start(sockdir, metrics_addr="127.0.0.1:0")
+        host, port = srv.metrics_address
+        c = await Conn.open(srv.socket_path)
+        P.raise_for_status(await c.call(P.encode_put(1, b"k", b"v")))
+        await c.call(P.encode_get(2, b"nope"))
+        r, w = await asyncio.open_connection(host, port)
+        w.write(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        raw = await r.read()
+        w.close()
+        head, _, body = raw.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.0 200")
+        fams = {f.name: f for f in text_string_to_metric_families(body.decode())}
+        samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in fams.values() for s in f.samples}
+        assert samples[("ringblob_requests_total", (("op", "put"), ("status", "ok")))] == 1
+        assert samples[("ringblob_requests_total", (("op", "get"), ("status", "not_found")))] == 1
+        assert samples[("ringblob_blobs", ())] == 1
+        assert samples[("ringblob_connections", ())] == 1
+        await c.close()
+        await srv.shutdown()
+
+    run(main())
