@@ -60,6 +60,59 @@ bench: setup
 doctor: setup
 	$(VENV)/bin/ringblob doctor
 
+# -- make install (systemd service; see docs/OPERATIONS.md) ------------------
+# Installs the package into its own venv under $(RINGBLOB_HOME) with a link
+# $(PREFIX)/bin/ringblob, the units, sysusers.d/tmpfiles.d entries, the docs,
+# and an example /etc/ringblob/ringblob.toml (never overwriting an existing one).
+# DESTDIR=/some/dir stages everything there instead (nothing outside it is
+# touched); without DESTDIR on a host booted with systemd it also creates the
+# user, the directories, and reloads systemd. `make install-files` skips the venv.
+DESTDIR       ?=
+PREFIX        ?= /usr/local
+RINGBLOB_HOME ?= /opt/ringblob
+UNITDIR       ?= $(PREFIX)/lib/systemd/system
+SYSUSERSDIR   ?= $(PREFIX)/lib/sysusers.d
+TMPFILESDIR   ?= $(PREFIX)/lib/tmpfiles.d
+CONFDIR       ?= /etc/ringblob
+DOCDIR        ?= $(PREFIX)/share/doc/ringblob
+INSTALL_EXTRAS ?= fast
+
+.PHONY: install-venv install-files
+
+install: liburing install-venv install-files
+	@if [ -z "$(DESTDIR)" ] && [ -d /run/systemd/system ]; then \
+	  systemd-sysusers $(SYSUSERSDIR)/ringblob.conf && \
+	  systemd-tmpfiles --create $(TMPFILESDIR)/ringblob.conf && \
+	  systemctl daemon-reload; \
+	fi
+	@echo "ringblob: installed. Next: ringblob doctor --data /var/lib/ringblob/ringblob.data;" \
+	  "systemctl enable --now ringblob.socket (docs/OPERATIONS.md)"
+
+install-venv:
+	$(PYTHON) -m venv $(DESTDIR)$(RINGBLOB_HOME)
+	$(DESTDIR)$(RINGBLOB_HOME)/bin/pip install -q --upgrade pip
+	$(DESTDIR)$(RINGBLOB_HOME)/bin/pip install -q '.[$(INSTALL_EXTRAS)]'
+	@if [ -n "$(DESTDIR)" ]; then \
+	  grep -rlI -- '$(DESTDIR)$(RINGBLOB_HOME)' $(DESTDIR)$(RINGBLOB_HOME)/bin $(DESTDIR)$(RINGBLOB_HOME)/pyvenv.cfg \
+	    | xargs -r sed -i 's#$(DESTDIR)$(RINGBLOB_HOME)#$(RINGBLOB_HOME)#g'; \
+	fi
+
+install-files:
+	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(UNITDIR) $(DESTDIR)$(SYSUSERSDIR) \
+	  $(DESTDIR)$(TMPFILESDIR) $(DESTDIR)$(CONFDIR) $(DESTDIR)$(DOCDIR)
+	ln -sfn $(RINGBLOB_HOME)/bin/ringblob $(DESTDIR)$(PREFIX)/bin/ringblob
+	install -m 0644 systemd/ringblob.service systemd/ringblob.socket $(DESTDIR)$(UNITDIR)/
+	sed -i 's#/usr/local/bin/ringblob#$(PREFIX)/bin/ringblob#; s#/etc/ringblob/#$(CONFDIR)/#; s#/usr/local/share/doc/ringblob/#$(DOCDIR)/#' \
+	  $(DESTDIR)$(UNITDIR)/ringblob.service $(DESTDIR)$(UNITDIR)/ringblob.socket
+	install -m 0644 systemd/ringblob.sysusers $(DESTDIR)$(SYSUSERSDIR)/ringblob.conf
+	install -m 0644 systemd/ringblob.tmpfiles $(DESTDIR)$(TMPFILESDIR)/ringblob.conf
+	install -m 0644 docs/OPERATIONS.md $(DESTDIR)$(DOCDIR)/
+	@if [ -e $(DESTDIR)$(CONFDIR)/ringblob.toml ]; then \
+	  echo "ringblob: keeping the existing $(DESTDIR)$(CONFDIR)/ringblob.toml"; \
+	else \
+	  install -m 0644 systemd/ringblob.toml $(DESTDIR)$(CONFDIR)/ringblob.toml; \
+	fi
+
 clean:
 	rm -rf build dist daemon/*.egg-info daemon/ringblob/_uring*.so daemon/ringblob/_uring.c cython/*.c .pytest_cache
 	find . -name __pycache__ -prune -exec rm -rf {} +
