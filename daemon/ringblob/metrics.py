@@ -71,7 +71,7 @@ _LATENCY_BUCKETS = (
     0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
 )
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
-_CAMEL = re.compile(r"(?<!^)(?=[A-Z])")
+_CAMEL = re.compile(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])")
 
 
 def status_label(status: int | BaseException | None) -> str:
@@ -145,6 +145,7 @@ class Metrics:
         # event counts, used where store.stat() does not carry the counter
         self.events = {"fdatasyncs": 0, "group_commits": 0, "flushes_skipped": 0, "checksum_failures": 0, "checkpoints": 0}
         self.read_only_reason: str | None = None
+        self._children: dict[tuple[str, int], tuple[Any, Any]] = {}
         self._store: Any = None
         self._stat_error_logged = False
         r.register(_StoreCollector(self))
@@ -163,8 +164,15 @@ class Metrics:
 
     def observe_request(self, op: str, status: int, seconds: float) -> None:
         """Count one answered request and its latency (seconds)."""
-        self.requests.labels(op, status_label(status)).inc()
-        self.request_duration.labels(op).observe(seconds)
+        key = (op, status)
+        children = self._children.get(key)
+        if children is None:
+            children = self._children[key] = (
+                self.requests.labels(op, status_label(status)),
+                self.request_duration.labels(op),
+            )
+        children[0].inc()
+        children[1].observe(seconds)
 
     # -- store observer hooks -----------------------------------------------------------
 
