@@ -1,0 +1,451 @@
+"""asyncio adapter over any engine (``uring`` or ``psync``): futures for SQEs.
+
+:class:`AsyncEngine` watches the engine's ``eventfd`` with ``loop.add_reader``,
+reaps CQEs in batches and resolves one asyncio future per op tag. Ops queued
+during one loop turn go to the kernel together: the first op of a turn
+schedules a single ``call_soon`` flush, which makes ONE ``engine.submit()``
+(one ``io_uring_enter``) for everything queued in that turn.
+
+It knows nothing of keys. It adds what the engine leaves to its caller:
+
+* buffer leasing with async waiting (FIFO) when the fixed-buffer pool is
+  exhausted (``NoBuffers`` becomes a wait for a release);
+* queue-depth backpressure (``Busy`` becomes a wait for completions);
+* release of a buffer whose op is still in flight (its awaiting task was
+  cancelled) is deferred until the CQE arrives, so the kernel never writes
+  into a buffer that was handed to someone else;
+* helpers that lease, copy and release: :meth:`read`, :meth:`write_chunks`,
+  :meth:`write_batch_with_data_sync`, :meth:`fdatasync`.
+
+Copies: a write copies the value once into fixed buffers (unavoidable with
+O_DIRECT) and pads the tail with zeros to whole blocks; a read copies once out
+of the fixed buffers into the returned ``bytes`` (values larger than a quarter
+of the pool take a second copy through a ``bytearray``).
+
+Works on any asyncio loop, uvloop included. All methods must be called from
+the loop's thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import errno as _errno
+import itertools
+from typing import Any, Sequence
+
+from ..errors import BufferBusy, EngineClosed, Misaligned, NoBuffers
+
+__all__ = ["AsyncEngine", "check_result"]
+
+READ, WRITE, FSYNC = "read", "write", "fdatasync"
+
+
+def check_result(res: Any, want: int | None = None, what: str = "io") -> int:
+    """Raise the ``OSError`` a CQE carried; raise ``OSError(EIO)`` for a short transfer.
+
+    ``want``: the byte count the op asked for (None: any). Returns the result.
+    """
+    if isinstance(res, BaseException):
+        raise res
+    if want is not None and res != want:
+        raise OSError(_errno.EIO, f"{what}: short transfer of {res} of {want} bytes (past the end of the file?)")
+    return res
+
+
+class AsyncEngine:
+    """Drive ``engine`` from the running asyncio loop (see the module docstring).
+
+    ``engine``: any object with the engine contract of :mod:`ringblob.engine`.
+    Counters (ints): ``submits`` (``engine.submit()`` calls), ``ops``,
+    ``buffer_waits``, ``queue_waits``.
+    """
+
+    def __init__(self, engine, *, loop: asyncio.AbstractEventLoop | None = None):
+        self.engine = engine
+        self.loop = loop or asyncio.get_running_loop()
+        self.block_size = engine.block_size
+        self.buffer_size = engine.buffer_size
+        self.buffer_count = engine.buffer_count
+        self.queue_depth = engine.queue_depth
+        self._tags = itertools.count(1)
+        self._futs: dict[int, asyncio.Future] = {}
+        self._unsubmitted: list[int] = []
+        self._flush_handle: asyncio.Handle | None = None
+        self._buf_waiters: collections.deque = collections.deque()  # (n, future)
+        self._slot_waiters: collections.deque = collections.deque()  # future
+        self._deferred: list = []  # buffers released while in flight
+        self._closed = False
+        self._fd = engine.eventfd
+        self.submits = 0
+        self.ops = 0
+        self.buffer_waits = 0
+        self.queue_waits = 0
+        self.loop.add_reader(self._fd, self._on_ready)
+
+    @property
+    def name(self) -> str:
+        return getattr(self.engine, "name", "?")
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def _check_open(self, what: str) -> None:
+        if self._closed:
+            raise EngineClosed(f"{what}: the async engine is closed")
+
+    # -- buffers --------------------------------------------------------------
+
+    async def lease(self, n: int = 1) -> list:
+        """Lease ``n`` fixed buffers at once (FIFO wait while the pool is short).
+
+        Leasing several at once avoids two tasks each holding half the pool.
+        Raises ``ValueError`` when ``n`` exceeds the pool, :class:`EngineClosed` after close.
+        """
+        self._check_open("lease")
+        if n < 1 or n > self.buffer_count:
+            raise ValueError(f"lease: {n} buffers asked, the pool has {self.buffer_count}")
+        if not self._buf_waiters and self.engine.free_buffers >= n:
+            return [self.engine.lease() for _ in range(n)]
+        fut = self.loop.create_future()
+        self._buf_waiters.append((n, fut))
+        self.buffer_waits += 1
+        try:
+            return await fut
+        except BaseException:
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
+                for b in fut.result():  # leased for us after all: give back
+                    self.release(b)
+            else:
+                try:
+                    self._buf_waiters.remove((n, fut))
+                except ValueError:
+                    pass
+            raise
+
+    def release(self, *bufs) -> None:
+        """Return buffers to the pool; one with an op in flight is returned when its CQE arrives."""
+        for buf in bufs:
+            if buf is None:
+                continue
+            if self._closed:
+                continue
+            if buf.in_flight:
+                self._deferred.append(buf)
+                continue
+            try:
+                self.engine.release(buf)
+            except BufferBusy:
+                self._deferred.append(buf)
+        self._wake_buffers()
+
+    def _wake_buffers(self) -> None:
+        while self._buf_waiters:
+            n, fut = self._buf_waiters[0]
+            if fut.done():
+                self._buf_waiters.popleft()
+                continue
+            if self.engine.free_buffers < n:
+                break
+            self._buf_waiters.popleft()
+            try:
+                fut.set_result([self.engine.lease() for _ in range(n)])
+            except NoBuffers:  # pragma: no cover - free_buffers said otherwise
+                break
+
+    # -- queueing ---------------------------------------------------------------
+
+    async def _reserve(self, n: int) -> None:
+        eng = self.engine
+        if not self._slot_waiters and eng.in_flight + eng.pending + n <= self.queue_depth:
+            return
+        self.queue_waits += 1
+        while True:
+            fut = self.loop.create_future()
+            self._slot_waiters.append(fut)
+            try:
+                await fut
+            finally:
+                try:
+                    self._slot_waiters.remove(fut)
+                except ValueError:
+                    pass
+            if eng.in_flight + eng.pending + n <= self.queue_depth:
+                return
+
+    def _validate(self, ops: Sequence[tuple]) -> None:
+        bs = self.block_size
+        for op in ops:
+            if op[0] == FSYNC:
+                continue
+            if op[0] not in (READ, WRITE):
+                raise ValueError(f"unknown op {op[0]!r}")
+            _, buf, offset, length, boff = op
+            if offset % bs or length % bs or boff % bs or length <= 0:
+                raise Misaligned(
+                    f"{op[0]}: offset {offset}, length {length}, buf_offset {boff} must be positive "
+                    f"multiples of the logical block size {bs} (O_DIRECT)"
+                )
+            if boff + length > buf.size:
+                raise ValueError(f"{op[0]}: buf_offset {boff} + length {length} exceeds the buffer size {buf.size}")
+
+    def _queue(self, ops: Sequence[tuple], link: bool) -> list[asyncio.Future]:
+        eng = self.engine
+        futs = []
+        last = len(ops) - 1
+        for i, op in enumerate(ops):
+            tag = next(self._tags)
+            lk = link and i < last
+            if op[0] == READ:
+                eng.read_fixed(op[1], op[2], op[3], tag, buf_offset=op[4], link=lk)
+            elif op[0] == WRITE:
+                eng.write_fixed(op[1], op[2], op[3], tag, buf_offset=op[4], link=lk)
+            else:
+                eng.fdatasync(tag, link=lk)
+            fut = self.loop.create_future()
+            self._futs[tag] = fut
+            self._unsubmitted.append(tag)
+            futs.append(fut)
+        self.ops += len(ops)
+        if self._flush_handle is None:
+            self._flush_handle = self.loop.call_soon(self._flush)
+        return futs
+
+    def _flush(self) -> None:
+        self._flush_handle = None
+        if self._closed or not self._unsubmitted:
+            return
+        tags, self._unsubmitted = self._unsubmitted, []
+        try:
+            self.engine.submit()
+            self.submits += 1
+        except Exception as exc:  # the batch did not reach the kernel: fail its ops
+            for t in tags:
+                fut = self._futs.pop(t, None)
+                if fut is not None and not fut.done():
+                    fut.set_result(OSError(getattr(exc, "errno", None) or _errno.EIO, f"submit: {exc}"))
+
+    def _on_ready(self) -> None:
+        if self._closed:
+            return
+        try:
+            while True:
+                cqes = self.engine.reap(256)
+                for tag, res in cqes:
+                    fut = self._futs.pop(tag, None)
+                    if fut is not None and not fut.done():
+                        fut.set_result(res)
+                if len(cqes) < 256:
+                    break
+        except EngineClosed:
+            return
+        if self._deferred:
+            keep = []
+            for buf in self._deferred:
+                if buf.in_flight:
+                    keep.append(buf)
+                else:
+                    self.engine.release(buf)
+            self._deferred = keep
+            self._wake_buffers()
+        for fut in self._slot_waiters:
+            if not fut.done():
+                fut.set_result(None)
+
+    async def run(self, ops: Sequence[tuple], *, link: bool = False) -> list:
+        """Queue ``ops`` and wait for all their CQEs; returns one result per op.
+
+        Each op is ``("read"|"write", buf, offset, length, buf_offset)`` or
+        ``("fdatasync",)``. ``link=True`` chains them (IOSQE_IO_LINK): each
+        starts after the previous succeeded, a failure cancels the rest
+        (``OSError(ECANCELED)``). They go to the kernel in this turn's single
+        submit. A result is an ``int`` (bytes) or an ``OSError`` (not raised).
+        Waits (backpressure) while the queue depth would be exceeded; raises
+        ``ValueError`` for more ops than the queue depth, :class:`Misaligned`
+        for misaligned ops (before anything is queued).
+        """
+        self._check_open("run")
+        if len(ops) > self.queue_depth:
+            raise ValueError(f"run: {len(ops)} ops exceed the queue depth {self.queue_depth}")
+        self._validate(ops)
+        await self._reserve(len(ops))
+        self._check_open("run")
+        futs = self._queue(ops, link)
+        return list(await asyncio.gather(*futs))
+
+    # -- helpers ----------------------------------------------------------------
+
+    def _window(self) -> int:
+        return max(1, self.buffer_count // 4)
+
+    async def read(self, offset: int, length: int) -> bytes:
+        """Read ``length`` bytes at ``offset`` (a multiple of the block size) into new ``bytes``.
+
+        The read is rounded up to whole blocks. Raises ``OSError`` (EIO for a
+        read past the end of the file).
+        """
+        if length == 0:
+            return b""
+        bs, bsz = self.block_size, self.buffer_size
+        alen = -(-length // bs) * bs
+        n = -(-alen // bsz)
+        if n <= self._window():
+            bufs = await self.lease(n)
+            try:
+                ops = []
+                for i, b in enumerate(bufs):
+                    cl = min(bsz, alen - i * bsz)
+                    ops.append((READ, b, offset + i * bsz, cl, 0))
+                res = await self.run(ops)
+                for op, r in zip(ops, res):
+                    check_result(r, op[3], f"read_fixed at offset {op[2]}")
+                if n == 1:
+                    return bytes(bufs[0].view[:length])
+                views = [b.view[: min(bsz, length - i * bsz)] for i, b in enumerate(bufs)]
+                try:
+                    return b"".join(views)
+                finally:
+                    for v in views:
+                        v.release()
+            finally:
+                self.release(*bufs)
+        out = bytearray(length)
+        w = self._window()
+        pos = 0
+        while pos < alen:
+            bufs = await self.lease(min(w, -(-(alen - pos) // bsz)))
+            try:
+                ops = []
+                p = pos
+                for b in bufs:
+                    cl = min(bsz, alen - p)
+                    ops.append((READ, b, offset + p, cl, 0))
+                    p += cl
+                res = await self.run(ops)
+                for op, r in zip(ops, res):
+                    check_result(r, op[3], f"read_fixed at offset {op[2]}")
+                for op, b in zip(ops, bufs):
+                    start = op[2] - offset
+                    take = min(op[3], length - start)
+                    if take > 0:
+                        out[start : start + take] = b.view[:take]
+                pos = p
+            finally:
+                self.release(*bufs)
+        return bytes(out)
+
+    def _fill(self, buf, boff: int, data, start: int, n: int) -> int:
+        """Copy ``data[start:start+n]`` into ``buf`` at ``boff``, zero-pad to a block; returns padded length."""
+        bs = self.block_size
+        buf.view[boff : boff + n] = data[start : start + n]
+        pad = -n % bs
+        if pad:
+            buf.view[boff + n : boff + n + pad] = bytes(pad)
+        return n + pad
+
+    async def write_chunks(self, offset: int, data, *, sync: bool = False) -> int:
+        """Write ``data`` (bytes-like) at ``offset``, split across fixed buffers and ops.
+
+        The tail is zero-padded to a whole block. With ``sync=True`` an
+        fdatasync is linked after the last window's writes. Returns the bytes
+        written (padded). Raises ``OSError`` from the first failed op.
+        """
+        mv = memoryview(data).cast("B") if not isinstance(data, memoryview) or data.format != "B" else data
+        total = len(mv)
+        bsz = self.buffer_size
+        w = self._window()
+        pos = 0
+        written = 0
+        if total == 0:
+            if sync:
+                await self.fdatasync()
+            return 0
+        while pos < total:
+            nbuf = min(w, -(-(total - pos) // bsz))
+            bufs = await self.lease(nbuf)
+            try:
+                ops = []
+                for b in bufs:
+                    n = min(bsz, total - pos)
+                    plen = self._fill(b, 0, mv, pos, n)
+                    ops.append((WRITE, b, offset + pos, plen, 0))
+                    pos += n
+                last = pos >= total
+                if sync and last:
+                    ops.append((FSYNC,))
+                res = await self.run(ops, link=sync and last)
+                for op, r in zip(ops, res):
+                    check_result(r, op[3] if op[0] == WRITE else None, f"{op[0]} at offset {op[2] if op[0] == WRITE else '-'}")
+                    if op[0] == WRITE:
+                        written += r
+            finally:
+                self.release(*bufs)
+        return written
+
+    async def write_batch_with_data_sync(self, items: Sequence[tuple[int, Any]]) -> int:
+        """Write each ``(offset, data)`` and an fdatasync as ONE linked chain in one submit.
+
+        Every item must fit in one fixed buffer and all of them in a quarter of
+        the pool (else ``ValueError``; use :meth:`write_chunks` then
+        :meth:`fdatasync`). Returns the bytes written. Raises ``OSError``.
+        """
+        if not items:
+            await self.fdatasync()
+            return 0
+        if len(items) > self._window() or len(items) + 1 > self.queue_depth:
+            raise ValueError(f"write_batch_with_data_sync: {len(items)} items exceed the pool window {self._window()}")
+        bufs = await self.lease(len(items))
+        try:
+            ops = []
+            for (off, data), b in zip(items, bufs):
+                mv = memoryview(data).cast("B")
+                if len(mv) > self.buffer_size or len(mv) == 0:
+                    raise ValueError(f"write_batch_with_data_sync: an item of {len(mv)} bytes does not fit a buffer")
+                ops.append((WRITE, b, off, self._fill(b, 0, mv, 0, len(mv)), 0))
+            ops.append((FSYNC,))
+            res = await self.run(ops, link=True)
+            total = 0
+            for op, r in zip(ops, res):
+                check_result(r, op[3] if op[0] == WRITE else None, op[0])
+                total += r
+            return total
+        finally:
+            self.release(*bufs)
+
+    async def fdatasync(self) -> None:
+        """One fdatasync of the data file. Raises ``OSError``."""
+        (r,) = await self.run([(FSYNC,)])
+        check_result(r, None, "fdatasync")
+
+    # -- lifetime ---------------------------------------------------------------
+
+    def close(self, *, close_engine: bool = True) -> None:
+        """Stop watching the eventfd, fail waiting ops with :class:`EngineClosed`, close the engine.
+
+        The engine's own close waits for ops in flight. Idempotent.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.loop.remove_reader(self._fd)
+        except Exception:
+            pass
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        err = EngineClosed("the async engine was closed with this operation in flight")
+        for fut in self._futs.values():
+            if not fut.done():
+                fut.set_exception(err)
+        self._futs.clear()
+        for _n, fut in self._buf_waiters:
+            if not fut.done():
+                fut.set_exception(err)
+        self._buf_waiters.clear()
+        for fut in self._slot_waiters:
+            if not fut.done():
+                fut.set_exception(err)
+        if close_engine:
+            self.engine.close()

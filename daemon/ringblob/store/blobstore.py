@@ -1,0 +1,1378 @@
+"""BlobStore: keys to copy-on-write extents on one O_DIRECT file, with a CRC32C journal.
+
+See :class:`BlobStore` for the API and docs/FORMAT.md for the on-disk format.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno as _errno
+import fcntl
+import logging
+import os
+import random
+import stat as _stat
+import time
+from typing import Any, AsyncIterator, Iterable
+
+import blake3
+
+from ..direct import open_direct
+from ..engine import DEFAULT_BUFFER_COUNT, DEFAULT_BUFFER_SIZE, DEFAULT_QUEUE_DEPTH, open_engine
+from ..engine.aio import FSYNC, WRITE, AsyncEngine, check_result
+from ..errors import (
+    ConfigError,
+    Corrupt,
+    DigestMismatch,
+    EngineClosed,
+    InvalidKey,
+    IOFailed,
+    NoSpace,
+    NotFound,
+    ReadOnly,
+    StoreLocked,
+    TooLarge,
+)
+from . import format as F
+from .alloc import Allocator
+from .index import Index, pack_value, unpack_value
+
+__all__ = ["BlobStore", "DEFAULT_MAX_BLOB_SIZE"]
+
+log = logging.getLogger("ringblob.store")
+
+DEFAULT_MAX_BLOB_SIZE = 64 * 1024 * 1024
+DEFAULT_BATCH_MAX = 64 * 1024
+CKPT_CHUNK_BYTES = 4 * 1024 * 1024
+_EMPTY_DIGEST = blake3.blake3(b"").digest()
+_PUT, _DELETE = 1, 2
+
+
+class _Item:
+    __slots__ = ("kind", "key", "page", "npages", "length", "digest", "data", "sync", "fut", "seq")
+
+    def __init__(self, kind, key, page, npages, length, digest, data, sync, fut):
+        self.kind = kind
+        self.key = key
+        self.page = page
+        self.npages = npages
+        self.length = length
+        self.digest = digest
+        self.data = data  # memoryview still to be written by the committer, or None
+        self.sync = sync
+        self.fut = fut
+        self.seq = 0
+
+
+def _holder_pid(fd: int) -> str:
+    """The pid holding a flock on ``fd``'s file, from /proc/locks ('unknown' if not found)."""
+    try:
+        st = os.fstat(fd)
+        dev = st.st_rdev if _stat.S_ISBLK(st.st_mode) else st.st_dev
+        want = (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino)
+        with open("/proc/locks") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) < 6 or "FLOCK" not in parts:
+                    continue
+                i = parts.index("FLOCK")
+                if len(parts) < i + 5:
+                    continue
+                pid, ident = parts[i + 3], parts[i + 4]
+                try:
+                    maj, mnr, ino = ident.split(":")
+                    if (int(maj, 16), int(mnr, 16), int(ino)) == want and int(pid) != os.getpid():
+                        return pid
+                except ValueError:
+                    continue
+        del dev
+    except OSError:
+        pass
+    return "unknown"
+
+
+def _check_key(key) -> bytes:
+    if not isinstance(key, bytes):
+        if isinstance(key, (bytearray, memoryview)):
+            key = bytes(key)
+        else:
+            raise InvalidKey(f"key must be bytes of 1 to 255 bytes, not {type(key).__name__}")
+    if not 1 <= len(key) <= 255:
+        raise InvalidKey(f"key must be 1 to 255 bytes long, got {len(key)} bytes")
+    return key
+
+
+def _as_view(value) -> memoryview:
+    try:
+        mv = memoryview(value)
+    except TypeError:
+        raise TypeError(f"value must be bytes-like, not {type(value).__name__}") from None
+    if mv.format != "B" or mv.ndim != 1:
+        mv = mv.cast("B")
+    return mv
+
+
+class BlobStore:
+    """An embedded blob store over one data file or block device (asyncio).
+
+    Open with ``await BlobStore.create(...)`` (format) or ``await
+    BlobStore.open(...)`` (recover and open); ``await store.close()`` flushes
+    and writes a checkpoint. All methods run on the loop that opened the store.
+
+    API (keys: bytes of 1..255 bytes, else :class:`InvalidKey`; values:
+    bytes-like of 0..``max_blob_size`` bytes, else :class:`TooLarge`):
+
+    * ``await put(key, value, *, sync=False, verify=False)``; ``verify=True``
+      requires ``key == blake3(value).digest()`` else :class:`DigestMismatch`
+      (nothing stored). ``await put_cas(value, *, sync=False) -> digest``.
+    * ``await put_many([(key, value), ...], *, sync=False)``: with
+      ``sync=True`` this is write_blobs_with_data_sync (data writes, journal
+      write and fdatasync linked in one ring turn where they fit a batch).
+    * ``await get(key) -> bytes`` (:class:`NotFound`, :class:`Corrupt` when
+      the bytes fail their BLAKE3 digest — they are never returned);
+      ``await get_many(keys) -> list[bytes | None]`` (None where missing).
+    * ``has(key) -> bool`` (no read); ``await delete(key, *, sync=False)``
+      (missing keys are fine); ``list(prefix=b"", start_after=None,
+      limit=None)``: an async iterator of keys in ascending order.
+    * ``await flush()``; ``needs_flush`` (property); ``stat() -> dict``;
+      ``await scrub() -> {"checked", "bytes_checked", "bad_keys"}``;
+      ``await checkpoint()``.
+
+    Durability: ``sync=True`` returns once data and journal record are durable;
+    concurrent sync requests share one fdatasync (group commit).
+    ``sync=False`` returns once written; durable at the next flush
+    (``needs_flush`` is True until then). Errors of a failed write or
+    fdatasync: the requests in the failed commit raise :class:`IOFailed`
+    (``errno`` set, the ``OSError`` chained), the store turns read-only (later
+    writes raise :class:`ReadOnly`), reads go on; reopening recovers from the
+    medium.
+
+    Options of ``open``/``create``: ``engine`` (``"auto"``, ``"uring"``,
+    ``"psync"``), ``max_blob_size`` (bytes), ``buffer_size`` /
+    ``buffer_count`` / ``queue_depth`` (engine), ``checkpoint_threshold``
+    (journal bytes since the last checkpoint that trigger one; default a
+    quarter of the journal), ``read_only``, ``wrap_engine`` (a callable
+    taking the engine and returning an engine with the same contract — for
+    fault injection, see :mod:`ringblob.engine.faulty`), ``observer``.
+
+    ``observer``: an object whose optional methods are called (exceptions
+    are logged and ignored): ``on_fdatasync(seconds: float)``,
+    ``on_group_commit(batch_size: int)`` (sync requests served by one
+    fdatasync), ``on_flush_skipped()``, ``on_checksum_failure(key: bytes)``,
+    ``on_read_only(reason: str)``, ``on_checkpoint(seconds: float)``.
+    """
+
+    # -- opening ------------------------------------------------------------------
+
+    def __init__(self, _token=None):
+        if _token is not _OPEN_TOKEN:
+            raise TypeError("use `await BlobStore.open(path)` or `await BlobStore.create(path, size)`")
+
+    @classmethod
+    async def create(cls, path: str, size_bytes: int | None = None, page_size: int = 4096, *,
+                     journal_size: int | None = None, force: bool = False, **options: Any) -> "BlobStore":
+        """Format ``path`` (a file, created and fallocated to ``size_bytes``, or a block device) and open it.
+
+        ``page_size`` (bytes, power of two, >= the logical block size) and
+        ``journal_size`` (bytes; default 1/32 of the file, 1 MiB..256 MiB) are
+        fixed at format time. Refuses (:class:`ConfigError`) a file that
+        already holds a ringblob store unless ``force=True``.
+        """
+        return await cls._open(path, fmt=dict(size=size_bytes, page_size=page_size, journal_size=journal_size,
+                                              force=force, only_if_blank=False), **options)
+
+    @classmethod
+    async def open(cls, path: str, engine: str = "auto", *, create_size: int | None = None,
+                   page_size: int = 4096, journal_size: int | None = None, **options: Any) -> "BlobStore":
+        """Recover and open the store at ``path``.
+
+        ``create_size`` (bytes): format the file first when it is absent or
+        empty (or was fallocated but never got a superblock). Raises
+        ``FileNotFoundError``, :class:`StoreLocked`, :class:`Corrupt` (no valid
+        superblock or checkpoint), :class:`ConfigError`.
+        """
+        fmt = None
+        if create_size is not None:
+            fmt = dict(size=create_size, page_size=page_size, journal_size=journal_size, force=False,
+                       only_if_blank=True)
+        return await cls._open(path, fmt=fmt, engine=engine, **options)
+
+    @classmethod
+    async def _open(cls, path: str, *, fmt: dict | None = None, engine: str = "auto",
+                    max_blob_size: int = DEFAULT_MAX_BLOB_SIZE, buffer_size: int = DEFAULT_BUFFER_SIZE,
+                    buffer_count: int = DEFAULT_BUFFER_COUNT, queue_depth: int = DEFAULT_QUEUE_DEPTH,
+                    checkpoint_threshold: int | None = None, read_only: bool = False,
+                    wrap_engine=None, observer=None) -> "BlobStore":
+        self = cls(_OPEN_TOKEN)
+        self.path = path
+        self.max_blob_size = int(max_blob_size)
+        if not 0 < self.max_blob_size < 1 << 32:
+            raise ConfigError(f"max_blob_size {max_blob_size} must be between 1 byte and 4 GiB")
+        if buffer_count < 3:
+            raise ConfigError(f"buffer_count {buffer_count}: the store needs at least 3 fixed buffers")
+        self._observer = observer
+        self._opened_read_only = bool(read_only)
+        self._read_only: str | None = None
+        self._closed = False
+        if fmt is not None and read_only:
+            raise ConfigError("cannot format a store opened read_only")
+        existed_blank = fmt is not None and (not os.path.exists(path) or os.path.getsize(path) == 0)
+        create_size = fmt["size"] if fmt is not None else None
+        self._df = open_direct(path, create_size=create_size, read_only=read_only)
+        try:
+            try:
+                fcntl.flock(self._df.fd, (fcntl.LOCK_SH if read_only else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise StoreLocked(
+                    f"{path}: the data file is locked by another process (pid {_holder_pid(self._df.fd)}); "
+                    "stop that ringblob (or store user) first, or open another data file"
+                ) from None
+            eng = open_engine(engine, [self._df.fd], block_size=self._df.block_size, buffer_size=buffer_size,
+                              buffer_count=buffer_count, queue_depth=queue_depth)
+            if wrap_engine is not None:
+                eng = wrap_engine(eng)
+            self._aio = AsyncEngine(eng)
+        except BaseException:
+            self._df.close()
+            raise
+        try:
+            if fmt is not None:
+                await self._maybe_format(fmt, existed_blank)
+            await self._recover(checkpoint_threshold)
+        except BaseException:
+            self._aio.close()
+            self._df.close()
+            raise
+        self._committer_task = asyncio.get_running_loop().create_task(self._committer())
+        return self
+
+    # -- format -----------------------------------------------------------------
+
+    async def _read_slots(self, page_size: int) -> list:
+        raw = await self._aio.read(0, 2 * page_size)
+        return [raw[:page_size], raw[page_size:]]
+
+    async def _maybe_format(self, fmt: dict, existed_blank: bool) -> None:
+        P = fmt["page_size"]
+        if P < 512 or P & (P - 1) or P % self._df.block_size:
+            raise ConfigError(f"page_size {P} must be a power of two >= 512 and a multiple of the logical "
+                              f"block size {self._df.block_size}")
+        if self._df.size >= 2 * P:
+            slots = await self._read_slots(P)
+            formatted = any(F.Superblock.decode(s) for s in slots)
+            if fmt["only_if_blank"]:
+                if formatted or (not existed_blank and any(any(s) for s in slots)):
+                    return  # open the existing store (or let recovery name the damage)
+            elif formatted and not fmt["force"]:
+                raise ConfigError(f"{self.path} already holds a ringblob store; open it, or pass force=True "
+                                  "to create() to erase it")
+        size = self._df.size
+        if fmt["size"] is not None and not self._df.is_block_device and size < fmt["size"]:
+            raise ConfigError(f"{self.path}: file is {size} bytes, smaller than the requested {fmt['size']}")
+        total = size // P
+        jb = fmt["journal_size"]
+        if jb is None:
+            jb = min(max(size // 32, 1 << 20), 256 << 20)
+        batch_max = max(DEFAULT_BATCH_MAX, P)
+        jpages = max(jb // P, 4 * batch_max // P)
+        data_page = 2 + jpages
+        if total < data_page + 8:
+            raise ConfigError(f"{self.path}: {size} bytes is too small for a store with a {jpages * P}-byte "
+                              "journal; give at least a few MiB or a smaller journal_size")
+        sid = random.getrandbits(63) | 1
+        now = time.time_ns()
+        for gen in (0, 1):
+            sb = F.Superblock(store_id=sid, generation=gen, page_size=P, batch_max=batch_max, total_pages=total,
+                              journal_page=2, journal_pages=jpages, data_page=data_page, created_ns=now)
+            await self._aio.write_chunks(gen * P, sb.encode(P))
+        # the first journal block: zeroed so no stale batch can follow a fresh format
+        await self._aio.write_chunks(2 * P, bytes(min(batch_max, jpages * P)), sync=True)
+        log.info("store: formatted %s: %d pages of %d bytes, journal %d bytes, store id %x",
+                 self.path, total, P, jpages * P, sid)
+
+    # -- recovery ---------------------------------------------------------------
+
+    async def _recover(self, checkpoint_threshold: int | None) -> None:
+        t0 = time.perf_counter()
+        blk = self._df.block_size
+        # slots are one page each; read with the smallest page size and retry with the real one
+        raw0 = await self._aio.read(0, max(4096, blk))
+        first = F.Superblock.decode(raw0)
+        P = first.page_size if first else 4096
+        slots = await self._read_slots(P)
+        sbs = [F.Superblock.decode(s) for s in slots]
+        if first is None and sbs[0] is None and sbs[1] is None:
+            # maybe a page size other than 4096: try the second slot at other sizes
+            for P2 in (512, 1024, 2048, 8192, 16384, 32768, 65536):
+                try:
+                    s = await self._read_slots(P2)
+                except OSError:
+                    continue
+                cand = F.Superblock.decode(s[1])
+                if cand and cand.page_size == P2:
+                    P, sbs = P2, [None, cand]
+                    break
+        valid = [s for s in sbs if s is not None and s.page_size == P]
+        if not valid:
+            raise Corrupt(f"{self.path}: no valid superblock in either slot (not a ringblob store, or both "
+                          "slots are damaged); create a new store or restore from a backup")
+        valid.sort(key=lambda s: s.generation, reverse=True)
+        if len(valid) == 2 and valid[0].store_id != valid[1].store_id:
+            valid = valid[:1]
+        if len(sbs) == 2 and (sbs[0] is None or sbs[1] is None):
+            log.warning("store: %s: superblock slot %d is damaged; using the other slot", self.path,
+                        0 if sbs[0] is None else 1)
+        self.page_size = P
+        if P % blk:
+            raise ConfigError(f"{self.path}: page size {P} is not a multiple of the logical block size {blk}")
+        chosen = None
+        entries = None
+        for sb in valid:
+            try:
+                entries, ck_ext = await self._load_checkpoint(sb)
+                chosen = sb
+                break
+            except Corrupt as exc:
+                log.warning("store: %s: checkpoint of superblock generation %d is unreadable (%s); "
+                            "trying the other slot", self.path, sb.generation, exc)
+        if chosen is None:
+            raise Corrupt(f"{self.path}: no superblock slot has a readable checkpoint; restore from a backup")
+        older = [s for s in valid if s.generation < chosen.generation]
+        older_sb = older[0] if older else None
+        self._sb = chosen
+        self._older_sb = older_sb
+        self._store_id = chosen.store_id
+        self._jbytes = chosen.journal_pages * P
+        self._joff = chosen.journal_page * P
+        self._batch_max = chosen.batch_max
+        self._batch_cap = min(chosen.batch_max, self._aio.buffer_size)
+        self._data_page = chosen.data_page
+        self._total_pages = chosen.total_pages
+        self._ckpt_extents = ck_ext
+        self._prev_ckpt_extents: list[tuple[int, int]] = []
+        if older_sb is not None and older_sb.ckpt_page:
+            try:
+                self._prev_ckpt_extents = await self._walk_chunks(older_sb)
+            except Corrupt:
+                self._prev_ckpt_extents = []
+        index = Index()
+        index.load_sorted(entries)
+        del entries
+        self._index = index
+        # replay the journal
+        recs, end_pos, chain, max_durable, stop = await self._read_journal(chosen)
+        bad = await self._verify_tail(recs, max(max_durable, chosen.ckpt_seq))
+        applied = 0
+        for r in recs:
+            t, seq, key = r[0], r[1], r[2]
+            if seq in bad:
+                continue
+            if t == F.REC_PUT:
+                index.set(key, r[3], r[4], r[5])
+            elif t == F.REC_DELETE:
+                index.remove(key)
+            applied += 1
+        self._head = end_pos
+        self._chain = chain
+        self._next_seq = (recs[-1][1] + 1) if recs else chosen.next_seq
+        self._written_seq = self._next_seq - 1
+        self._durable_seq = self._written_seq
+        self._ckpt_pos = chosen.replay_pos
+        self._tail_pos = older_sb.replay_pos if older_sb is not None else chosen.replay_pos
+        self._checkpoints = chosen.checkpoints
+        self._ckpt_marker = None
+        # allocator from the index and both checkpoints
+        used = [(p, -(-ln // P)) for p, ln, _d in map(unpack_value, index.raw_values()) if ln]
+        used.extend(self._ckpt_extents)
+        used.extend(self._prev_ckpt_extents)
+        try:
+            self._alloc = Allocator.from_used(self._data_page, self._total_pages - self._data_page, used)
+        except ValueError as exc:
+            raise Corrupt(f"{self.path}: the index maps overlapping extents ({exc}); run scrub on a copy "
+                          "or restore from a backup") from exc
+        del used
+        self._pending_free: list[tuple[int, int, int]] = []  # (seq, page, npages)
+        self._pins: dict[int, int] = {}
+        self._free_on_unpin: dict[int, int] = {}
+        self._queue: list[_Item] = []
+        self._flush_waiters: list[asyncio.Future] = []
+        self._ckpt_waiters: list[asyncio.Future] = []
+        self._wake: asyncio.Future | None = None
+        self._stopping = False
+        self._threshold = int(checkpoint_threshold) if checkpoint_threshold else max(self._jbytes // 4, P)
+        self._counters = dict.fromkeys(
+            ("puts", "gets", "deletes", "fdatasyncs", "group_commits", "group_commit_writes", "flushes",
+             "flushes_skipped", "checksum_failures", "bytes_read", "bytes_written", "journal_batches",
+             "journal_bytes_written", "recovered_records", "recovery_skipped_records"), 0)
+        self._counters["recovered_records"] = applied
+        self._counters["recovery_skipped_records"] = len(bad)
+        if bad and not self._opened_read_only:
+            log.warning("store: %s: %d journal record(s) after the last known fdatasync point reference data "
+                        "that did not reach the medium; they were not replayed", self.path, len(bad))
+        if recs and recs[-1][1] > max_durable and not self._opened_read_only:
+            await self._aio.fdatasync()  # the verified tail is durable from here on
+            self._counters["fdatasyncs"] += 1
+        self.recovery_seconds = time.perf_counter() - t0
+        log.info("store: opened %s (engine %s): %d blobs, replayed %d journal records in %.3f s%s",
+                 self.path, self._aio.name, len(index), applied, self.recovery_seconds,
+                 f"; journal ends: {stop}" if stop else "")
+
+    async def _walk_chunks(self, sb: F.Superblock) -> list[tuple[int, int]]:
+        """Extents of a checkpoint's chunks, reading only each chunk's first page."""
+        out = []
+        page, n = sb.ckpt_page, sb.ckpt_npages
+        P = self.page_size
+        seen = 0
+        while page:
+            if page < sb.data_page or page + n > sb.total_pages or seen > 1 << 20:
+                raise Corrupt("checkpoint chunk chain leaves the data area")
+            h = F.decode_chunk_header(await self._aio.read(page * P, P))
+            if h is None or h.store_id != sb.store_id or h.ckpt_seq != sb.ckpt_seq:
+                raise Corrupt(f"checkpoint chunk at page {page} has a bad header")
+            out.append((page, n))
+            page, n = h.next_page, h.next_npages
+            seen += 1
+        return out
+
+    async def _load_checkpoint(self, sb: F.Superblock):
+        """Read a checkpoint chain; returns ``([(key, packed value)...] sorted, chunk extents)``."""
+        entries: list[tuple[bytes, bytes]] = []
+        extents = []
+        page, n = sb.ckpt_page, sb.ckpt_npages
+        P = self.page_size
+        chunk_no = 0
+        esz = F.ENTRY.size
+        last_key = b""
+        while page:
+            if page < sb.data_page or page + n > sb.total_pages or n <= 0:
+                raise Corrupt(f"checkpoint chunk {chunk_no} at page {page} (+{n}) lies outside the data area")
+            try:
+                buf = await self._aio.read(page * P, n * P)
+            except OSError as exc:
+                raise Corrupt(f"checkpoint chunk {chunk_no} at page {page} cannot be read: {exc}") from exc
+            h = F.decode_chunk_header(buf)
+            if (h is None or h.store_id != sb.store_id or h.ckpt_seq != sb.ckpt_seq or h.chunk_no != chunk_no
+                    or not F.chunk_crc_ok(buf, h)):
+                raise Corrupt(f"checkpoint chunk {chunk_no} at page {page} fails its CRC32C or header check")
+            mv = memoryview(buf)
+            pos = F.CHUNK_HEADER_SIZE
+            end = pos + h.payload_len
+            app = entries.append
+            for _ in range(h.nentries):
+                kl = buf[pos]
+                key = buf[pos + 1 : pos + 1 + kl]
+                app((key, buf[pos + 1 + kl : pos + 1 + kl + esz]))
+                pos += 1 + kl + esz
+            if pos != end:
+                raise Corrupt(f"checkpoint chunk {chunk_no} at page {page}: entries do not fill the payload")
+            if h.nentries:
+                if entries[-h.nentries][0] <= last_key and chunk_no:
+                    raise Corrupt(f"checkpoint chunk {chunk_no}: keys out of order")
+                last_key = entries[-1][0]
+            del mv
+            extents.append((page, n))
+            page, n = h.next_page, h.next_npages
+            chunk_no += 1
+        if len(entries) != sb.ckpt_blobs:
+            raise Corrupt(f"checkpoint holds {len(entries)} blobs, the superblock says {sb.ckpt_blobs}")
+        return entries, extents
+
+    async def _read_journal(self, sb: F.Superblock):
+        """Parse batches from ``sb.replay_pos``; returns (records, end_pos, chain_crc, max_durable, why_stopped)."""
+        J, B, joff = self._jbytes, self.page_size, self._joff
+        window = 1 << 20
+        cache_start, cache = -1, b""
+
+        async def read(phys: int, n: int) -> bytes:
+            nonlocal cache_start, cache
+            if cache_start <= phys and phys + n <= cache_start + len(cache):
+                return cache[phys - cache_start : phys - cache_start + n]
+            ln = max(n, min(window, J - phys))
+            cache = await self._aio.read(joff + phys, ln)
+            cache_start = phys
+            return cache[:n]
+
+        pos = sb.replay_pos
+        expect = sb.next_seq
+        prev = sb.chain_crc
+        recs: list[tuple] = []
+        max_durable = 0
+        stop = None
+        while pos - sb.replay_pos < J:
+            phys = pos % J
+            if J - phys < self._batch_max:
+                pos += J - phys
+                continue
+            raw = await read(phys, B)
+            h = F.decode_batch_header(raw)
+            if h is None:
+                if raw[:4] == F.BATCH_MAGIC:
+                    stop = f"torn batch header at journal position {pos} (CRC32C mismatch)"
+                    log.warning("store: %s: dropped the torn journal tail: %s", self.path, stop)
+                elif any(raw):
+                    stop = f"no batch at journal position {pos} (stale or garbage bytes)"
+                else:
+                    stop = f"zeroed block at journal position {pos}"
+                break
+            if h.store_id != self._store_id or h.first_seq != expect or h.prev_crc != prev:
+                stop = f"older batch at journal position {pos} (seq {h.first_seq}, expected {expect})"
+                if h.store_id == self._store_id and h.first_seq == expect:
+                    log.warning("store: %s: dropped the journal tail: batch at %d does not chain to its "
+                                "predecessor", self.path, pos)
+                break
+            size = h.nblocks * B
+            if h.nblocks < 1 or phys + size > J or size > self._batch_max:
+                stop = f"batch at journal position {pos} has a bad size"
+                log.warning("store: %s: dropped the torn journal tail: %s", self.path, stop)
+                break
+            data = await read(phys, size)
+            payload = data[F.BATCH_HEADER_SIZE : F.BATCH_HEADER_SIZE + h.payload_len]
+            if len(payload) != h.payload_len or F.crc32c(payload) != h.payload_crc:
+                stop = f"torn batch at journal position {pos} (payload CRC32C mismatch)"
+                log.warning("store: %s: dropped the torn journal tail: %s", self.path, stop)
+                break
+            got, problem = F.decode_records(payload, expect, h.nrec)
+            good = []
+            for r in got:
+                if r[0] == F.REC_PUT and r[4] and not (
+                        self._data_page <= r[3] and r[3] + -(-r[4] // B) <= self._total_pages):
+                    problem = f"record {r[1]} points outside the data area"
+                    break
+                good.append(r)
+            recs.extend(good)
+            if problem:
+                stop = f"bad record in batch at journal position {pos}: {problem}"
+                log.warning("store: %s: dropped the torn journal tail: %s", self.path, stop)
+                break
+            expect += h.nrec
+            prev = h.hdr_crc
+            max_durable = max(max_durable, h.durable_seq)
+            pos += size
+        return recs, pos, prev, max_durable, stop
+
+    async def _verify_tail(self, recs: list[tuple], durable: int) -> set[int]:
+        """Seqs of PUT records past the last durable point whose data does not hash to their digest."""
+        bad: set[int] = set()
+        P = self.page_size
+        for r in recs:
+            if r[0] != F.REC_PUT or r[1] <= durable:
+                continue
+            page, length, digest = r[3], r[4], r[5]
+            try:
+                data = await self._aio.read(page * P, length) if length else b""
+                ok = blake3.blake3(data).digest() == digest
+            except OSError:
+                ok = False
+            if not ok:
+                bad.add(r[1])
+        return bad
+
+    # -- helpers ------------------------------------------------------------------
+
+    def _obs(self, name: str, *args) -> None:
+        m = getattr(self._observer, name, None) if self._observer is not None else None
+        if m is not None:
+            try:
+                m(*args)
+            except Exception:  # an observer must never break the store
+                log.exception("store: observer %s failed", name)
+
+    def _check_writable(self) -> None:
+        if self._closed:
+            raise EngineClosed(f"{self.path}: the store is closed")
+        if self._opened_read_only:
+            raise ReadOnly(f"{self.path}: the store was opened read_only")
+        if self._read_only is not None:
+            raise ReadOnly(f"{self.path}: the store turned read-only after {self._read_only}; restart (reopen) "
+                           "it to recover from the medium")
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise EngineClosed(f"{self.path}: the store is closed")
+
+    def _npages(self, length: int) -> int:
+        return -(-length // self.page_size)
+
+    def _pin(self, page: int) -> None:
+        self._pins[page] = self._pins.get(page, 0) + 1
+
+    def _unpin(self, page: int) -> None:
+        c = self._pins[page] - 1
+        if c:
+            self._pins[page] = c
+            return
+        del self._pins[page]
+        n = self._free_on_unpin.pop(page, None)
+        if n is not None:
+            self._alloc.free(page, n)
+
+    def _release_extent(self, page: int, n: int) -> None:
+        if not n:
+            return
+        if page in self._pins:
+            self._free_on_unpin[page] = n
+        else:
+            self._alloc.free(page, n)
+
+    def _process_frees(self) -> None:
+        if not self._pending_free:
+            return
+        keep = []
+        d = self._durable_seq
+        for seq, page, n in self._pending_free:
+            if seq <= d:
+                self._release_extent(page, n)
+            else:
+                keep.append((seq, page, n))
+        self._pending_free = keep
+
+    async def _allocate(self, npages: int) -> int:
+        if npages == 0:
+            return 0
+        try:
+            return self._alloc.allocate(npages)
+        except NoSpace:
+            if not self._pending_free and not self._queue:
+                raise
+        await self.flush()  # frees wait for durable replacing records
+        await asyncio.sleep(0)
+        return self._alloc.allocate(npages)
+
+    def _kick(self) -> None:
+        w = self._wake
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    # -- the write path -------------------------------------------------------------
+
+    async def _prepare_put(self, key: bytes, mv: memoryview, digest: bytes, sync: bool) -> _Item:
+        length = len(mv)
+        n = self._npages(length)
+        page = await self._allocate(n)
+        self._check_writable()
+        item = _Item(_PUT, key, page, n, length, digest, None, sync, asyncio.get_running_loop().create_future())
+        if length == 0:
+            return item
+        if length <= self._aio.buffer_size:
+            item.data = mv  # the committer copies it into a fixed buffer and links the write
+            return item
+        try:
+            await self._aio.write_chunks(page * self.page_size, mv)
+        except asyncio.CancelledError:
+            raise  # the extent leaks until the next open (a write may still be in flight into it)
+        except OSError as exc:
+            self._go_read_only(f"a failed data write ({exc})")
+            raise IOFailed(f"{self.path}: writing {length} bytes for a put failed: {exc}",
+                           exc.errno) from exc
+        self._counters["bytes_written"] += length
+        return item
+
+    def _enqueue(self, item: _Item) -> None:
+        self._check_writable()
+        self._queue.append(item)
+        self._kick()
+
+    async def put(self, key, value, *, sync: bool = False, verify: bool = False) -> None:
+        """Store ``value`` under ``key`` (atomic: readers see the whole old or the whole new value).
+
+        Raises :class:`InvalidKey`, :class:`TooLarge`, :class:`DigestMismatch`
+        (``verify=True``), :class:`NoSpace` (nothing changed), :class:`ReadOnly`,
+        :class:`IOFailed`.
+        """
+        key = _check_key(key)
+        self._check_writable()
+        mv = _as_view(value)
+        if len(mv) > self.max_blob_size:
+            raise TooLarge(f"value of {len(mv)} bytes exceeds max_blob_size {self.max_blob_size}")
+        digest = blake3.blake3(mv).digest()
+        if verify and digest != key:
+            raise DigestMismatch(f"put: the BLAKE3 digest of the value is {digest.hex()}, not the key "
+                                 f"{key.hex()}; nothing was stored")
+        item = await self._prepare_put(key, mv, digest, sync)
+        self._enqueue(item)
+        await item.fut
+
+    async def put_cas(self, value, *, sync: bool = False) -> bytes:
+        """Store ``value`` under its 32-byte BLAKE3 digest; returns the digest."""
+        self._check_writable()
+        mv = _as_view(value)
+        digest = blake3.blake3(mv).digest()
+        await self.put(digest, mv, sync=sync)
+        return digest
+
+    async def put_many(self, items: Iterable[tuple[bytes, Any]], *, sync: bool = False) -> None:
+        """Store several blobs; with ``sync=True`` they share one linked data+journal+fdatasync chain.
+
+        Every key and size is checked before anything is written. A
+        :class:`NoSpace` for any of them stores none of them.
+        """
+        self._check_writable()
+        prepared = []
+        for key, value in items:
+            key = _check_key(key)
+            mv = _as_view(value)
+            if len(mv) > self.max_blob_size:
+                raise TooLarge(f"value of {len(mv)} bytes for key {key!r} exceeds max_blob_size {self.max_blob_size}")
+            prepared.append((key, mv, blake3.blake3(mv).digest()))
+        # allocate everything first: NoSpace changes nothing
+        pages = []
+        try:
+            for key, mv, _d in prepared:
+                n = self._npages(len(mv))
+                try:
+                    pages.append((self._alloc.allocate(n) if n else 0, n))
+                except NoSpace:
+                    if not self._pending_free:
+                        raise
+                    await self.flush()
+                    pages.append((self._alloc.allocate(n), n))
+        except BaseException:
+            for p, n in pages:
+                if n:
+                    self._alloc.free(p, n)
+            raise
+        loop = asyncio.get_running_loop()
+        out = []
+        for (key, mv, digest), (page, n) in zip(prepared, pages):
+            it = _Item(_PUT, key, page, n, len(mv), digest, None, sync, loop.create_future())
+            if len(mv) > self._aio.buffer_size:
+                try:
+                    await self._aio.write_chunks(page * self.page_size, mv)
+                except OSError as exc:
+                    self._go_read_only(f"a failed data write ({exc})")
+                    raise IOFailed(f"{self.path}: writing a blob of put_many failed: {exc}", exc.errno) from exc
+                self._counters["bytes_written"] += len(mv)
+            elif len(mv):
+                it.data = mv
+            out.append(it)
+        self._check_writable()
+        self._queue.extend(out)
+        self._kick()
+        await asyncio.gather(*(it.fut for it in out))
+
+    async def delete(self, key, *, sync: bool = False) -> None:
+        """Remove ``key``; a missing key is not an error. Raises :class:`ReadOnly`, :class:`IOFailed`."""
+        key = _check_key(key)
+        self._check_writable()
+        if key not in self._index and not any(it.key == key for it in self._queue):
+            if sync and self.needs_flush:
+                await self.flush()
+            return
+        item = _Item(_DELETE, key, 0, 0, 0, b"", None, sync, asyncio.get_running_loop().create_future())
+        self._enqueue(item)
+        await item.fut
+
+    @property
+    def needs_flush(self) -> bool:
+        """True exactly while some acknowledged put or delete is not yet durable."""
+        return self._written_seq > self._durable_seq
+
+    async def flush(self) -> None:
+        """Make every acknowledged write durable (one fdatasync, shared with concurrent flushes).
+
+        With ``needs_flush`` False this returns at once and makes no syscall.
+        Raises :class:`ReadOnly` when acknowledged writes can no longer be made
+        durable, :class:`IOFailed` when the fdatasync fails.
+        """
+        self._check_open()
+        if not self.needs_flush:
+            self._counters["flushes_skipped"] += 1
+            self._obs("on_flush_skipped")
+            return
+        self._check_writable()
+        fut = asyncio.get_running_loop().create_future()
+        self._flush_waiters.append(fut)
+        self._kick()
+        await fut
+
+    async def checkpoint(self) -> None:
+        """Write a checkpoint now (index snapshot + superblock flip); no-op when nothing changed."""
+        self._check_writable()
+        fut = asyncio.get_running_loop().create_future()
+        self._ckpt_waiters.append(fut)
+        self._kick()
+        await fut
+
+    def _go_read_only(self, reason: str) -> None:
+        if self._read_only is not None:
+            return
+        self._read_only = reason
+        log.error("store: %s turned read-only after %s; reads go on, writes fail with ReadOnly; restart to "
+                  "recover from the medium", self.path, reason)
+        self._obs("on_read_only", reason)
+        q, self._queue = self._queue, []
+        for it in q:
+            if not it.fut.done():
+                it.fut.set_exception(ReadOnly(f"{self.path}: the store turned read-only after {reason}"))
+        fl, self._flush_waiters = self._flush_waiters, []
+        for f in fl:
+            if not f.done():
+                f.set_exception(ReadOnly(f"{self.path}: the store turned read-only after {reason}"))
+        cw, self._ckpt_waiters = self._ckpt_waiters, []
+        for f in cw:
+            if not f.done():
+                f.set_exception(ReadOnly(f"{self.path}: the store turned read-only after {reason}"))
+
+    async def _committer(self) -> None:
+        loop = asyncio.get_running_loop()
+        jbuf = None
+        try:
+            (jbuf,) = await self._aio.lease(1)
+            while True:
+                if not self._queue and not self._flush_waiters and not self._ckpt_waiters:
+                    if self._stopping:
+                        return
+                    self._wake = loop.create_future()
+                    await self._wake
+                    self._wake = None
+                    continue
+                if self._read_only is not None:
+                    self._go_read_only(self._read_only)
+                    # (waiters were failed by the first call; fail newcomers the same way)
+                    for lst in (self._queue, self._flush_waiters, self._ckpt_waiters):
+                        for x in lst:
+                            f = x.fut if isinstance(x, _Item) else x
+                            if not f.done():
+                                f.set_exception(ReadOnly(f"{self.path}: the store is read-only ({self._read_only})"))
+                        lst.clear()
+                    continue
+                try:
+                    if self._queue or self._flush_waiters:
+                        await self._commit_round(jbuf)
+                    if self._read_only is None and (
+                            self._ckpt_waiters or self._head - self._ckpt_pos >= self._threshold):
+                        waiters, self._ckpt_waiters = self._ckpt_waiters, []
+                        try:
+                            await self._checkpoint()
+                        except BaseException as exc:
+                            for f in waiters:
+                                if not f.done():
+                                    f.set_exception(exc if isinstance(exc, Exception) else ReadOnly("closed"))
+                            raise
+                        for f in waiters:
+                            if not f.done():
+                                f.set_result(None)
+                except NoSpace as exc:
+                    log.error("store: %s: checkpoint failed: %s", self.path, exc)
+                    self._go_read_only(f"a checkpoint that found no space ({exc})")
+                except OSError as exc:
+                    self._go_read_only(f"an I/O error ({exc})")
+                except EngineClosed:
+                    return
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a bug: never leave requests hanging
+            log.exception("store: %s: the committer failed", self.path)
+            self._go_read_only(f"an internal error ({exc!r})")
+        finally:
+            if jbuf is not None and not self._aio.closed:
+                self._aio.release(jbuf)
+
+    def _journal_place(self, nbytes: int) -> tuple[int, int] | None:
+        """(logical pos, physical offset) for a batch of ``nbytes``, or None when the journal is full."""
+        J = self._jbytes
+        pos = self._head
+        phys = pos % J
+        if J - phys < self._batch_max:
+            pos += J - phys
+            phys = 0
+        if pos + nbytes - self._tail_pos > J:
+            return None
+        return pos, phys
+
+    async def _commit_round(self, jbuf) -> None:
+        P, bs = self.page_size, self._aio.block_size
+        bsz = self._aio.buffer_size
+        cap = self._batch_cap - F.BATCH_HEADER_SIZE
+        max_ops = self._aio.queue_depth - 2
+        max_data_bufs = max(1, (self._aio.buffer_count - 1) // 2)
+        items: list[_Item] = []
+        recs: list[bytes] = []
+        rec_bytes = 0
+        seq = self._next_seq
+        marker = None
+        if self._ckpt_marker is not None and self._queue:
+            number, cseq = self._ckpt_marker
+            marker = F.encode_checkpoint(seq, number, cseq)
+            recs.append(marker)
+            rec_bytes += len(marker)
+            seq += 1
+        # pack small values into fixed buffers (simulated first; leased below)
+        nbufs, boff = 0, bsz
+        n_ops = 0
+        q = self._queue
+        i = 0
+        while i < len(q):
+            it = q[i]
+            if it.kind == _PUT:
+                r = F.encode_put(seq, it.key, it.page, it.length, it.digest)
+            else:
+                r = F.encode_delete(seq, it.key)
+            if rec_bytes + len(r) > cap and items:
+                break
+            nb, bo, ops = nbufs, boff, n_ops
+            if it.data is not None:
+                alen = -(-len(it.data) // bs) * bs
+                if bo + alen > bsz:
+                    nb, bo = nb + 1, 0
+                bo += alen
+                ops += 1
+                if (nb > max_data_bufs or ops > max_ops) and items:
+                    break
+            nbufs, boff, n_ops = nb, bo, ops
+            it.seq = seq
+            seq += 1
+            recs.append(r)
+            rec_bytes += len(r)
+            items.append(it)
+            i += 1
+        del q[:i]
+        flushers, self._flush_waiters = self._flush_waiters, []
+        if not items:
+            await self._sync_only(flushers)
+            return
+        try:
+            await self._commit_items(jbuf, items, flushers, recs, seq, marker, nbufs)
+        except BaseException as exc:
+            err = exc if isinstance(exc, OSError) else None
+            for it in items:
+                if not it.fut.done():
+                    if err is not None:
+                        e2 = IOFailed(f"{self.path}: the commit failed: {err}", err.errno)
+                        e2.__cause__ = err
+                        it.fut.set_exception(e2)
+                    elif isinstance(exc, Exception):
+                        it.fut.set_exception(exc)
+                    else:
+                        it.fut.cancel()
+            for f in flushers:
+                if not f.done():
+                    f.set_exception(exc if isinstance(exc, Exception) else ReadOnly("the store is closing"))
+            raise
+
+    async def _commit_items(self, jbuf, items, flushers, recs, seq, marker, nbufs) -> None:
+        P, bs = self.page_size, self._aio.block_size
+        bsz = self._aio.buffer_size
+        want_sync = bool(flushers) or any(it.sync for it in items)
+        batch, hcrc = F.encode_batch(self._store_id, self._next_seq, recs, self._durable_seq, self._chain, P)
+        place = self._journal_place(len(batch))
+        if place is None:
+            # the journal is full: checkpoints move its tail; two may be needed
+            for _ in range(2):
+                await self._checkpoint(force=True)
+                place = self._journal_place(len(batch))
+                if place is not None:
+                    break
+            if place is None:
+                raise NoSpace(f"{self.path}: the journal ({self._jbytes} bytes) is full")
+            # the checkpoint marker belongs before these records: rebuild the batch
+            if marker is None and self._ckpt_marker is not None:
+                self._queue[:0] = items
+                for f in flushers:
+                    self._flush_waiters.append(f)
+                return
+        pos, phys = place
+        # data buffers
+        bufs = await self._aio.lease(nbufs) if nbufs else []
+        ops: list[tuple] = []
+        try:
+            bi, bo = -1, bsz
+            for it in items:
+                if it.data is None:
+                    continue
+                ln = len(it.data)
+                alen = -(-ln // bs) * bs
+                if bo + alen > bsz:
+                    bi, bo = bi + 1, 0
+                b = bufs[bi]
+                b.view[bo : bo + ln] = it.data
+                if alen > ln:
+                    b.view[bo + ln : bo + alen] = bytes(alen - ln)
+                ops.append((WRITE, b, it.page * P, alen, bo))
+                bo += alen
+            jbuf.view[: len(batch)] = batch
+            ops.append((WRITE, jbuf, self._joff + phys, len(batch), 0))
+            if want_sync:
+                ops.append((FSYNC,))
+            t0 = time.perf_counter()
+            results = await self._aio.run(ops, link=True)
+            dt = time.perf_counter() - t0
+        finally:
+            self._aio.release(*bufs)
+        err = None
+        for op, r in zip(ops, results):
+            if isinstance(r, BaseException):
+                err = err or r
+            elif op[0] == WRITE and r != op[3]:
+                err = err or OSError(_errno.EIO, f"write_fixed: short write of {r} of {op[3]} bytes at offset {op[2]}")
+        if err is not None:
+            self._fail_round(items, flushers, err)
+            return
+        # committed: make visible
+        self._head = pos + len(batch)
+        self._chain = hcrc
+        self._next_seq = seq
+        self._written_seq = seq - 1
+        if marker is not None:
+            self._ckpt_marker = None
+        self._counters["journal_batches"] += 1
+        self._counters["journal_bytes_written"] += len(batch)
+        idx = self._index
+        for it in items:
+            if it.kind == _PUT:
+                old = idx.set(it.key, it.page, it.length, it.digest)
+                self._counters["puts"] += 1
+                if it.data is not None:
+                    self._counters["bytes_written"] += it.length
+                    it.data = None
+            else:
+                old = idx.remove(it.key)
+                self._counters["deletes"] += 1
+            if old is not None and old[1]:
+                self._pending_free.append((it.seq, old[0], self._npages(old[1])))
+        if want_sync:
+            self._durable_seq = self._written_seq
+            self._counters["fdatasyncs"] += 1
+            nsync = sum(1 for it in items if it.sync)
+            if nsync:
+                self._counters["group_commits"] += 1
+                self._counters["group_commit_writes"] += nsync
+                self._obs("on_group_commit", nsync)
+            self._obs("on_fdatasync", dt)
+            self._counters["flushes"] += len(flushers)
+        self._process_frees()
+        for it in items:
+            if not it.fut.done():
+                it.fut.set_result(None)
+        for f in flushers:
+            if not f.done():
+                f.set_result(None)
+
+    async def _sync_only(self, flushers: list) -> None:
+        if self._written_seq > self._durable_seq:
+            target = self._written_seq
+            t0 = time.perf_counter()
+            try:
+                await self._aio.fdatasync()
+            except OSError as exc:
+                self._fail_round([], flushers, exc)
+                return
+            dt = time.perf_counter() - t0
+            self._durable_seq = max(self._durable_seq, target)
+            self._counters["fdatasyncs"] += 1
+            self._obs("on_fdatasync", dt)
+            self._process_frees()
+        self._counters["flushes"] += len(flushers)
+        for f in flushers:
+            if not f.done():
+                f.set_result(None)
+
+    def _fail_round(self, items: list[_Item], flushers: list, err: BaseException) -> None:
+        en = getattr(err, "errno", None)
+        reason = f"a failed write or fdatasync ({err})"
+        exc = IOFailed(f"{self.path}: the commit failed: {err}; the store is now read-only", en)
+        exc.__cause__ = err
+        for it in items:
+            if not it.fut.done():
+                it.fut.set_exception(exc)
+        for f in flushers:
+            if not f.done():
+                f.set_exception(exc)
+        self._go_read_only(reason)
+
+    # -- checkpoints ----------------------------------------------------------------
+
+    async def _checkpoint(self, force: bool = False) -> None:
+        """Snapshot the index into fresh pages, fdatasync, flip the superblock, fdatasync."""
+        if self._head == self._ckpt_pos and not force:
+            return
+        t0 = time.perf_counter()
+        P = self.page_size
+        S = self._written_seq
+        idx = self._index
+        esz = F.ENTRY.size
+        hdr = F.CHUNK_HEADER_SIZE
+        min_pages = -(-(hdr + 1 + 255 + esz) // P)
+        chunk_pages = max(CKPT_CHUNK_BYTES // P, min_pages)
+        remaining = len(idx) * (1 + esz) + idx.key_bytes
+        new_ext: list[tuple[int, int]] = []
+
+        def alloc_chunk(need_bytes: int) -> tuple[int, int]:
+            want = min(chunk_pages, max(min_pages, -(-(need_bytes + hdr) // P)))
+            while True:
+                try:
+                    return self._alloc.allocate(want), want
+                except NoSpace:
+                    if want <= min_pages:
+                        raise
+                    want = max(min_pages, want // 2)
+
+        try:
+            first = (0, 0)
+            if len(idx):
+                cur = alloc_chunk(remaining)
+                new_ext.append(cur)
+                first = cur
+                it = idx.items_sorted()
+                pending = next(it, None)
+                chunk_no = 0
+                while cur is not None:
+                    cap = cur[1] * P - hdr
+                    parts = []
+                    used = 0
+                    count = 0
+                    while pending is not None:
+                        k, v = pending
+                        sz = 1 + len(k) + esz
+                        if used + sz > cap:
+                            break
+                        parts.append(bytes((len(k),)))
+                        parts.append(k)
+                        parts.append(v)
+                        used += sz
+                        count += 1
+                        pending = next(it, None)
+                    remaining -= used
+                    nxt = None
+                    if pending is not None:
+                        nxt = alloc_chunk(max(remaining, 1))
+                        new_ext.append(nxt)
+                    data = F.encode_chunk(chunk_no, self._store_id, S, count, b"".join(parts),
+                                          nxt[0] if nxt else 0, nxt[1] if nxt else 0, P)
+                    await self._aio.write_chunks(cur[0] * P, data)
+                    cur = nxt
+                    chunk_no += 1
+            t1 = time.perf_counter()
+            await self._aio.fdatasync()
+            self._counters["fdatasyncs"] += 1
+            self._obs("on_fdatasync", time.perf_counter() - t1)
+            old = self._sb
+            sb = F.Superblock(
+                store_id=self._store_id, generation=old.generation + 1, page_size=P, batch_max=old.batch_max,
+                total_pages=old.total_pages, journal_page=old.journal_page, journal_pages=old.journal_pages,
+                data_page=old.data_page, ckpt_seq=S, ckpt_page=first[0], ckpt_npages=first[1],
+                ckpt_blobs=len(idx), checkpoints=self._checkpoints + 1, replay_pos=self._head,
+                next_seq=S + 1, chain_crc=self._chain, created_ns=old.created_ns,
+            )
+            await self._aio.write_chunks((sb.generation % 2) * P, sb.encode(P))
+            t1 = time.perf_counter()
+            await self._aio.fdatasync()
+            self._counters["fdatasyncs"] += 1
+            self._obs("on_fdatasync", time.perf_counter() - t1)
+        except NoSpace:
+            for p, n in new_ext:
+                self._alloc.free(p, n)
+            raise
+        # the slot overwritten held the checkpoint before the previous one: its chunks are free now
+        for p, n in self._prev_ckpt_extents:
+            self._release_extent(p, n)
+        self._prev_ckpt_extents = self._ckpt_extents
+        self._ckpt_extents = new_ext
+        self._tail_pos = old.replay_pos
+        self._older_sb = old
+        self._sb = sb
+        self._ckpt_pos = self._head
+        self._checkpoints += 1
+        self._durable_seq = max(self._durable_seq, S)
+        self._ckpt_marker = (self._checkpoints, S)
+        self._process_frees()
+        dt = time.perf_counter() - t0
+        log.info("store: %s: checkpoint %d at seq %d: %d blobs in %d chunk(s), %.3f s", self.path,
+                 self._checkpoints, S, len(idx), len(new_ext), dt)
+        self._obs("on_checkpoint", dt)
+
+    # -- the read path ----------------------------------------------------------------
+
+    async def get(self, key) -> bytes:
+        """The value stored under ``key``, verified against its BLAKE3 digest.
+
+        Raises :class:`NotFound` (a ``KeyError``), :class:`Corrupt` (counted;
+        the bytes are never returned), :class:`IOFailed` for a failed read.
+        """
+        key = _check_key(key)
+        self._check_open()
+        e = self._index.get(key)
+        if e is None:
+            raise NotFound(f"no blob under key {key!r}")
+        page, length, digest = e
+        if length == 0:
+            data = b""
+        else:
+            self._pin(page)
+            try:
+                data = await self._aio.read(page * self.page_size, length)
+            except OSError as exc:
+                raise IOFailed(f"{self.path}: reading {length} bytes of key {key!r} at page {page} failed: {exc}",
+                               exc.errno) from exc
+            finally:
+                self._unpin(page)
+        self._counters["gets"] += 1
+        if blake3.blake3(data).digest() != digest:
+            self._counters["checksum_failures"] += 1
+            self._obs("on_checksum_failure", key)
+            log.error("store: %s: blob %r at page %d (%d bytes) fails its BLAKE3 digest", self.path, key, page, length)
+            raise Corrupt(f"blob {key!r} at page {page} ({length} bytes) fails its BLAKE3 digest: the stored bytes "
+                          "are damaged; delete it and restore it from a replica or backup", [key])
+        self._counters["bytes_read"] += length
+        return data
+
+    async def get_many(self, keys: Iterable[bytes]) -> list[bytes | None]:
+        """Values of ``keys`` in order (None for a missing key); reads go out in one ring turn.
+
+        Raises :class:`Corrupt` / :class:`IOFailed` like :meth:`get`.
+        """
+        keys = [_check_key(k) for k in keys]
+
+        async def one(k):
+            try:
+                return await self.get(k)
+            except NotFound:
+                return None
+
+        return list(await asyncio.gather(*(one(k) for k in keys)))
+
+    def has(self, key) -> bool:
+        """Whether ``key`` is stored (reads no data)."""
+        key = _check_key(key)
+        self._check_open()
+        return key in self._index
+
+    async def list(self, prefix: bytes = b"", start_after: bytes | None = None,
+                   limit: int | None = None) -> AsyncIterator[bytes]:
+        """Keys in ascending byte order: those starting with ``prefix``, after ``start_after``, at most ``limit``.
+
+        An async iterator that walks the index in pages of 256 keys (never the
+        whole key list); keys added or removed while iterating may or may not
+        be seen.
+        """
+        self._check_open()
+        prefix = bytes(prefix)
+        cur = None if start_after is None else bytes(start_after)
+        inclusive = False
+        if prefix and (cur is None or cur < prefix):
+            cur, inclusive = prefix, True
+        n = 0
+        if limit is not None and limit <= 0:
+            return
+        while True:
+            batch = self._index.keys_after(cur, inclusive, 256)
+            if not batch:
+                return
+            for k in batch:
+                if prefix and not k.startswith(prefix):
+                    return
+                yield k
+                n += 1
+                if limit is not None and n >= limit:
+                    return
+            cur, inclusive = batch[-1], False
+            await asyncio.sleep(0)
+
+    async def scrub(self) -> dict:
+        """Read every blob and check its BLAKE3 digest.
+
+        Returns ``{"checked": int, "bytes_checked": int, "bad_keys": [bytes, ...]}``;
+        each bad key is also counted in ``checksum_failures``.
+        """
+        self._check_open()
+        bad = []
+        checked = 0
+        nbytes = 0
+        async for k in self.list():
+            try:
+                v = await self.get(k)
+                nbytes += len(v)
+            except NotFound:
+                continue
+            except Corrupt:
+                bad.append(k)
+            except IOFailed:
+                bad.append(k)
+            checked += 1
+        if bad:
+            log.error("store: %s: scrub found %d damaged blob(s) of %d", self.path, len(bad), checked)
+        return {"checked": checked, "bytes_checked": nbytes, "bad_keys": bad}
+
+    # -- stats and lifetime -------------------------------------------------------------
+
+    def stat(self) -> dict:
+        """Counts and sizes: blob_count, used_bytes, free_bytes, journal_bytes, checkpoints,
+        fragmentation, read_only, needs_flush, engine, the store's cumulative counters and
+        ``engine_counters`` (the engine's ``counters()``)."""
+        P = self.page_size
+        data_pages = self._total_pages - self._data_page
+        free = self._alloc.free_pages
+        d = {
+            "blob_count": len(self._index),
+            "value_bytes": self._index.value_bytes,
+            "key_bytes": self._index.key_bytes,
+            "used_bytes": (data_pages - free) * P,
+            "free_bytes": free * P,
+            "capacity_bytes": data_pages * P,
+            "page_size": P,
+            "journal_bytes": self._head - self._tail_pos,
+            "journal_capacity_bytes": self._jbytes,
+            "journal_since_checkpoint_bytes": self._head - self._ckpt_pos,
+            "checkpoints": self._checkpoints,
+            "fragmentation": self._alloc.fragmentation(),
+            "free_extents": self._alloc.extents,
+            "largest_free_bytes": self._alloc.largest() * P,
+            "read_only": self._read_only is not None or self._opened_read_only,
+            "read_only_reason": self._read_only,
+            "needs_flush": self.needs_flush,
+            "engine": self._aio.name,
+            "sequence": self._written_seq,
+            "durable_sequence": self._durable_seq,
+            "recovery_seconds": self.recovery_seconds,
+        }
+        d.update(self._counters)
+        try:
+            d["engine_counters"] = self._aio.engine.counters()
+        except Exception:
+            d["engine_counters"] = {}
+        return d
+
+    @property
+    def read_only(self) -> bool:
+        """True when opened read_only or turned read-only after an I/O error."""
+        return self._opened_read_only or self._read_only is not None
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    async def close(self) -> None:
+        """Flush, write a checkpoint (when the journal grew since the last), release the file. Idempotent."""
+        if self._closed:
+            return
+        try:
+            if not self._opened_read_only and self._read_only is None:
+                try:
+                    while self._queue:
+                        await asyncio.sleep(0)
+                    await self.flush()
+                    if self._head != self._ckpt_pos:
+                        await self.checkpoint()
+                except (ReadOnly, IOFailed, NoSpace) as exc:
+                    log.warning("store: %s: close could not flush/checkpoint: %s", self.path, exc)
+        finally:
+            self._closed = True
+            self._stopping = True
+            self._kick()
+            task = self._committer_task
+            if not task.done():
+                try:
+                    await asyncio.wait_for(asyncio.shield(task), 5)
+                except Exception:
+                    task.cancel()
+            self._aio.close()
+            self._df.close()
+
+    async def __aenter__(self) -> "BlobStore":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+
+_OPEN_TOKEN = object()
