@@ -101,6 +101,13 @@ def open_direct(path: str, *, create_size: int | None = None, read_only: bool = 
         fd = os.open(path, flags, 0o600)
     except OSError as exc:
         if exc.errno == errno.EINVAL:
+            try:
+                mode = os.stat(path).st_mode
+            except OSError:
+                mode = None
+            if mode is not None and not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+                # a FIFO, socket or character device: not the file system's fault
+                raise OSError(errno.EINVAL, f"open {path!r}: not a regular file or block device") from exc
             raise OSError(
                 errno.EINVAL,
                 f"open {path!r} with O_DIRECT: the {fs_type(path)} file system does not support "
