@@ -1,0 +1,242 @@
+#!/usr/bin/env python3
+"""Engine benchmark: 4 KiB random read / random write IOPS at QD1 and QD32.
+
+Runs, on the same O_DIRECT file, with the same block size and queue depth:
+
+* ``uring``  — ringblob._uring.Ring driven from a Python loop (fixed buffers,
+  fixed files, one submit per reaped batch);
+* ``psync``  — ringblob.engine.psync.PsyncEngine, the same loop;
+* ``fio``    — ``fio --ioengine=io_uring --fixedbufs --registerfiles
+  --direct=1`` (the reference: C, no interpreter).
+
+and prints a table with the ratio engine/fio, writing JSON to
+bench/results/engine.json. This is a benchmark, not a test: numbers depend on
+the device and on what else runs on the host.
+
+Usage::
+
+    .venv/bin/python bench/engine.py            # ~5 s per cell
+    .venv/bin/python bench/engine.py --quick    # ~1 s per cell
+
+fio comes from Debian (``apt-get install -y fio``); the script installs it
+when it runs as root and fio is missing, else it prints that command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import shutil
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "daemon"))
+
+from ringblob.direct import open_direct  # noqa: E402
+
+BS = 4096
+RESULTS = os.path.join(ROOT, "bench", "results")
+
+
+def ensure_fio() -> str | None:
+    """Path of fio, installing Debian's package when root; None (with a hint printed) otherwise."""
+    path = shutil.which("fio")
+    if path:
+        return path
+    if os.geteuid() == 0 and shutil.which("apt-get"):
+        print("bench: fio is missing; installing it with apt-get install -y fio", file=sys.stderr)
+        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+        for attempt in range(30):  # another apt may hold the dpkg lock for a while
+            rc = subprocess.call(["apt-get", "install", "-y", "-q", "fio"], env=env, stdout=subprocess.DEVNULL)
+            if rc == 0:
+                break
+            if attempt == 0:
+                subprocess.call(["apt-get", "update", "-q"], env=env, stdout=subprocess.DEVNULL)
+            time.sleep(5)
+        path = shutil.which("fio")
+        if path:
+            return path
+    print("bench: fio not found; install it with:  sudo apt-get install -y fio", file=sys.stderr)
+    return None
+
+
+def prepare_file(path: str, size: int) -> None:
+    """Create ``path`` with ``size`` bytes of written (not just allocated) data.
+
+    Unwritten extents read back as zeros without touching the device, which
+    would flatter every random-read number, so the file is filled once.
+    """
+    if os.path.exists(path) and os.path.getsize(path) == size:
+        return
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    chunk = os.urandom(1 << 20)
+    with open(path, "wb") as f:
+        for _ in range(size // len(chunk)):
+            f.write(chunk)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def run_engine(kind: str, path: str, rw: str, qd: int, runtime: float, submit_every: int = 1) -> dict:
+    """Keep ``qd`` 4 KiB ops in flight for ``runtime`` seconds; return IOPS and counters.
+
+    Each reaped completion is replaced by a new op at a random offset; the
+    queued ops are submitted every ``submit_every`` replacements and at the end
+    of each reaped batch (fio's default, iodepth_batch_submit=1, submits each
+    I/O as soon as it is queued).
+    """
+    df = open_direct(path)
+    try:
+        nblocks = df.size // BS
+        if kind == "uring":
+            from ringblob._uring import Ring
+
+            eng = Ring([df.fd], buffer_size=BS, buffer_count=qd, queue_depth=max(qd, 1))
+            flags = list(eng.setup_flags)
+        else:
+            from ringblob.engine.psync import PsyncEngine
+
+            eng = PsyncEngine([df.fd], buffer_size=BS, buffer_count=qd, queue_depth=max(qd, 1))
+            flags = []
+        rng = random.Random(42)
+        offsets = [rng.randrange(nblocks) * BS for _ in range(1 << 16)]
+        mask = (1 << 16) - 1
+        bufs = [eng.lease() for _ in range(qd)]
+        for b in bufs:
+            b.view[:] = os.urandom(BS)
+        op = eng.read_fixed if rw == "randread" else eng.write_fixed
+        wait = eng.wait
+        submit = eng.submit
+        perf = time.perf_counter
+        i = 0
+        for tag in range(qd):
+            op(bufs[tag], offsets[i & mask], BS, tag)
+            i += 1
+        submit()
+        done = 0
+        errors = 0
+        c0 = time.process_time()
+        t0 = perf()
+        deadline = t0 + runtime
+        now = t0
+        while now < deadline:
+            k = 0
+            for tag, res in wait(1):
+                if res != BS:
+                    errors += 1
+                op(bufs[tag], offsets[i & mask], BS, tag)
+                i += 1
+                done += 1
+                k += 1
+                if k == submit_every:
+                    submit()
+                    k = 0
+            if k:
+                submit()
+            now = perf()
+        elapsed = perf() - t0
+        cpu = time.process_time() - c0
+        while eng.in_flight:
+            eng.wait(eng.in_flight)
+        counters = eng.counters()
+        eng.close()
+    finally:
+        df.close()
+    if errors:
+        raise RuntimeError(f"{kind} {rw} qd{qd}: {errors} ops failed")
+    return {"iops": done / elapsed, "ops": done, "seconds": elapsed, "cpu_us_per_op": cpu / done * 1e6,
+            "setup_flags": flags, "counters": counters}
+
+
+def run_fio(fio: str, path: str, size: int, rw: str, qd: int, runtime: float) -> dict:
+    cmd = [
+        fio, "--name=ringblob-engine", f"--filename={path}", f"--size={size}", f"--rw={rw}",
+        f"--bs={BS}", f"--iodepth={qd}", "--ioengine=io_uring", "--fixedbufs", "--registerfiles",
+        "--direct=1", "--time_based", f"--runtime={runtime}s", "--ramp_time=0", "--norandommap",
+        "--randrepeat=0", "--numjobs=1", "--thread", "--output-format=json",
+    ]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    job = json.loads(out[out.index("{"):])["jobs"][0]
+    side = job["read"] if rw == "randread" else job["write"]
+    seconds = job["job_runtime"] / 1000.0
+    cpu = (job["usr_cpu"] + job["sys_cpu"]) / 100.0 * seconds
+    return {"iops": side["iops"], "ops": side["total_ios"], "seconds": seconds,
+            "cpu_us_per_op": cpu / max(side["total_ios"], 1) * 1e6, "command": " ".join(cmd)}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="about 1 s per cell instead of 5")
+    ap.add_argument("--runtime", type=float, default=None, help="seconds per cell (default 5, --quick 1)")
+    ap.add_argument("--file", default=os.path.join(ROOT, "var", "bench", "engine.dat"),
+                    help="data file on the file system to measure (default var/bench/engine.dat)")
+    ap.add_argument("--size", type=int, default=1 << 30, help="file size in bytes (default 1 GiB)")
+    ap.add_argument("--engines", default="uring,psync", help="comma-separated engines (uring,psync)")
+    ap.add_argument("--qd", default="1,32", help="comma-separated queue depths (default 1,32)")
+    ap.add_argument("--submit-every", type=int, default=1,
+                    help="submit after this many replacement ops (default 1, like fio's iodepth_batch_submit=1)")
+    ap.add_argument("--json", default=os.path.join(RESULTS, "engine.json"), help="where to write JSON")
+    args = ap.parse_args(argv)
+    runtime = args.runtime or (1.0 if args.quick else 5.0)
+    engines = [e for e in args.engines.split(",") if e]
+    qds = [int(q) for q in args.qd.split(",")]
+
+    fio = ensure_fio()
+    prepare_file(args.file, args.size)
+    rows = []
+    for rw in ("randread", "randwrite"):
+        for qd in qds:
+            row = {"rw": rw, "qd": qd, "bs": BS}
+            if fio:
+                row["fio"] = run_fio(fio, args.file, args.size, rw, qd, runtime)
+            for eng in engines:
+                row[eng] = run_engine(eng, args.file, rw, qd, runtime, args.submit_every)
+            rows.append(row)
+            print_row(row, engines, fio is not None, header=len(rows) == 1)
+
+    meta = {
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "host": platform.node(),
+        "kernel": platform.release(),
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "file": args.file,
+        "size": args.size,
+        "fs": __import__("ringblob.direct", fromlist=["fs_type"]).fs_type(args.file),
+        "runtime_s": runtime,
+        "submit_every": args.submit_every,
+        "fio": subprocess.run([fio, "--version"], capture_output=True, text=True).stdout.strip() if fio else None,
+    }
+    os.makedirs(os.path.dirname(args.json), exist_ok=True)
+    with open(args.json, "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=2)
+    print(f"\nwrote {args.json}")
+    return 0
+
+
+def print_row(row: dict, engines: list[str], have_fio: bool, header: bool) -> None:
+    if header:
+        cols = ["workload", "QD"] + (["fio IOPS"] if have_fio else [])
+        for e in engines:
+            cols += [f"{e} IOPS"] + ([f"{e}/fio"] if have_fio else [])
+        cols += ["CPU µs/op " + "/".join((["fio"] if have_fio else []) + engines)]
+        print("| " + " | ".join(cols) + " |")
+        print("|" + "|".join("---" for _ in cols) + "|")
+    cells = [f"4 KiB {row['rw']}", str(row["qd"])]
+    if have_fio:
+        cells.append(f"{row['fio']['iops']:,.0f}")
+    for e in engines:
+        cells.append(f"{row[e]['iops']:,.0f}")
+        if have_fio:
+            cells.append(f"{row[e]['iops'] / row['fio']['iops']:.2f}")
+    cells.append(" / ".join(f"{row[k]['cpu_us_per_op']:.1f}" for k in (["fio"] if have_fio else []) + engines))
+    print("| " + " | ".join(cells) + " |", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
