@@ -529,3 +529,89 @@ def test_ring_buffer_view_is_the_registered_memory(datafile):
         with open(datafile.path, "rb") as f:
             f.seek(3 * BS)
             assert f.read(BS) == b"q" * BS
+
+
+DENY = os.path.join(REPO, "tests", "deny_io_uring.py")
+_DENIED_PROBE = r"""
+import json, logging, os, sys
+logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+from ringblob._uring import Ring
+from ringblob.engine import open_engine
+from ringblob.errors import EngineUnavailable
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o600)
+out = {}
+try:
+    Ring([fd], buffer_size=8192, buffer_count=2)
+except OSError as exc:
+    out["ring"] = [exc.errno, exc.strerror]
+eng = open_engine("auto", [fd], buffer_size=8192, buffer_count=2)
+out["auto"] = eng.name
+eng.close()
+try:
+    open_engine("uring", [fd])
+except EngineUnavailable as exc:
+    out["uring"] = str(exc)
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.parametrize("err", ["EPERM", "ENOSYS"])
+def test_refused_io_uring_setup_raises_oserror_and_auto_falls_back(tmpdir_ext4, err):
+    """Under a seccomp filter refusing io_uring_setup (Docker's default profile), Ring raises
+    OSError with that errno naming the step, and open_engine('auto') falls back to psync."""
+    import json
+    import subprocess
+    import sys
+
+    p = subprocess.run(
+        [sys.executable, DENY, "--errno", err, "--", sys.executable, "-c", _DENIED_PROBE,
+         os.path.join(tmpdir_ext4, "f")],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert p.returncode == 0, p.stderr
+    out = json.loads(p.stdout)
+    code = getattr(errno, err)
+    assert out["ring"][0] == code
+    assert out["ring"][1].startswith(f"io_uring_queue_init_params: {err}")
+    assert out["auto"] == "psync"
+    assert "using psync, not io_uring" in p.stderr and err in p.stderr
+    assert err in out["uring"]
+
+
+def test_kernel_io_error_surfaces_with_errno_and_offset(kind, tmpdir_ext4):
+    """On a device with 4096-byte logical sectors, an engine told block_size=512 lets a
+    512-aligned op through; the kernel refuses it with EINVAL, delivered as the op's result."""
+    import subprocess
+
+    if os.geteuid() != 0 or not shutil.which("losetup"):
+        pytest.skip("needs root and losetup for a 4096-byte-sector loop device")
+    backing = os.path.join(tmpdir_ext4, "backing")
+    with open(backing, "wb") as f:
+        f.truncate(4 << 20)
+    p = subprocess.run(["losetup", "-b", "4096", "-f", "--show", backing], capture_output=True, text=True)
+    if p.returncode != 0:
+        pytest.skip(f"losetup cannot attach a loop device here: {p.stderr.strip()}")
+    dev = p.stdout.strip()
+    try:
+        df = open_direct(dev)
+        try:
+            assert df.block_size == 4096
+            eng = make_engine(kind, [df.fd], block_size=512, buffer_size=8192, buffer_count=2)
+            try:
+                buf = eng.lease()
+                eng.write_fixed(buf, 512, 512, "bad", link=True)
+                eng.fdatasync("sync")
+                eng.read_fixed(buf, 4096, 4096, "good")
+                eng.submit()
+                res = collect(eng, 3)
+                assert isinstance(res["bad"], OSError) and res["bad"].errno == errno.EINVAL
+                assert res["bad"].strerror == "write_fixed: EINVAL (Invalid argument) at offset 512"
+                assert isinstance(res["sync"], OSError) and res["sync"].errno == errno.ECANCELED
+                assert res["good"] == 4096
+                eng.release(buf)
+            finally:
+                eng.close()
+        finally:
+            df.close()
+    finally:
+        subprocess.run(["losetup", "-d", dev], capture_output=True)
