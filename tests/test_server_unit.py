@@ -77,7 +77,7 @@ class FakeStore:
     async def get_many(self, keys):
         return [await self.get(k) for k in keys]
 
-    async def has(self, key):
+    def has(self, key):  # synchronous, like BlobStore.has
         self._check(key)
         return key in self.data
 

@@ -240,12 +240,17 @@ class _StoreCollector:
         up.add_metric([], 1.0 if st is not None else 0.0)
         yield up
         st = st or {}
-        c = st.get("counters") or {}
-        if not isinstance(c, dict):
-            c = {}
-        eng = c.get("engine") or st.get("engine") or {}
-        if not isinstance(eng, dict):
-            eng = {}
+        # the store's counters: flat in stat() or nested under "counters"; the engine's
+        # under "engine_counters" (or "counters"/"engine" as a dict)
+        nested = st.get("counters")
+        c = dict(st)
+        if isinstance(nested, dict):
+            c.update(nested)
+        eng: dict = {}
+        for cand in (st.get("engine_counters"), c.get("engine"), st.get("engine")):
+            if isinstance(cand, dict):
+                eng = cand
+                break
         ev = m.events
 
         def counter(name: str, doc: str, *values: Any) -> CounterMetricFamily | None:
@@ -271,7 +276,7 @@ class _StoreCollector:
             counter("ringblob_sqes_submitted", "SQEs submitted to the ring", eng.get("sqes"), c.get("sqes"), 0),
             counter("ringblob_cqes_reaped", "CQEs reaped from the ring", eng.get("cqes"), c.get("cqes"), 0),
             counter("ringblob_ring_enters", "io_uring_enter calls (submission syscalls)", eng.get("enters"), c.get("enters"), 0),
-            gauge("ringblob_engine_in_flight", "Engine operations submitted and not yet reaped", eng.get("in_flight"), st.get("engine_in_flight"), 0),
+            gauge("ringblob_engine_in_flight", "Engine operations submitted and not yet reaped", eng.get("in_flight"), st.get("engine_in_flight")),
             gauge("ringblob_journal_bytes", "Bytes of journal written since the last checkpoint", st.get("journal_bytes")),
             gauge("ringblob_blobs", "Blobs stored", st.get("blob_count")),
             gauge("ringblob_used_bytes", "Bytes of data pages in use", st.get("used_bytes")),

@@ -41,6 +41,7 @@ import asyncio
 import contextlib
 import errno
 import grp
+import inspect
 import json
 import logging
 import os
@@ -769,7 +770,10 @@ class Server:
         return [await self.store.get(req.key)]
 
     async def _op_has(self, req: P.Request) -> list:
-        return [P.bool_body(await self.store.has(req.key))]
+        res = self.store.has(req.key)  # BlobStore.has is synchronous (index only); accept a coroutine too
+        if inspect.isawaitable(res):
+            res = await res
+        return [P.bool_body(bool(res))]
 
     async def _op_delete(self, req: P.Request) -> list:
         await self.store.delete(req.key, sync=req.sync)
@@ -874,11 +878,12 @@ async def run_server(store: Any, config: ServerConfig | None = None, *, metrics:
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                 loop.add_signal_handler(sig, server.request_stop)
                 installed.append(sig)
+    relay = None
     if stop is not None:
         if stop.is_set():
             server.request_stop()
         else:
-            loop.create_task(_relay(stop, server))
+            relay = loop.create_task(_relay(stop, server))
     status = f"serving on {server.socket_path or 'a socket-activated listener'}"
     if server.metrics_address:
         status += f"; metrics on http://{_fmt_addr(server.metrics_address)}/metrics"
@@ -888,6 +893,8 @@ async def run_server(store: Any, config: ServerConfig | None = None, *, metrics:
     try:
         await server.serve_forever()
     finally:
+        if relay is not None:
+            relay.cancel()
         for sig in installed:
             loop.remove_signal_handler(sig)
     return 0
@@ -959,6 +966,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--socket", required=True, help="Unix socket path")
     ap.add_argument("--size", type=int, default=64 << 20, help="bytes of a new data file (default 64 MiB)")
     ap.add_argument("--engine", default="auto", choices=("auto", "uring", "psync"))
+    ap.add_argument("--max-blob-size", type=int, default=None, help="largest value in bytes (store default when omitted)")
     ap.add_argument("--metrics-addr", default="", help="HOST:PORT for /metrics ('' disables; default disabled)")
     ap.add_argument("--loop", default="auto", choices=("auto", "uvloop", "asyncio"))
     ap.add_argument("--max-frame-size", type=int, default=P.DEFAULT_MAX_FRAME_SIZE)
@@ -981,7 +989,8 @@ def main(argv: list[str] | None = None) -> int:
     async def open_store(metrics: Metrics) -> Any:
         from .store import BlobStore
 
-        return await BlobStore.open(args.data, engine=args.engine, create_size=args.size, observer=metrics)
+        extra = {"max_blob_size": args.max_blob_size} if args.max_blob_size else {}
+        return await BlobStore.open(args.data, engine=args.engine, create_size=args.size, observer=metrics, **extra)
 
     try:
         return run(cfg, open_store)

@@ -1,0 +1,541 @@
+"""End-to-end tests: a real daemon process (``python -m ringblob.server``) over the real store.
+
+Clients are raw Unix sockets speaking the shared codec (ringblob.protocol).
+Readiness comes from sd_notify: each daemon gets a NOTIFY_SOCKET and the
+tests wait for READY=1 (whose STATUS line names the metrics URL). Data files
+live under .test-tmp/ in the repository (a real file system, O_DIRECT).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+import uuid
+
+import blake3
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from ringblob import errors
+from ringblob import protocol as P
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TMP_ROOT = os.path.join(ROOT, ".test-tmp")
+
+
+@pytest.fixture
+def workdir():
+    os.makedirs(TMP_ROOT, exist_ok=True)
+    d = os.path.join(TMP_ROOT, "e2e-" + uuid.uuid4().hex[:8])
+    os.mkdir(d)
+    yield d
+    for name in os.listdir(d):
+        with_path = os.path.join(d, name)
+        try:
+            os.unlink(with_path)
+        except IsADirectoryError:
+            pass
+    os.rmdir(d)
+
+
+class Daemon:
+    """One daemon process on ``workdir``'s data file and socket."""
+
+    def __init__(self, workdir: str, *args: str, size: str = str(32 << 20)):
+        self.dir = workdir
+        self.data = os.path.join(workdir, "store.data")
+        self.sock = os.path.join(workdir, "d.sock")
+        self.args = list(args)
+        self.size = size
+        self.proc: subprocess.Popen | None = None
+        self.metrics_url: str | None = None
+        self.notify: socket.socket | None = None
+        self.log_path = os.path.join(workdir, "daemon.log")
+        self.messages: list[str] = []
+
+    def start(self, wait: bool = True) -> "Daemon":
+        npath = os.path.join(self.dir, "notify.sock")
+        if os.path.exists(npath):
+            os.unlink(npath)
+        self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.notify.bind(npath)
+        env = dict(os.environ, NOTIFY_SOCKET=npath, PYTHONUNBUFFERED="1")
+        env.pop("LISTEN_FDS", None)
+        env.pop("LISTEN_PID", None)
+        cmd = [sys.executable, "-m", "ringblob.server", "--data", self.data, "--socket", self.sock,
+               "--size", self.size, "--metrics-addr", "127.0.0.1:0", *self.args]
+        self.log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT)
+        if wait:
+            msg = self.wait_notify("READY=1", 30)
+            m = re.search(r"metrics on (http://\S+/metrics)", msg)
+            self.metrics_url = m.group(1) if m else None
+        return self
+
+    def wait_notify(self, what: str, timeout: float) -> str:
+        assert self.notify is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"daemon exited with {self.proc.returncode}:\n{self.output()}")
+            self.notify.settimeout(0.2)
+            try:
+                msg = self.notify.recv(4096).decode()
+            except socket.timeout:
+                continue
+            self.messages.append(msg)
+            if what in msg.split("\n"):
+                return msg
+        raise AssertionError(f"no {what} from the daemon within {timeout} s:\n{self.output()}")
+
+    def output(self) -> str:
+        with open(self.log_path, "rb") as fh:
+            return fh.read().decode(errors="replace")
+
+    def stop(self, sig=signal.SIGTERM, timeout: float = 30) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+        try:
+            rc = self.proc.wait(timeout)
+        finally:
+            self.log.close()
+            if self.notify is not None:
+                self.notify.close()
+        return rc
+
+    def kill(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        if self.proc:
+            self.log.close()
+        if self.notify is not None:
+            self.notify.close()
+
+    def scrape(self) -> dict:
+        with urllib.request.urlopen(self.metrics_url, timeout=10) as r:
+            text = r.read().decode()
+        out = {}
+        for fam in text_string_to_metric_families(text):
+            for s in fam.samples:
+                out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+        return out
+
+
+@pytest.fixture
+def daemons():
+    started: list[Daemon] = []
+    yield started
+    for d in started:
+        d.kill()
+
+
+def spawn(daemons, workdir, *args, **kw) -> Daemon:
+    d = Daemon(workdir, *args, **kw)
+    daemons.append(d)
+    return d.start()
+
+
+class Raw:
+    """A blocking raw-socket client."""
+
+    def __init__(self, path: str, timeout: float = 20):
+        self.s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.s.settimeout(timeout)
+        self.s.connect(path)
+        self.dec = P.FrameDecoder(1 << 30)
+        self.ids = iter(range(1, 1 << 62))
+
+    def send(self, *frames: bytes):
+        self.s.sendall(b"".join(frames))
+
+    def recv(self) -> P.Frame | None:
+        while True:
+            f = self.dec.next_frame()
+            if f is not None:
+                return f
+            data = self.s.recv(1 << 20)
+            if not data:
+                return None
+            self.dec.feed(data)
+
+    def call(self, frame: bytes) -> P.Frame:
+        self.send(frame)
+        f = self.recv()
+        assert f is not None, "connection closed before the reply"
+        return f
+
+    def ok(self, frame: bytes) -> bytes:
+        return P.raise_for_status(self.call(frame)).body
+
+    def close(self):
+        self.s.close()
+
+
+def test_every_operation_and_error_end_to_end(daemons, workdir):
+    d = spawn(daemons, workdir, "--max-blob-size", str(1 << 20), size=str(16 << 20))
+    c = Raw(d.sock)
+    assert c.ok(P.encode_ping(1, b"hi")) == b"hi"
+    assert P.decode_bool_reply(c.ok(P.encode_needs_flush(2))) is False
+    c.ok(P.encode_put(3, b"alpha", b"A" * 5000))
+    assert P.decode_bool_reply(c.ok(P.encode_needs_flush(4))) is True
+    c.ok(P.encode_flush(5))
+    assert P.decode_bool_reply(c.ok(P.encode_needs_flush(6))) is False
+    assert c.ok(P.encode_get(7, b"alpha")) == b"A" * 5000
+    assert P.decode_bool_reply(c.ok(P.encode_has(8, b"alpha"))) is True
+    assert P.decode_bool_reply(c.ok(P.encode_has(9, b"beta"))) is False
+    c.ok(P.encode_put(10, b"empty", b"", sync=True))
+    assert c.ok(P.encode_get(11, b"empty")) == b""
+    with pytest.raises(errors.NotFound, match="beta"):
+        c.ok(P.encode_get(12, b"beta"))
+    c.ok(P.encode_delete(13, b"alpha", sync=True))
+    c.ok(P.encode_delete(14, b"alpha"))  # missing: not an error
+    with pytest.raises(errors.NotFound):
+        c.ok(P.encode_get(15, b"alpha"))
+    # content-addressed put
+    digest = blake3.blake3(b"cas value").digest()
+    c.ok(P.encode_put(16, digest, b"cas value", verify=True, sync=True))
+    with pytest.raises(errors.DigestMismatch):
+        c.ok(P.encode_put(17, digest, b"tampered", verify=True))
+    assert c.ok(P.encode_get(18, digest)) == b"cas value"
+    # invalid key (empty) comes from the store; the connection stays usable
+    with pytest.raises(errors.InvalidKey):
+        c.ok(P.encode_frame(P.Op.PUT, 19, b"\x00value"))
+    # too large for the store's max_blob_size
+    with pytest.raises(errors.TooLarge):
+        c.ok(P.encode_put(20, b"huge", b"x" * ((1 << 20) + 1)))
+    # batches
+    items = [(b"k/%03d" % i, b"v%d" % i * (i + 1)) for i in range(30)]
+    c.ok(P.encode_mput(21, items, sync=True))
+    res = P.decode_mget_reply(c.ok(P.encode_mget(22, [b"k/000", b"k/nope", b"k/029"])))
+    assert res[0] == items[0][1] and res[2] == items[29][1] and isinstance(res[1], errors.NotFound)
+    # LIST pages in ascending order
+    seen, start = [], None
+    while True:
+        keys, more = P.decode_list_reply(c.ok(P.encode_list(23, b"k/", start, 7)))
+        seen += keys
+        if not more:
+            break
+        assert len(keys) == 7
+        start = keys[-1]
+    assert seen == [k for k, _ in items]
+    keys, more = P.decode_list_reply(c.ok(P.encode_list(24, b"", None, 0)))
+    assert keys == sorted(keys) and len(keys) == 32 and not more
+    st = P.decode_stat_reply(c.ok(P.encode_stat(25)))
+    assert st["blob_count"] == 32 and st["server"]["connections"] == 1
+    # NoSpace: the 16 MiB file cannot hold 20 blobs of 1 MiB; the store stays usable
+    big = b"z" * (1 << 20)
+    with pytest.raises(errors.NoSpace):
+        for i in range(20):
+            c.ok(P.encode_put(100 + i, b"big%d" % i, big))
+    assert c.ok(P.encode_get(26, b"k/005")) == items[5][1]
+    c.close()
+    assert d.stop() == 0
+
+
+def test_pipelined_requests_many_ids_in_one_write(daemons, workdir):
+    d = spawn(daemons, workdir)
+    c = Raw(d.sock)
+    c.ok(P.encode_mput(1, [(b"pre%d" % i, b"P%d" % i) for i in range(50)]))
+    frames, expect = [], {}
+    for i in range(600):
+        rid = 1000 + i
+        kind = i % 3
+        if kind == 0:
+            frames.append(P.encode_put(rid, b"new%d" % i, b"N%d" % i * 100, sync=i % 2 == 0))
+            expect[rid] = (P.Op.PUT, b"")
+        elif kind == 1:
+            frames.append(P.encode_get(rid, b"pre%d" % (i % 50)))
+            expect[rid] = (P.Op.GET, b"P%d" % (i % 50))
+        else:
+            frames.append(P.encode_ping(rid, b"%d" % rid))
+            expect[rid] = (P.Op.PING, b"%d" % rid)
+    c.send(*frames)
+    got = {}
+    while len(got) < len(expect):
+        f = c.recv()
+        assert f is not None
+        assert f.request_id not in got
+        got[f.request_id] = f
+    for rid, (op, body) in expect.items():
+        f = got[rid]
+        assert (f.opcode, f.status, f.body) == (op, 0, body)
+    for i in range(0, 600, 3):
+        assert c.ok(P.encode_get(5000 + i, b"new%d" % i)) == b"N%d" % i * 100
+    c.close()
+    assert d.stop() == 0
+
+
+def test_concurrent_clients(daemons, workdir):
+    d = spawn(daemons, workdir)
+    failures = []
+
+    def worker(w):
+        try:
+            c = Raw(d.sock)
+            for i in range(60):
+                key, val = b"w%d/%d" % (w, i), os.urandom(100 + i * 37)
+                c.ok(P.encode_put(i * 2 + 1, key, val, sync=i % 10 == 0))
+                assert c.ok(P.encode_get(i * 2 + 2, key)) == val
+            keys, _ = P.decode_list_reply(c.ok(P.encode_list(999, b"w%d/" % w)))
+            assert len(keys) == 60
+            c.close()
+        except Exception as exc:  # reported below
+            failures.append(repr(exc))
+
+    threads = [threading.Thread(target=worker, args=(w,)) for w in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not failures
+    c = Raw(d.sock)
+    assert P.decode_stat_reply(c.ok(P.encode_stat(1)))["blob_count"] == 480
+    c.close()
+    assert d.stop() == 0
+
+
+def test_malformed_truncated_and_oversized_frames(daemons, workdir):
+    d = spawn(daemons, workdir, "--max-frame-size", str(1 << 20))
+    good = Raw(d.sock)
+    good.ok(P.encode_put(1, b"survivor", b"still here", sync=True))
+    # bad magic
+    c = Raw(d.sock)
+    c.send(b"GET / HTTP/1.1\r\n\r\n")
+    f = c.recv()
+    assert f.status == errors.ProtocolError.code and f.request_id == 0
+    assert c.recv() is None
+    # oversized: refused from the header, with the frame's request id
+    c = Raw(d.sock)
+    c.send(P.HEADER.pack(P.MAGIC, P.VERSION, P.Op.PUT, 0, 77, 8 << 20) + b"x" * 4096)
+    f = c.recv()
+    assert (f.status, f.request_id, f.opcode) == (errors.FrameTooLarge.code, 77, P.Op.PUT)
+    assert "maximum frame size" in f.body.decode()
+    assert c.recv() is None
+    # a malformed body after a valid request: the valid one is answered, then the close
+    c = Raw(d.sock)
+    c.send(P.encode_put(5, b"before", b"ok"), P.encode_frame(P.Op.GET, 6, b"\x40short"))
+    got = {f.request_id: f for f in (c.recv(), c.recv())}
+    assert got[5].status == 0 and got[6].status == errors.ProtocolError.code
+    assert c.recv() is None
+    # truncated: half a frame, then the client goes away
+    c = Raw(d.sock)
+    c.send(P.encode_put(7, b"torn", b"t" * 10000)[:3000])
+    c.close()
+    # another client and the daemon are unaffected; nothing of theirs is lost
+    assert good.ok(P.encode_get(2, b"survivor")) == b"still here"
+    assert good.ok(P.encode_get(3, b"before")) == b"ok"
+    assert P.decode_bool_reply(good.ok(P.encode_has(4, b"torn"))) is False
+    m = d.scrape()
+    assert m[("ringblob_rejected_frames_total", (("reason", "malformed"),))] == 2
+    assert m[("ringblob_rejected_frames_total", (("reason", "too_large"),))] == 1
+    good.close()
+    assert d.stop() == 0
+
+
+def test_client_disconnecting_mid_request(daemons, workdir):
+    d = spawn(daemons, workdir)
+    for round_ in range(3):
+        c = Raw(d.sock)
+        c.send(*(P.encode_put(i, b"gone%d/%d" % (round_, i), b"g" * 20000, sync=True) for i in range(1, 41)),
+               P.encode_get(99, b"gone0/1"))
+        c.s.shutdown(socket.SHUT_RDWR)
+        c.close()
+    c = Raw(d.sock)
+    assert c.ok(P.encode_ping(1, b"alive")) == b"alive"
+    c.ok(P.encode_put(2, b"after", b"x", sync=True))
+    assert c.ok(P.encode_get(3, b"after")) == b"x"
+    st = P.decode_stat_reply(c.ok(P.encode_stat(4)))
+    assert st["server"]["in_flight"] == 1  # only this STAT
+    c.close()
+    assert d.stop() == 0
+
+
+def test_connection_limits_and_access_control(daemons, workdir):
+    d = spawn(daemons, workdir, "--max-connections", "2", "--allow-gid", str(os.getgid()))
+    a, b = Raw(d.sock), Raw(d.sock)
+    assert a.ok(P.encode_ping(1)) == b"" and b.ok(P.encode_ping(1)) == b""
+    c = Raw(d.sock)
+    f = c.recv()
+    assert (f.opcode, f.request_id, f.status) == (0, 0, errors.Busy.code)
+    assert c.recv() is None
+    for x in (a, b, c):
+        x.close()
+    assert d.stop() == 0
+    d2 = spawn(daemons, workdir, "--allow-uid", str(os.getuid() + 4242))
+    c = Raw(d2.sock)
+    f = c.recv()
+    assert f.status == errors.AccessDenied.code and str(os.getuid()) in f.body.decode()
+    assert c.recv() is None
+    c.close()
+    assert d2.scrape()[("ringblob_connections_rejected_total", (("reason", "access_denied"),))] == 1
+    assert d2.stop() == 0
+
+
+def test_metrics_scraped_over_http_move(daemons, workdir):
+    d = spawn(daemons, workdir)
+    before = d.scrape()
+    c = Raw(d.sock)
+    for i in range(20):
+        c.ok(P.encode_put(i + 1, b"m%d" % i, b"x" * 8192, sync=True))
+    c.send(*(P.encode_put(100 + i, b"g%d" % i, b"y" * 100, sync=True) for i in range(32)))
+    for _ in range(32):
+        assert c.recv().status == 0
+    c.ok(P.encode_get(200, b"m1"))
+    with pytest.raises(errors.NotFound):
+        c.ok(P.encode_get(201, b"none"))
+    c.ok(P.encode_flush(202))  # nothing to flush: skipped
+    after = d.scrape()
+
+    def delta(name, labels=()):
+        return after.get((name, labels), 0) - before.get((name, labels), 0)
+
+    assert delta("ringblob_requests_total", (("op", "put"), ("status", "ok"))) == 52
+    assert delta("ringblob_requests_total", (("op", "get"), ("status", "ok"))) == 1
+    assert delta("ringblob_requests_total", (("op", "get"), ("status", "not_found"))) == 1
+    assert delta("ringblob_request_duration_seconds_count", (("op", "put"),)) == 52
+    assert delta("ringblob_fdatasync_total") >= 2
+    assert delta("ringblob_fdatasync_duration_seconds_count") >= 2
+    assert delta("ringblob_group_commit_batch_size_count") >= 1
+    assert delta("ringblob_group_commit_batch_size_sum") == 52
+    assert delta("ringblob_flush_skipped_total") == 1
+    assert delta("ringblob_sqes_submitted_total") > 0
+    assert delta("ringblob_cqes_reaped_total") > 0
+    assert delta("ringblob_written_bytes_total") >= 20 * 8192
+    assert delta("ringblob_read_bytes_total") >= 8192
+    assert delta("ringblob_received_bytes_total") > 20 * 8192
+    assert after[("ringblob_blobs", ())] == 52
+    assert after[("ringblob_used_bytes", ())] >= 52 * 4096
+    assert after[("ringblob_free_bytes", ())] > 0
+    assert after[("ringblob_journal_bytes", ())] > 0
+    assert after[("ringblob_read_only", ())] == 0
+    assert after[("ringblob_connections", ())] == 1
+    assert after[("ringblob_requests_in_flight", ())] == 0
+    assert ("ringblob_checkpoints_total", ()) in after
+    assert ("ringblob_checksum_failures_total", ()) in after
+    c.close()
+    assert d.stop() == 0
+
+
+def test_sigterm_shutdown_loses_nothing(daemons, workdir):
+    d = spawn(daemons, workdir)
+    c = Raw(d.sock)
+    values = {b"t%04d" % i: os.urandom(50 + (i * 131) % 9000) for i in range(300)}
+    c.send(*(P.encode_put(i + 1, k, v) for i, (k, v) in enumerate(values.items())))  # sync=False
+    for _ in values:
+        assert c.recv().status == 0
+    c.ok(P.encode_delete(9999, b"t0007"))
+    del values[b"t0007"]
+    # more unsynced puts still being answered as SIGTERM arrives: every acknowledged one must survive
+    late = {b"late%03d" % i: b"L%d" % i * 50 for i in range(100)}
+    c.send(*(P.encode_put(20000 + i, k, v) for i, (k, v) in enumerate(late.items())))
+    d.proc.send_signal(signal.SIGTERM)
+    acked = set()
+    names = list(late)
+    while True:
+        f = c.recv()
+        if f is None:
+            break
+        if f.status == 0:
+            acked.add(names[f.request_id - 20000])
+        else:
+            assert f.status == errors.ServerShuttingDown.code
+    d.wait_notify("STOPPING=1", 10)
+    assert d.proc.wait(30) == 0
+    d.log.close()
+    d.notify.close()
+    assert not os.path.exists(d.sock)
+    assert "shutdown complete" in d.output()
+    d2 = spawn(daemons, workdir)
+    c2 = Raw(d2.sock)
+    for k, v in values.items():
+        assert c2.ok(P.encode_get(1, k)) == v
+    for k in acked:
+        assert c2.ok(P.encode_get(2, k)) == late[k]
+    assert not P.decode_bool_reply(c2.ok(P.encode_has(3, b"t0007")))
+    assert P.decode_stat_reply(c2.ok(P.encode_stat(4)))["blob_count"] == len(values) + len(acked)
+    c2.close()
+    assert d2.stop(signal.SIGINT) == 0  # SIGINT stops it cleanly too
+
+
+def test_sigkill_during_sync_puts_then_restart(daemons, workdir):
+    d = spawn(daemons, workdir)
+    acked: dict[bytes, bytes] = {}
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def writer(w):
+        try:
+            c = Raw(d.sock, timeout=10)
+        except OSError:
+            return
+        i = 0
+        try:
+            while not stop.is_set():
+                batch = [(b"s%d/%05d" % (w, i + j), os.urandom(64 + (i + j) % 3000)) for j in range(8)]
+                c.send(*(P.encode_put(i + j + 1, k, v, sync=True) for j, (k, v) in enumerate(batch)))
+                for _ in batch:
+                    f = c.recv()
+                    if f is None:
+                        return
+                    if f.status == 0:
+                        with lock:
+                            acked[batch[f.request_id - i - 1][0]] = batch[f.request_id - i - 1][1]
+                i += len(batch)
+        except OSError:
+            return
+        finally:
+            c.close()
+
+    threads = [threading.Thread(target=writer, args=(w,)) for w in range(4)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 10
+    while len(acked) < 200 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    d.proc.kill()  # SIGKILL in the middle of sync puts
+    d.proc.wait()
+    stop.set()
+    for t in threads:
+        t.join(10)
+    d.log.close()
+    d.notify.close()
+    assert len(acked) >= 200
+    assert os.path.exists(d.sock)  # the dead daemon's stale socket: the restart replaces it
+    d2 = spawn(daemons, workdir)
+    c = Raw(d2.sock)
+    with lock:
+        snapshot = dict(acked)
+    for k, v in snapshot.items():
+        assert c.ok(P.encode_get(1, k)) == v, k
+    c.close()
+    assert d2.stop() == 0
+
+
+def test_second_daemon_on_the_same_data_file_refuses(daemons, workdir):
+    d = spawn(daemons, workdir)
+    other_sock = os.path.join(workdir, "other.sock")
+    proc = subprocess.run(
+        [sys.executable, "-m", "ringblob.server", "--data", d.data, "--socket", other_sock],
+        capture_output=True, text=True, timeout=60, cwd=ROOT,
+    )
+    assert proc.returncode != 0
+    assert "lock" in proc.stderr.lower() or "StoreLocked" in proc.stderr
+    # a second daemon (another data file) on the live socket refuses and leaves it alone
+    proc = subprocess.run(
+        [sys.executable, "-m", "ringblob.server", "--data", os.path.join(workdir, "b.data"), "--socket", d.sock,
+         "--size", str(16 << 20)],
+        capture_output=True, text=True, timeout=60, cwd=ROOT,
+    )
+    assert proc.returncode != 0 and "in use by a running daemon" in proc.stderr
+    c = Raw(d.sock)
+    assert c.ok(P.encode_ping(1, b"still mine")) == b"still mine"
+    c.close()
+    assert d.stop() == 0
