@@ -76,6 +76,8 @@ TMPFILESDIR   ?= $(PREFIX)/lib/tmpfiles.d
 CONFDIR       ?= /etc/ringblob
 DOCDIR        ?= $(PREFIX)/share/doc/ringblob
 INSTALL_EXTRAS ?= fast
+# the service's interpreter: the system one (readable by the ringblob user), not a pyenv under /root
+INSTALL_PYTHON ?= $(if $(wildcard /usr/bin/python3),/usr/bin/python3,$(PYTHON))
 
 .PHONY: install-venv install-files
 
@@ -89,7 +91,7 @@ install: liburing install-venv install-files
 	  "systemctl enable --now ringblob.socket (docs/OPERATIONS.md)"
 
 install-venv:
-	$(PYTHON) -m venv $(DESTDIR)$(RINGBLOB_HOME)
+	$(INSTALL_PYTHON) -m venv $(DESTDIR)$(RINGBLOB_HOME)
 	$(DESTDIR)$(RINGBLOB_HOME)/bin/pip install -q --upgrade pip
 	$(DESTDIR)$(RINGBLOB_HOME)/bin/pip install -q '.[$(INSTALL_EXTRAS)]'
 	@if [ -n "$(DESTDIR)" ]; then \

@@ -326,3 +326,18 @@ def test_socket_activation_and_readiness_with_the_real_daemon(short_tmp, repo_tm
             proc.wait()
         notify.close()
         log.close()
+
+
+@pytest.mark.skipif(os.environ.get("RINGBLOB_TEST_INSTALL_VENV") != "1",
+                    reason="opt-in (about 20 s, needs the package index): RINGBLOB_TEST_INSTALL_VENV=1")
+def test_make_install_venv_into_destdir(tmp_path):
+    """The full venv step: system interpreter, pip install with the Cython build, shebangs made DESTDIR-free."""
+    dest = tmp_path / "stage"
+    p = _make("install-venv", f"DESTDIR={dest}")
+    assert p.returncode == 0, p.stdout + p.stderr
+    home = dest / "opt/ringblob"
+    assert (home / "bin/ringblob").read_text().splitlines()[0] == "#!/opt/ringblob/bin/python3"
+    assert str(dest) not in (home / "pyvenv.cfg").read_text()
+    out = subprocess.run([str(home / "bin/python"), "-c", "import ringblob._uring, ringblob.probe as p; "
+                          "print(p.probe().available)"], capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "True", out.stderr
