@@ -345,6 +345,7 @@ cdef class Ring:
                 raise _setup_error("io_uring_register_eventfd", -ret)
         except BaseException:
             self._teardown(False)
+            self._closed = True
             raise
         finally:
             free(iov)
