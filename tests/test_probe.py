@@ -114,3 +114,14 @@ def test_probe_reports_real_errno_when_seccomp_refuses_io_uring(errname):
     assert errname in d["reason"]
     assert d["missing_opcodes"] == list(REQUIRED_OPCODES)
     assert d["liburing_path"]  # the library loaded; the kernel refused
+
+
+def test_ring_mlock_bytes_is_zero_where_the_ring_is_charged_to_the_memcg():
+    # Linux >= 5.12 (IORING_FEAT_NATIVE_WORKERS) charges ring memory to the memory cgroup
+    major, minor = (int(x) for x in re.match(r"(\d+)\.(\d+)", os.uname().release).groups())
+    n = probe_mod.ring_mlock_bytes(128)
+    if (major, minor) >= (5, 12):
+        assert n == 0
+    else:
+        assert n is not None and n > 0
+    assert probe_mod.ring_mlock_bytes(128, "liburing-ringblob-absent.so.2") is None

@@ -332,13 +332,19 @@ def _check_data(path: str) -> _DataProbe:
 
 
 def _check_memlock(buffer_size: int, buffer_count: int, kernel: str, engine_may_be_uring: bool) -> Check:
+    from .probe import ring_mlock_bytes
+
     pool = buffer_size * buffer_count
+    ring = ring_mlock_bytes(DEFAULT_QUEUE_DEPTH) or 0  # 0 where the ring is charged to the memory cgroup
+    need = pool + ring
     soft, hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)
     cap = has_cap_ipc_lock()
     major_minor = _kernel_tuple(kernel)
     ring_in_memcg = major_minor >= (5, 12)
     details = {
         "pool_bytes": pool,
+        "ring_mlock_bytes": ring,
+        "needed_bytes": need,
         "rlimit_memlock_soft": None if soft == resource.RLIM_INFINITY else soft,
         "rlimit_memlock_hard": None if hard == resource.RLIM_INFINITY else hard,
         "cap_ipc_lock": cap,
@@ -346,19 +352,20 @@ def _check_memlock(buffer_size: int, buffer_count: int, kernel: str, engine_may_
     }
     ring_note = ("the ring itself is charged to the memory cgroup on this kernel (>= 5.12), not to memlock"
                  if ring_in_memcg else
-                 "on this kernel (< 5.12) the ring itself also counts against RLIMIT_MEMLOCK")
+                 f"on this kernel (< 5.12) the ring itself also counts against RLIMIT_MEMLOCK: {_mib(ring)} "
+                 f"for {DEFAULT_QUEUE_DEPTH} entries")
     head = f"registered buffer pool {_mib(pool)} ({buffer_count} x {_mib(buffer_size)}), RLIMIT_MEMLOCK {_limit(soft)}"
     if cap:
         return Check("memlock", OK, f"{head}; this process has CAP_IPC_LOCK, so registered buffers are not "
                      f"charged to it ({ring_note}); the systemd service runs without CAP_IPC_LOCK and needs "
-                     f"LimitMEMLOCK >= {_mib(pool)}", details)
-    if soft == resource.RLIM_INFINITY or soft >= pool:
+                     f"LimitMEMLOCK >= {_mib(need)}", details)
+    if soft == resource.RLIM_INFINITY or soft >= need:
         return Check("memlock", OK, f"{head}: enough for the registered buffers ({ring_note})", details)
     if not engine_may_be_uring:
         return Check("memlock", OK, f"{head}: too small for io_uring's registered buffers, but the psync "
                      "engine does not pin them", details)
     return Check("memlock", WARN, f"{head}: too small to register the buffers (they are pinned and charged "
-                 f"to RLIMIT_MEMLOCK); raise it to at least {_mib(pool)} (LimitMEMLOCK= in the unit, ulimit -l, "
+                 f"to RLIMIT_MEMLOCK); raise it to at least {_mib(need)} (LimitMEMLOCK= in the unit, ulimit -l, "
                  f"/etc/security/limits.conf) or lower --buffer-count", details)
 
 
@@ -385,9 +392,7 @@ def _try_engine(kind: str, fd: int, block_size: int, buffer_size: int, buffer_co
 
             eng = PsyncEngine([fd], **kwargs)
         eng.close()
-    except (OSError, ImportError) as exc:
-        return exc
-    except Exception as exc:  # RingblobError, ValueError from a bad configuration
+    except Exception as exc:  # OSError from the kernel, ImportError, RingblobError/ValueError from bad settings
         return exc
     return None
 

@@ -44,6 +44,7 @@ __all__ = [
     "io_uring_disabled_sysctl",
     "LIBURING_SONAME",
     "INSTALL_HINT",
+    "ring_mlock_bytes",
 ]
 
 LIBURING_SONAME = "liburing.so.2"
@@ -186,6 +187,24 @@ def describe_errno(err: int, disabled: int | None = None) -> str:
         return (f"io_uring_setup failed with EINVAL ({text}): the kernel rejected the ring "
                 "parameters (too old for liburing's defaults?)")
     return f"io_uring_setup failed with {name} ({text})"
+
+
+def ring_mlock_bytes(entries: int, library: str = LIBURING_SONAME) -> int | None:
+    """Bytes of RLIMIT_MEMLOCK a ring of ``entries`` SQEs needs here (``io_uring_mlock_size``).
+
+    0 on kernels that charge the ring to the memory cgroup instead (5.12 and
+    newer, IORING_FEAT_NATIVE_WORKERS); ``None`` when liburing is missing or the
+    kernel refuses io_uring. Registered buffers come on top of this.
+    """
+    try:
+        lib = ctypes.CDLL(library)
+        fn = lib.io_uring_mlock_size
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_uint, ctypes.c_uint]
+    fn.restype = ctypes.c_ssize_t
+    n = fn(entries, 0)
+    return n if n >= 0 else None
 
 
 def _loaded_path(libname: str) -> str | None:
