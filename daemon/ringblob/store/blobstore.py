@@ -81,7 +81,7 @@ def _holder_pid(fd: int) -> str:
                 pid, ident = parts[i + 3], parts[i + 4]
                 try:
                     maj, mnr, ino = ident.split(":")
-                    if (int(maj, 16), int(mnr, 16), int(ino)) == want and int(pid) != os.getpid():
+                    if (int(maj, 16), int(mnr, 16), int(ino)) == want:
                         return pid
                 except ValueError:
                     continue
@@ -233,7 +233,7 @@ class BlobStore:
                 eng = wrap_engine(eng)
             self._aio = AsyncEngine(eng)
         except BaseException:
-            self._df.close()
+            self._unlock_and_close()
             raise
         try:
             if fmt is not None:
@@ -241,7 +241,7 @@ class BlobStore:
             await self._recover(checkpoint_threshold)
         except BaseException:
             self._aio.close()
-            self._df.close()
+            self._unlock_and_close()
             raise
         self._committer_task = asyncio.get_running_loop().create_task(self._committer())
         return self
@@ -381,6 +381,7 @@ class BlobStore:
         self._tail_pos = older_sb.replay_pos if older_sb is not None else chosen.replay_pos
         self._checkpoints = chosen.checkpoints
         self._ckpt_marker = None
+        self._last_batch_pos, self._last_batch_len = end_pos, 0
         # allocator from the index and both checkpoints
         used = [(p, -(-ln // P)) for p, ln, _d in map(unpack_value, index.raw_values()) if ln]
         used.extend(self._ckpt_extents)
@@ -868,6 +869,12 @@ class BlobStore:
             if jbuf is not None and not self._aio.closed:
                 self._aio.release(jbuf)
 
+    def _staged_len(self, it: _Item, bsz: int, bs: int) -> int:
+        """Bytes a small value takes in a fixed buffer: its whole pages (so neighbours in the
+        file merge into one write), or whole blocks where a page does not fit a buffer."""
+        whole = it.npages * self.page_size
+        return whole if whole <= bsz else -(-len(it.data) // bs) * bs
+
     def _journal_place(self, nbytes: int) -> tuple[int, int] | None:
         """(logical pos, physical offset) for a batch of ``nbytes``, or None when the journal is full."""
         J = self._jbytes
@@ -900,6 +907,7 @@ class BlobStore:
         # pack small values into fixed buffers (simulated first; leased below)
         nbufs, boff = 0, bsz
         n_ops = 0
+        prev_end = -1
         q = self._queue
         i = 0
         while i < len(q):
@@ -910,16 +918,19 @@ class BlobStore:
                 r = F.encode_delete(seq, it.key)
             if rec_bytes + len(r) > cap and items:
                 break
-            nb, bo, ops = nbufs, boff, n_ops
+            nb, bo, ops, pe = nbufs, boff, n_ops, prev_end
             if it.data is not None:
-                alen = -(-len(it.data) // bs) * bs
+                alen = self._staged_len(it, bsz, bs)
                 if bo + alen > bsz:
                     nb, bo = nb + 1, 0
+                    pe = -1
+                if pe != it.page:  # else the write merges with the previous item's
+                    ops += 1
                 bo += alen
-                ops += 1
+                pe = it.page + it.npages if alen == it.npages * P else -1
                 if (nb > max_data_bufs or ops > max_ops) and items:
                     break
-            nbufs, boff, n_ops = nb, bo, ops
+            nbufs, boff, n_ops, prev_end = nb, bo, ops, pe
             it.seq = seq
             seq += 1
             recs.append(r)
@@ -981,14 +992,18 @@ class BlobStore:
                 if it.data is None:
                     continue
                 ln = len(it.data)
-                alen = -(-ln // bs) * bs
+                alen = self._staged_len(it, bsz, bs)
                 if bo + alen > bsz:
                     bi, bo = bi + 1, 0
                 b = bufs[bi]
                 b.view[bo : bo + ln] = it.data
                 if alen > ln:
                     b.view[bo + ln : bo + alen] = bytes(alen - ln)
-                ops.append((WRITE, b, it.page * P, alen, bo))
+                prev = ops[-1] if ops else None
+                if prev is not None and prev[1] is b and prev[4] + prev[3] == bo and prev[2] + prev[3] == it.page * P:
+                    ops[-1] = (WRITE, b, prev[2], prev[3] + alen, prev[4])  # contiguous in file and buffer
+                else:
+                    ops.append((WRITE, b, it.page * P, alen, bo))
                 bo += alen
             jbuf.view[: len(batch)] = batch
             ops.append((WRITE, jbuf, self._joff + phys, len(batch), 0))
@@ -1009,6 +1024,7 @@ class BlobStore:
             self._fail_round(items, flushers, err)
             return
         # committed: make visible
+        self._last_batch_pos, self._last_batch_len = pos, len(batch)
         self._head = pos + len(batch)
         self._chain = hcrc
         self._next_seq = seq
@@ -1366,7 +1382,35 @@ class BlobStore:
                 except Exception:
                     task.cancel()
             self._aio.close()
-            self._df.close()
+            self._unlock_and_close()
+
+    def _unlock_and_close(self) -> None:
+        # LOCK_UN explicitly: io_uring's registered-file reference keeps the open file
+        # description (and so the flock) alive until the kernel finishes tearing the ring down
+        try:
+            fcntl.flock(self._df.fd, fcntl.LOCK_UN)
+        except OSError:
+            pass
+        self._df.close()
+
+    async def abandon(self) -> None:
+        """Drop the store the way a crash would: no flush, no checkpoint (for tests and tools).
+
+        Whatever reached the file stays; acknowledged ``sync=False`` writes may
+        or may not be there after the next open.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        self._stopping = True
+        task = self._committer_task
+        task.cancel()
+        try:
+            await task
+        except BaseException:
+            pass
+        self._aio.close()
+        self._unlock_and_close()
 
     async def __aenter__(self) -> "BlobStore":
         return self

@@ -1,0 +1,799 @@
+"""BlobStore behaviour: API, durability vocabulary, recovery, torn tails, corruption, faults.
+
+Data files live under /work/main/.test-tmp (ext4) so O_DIRECT behaves as on a
+real disk. Every test runs with the psync engine and, when the extension has
+``Ring``, with the io_uring engine too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import shutil
+import subprocess
+import sys
+import uuid
+
+import blake3
+import pytest
+
+from ringblob.engine.faulty import FaultyEngine
+from ringblob.errors import (
+    ConfigError,
+    Corrupt,
+    DigestMismatch,
+    InvalidKey,
+    IOFailed,
+    NoSpace,
+    NotFound,
+    ReadOnly,
+    StoreLocked,
+    TooLarge,
+)
+from ringblob.store import BlobStore
+from ringblob.store import format as F
+from ringblob.store.alloc import Allocator
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TMP_ROOT = os.path.join(REPO, ".test-tmp")
+
+
+def _engines():
+    out = ["psync"]
+    try:
+        from ringblob._uring import Ring  # noqa: F401
+
+        out.append("uring")
+    except ImportError:
+        pass
+    return out
+
+
+ENGINES = _engines()
+MiB = 1 << 20
+
+
+@pytest.fixture
+def tdir():
+    os.makedirs(TMP_ROOT, exist_ok=True)
+    d = os.path.join(TMP_ROOT, f"store-{uuid.uuid4().hex[:10]}")
+    os.makedirs(d)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture(params=ENGINES)
+def engine(request):
+    return request.param
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def flip_bit(path: str, offset: int, bit: int = 0) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ (1 << bit)]))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_at(path: str, offset: int, data: bytes) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+# -- API basics -------------------------------------------------------------------
+
+
+def test_put_get_has_delete_list(tdir, engine):
+    async def main():
+        p = os.path.join(tdir, "d")
+        s = await BlobStore.create(p, 16 * MiB, engine=engine)
+        assert s.stat()["engine"] == engine
+        await s.put(b"a", b"1")
+        await s.put(b"b", b"")
+        await s.put(b"c", os.urandom(300_000))  # larger than one fixed buffer
+        assert await s.get(b"a") == b"1"
+        assert await s.get(b"b") == b""
+        assert s.has(b"a") and not s.has(b"zz")
+        with pytest.raises(NotFound):
+            await s.get(b"zz")
+        with pytest.raises(KeyError):
+            await s.get(b"zz")
+        await s.put(b"a", b"2" * 5000)
+        assert await s.get(b"a") == b"2" * 5000
+        await s.delete(b"a")
+        await s.delete(b"a")  # missing: not an error
+        await s.delete(b"never")
+        assert not s.has(b"a")
+        assert [k async for k in s.list()] == [b"b", b"c"]
+        st = s.stat()
+        assert st["blob_count"] == 2
+        assert st["used_bytes"] == 77 * 4096  # replaced/deleted extents wait for a durable record
+        await s.flush()
+        assert s.stat()["used_bytes"] == 74 * 4096  # 300_000 bytes -> 74 pages; the empty value none
+        await s.close()
+        await s.close()
+
+    run(main())
+
+
+def test_keys_and_sizes_are_checked(tdir):
+    async def main():
+        s = await BlobStore.create(os.path.join(tdir, "d"), 8 * MiB, engine="psync", max_blob_size=10_000)
+        for bad in (b"", b"x" * 256, "str", 5):
+            with pytest.raises(InvalidKey):
+                await s.put(bad, b"v")
+        await s.put(b"x" * 255, b"ok")
+        with pytest.raises(TooLarge):
+            await s.put(b"k", bytes(10_001))
+        await s.put(b"k", bytes(10_000))
+        assert len(await s.get(b"k")) == 10_000
+        await s.put(b"ba", bytearray(b"from a bytearray"))
+        await s.put(b"mv", memoryview(b"0123456789")[2:5])
+        assert await s.get(b"mv") == b"234"
+        await s.close()
+
+    run(main())
+
+
+def test_verify_and_put_cas(tdir):
+    async def main():
+        s = await BlobStore.create(os.path.join(tdir, "d"), 8 * MiB, engine="psync")
+        v = b"content addressed"
+        d = blake3.blake3(v).digest()
+        await s.put(d, v, verify=True)
+        assert await s.get(d) == v
+        with pytest.raises(DigestMismatch):
+            await s.put(b"\0" * 32, v, verify=True)
+        assert not s.has(b"\0" * 32)
+        with pytest.raises(DigestMismatch):
+            await s.put(b"short", v, verify=True)
+        used = s.stat()["used_bytes"]
+        d2 = await s.put_cas(b"other bytes")
+        assert d2 == blake3.blake3(b"other bytes").digest()
+        assert await s.get(d2) == b"other bytes"
+        assert s.stat()["used_bytes"] == used + 4096
+        await s.close()
+
+    run(main())
+
+
+def test_put_many_sync_is_one_ring_turn_and_get_many(tdir, engine):
+    async def main():
+        s = await BlobStore.create(os.path.join(tdir, "d"), 16 * MiB, engine=engine)
+        items = [(b"p%03d" % i, os.urandom(100 + i * 37)) for i in range(40)]
+        before = s.stat()["engine_counters"]
+        await s.put_many(items, sync=True)
+        after = s.stat()["engine_counters"]
+        assert after["fdatasyncs"] - before["fdatasyncs"] == 1
+        assert after["enters"] - before["enters"] == 1  # data writes, journal write, fdatasync: one submit
+        assert not s.needs_flush
+        got = await s.get_many([k for k, _ in items] + [b"missing"])
+        assert got[:-1] == [v for _, v in items] and got[-1] is None
+        with pytest.raises(InvalidKey):
+            await s.put_many([(b"ok", b"1"), (b"", b"2")])
+        assert not s.has(b"ok")  # checked before anything was written
+        await s.close()
+
+    run(main())
+
+
+def test_group_commit_shares_fdatasyncs(tdir, engine):
+    seen = []
+
+    class Obs:
+        def on_group_commit(self, n):
+            seen.append(n)
+
+    async def main():
+        s = await BlobStore.create(os.path.join(tdir, "d"), 16 * MiB, engine=engine, observer=Obs())
+        f0 = s.stat()["fdatasyncs"]
+        await asyncio.gather(*(s.put(b"g%d" % i, b"v" * i, sync=True) for i in range(64)))
+        st = s.stat()
+        assert st["fdatasyncs"] - f0 < 64
+        assert st["group_commit_writes"] == 64
+        assert st["group_commits"] == st["fdatasyncs"] - f0
+        assert sum(seen) == 64 and max(seen) > 1
+        for i in range(64):
+            assert await s.get(b"g%d" % i) == b"v" * i
+        await s.close()
+
+    run(main())
+
+
+def test_needs_flush_transitions_and_noop_flush(tdir, engine):
+    skipped = []
+
+    class Obs:
+        def on_flush_skipped(self):
+            skipped.append(1)
+
+    async def main():
+        s = await BlobStore.create(os.path.join(tdir, "d"), 8 * MiB, engine=engine, observer=Obs())
+        assert not s.needs_flush
+        c0 = s.stat()["engine_counters"]
+        await s.flush()  # nothing to do: no syscall
+        c1 = s.stat()["engine_counters"]
+        assert c1["enters"] == c0["enters"] and c1["fdatasyncs"] == c0["fdatasyncs"]
+        assert skipped == [1]
+        await s.put(b"k", b"v")
+        assert s.needs_flush
+        await s.flush()
+        assert not s.needs_flush
+        c2 = s.stat()["engine_counters"]
+        assert c2["fdatasyncs"] == c1["fdatasyncs"] + 1
+        await s.delete(b"k")
+        assert s.needs_flush
+        await s.put(b"k2", b"v", sync=True)  # a sync write makes the earlier ones durable too
+        assert not s.needs_flush
+        await s.delete(b"k2", sync=True)
+        assert not s.needs_flush
+        c3 = s.stat()["engine_counters"]
+        await s.flush()
+        assert s.stat()["engine_counters"]["enters"] == c3["enters"]
+        await s.close()
+
+    run(main())
+
+
+def test_list_order_prefix_paging(tdir):
+    async def main():
+        s = await BlobStore.create(os.path.join(tdir, "d"), 16 * MiB, engine="psync")
+        keys = sorted({os.urandom(1 + i % 5) for i in range(700)} | {b"pre/a", b"pre/b", b"pre/c", b"pre"})
+        await s.put_many([(k, b"") for k in keys])
+        assert [k async for k in s.list()] == keys
+        assert [k async for k in s.list(limit=10)] == keys[:10]
+        mid = keys[300]
+        assert [k async for k in s.list(start_after=mid)] == keys[301:]
+        assert [k async for k in s.list(prefix=b"pre")] == [k for k in keys if k.startswith(b"pre")]
+        assert [k async for k in s.list(prefix=b"pre/", start_after=b"pre/a")] == [b"pre/b", b"pre/c"]
+        assert [k async for k in s.list(prefix=b"pre/", limit=2)] == [b"pre/a", b"pre/b"]
+        assert [k async for k in s.list(limit=0)] == []
+        # paging the way a client does
+        got, after = [], None
+        while True:
+            page = [k async for k in s.list(start_after=after, limit=64)]
+            if not page:
+                break
+            got += page
+            after = page[-1]
+        assert got == keys
+        await s.close()
+
+    run(main())
+
+
+def test_reader_sees_whole_old_or_new_value(tdir, engine):
+    async def main():
+        s = await BlobStore.create(os.path.join(tdir, "d"), 32 * MiB, engine=engine)
+        vals = [bytes([i]) * (200_000 + i) for i in range(6)]
+        await s.put(b"k", vals[0])
+        seen = set()
+
+        async def reader():
+            for _ in range(30):
+                v = await s.get(b"k")
+                assert v in vals
+                seen.add(v[0])
+
+        async def writer():
+            for v in vals[1:]:
+                await s.put(b"k", v)
+
+        await asyncio.gather(reader(), reader(), writer())
+        assert await s.get(b"k") == vals[-1]
+        await s.close()
+
+    run(main())
+
+
+# -- persistence, checkpoints ---------------------------------------------------------
+
+
+def test_reopen_after_close_and_after_crash(tdir, engine):
+    async def main():
+        p = os.path.join(tdir, "d")
+        s = await BlobStore.create(p, 16 * MiB, engine=engine)
+        await s.put(b"a", b"A" * 10_000, sync=True)
+        await s.put(b"b", b"B")
+        await s.close()
+        s = await BlobStore.open(p, engine=engine)
+        assert s.stat()["checkpoints"] == 1
+        assert await s.get(b"a") == b"A" * 10_000 and await s.get(b"b") == b"B"
+        await s.put(b"c", b"C", sync=True)
+        await s.delete(b"a", sync=True)
+        await s.abandon()  # crash: no checkpoint, the journal tail must be replayed
+        s = await BlobStore.open(p, engine=engine)
+        assert s.stat()["recovered_records"] == 2
+        assert not s.has(b"a") and await s.get(b"c") == b"C" and await s.get(b"b") == b"B"
+        await s.close()
+
+    run(main())
+
+
+def test_many_checkpoints_bound_replay_and_keep_data(tdir, engine):
+    async def main():
+        p = os.path.join(tdir, "d")
+        s = await BlobStore.create(p, 16 * MiB, journal_size=256 * 1024, engine=engine,
+                                   checkpoint_threshold=16 * 4096)
+        model = {}
+        for i in range(300):
+            k = b"k%d" % (i % 37)
+            if i % 7 == 3:
+                await s.delete(k, sync=True)
+                model.pop(k, None)
+            else:
+                v = os.urandom(i % 9000)
+                await s.put(k, v, sync=i % 2 == 0)
+                model[k] = v
+        st = s.stat()
+        assert st["checkpoints"] >= 5
+        assert st["journal_bytes"] <= 256 * 1024
+        await s.abandon()
+        s = await BlobStore.open(p, engine=engine)
+        assert s.stat()["recovered_records"] <= 40  # bounded tail, not 300
+        assert {k: await s.get(k) for k in [k async for k in s.list()]} == model
+        used_pages = sum(-(-len(v) // 4096) for v in model.values())
+        st = s.stat()
+        ck = (len(s._ckpt_extents) + len(s._prev_ckpt_extents))
+        assert st["used_bytes"] >= used_pages * 4096
+        assert ck <= 2 * 2 and st["used_bytes"] <= (used_pages + 2 * 2) * 4096  # no leaked extents
+        await s.close()
+
+    run(main())
+
+
+def test_journal_wraps_many_times(tdir):
+    async def main():
+        p = os.path.join(tdir, "d")
+        s = await BlobStore.create(p, 8 * MiB, journal_size=256 * 1024, engine="psync")
+        for i in range(400):
+            await s.put(b"w%d" % (i % 10), b"%d" % i, sync=True)
+        assert s.stat()["journal_bytes_written"] > 3 * 256 * 1024
+        await s.abandon()
+        s = await BlobStore.open(p, engine="psync")
+        for j in range(10):
+            assert await s.get(b"w%d" % j) == b"%d" % (390 + j)
+        await s.close()
+
+    run(main())
+
+
+def test_create_refuses_existing_and_open_create_size(tdir):
+    async def main():
+        p = os.path.join(tdir, "d")
+        s = await BlobStore.open(p, create_size=8 * MiB, engine="psync")  # absent: formats
+        await s.put(b"k", b"v")
+        await s.close()
+        with pytest.raises(ConfigError):
+            await BlobStore.create(p, 8 * MiB, engine="psync")
+        s = await BlobStore.open(p, create_size=8 * MiB, engine="psync")  # present: opens
+        assert await s.get(b"k") == b"v"
+        await s.close()
+        s = await BlobStore.create(p, 8 * MiB, engine="psync", force=True)
+        assert not s.has(b"k")
+        await s.close()
+        with pytest.raises(FileNotFoundError):
+            await BlobStore.open(os.path.join(tdir, "nope"), engine="psync")
+        junk = os.path.join(tdir, "junk")
+        with open(junk, "wb") as f:
+            f.write(os.urandom(1 * MiB))
+        with pytest.raises(Corrupt):
+            await BlobStore.open(junk, engine="psync")
+
+    run(main())
+
+
+def test_read_only_open(tdir):
+    async def main():
+        p = os.path.join(tdir, "d")
+        s = await BlobStore.create(p, 8 * MiB, engine="psync")
+        await s.put(b"k", b"v", sync=True)
+        await s.abandon()
+        s = await BlobStore.open(p, engine="psync", read_only=True)
+        assert await s.get(b"k") == b"v"
+        with pytest.raises(ReadOnly):
+            await s.put(b"x", b"y")
+        with pytest.raises(ReadOnly):
+            await s.delete(b"k")
+        assert s.stat()["read_only"]
+        await s.close()
+
+    run(main())
+
+
+# -- torn journal tails ------------------------------------------------------------------
+
+
+def _journal_tail(s) -> tuple[int, int]:
+    """(file offset of the last batch, its length) — read from the store's own state."""
+    return s._joff + (s._last_batch_pos % s._jbytes), s._last_batch_len
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "zeroed", "header-bit"])
+def test_torn_journal_tail_recovers_valid_prefix(tdir, damage, caplog):
+    async def main():
+        p = os.path.join(tdir, "d")
+        s = await BlobStore.create(p, 8 * MiB, engine="psync")
+        for i in range(5):
+            await s.put(b"k%d" % i, b"v%d" % i, sync=True)
+        await s.put_many([(b"t%d" % i, b"x" * 3000) for i in range(200)], sync=True)  # one multi-block batch
+        await s.put(b"k0", b"new", sync=True)  # replaces k0 in the last batch
+        off, ln = _journal_tail(s)
+        await s.abandon()
+        if damage == "truncated":
+            write_at(p, off + F.BATCH_HEADER_SIZE + 10, bytes(60))  # the record's tail never landed
+        elif damage == "garbage":
+            write_at(p, off, os.urandom(4096))
+        elif damage == "zeroed":
+            write_at(p, off, bytes(4096))
+        else:
+            flip_bit(p, off + 20, 3)
+        s = await BlobStore.open(p, engine="psync")
+        assert await s.get(b"k0") == b"v0"  # the old value: the torn batch is dropped
+        for i in range(1, 5):
+            assert await s.get(b"k%d" % i) == b"v%d" % i
+        assert await s.get(b"t199") == b"x" * 3000
+        # the store goes on writing over the dropped tail
+        await s.put(b"after", b"ok", sync=True)
+        await s.abandon()
+        s = await BlobStore.open(p, engine="psync")
+        assert await s.get(b"after") == b"ok" and await s.get(b"k0") == b"v0"
+        await s.close()
+
+    with caplog.at_level("INFO", logger="ringblob.store"):
+        run(main())
+    assert any("journal" in r.getMessage() for r in caplog.records)
+
+
+def test_stale_batch_after_torn_one_is_not_replayed(tdir):
+    """A shorter batch written over a dropped tail must not chain into the old batches after it."""
+
+    async def main():
+        p = os.path.join(tdir, "d")
+        s = await BlobStore.create(p, 8 * MiB, engine="psync")
+        await s.put(b"a", b"1", sync=True)
+        await s.put_many([(b"m%d" % i, b"y") for i in range(150)], sync=True)  # a 2-block batch
+        off, ln = _journal_tail(s)
+        assert ln >= 8192
+        await s.put(b"stale", b"must not come back", sync=True)
+        await s.abandon()
+        write_at(p, off, bytes(4096))  # tear the big batch: 'stale' follows it on disk
+        s = await BlobStore.open(p, engine="psync")
+        assert not s.has(b"stale") and not s.has(b"m0")
+        await s.put(b"b", b"2", sync=True)  # a 1-block batch where the torn one began
+        await s.put(b"c", b"3", sync=True)  # lands on the torn batch's second block
+        await s.abandon()
+        s = await BlobStore.open(p, engine="psync")
+        assert not s.has(b"stale")
+        assert await s.get(b"b") == b"2" and await s.get(b"c") == b"3"
+        await s.close()
+
+    run(main())
+
+
+# -- corruption -----------------------------------------------------------------------------
+
+
+def test_flipped_data_bit_is_corrupt_on_get_and_scrub(tdir, engine):
+    failures = []
+
+    class Obs:
+        def on_checksum_failure(self, key):
+            failures.append(key)
+
+    async def main():
+        p = os.path.join(tdir, "d")
+        s = await BlobStore.create(p, 8 * MiB, engine=engine, observer=Obs())
+        await s.put(b"good", b"g" * 5000)
+        await s.put(b"bad", b"b" * 5000)
+        await s.put(b"big", os.urandom(400_000), sync=True)
+        page = s._index.get(b"bad")[0]
+        bpage = s._index.get(b"big")[0]
+        await s.close()
+        flip_bit(p, page * 4096 + 1234, 5)
+        flip_bit(p, bpage * 4096 + 300_000, 1)
+        s = await BlobStore.open(p, engine=engine, observer=Obs())
+        assert await s.get(b"good") == b"g" * 5000
+        with pytest.raises(Corrupt) as ei:
+            await s.get(b"bad")
+        assert ei.value.keys == [b"bad"]
+        with pytest.raises(Corrupt):
+            await s.get(b"big")
+        rep = await s.scrub()
+        assert sorted(rep["bad_keys"]) == [b"bad", b"big"]
+        assert rep["checked"] == 3
+        assert s.stat()["checksum_failures"] == 4
+        assert failures.count(b"bad") == 2
+        await s.delete(b"bad")  # the way out: delete and restore
+        await s.put(b"bad", b"fixed")
+        assert (await s.scrub())["bad_keys"] == [b"big"]
+        await s.close()
+
+    run(main())
+
+
+@pytest.mark.parametrize("slot", ["newer", "older"])
+def test_flipped_superblock_bit_falls_back_to_other_slot(tdir, slot, caplog):
+    async def main():
+        p = os.path.join(tdir, "d")
+        s = await BlobStore.create(p, 8 * MiB, engine="psync")
+        await s.put(b"a", b"1")
+        await s.close()  # checkpoint 1 (generation 2)
+        s = await BlobStore.open(p, engine="psync")
+        await s.put(b"b", b"2")
+        await s.close()  # checkpoint 2 (generation 3)
+        gens = []
+        for i in (0, 1):
+            with open(p, "rb") as f:
+                f.seek(i * 4096)
+                gens.append(F.Superblock.decode(f.read(4096)).generation)
+        newer = gens.index(max(gens))
+        target = newer if slot == "newer" else 1 - newer
+        flip_bit(p, target * 4096 + 50, 2)
+        s = await BlobStore.open(p, engine="psync")
+        assert await s.get(b"a") == b"1" and await s.get(b"b") == b"2"
+        await s.put(b"c", b"3")
+        await s.close()  # the next checkpoint rewrites a slot; both are valid again
+        s = await BlobStore.open(p, engine="psync")
+        assert [k async for k in s.list()] == [b"a", b"b", b"c"]
+        await s.close()
+
+    with caplog.at_level("WARNING", logger="ringblob.store"):
+        run(main())
+    assert any("superblock slot" in r.getMessage() for r in caplog.records)
+
+
+def test_both_superblocks_damaged_is_corrupt(tdir):
+    async def main():
+        p = os.path.join(tdir, "d")
+        s = await BlobStore.create(p, 8 * MiB, engine="psync")
+        await s.close()
+        flip_bit(p, 100)
+        flip_bit(p, 4096 + 100)
+        with pytest.raises(Corrupt):
+            await BlobStore.open(p, engine="psync")
+
+    run(main())
+
+
+# -- space -----------------------------------------------------------------------------------
+
+
+def test_nospace_changes_nothing_and_store_stays_usable(tdir):
+    async def main():
+        p = os.path.join(tdir, "d")
+        s = await BlobStore.create(p, 4 * MiB, journal_size=256 * 1024, engine="psync")
+        free = s.stat()["free_bytes"]
+        with pytest.raises(NoSpace):
+            await s.put(b"huge", bytes(free + 4096))
+        assert not s.has(b"huge") and s.stat()["free_bytes"] == free
+        i = 0
+        with pytest.raises(NoSpace):
+            while True:
+                await s.put(b"f%d" % i, os.urandom(100_000))
+                i += 1
+        assert i > 5
+        st = s.stat()
+        assert not st["read_only"]
+        with pytest.raises(NoSpace):
+            await s.put_many([(b"x1", b"1"), (b"x2", bytes(st["free_bytes"] + 4096))])
+        assert not s.has(b"x1") and s.stat()["free_bytes"] == st["free_bytes"]
+        assert len(await s.get(b"f0")) == 100_000
+        await s.delete(b"f0")
+        await s.delete(b"f1")
+        await s.put(b"again", os.urandom(150_000), sync=True)  # space given back by the deletes
+        assert s.stat()["fragmentation"] >= 0.0
+        await s.close()
+        s = await BlobStore.open(p, engine="psync")
+        assert len(await s.get(b"again")) == 150_000
+        await s.close()
+
+    run(main())
+
+
+def test_allocator_best_fit_merge_and_fragmentation():
+    a = Allocator(10, 100)
+    assert a.free_pages == 100 and a.fragmentation() == 0.0
+    x, y, z = a.allocate(10), a.allocate(20), a.allocate(5)
+    assert (x, y, z) == (10, 20, 40)
+    a.free(y, 20)
+    assert a.extents == 2 and a.fragmentation() == pytest.approx(1 - 65 / 85)
+    assert a.allocate(3) == 20  # best fit: the 20-page hole, not the 65-page tail
+    a.free(20, 3)
+    a.free(x, 10)
+    a.free(z, 5)
+    assert list(a.free_extents()) == [(10, 100)]
+
+
+def test_allocator_best_fit_prefers_smallest_hole():
+    a = Allocator(0, 100)
+    exts = [a.allocate(10) for _ in range(10)]
+    a.free(exts[2], 10)  # hole of 10 at 20
+    a.free(exts[5], 10)
+    a.free(exts[6], 10)  # hole of 20 at 50 (merged)
+    assert a.extents == 2
+    assert a.allocate(10) == 20  # exact fit, not the 20-page hole
+    assert a.allocate(15) == 50
+    a.free(20, 10)
+    a.free(50, 15)
+    with pytest.raises(NoSpace):
+        a.allocate(25)
+    assert a.free_pages == 30
+    for e in exts:
+        if e not in (20, 50, 60):
+            a.free(e, 10)
+    assert list(a.free_extents()) == [(0, 100)] and a.fragmentation() == 0.0
+    with pytest.raises(ValueError):
+        a.free(0, 10)  # double free
+    b = Allocator.from_used(0, 50, [(10, 5), (30, 10)])
+    assert list(b.free_extents()) == [(0, 10), (15, 15), (40, 10)]
+    with pytest.raises(ValueError):
+        Allocator.from_used(0, 50, [(10, 5), (12, 5)])
+
+
+# -- I/O errors ------------------------------------------------------------------------------
+
+
+def _faulty_open(p, engine, **kw):
+    holder = {}
+
+    def wrap(e):
+        holder["e"] = FaultyEngine(e, **kw)
+        return holder["e"]
+
+    return holder, wrap
+
+
+@pytest.mark.parametrize("kind", ["fdatasync", "write"])
+def test_eio_turns_store_read_only_and_reopen_recovers(tdir, engine, kind):
+    reasons = []
+
+    class Obs:
+        def on_read_only(self, reason):
+            reasons.append(reason)
+
+    async def main():
+        p = os.path.join(tdir, "d")
+        s = await BlobStore.create(p, 8 * MiB, engine=engine)
+        await s.put(b"kept", b"durable", sync=True)
+        await s.close()
+        holder, wrap = _faulty_open(p, engine)
+        s = await BlobStore.open(p, engine=engine, wrap_engine=wrap, observer=Obs())
+        await s.put(b"acked", b"not yet durable")
+        holder["e"].fail_next(kind)
+        results = await asyncio.gather(*(s.put(b"s%d" % i, b"v", sync=True) for i in range(5)),
+                                       return_exceptions=True)
+        errs = [r for r in results if isinstance(r, Exception)]
+        assert errs and all(isinstance(e, (IOFailed, ReadOnly)) for e in errs)
+        io = [e for e in errs if isinstance(e, IOFailed)]
+        assert io and io[0].errno in (errno.EIO, errno.ECANCELED)
+        assert s.read_only and s.stat()["read_only"] and reasons
+        with pytest.raises(ReadOnly):
+            await s.put(b"later", b"x")
+        with pytest.raises(ReadOnly):
+            await s.delete(b"kept")
+        with pytest.raises(ReadOnly):
+            await s.flush()  # 'acked' can no longer be made durable
+        assert await s.get(b"kept") == b"durable"  # reads go on
+        assert await s.get(b"acked") == b"not yet durable"
+        await s.close()
+        s = await BlobStore.open(p, engine=engine)
+        assert await s.get(b"kept") == b"durable"
+        assert not s.read_only
+        await s.put(b"later", b"x", sync=True)
+        for i in range(5):  # failed requests: absent or their full value, never anything else
+            if s.has(b"s%d" % i):
+                assert await s.get(b"s%d" % i) == b"v"
+        await s.close()
+
+    run(main())
+
+
+def test_eio_on_large_value_data_write(tdir):
+    async def main():
+        p = os.path.join(tdir, "d")
+        holder, wrap = _faulty_open(p, "psync")
+        s = await BlobStore.create(p, 8 * MiB, engine="psync", wrap_engine=wrap)
+        await s.put(b"a", b"1", sync=True)
+        holder["e"].fail_next("write")
+        with pytest.raises(IOFailed):
+            await s.put(b"big", os.urandom(1 * MiB), sync=True)
+        assert s.read_only
+        assert await s.get(b"a") == b"1"
+        await s.close()
+
+    run(main())
+
+
+def test_faulty_engine_cancels_linked_ops(tdir):
+    from ringblob.direct import open_direct
+    from ringblob.engine.aio import AsyncEngine
+    from ringblob.engine.psync import PsyncEngine
+
+    async def main():
+        df = open_direct(os.path.join(tdir, "f"), create_size=1 * MiB)
+        fe = FaultyEngine(PsyncEngine([df.fd], block_size=df.block_size), fail_write=2)
+        aio = AsyncEngine(fe)
+        (b,) = await aio.lease(1)
+        b.view[:4096] = b"a" * 4096
+        res = await aio.run([("write", b, 0, 4096, 0), ("write", b, 4096, 4096, 0), ("write", b, 8192, 4096, 0),
+                             ("fdatasync",)], link=True)
+        assert res[0] == 4096
+        assert isinstance(res[1], OSError) and res[1].errno == errno.EIO
+        assert all(isinstance(r, OSError) and r.errno == errno.ECANCELED for r in res[2:])
+        aio.release(b)
+        aio.close()
+        df.close()
+        with open(os.path.join(tdir, "f"), "rb") as f:
+            data = f.read(12288)
+        assert data[:4096] == b"a" * 4096 and data[4096:] == bytes(8192)  # lost writes left no trace
+        assert fe.injected == 3
+
+    run(main())
+
+
+# -- locking --------------------------------------------------------------------------------
+
+
+def test_second_opener_is_refused_with_pid(tdir):
+    async def main():
+        p = os.path.join(tdir, "d")
+        s = await BlobStore.create(p, 8 * MiB, engine="psync")
+        code = (
+            "import asyncio,sys\n"
+            "from ringblob.store import BlobStore\n"
+            "from ringblob.errors import StoreLocked\n"
+            "async def m():\n"
+            "    try:\n"
+            f"        await BlobStore.open({p!r}, engine='psync')\n"
+            "    except StoreLocked as e:\n"
+            "        print('LOCKED', e); return\n"
+            "    print('OPENED')\n"
+            "asyncio.run(m())\n"
+        )
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+        assert "LOCKED" in out.stdout, out.stdout + out.stderr
+        assert f"pid {os.getpid()}" in out.stdout
+        with pytest.raises(StoreLocked):
+            await BlobStore.open(p, engine="psync")
+        await s.close()
+        s = await BlobStore.open(p, engine="psync")  # released on close
+        await s.close()
+
+    run(main())
+
+
+# -- format unit checks ---------------------------------------------------------------------
+
+
+def test_format_roundtrips_and_crc_checks():
+    sb = F.Superblock(store_id=7, generation=3, page_size=4096, batch_max=65536, total_pages=100,
+                      journal_page=2, journal_pages=16, data_page=18, replay_pos=12345, next_seq=9)
+    raw = sb.encode(4096)
+    assert len(raw) == 4096 and F.Superblock.decode(raw) == sb
+    bad = bytearray(raw)
+    bad[30] ^= 1
+    assert F.Superblock.decode(bytes(bad)) is None
+    recs = [F.encode_put(5, b"key", 99, 1234, b"d" * 32), F.encode_delete(6, b"key"),
+            F.encode_checkpoint(7, 2, 4)]
+    batch, hcrc = F.encode_batch(7, 5, recs, 4, 0xABC, 4096)
+    h = F.decode_batch_header(batch)
+    assert (h.first_seq, h.nrec, h.durable_seq, h.prev_crc, h.hdr_crc, h.nblocks) == (5, 3, 4, 0xABC, hcrc, 1)
+    got, problem = F.decode_records(batch[F.BATCH_HEADER_SIZE:F.BATCH_HEADER_SIZE + h.payload_len], 5, 3)
+    assert problem is None
+    assert got[0] == (F.REC_PUT, 5, b"key", 99, 1234, b"d" * 32)
+    assert got[1][:3] == (F.REC_DELETE, 6, b"key") and got[2][:4] == (F.REC_CHECKPOINT, 7, None, 2)
+    torn = bytearray(batch)
+    torn[F.BATCH_HEADER_SIZE + len(recs[0]) + 12] ^= 0xFF  # a seq byte of record 6
+    got, problem = F.decode_records(torn[F.BATCH_HEADER_SIZE:F.BATCH_HEADER_SIZE + h.payload_len], 5, 3)
+    assert len(got) == 1 and "CRC32C" in problem
