@@ -3,6 +3,7 @@
 #   make run     set up everything, then start the daemon on its embedded defaults (./var)
 #   make test    set up everything, then run the test suite
 #   make bench   set up everything (plus fio/redis from apt), then run the benchmarks
+#                (bench/run.py: ringblob vs fio vs Redis; make bench-quick: < 1 min)
 #   make clean   remove build outputs (keeps ./var data)
 #
 # Set-up is idempotent: liburing-dev from apt when <liburing.h> is missing,
@@ -18,7 +19,7 @@ EXT_SRC := $(wildcard cython/*.pyx cython/*.pxd) setup.py
 LIBURING_H ?= /usr/include/liburing.h
 PYTEST_ARGS ?=
 
-.PHONY: all setup run test bench torture fuzz install clean liburing doctor
+.PHONY: all setup run test bench bench-quick bench-deps bench-engine torture fuzz install clean liburing doctor
 
 all: setup
 
@@ -54,7 +55,34 @@ run: setup
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-bench: setup
+# fio and redis-server come from Debian's apt (root), else the command is printed;
+# BENCH_ARGS e.g. "--medium --profile". bench-quick checks the harness in < 1 min.
+BENCH_ARGS ?=
+
+bench-deps:
+	@missing=""; \
+	for b in fio:fio redis-server:redis-server redis-benchmark:redis-tools; do \
+	  command -v $${b%%:*} >/dev/null 2>&1 || missing="$$missing $${b#*:}"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" -eq 0 ]; then \
+	    echo "ringblob bench: installing Debian's$$missing with apt-get"; \
+	    DEBIAN_FRONTEND=noninteractive apt-get update -q && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; \
+	  else \
+	    echo "ringblob bench:$$missing missing and this is not root; install with:"; \
+	    echo "  sudo apt-get update && sudo apt-get install -y$$missing"; \
+	  fi; \
+	fi
+	@$(PY) -c "import matplotlib" 2>/dev/null || $(PIP) install -q "matplotlib>=3.7"
+
+bench: setup bench-deps
+	$(PY) bench/run.py $(BENCH_ARGS)
+
+bench-quick: setup bench-deps
+	$(PY) bench/run.py --quick $(BENCH_ARGS)
+
+bench-engine: setup
 	$(PY) bench/engine.py
 
 doctor: setup

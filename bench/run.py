@@ -1,0 +1,1245 @@
+#!/usr/bin/env python3
+"""ringblob beside fio and Redis: one run, same file system, same block size and concurrency.
+
+What it runs (``make bench``; ``make bench-quick`` is ``--quick``):
+
+* **fio** (the physical limit): ``--ioengine=io_uring --fixedbufs
+  --registerfiles --direct=1`` on a file under ``.bench-tmp/``: 4 KiB
+  randread and randwrite at QD 1 and 32, 4 KiB randwrite with an fdatasync
+  every 32 writes (and every write at QD 1, the counterpart of a lone
+  ``sync=True`` put), 1 MiB sequential read and write at QD 8.
+* **ringblob** through its Unix socket, ``ringblob serve --engine uring`` and
+  then ``--engine psync`` on the same data file: 4 KiB GET of random keys
+  (concurrency 1 and 32), 4 KiB PUT with ``sync=True`` (1, 32, 128), 4 KiB PUT
+  with ``sync=False`` plus a FLUSH every N puts per client process (32),
+  1 MiB PUT (``sync=False``) and GET (8). The load comes from several client
+  processes (``multiprocessing``), each with one pipelining
+  :class:`ringblob.AsyncClient` carrying its share of the concurrency.
+* **Redis** (``redis-server``, AOF with ``appendfsync always``, Unix socket
+  only, ``port 0``) driven by ``redis-benchmark -d 4096`` at the same
+  concurrency.
+
+It reports throughput and p50/p99 latency of each, the ratio of each ringblob
+figure to its fio and Redis counterparts, checks the targets of issue 5
+(PASS/MISS) and writes ``bench/results/run.json``, ``run.md`` and ``run.png``,
+stamped with the machine. ``--profile`` then samples the daemon with py-spy
+under load (``profile.txt``, ``profile.svg``).
+
+Modes: ``--quick`` (< 1 minute, checks the harness; numbers are rough),
+``--medium`` (~3 minutes), default full (~6 minutes on 2 cores). Only local
+processes are benchmarked: Unix sockets, files under the repository.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import io
+import json
+import multiprocessing as mp
+import os
+import platform
+import random
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from array import array
+from dataclasses import dataclass, field
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "daemon"))
+
+KIB = 1024
+MIB = 1024 * 1024
+
+# -- modes ----------------------------------------------------------------------------------
+
+MODES = {
+    # duration / warmup: seconds per configuration; get_set: bytes of 4 KiB blobs GET reads from
+    "quick": dict(duration=0.8, warmup=0.2, fio_runtime="1", fio_ramp="0", get_set=32 * MIB, big_set=16, put_keys=4096, big_put_keys=8),
+    "medium": dict(duration=3.0, warmup=0.7, fio_runtime="3", fio_ramp="1", get_set=256 * MIB, big_set=128, put_keys=32768, big_put_keys=32),
+    "full": dict(duration=5.0, warmup=1.0, fio_runtime="5", fio_ramp="1", get_set=1024 * MIB, big_set=256, put_keys=65536, big_put_keys=64),
+}
+
+FLUSH_EVERY = 32  # 4 KiB sync=False puts per client process between FLUSH requests
+
+# -- fio jobs -------------------------------------------------------------------------------
+
+FIO_JOBS = {
+    # name: (rw, bs, iodepth, fdatasync every N writes or 0)
+    "randread_4k_qd1": ("randread", "4k", 1, 0),
+    "randread_4k_qd32": ("randread", "4k", 32, 0),
+    "randwrite_4k_qd1": ("randwrite", "4k", 1, 0),
+    "randwrite_4k_qd32": ("randwrite", "4k", 32, 0),
+    "randwrite_4k_qd1_fdatasync1": ("randwrite", "4k", 1, 1),
+    "randwrite_4k_qd32_fdatasync32": ("randwrite", "4k", 32, 32),
+    "read_1m_qd8": ("read", "1m", 8, 0),
+    "write_1m_qd8": ("write", "1m", 8, 0),
+}
+
+# -- ringblob workloads ------------------------------------------------------------------------
+
+RB_WORKLOADS = [
+    # name, op, value size, concurrency
+    ("get_4k_c1", "get", 4 * KIB, 1),
+    ("get_4k_c32", "get", 4 * KIB, 32),
+    ("put_4k_sync_c1", "put_sync", 4 * KIB, 1),
+    ("put_4k_sync_c32", "put_sync", 4 * KIB, 32),
+    ("put_4k_sync_c128", "put_sync", 4 * KIB, 128),
+    ("put_4k_nosync_flush_c32", "put_nosync_flush", 4 * KIB, 32),
+    ("get_1m_c8", "get_big", MIB, 8),
+    ("put_1m_c8", "put_big", MIB, 8),
+]
+
+# -- Redis runs ---------------------------------------------------------------------------------
+
+REDIS_RUNS = [
+    # name, redis-benchmark test, concurrency
+    ("set_c1", "set", 1),
+    ("set_c32", "set", 32),
+    ("set_c128", "set", 128),
+    ("get_c1", "get", 1),
+    ("get_c32", "get", 32),
+]
+REDIS_KEYSPACE = 10000
+
+# ringblob workload -> (fio counterpart, Redis counterpart)
+COUNTERPARTS = {
+    "get_4k_c1": ("randread_4k_qd1", "get_c1"),
+    "get_4k_c32": ("randread_4k_qd32", "get_c32"),
+    "put_4k_sync_c1": ("randwrite_4k_qd1_fdatasync1", "set_c1"),
+    "put_4k_sync_c32": ("randwrite_4k_qd32_fdatasync32", "set_c32"),
+    "put_4k_sync_c128": ("randwrite_4k_qd32_fdatasync32", "set_c128"),
+    "put_4k_nosync_flush_c32": ("randwrite_4k_qd32", None),
+    "get_1m_c8": ("read_1m_qd8", None),
+    "put_1m_c8": ("write_1m_qd8", None),
+}
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# -- machine stamp ------------------------------------------------------------------------------
+
+
+def _cmd_out(argv: list[str]) -> str:
+    try:
+        return subprocess.run(argv, capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def machine_stamp(workdir: str) -> dict:
+    """nproc, CPU model, memory, kernel, file system and device of ``workdir``, tool versions, git commit."""
+    cpu = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    mem = 0
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    mem = int(line.split()[1]) * KIB
+    except OSError:
+        pass
+    fs = _cmd_out(["findmnt", "-n", "-o", "FSTYPE,SOURCE,OPTIONS", "--target", workdir]) or _cmd_out(
+        ["stat", "-f", "-c", "%T", workdir]
+    )
+    return {
+        "nproc": os.cpu_count(),
+        "cpu_model": cpu,
+        "mem_bytes": mem,
+        "kernel": platform.release(),
+        "os": _os_release(),
+        "filesystem": fs,
+        "workdir": workdir,
+        "python": platform.python_version(),
+        "fio": _cmd_out(["fio", "--version"]) if shutil.which("fio") else None,
+        "redis": _cmd_out(["redis-server", "--version"]) if shutil.which("redis-server") else None,
+        "git_commit": _cmd_out(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"]),
+        "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
+        "note": "shared 2-core VM where other jobs (test runs) may run at the same time: figures are noisy"
+        if (os.cpu_count() or 0) <= 2
+        else "",
+    }
+
+
+def _os_release() -> str:
+    try:
+        with open("/etc/os-release") as f:
+            for line in f:
+                if line.startswith("PRETTY_NAME="):
+                    return line.split("=", 1)[1].strip().strip('"')
+    except OSError:
+        pass
+    return platform.platform()
+
+
+# -- CPU accounting -----------------------------------------------------------------------------
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def proc_cpu(pid: int) -> float:
+    """CPU seconds (user + system, all threads) used so far by process ``pid``; 0.0 when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / _TICK
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+def host_cpu() -> tuple[float, float]:
+    """(busy, total) jiffies of all CPUs from /proc/stat."""
+    with open("/proc/stat") as f:
+        parts = [int(x) for x in f.readline().split()[1:]]
+    idle = parts[3] + (parts[4] if len(parts) > 4 else 0)
+    total = sum(parts[:8])
+    return total - idle, total
+
+
+# -- percentiles -------------------------------------------------------------------------------
+
+
+def percentiles(lat_s: "list[float] | array", ps=(50, 99)) -> dict:
+    """Latency percentiles in microseconds from samples in seconds ({} when there are none)."""
+    import numpy as np
+
+    a = np.frombuffer(lat_s, dtype=np.float64) if isinstance(lat_s, (array, bytes)) else np.asarray(lat_s, dtype=np.float64)
+    if a.size == 0:
+        return {}
+    out = {f"p{p}_us": float(np.percentile(a, p) * 1e6) for p in ps}
+    out["mean_us"] = float(a.mean() * 1e6)
+    return out
+
+
+# -- fio ----------------------------------------------------------------------------------------
+
+
+def fio_command(name: str, path: str, size: int, mode: dict, json_out: str | None = None) -> list[str]:
+    """The fio command line of job ``name`` (see FIO_JOBS) on file ``path`` of ``size`` bytes."""
+    rw, bs, qd, fds = FIO_JOBS[name]
+    argv = [
+        "fio",
+        f"--name={name}",
+        f"--filename={path}",
+        f"--size={size}",
+        "--ioengine=io_uring",
+        "--fixedbufs",
+        "--registerfiles",
+        "--direct=1",
+        f"--rw={rw}",
+        f"--bs={bs}",
+        f"--iodepth={qd}",
+        "--time_based",
+        f"--runtime={mode['fio_runtime']}",
+        f"--ramp_time={mode['fio_ramp']}",
+        "--output-format=json",
+    ]
+    if fds:
+        argv.append(f"--fdatasync={fds}")
+    if json_out:
+        argv.append(f"--output={json_out}")
+    return argv
+
+
+def parse_fio(doc: dict, name: str) -> dict:
+    """One result row from fio's ``--output-format=json``: ops/s, bytes/s, clat p50/p99 (µs)."""
+    job = doc["jobs"][0]
+    rw, bs, qd, fds = FIO_JOBS[name]
+    side = job["read"] if "read" in rw else job["write"]
+    pct = side.get("clat_ns", {}).get("percentile", {})
+    row = {
+        "system": "fio",
+        "workload": name,
+        "block_size": side["bs_bytes"] if "bs_bytes" in side else (4 * KIB if bs == "4k" else MIB),
+        "concurrency": qd,
+        "ops_per_s": float(side["iops"]),
+        "bytes_per_s": float(side.get("bw_bytes", side["bw"] * KIB)),
+        "p50_us": pct.get("50.000000", 0) / 1000.0,
+        "p99_us": pct.get("99.000000", 0) / 1000.0,
+        "mean_us": side.get("clat_ns", {}).get("mean", 0) / 1000.0,
+        "duration_s": job.get("job_runtime", 0) / 1000.0,
+        "host_cpu_user_pct": job.get("usr_cpu"),
+        "host_cpu_sys_pct": job.get("sys_cpu"),
+    }
+    row["block_size"] = 4 * KIB if bs == "4k" else MIB
+    if fds:
+        sync = job.get("sync", {})
+        row["fdatasync_every"] = fds
+        row["fdatasync_mean_us"] = sync.get("lat_ns", {}).get("mean", 0) / 1000.0
+        spct = sync.get("lat_ns", {}).get("percentile", {})
+        if spct:
+            row["fdatasync_p99_us"] = spct.get("99.000000", 0) / 1000.0
+        row["note"] = "clat is the write's; the fdatasync latency is apart"
+    return row
+
+
+def ensure_tool(binary: str, package: str) -> bool:
+    """True when ``binary`` is on PATH, installing Debian's ``package`` with apt-get as root if needed."""
+    if shutil.which(binary):
+        return True
+    cmd = f"apt-get update -q && apt-get install -y -q {package}"
+    if os.geteuid() == 0 and shutil.which("apt-get"):
+        log(f"{binary} is missing; installing Debian's {package}: {cmd}")
+        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+        subprocess.run(["apt-get", "update", "-q"], env=env, stdout=subprocess.DEVNULL)
+        subprocess.run(["apt-get", "install", "-y", "-q", package], env=env, stdout=subprocess.DEVNULL)
+        return bool(shutil.which(binary))
+    log(f"{binary} is missing and this is not root; install it with:  sudo {cmd}")
+    return False
+
+
+def run_fio(workdir: str, mode: dict, size: int) -> tuple[list[dict], list[str]]:
+    """Run every FIO_JOBS job on one file; returns (rows, errors)."""
+    path = os.path.join(workdir, "fio.dat")
+    rows, errors = [], []
+    if not ensure_tool("fio", "fio"):
+        for name in FIO_JOBS:
+            log("skipped (no fio): " + shlex.join(fio_command(name, path, size, mode)))
+        return rows, ["fio is not installed"]
+    # Lay the file out with real writes first (an fallocated file reads as zeros without I/O).
+    if not os.path.exists(path) or os.path.getsize(path) < size:
+        log(f"fio: writing the {size // MIB} MiB test file {path}")
+        subprocess.run(
+            ["fio", "--name=layout", f"--filename={path}", f"--size={size}", "--rw=write", "--bs=1m",
+             "--direct=1", "--ioengine=io_uring", "--iodepth=8", "--output-format=terse"],
+            stdout=subprocess.DEVNULL, check=False,
+        )
+    for name in FIO_JOBS:
+        out = os.path.join(workdir, f"fio-{name}.json")
+        argv = fio_command(name, path, size, mode, json_out=out)
+        log("fio: " + shlex.join(argv))
+        proc = subprocess.run(argv, capture_output=True, text=True)
+        if proc.returncode != 0:
+            errors.append(f"fio {name}: exit {proc.returncode}: {proc.stderr.strip()[-300:]}")
+            continue
+        try:
+            with open(out) as f:
+                text = f.read()
+            doc = json.loads(text[text.index("{"):])  # fio may print notes before the JSON
+            row = parse_fio(doc, name)
+        except (OSError, ValueError, KeyError, IndexError) as exc:
+            errors.append(f"fio {name}: cannot parse its JSON: {exc}")
+            continue
+        row["command"] = shlex.join(argv[:-1])
+        rows.append(row)
+        log(f"fio: {name}: {row['ops_per_s']:.0f} op/s {row['bytes_per_s'] / MIB:.1f} MiB/s "
+            f"p50 {row['p50_us']:.0f} µs p99 {row['p99_us']:.0f} µs")
+    return rows, errors
+
+
+# -- ringblob: the daemon -------------------------------------------------------------------------
+
+
+def ringblob_binary() -> list[str]:
+    exe = os.path.join(os.path.dirname(sys.executable), "ringblob")
+    if os.path.exists(exe):
+        return [exe]
+    found = shutil.which("ringblob")
+    if found:
+        return [found]
+    return [sys.executable, "-m", "ringblob.cli"]
+
+
+class Daemon:
+    """``ringblob serve`` as a subprocess with its log in ``workdir``; ``start()`` waits for its socket."""
+
+    def __init__(self, workdir: str, data: str, size: int, engine: str, extra: list[str] | None = None):
+        self.workdir = workdir
+        self.data = data
+        self.size = size
+        self.engine = engine
+        self.socket = os.path.join(workdir, "rb.sock")
+        self.log_path = os.path.join(workdir, f"ringblob-{engine}.log")
+        self.extra = extra or []
+        self.proc: subprocess.Popen | None = None
+        self.stat: dict = {}
+
+    @property
+    def argv(self) -> list[str]:
+        return ringblob_binary() + [
+            "serve", "--data", self.data, "--size", str(self.size), "--socket", self.socket,
+            "--metrics-addr", "", "--engine", self.engine, *self.extra,
+        ]
+
+    def log_tail(self, n: int = 2000) -> str:
+        try:
+            with open(self.log_path, "rb") as f:
+                return f.read()[-n:].decode("utf-8", "replace")
+        except OSError:
+            return ""
+
+    def start(self, timeout: float = 120.0) -> None:
+        from ringblob.client import Client
+
+        if os.path.exists(self.socket):
+            os.unlink(self.socket)
+        logf = open(self.log_path, "ab")
+        log("daemon: " + shlex.join(self.argv))
+        self.proc = subprocess.Popen(self.argv, stdout=logf, stderr=subprocess.STDOUT, cwd=ROOT)
+        logf.close()
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"ringblob serve exited with status {self.proc.returncode}:\n{self.log_tail()}")
+            if os.path.exists(self.socket):
+                try:
+                    with Client(self.socket, timeout=5) as c:
+                        c.ping()
+                        try:
+                            self.stat = c.stat()
+                        except Exception as exc:  # noqa: BLE001 - STAT is informative only
+                            self.stat = {"error": repr(exc)}
+                    break
+                except OSError:
+                    pass
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"ringblob serve did not answer on {self.socket} within {timeout:.0f} s:\n{self.log_tail()}")
+            time.sleep(0.05)
+        got = self.stat.get("engine")
+        if got and got != self.engine:
+            self.stop()
+            raise RuntimeError(f"asked for --engine {self.engine} but the daemon reports engine {got!r}")
+        log(f"daemon: ready (pid {self.proc.pid}, engine {got or self.engine})")
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def stop(self, timeout: float = 60.0) -> int | None:
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return None
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                log(f"daemon {proc.pid} ignored SIGTERM for {timeout:.0f} s; killing it")
+                proc.kill()
+                proc.wait()
+        return proc.returncode
+
+
+# -- ringblob: load generator (child processes) ----------------------------------------------------
+
+
+@dataclass
+class Spec:
+    """What one load-generating process does."""
+
+    socket: str
+    op: str  # get | put_sync | put_nosync_flush | get_big | put_big | fill | fill_big
+    size: int  # value bytes
+    share: int  # concurrent requests this process keeps in flight
+    keys: int  # key space
+    seed: int
+    duration: float = 0.0
+    warmup: float = 0.0
+    key_lo: int = 0  # fill: [key_lo, key_hi)
+    key_hi: int = 0
+    flush_every: int = FLUSH_EVERY
+
+
+def get_key(i: int) -> bytes:
+    return b"g%09d" % i
+
+
+def big_key(i: int) -> bytes:
+    return b"G%06d" % i
+
+
+def put_key(i: int) -> bytes:
+    return b"p%09d" % i
+
+
+def big_put_key(i: int) -> bytes:
+    return b"P%06d" % i
+
+
+def _child(spec: Spec, ready, go, start_at, results) -> None:
+    try:
+        import uvloop  # noqa: F401
+
+        runner = uvloop.run
+        loop_name = "uvloop"
+    except ImportError:
+        runner = asyncio.run
+        loop_name = "asyncio"
+    try:
+        out = runner(_load(spec, ready, go, start_at))
+        out["loop"] = loop_name
+    except BaseException as exc:  # noqa: BLE001 - report to the parent, never hang it
+        ready.put(("error", repr(exc)))
+        out = {"error": f"{type(exc).__name__}: {exc}"}
+    results.put(out)
+
+
+async def _load(spec: Spec, ready, go, start_at) -> dict:
+    from ringblob.client import AsyncClient
+
+    client = AsyncClient(spec.socket)
+    await client.connect()
+    rnd = random.Random(spec.seed)
+    value = rnd.randbytes(spec.size)
+    if spec.op in ("fill", "fill_big"):
+        return await _fill(client, spec, value, ready)
+    ready.put(("ready", spec.seed))
+    go.wait()  # blocking on purpose: nothing else runs on this loop yet
+    t_meas = start_at.value
+    t_end = t_meas + spec.duration
+    lat = array("d")
+    flush_lat = array("d")
+    state = {"done": 0, "errors": 0, "first_error": None, "cpu0": None, "cpu1": None, "puts": 0}
+    clock = time.perf_counter
+
+    op = spec.op
+    n = spec.keys
+    if op in ("get", "get_big"):
+        keyf = get_key if op == "get" else big_key
+        keys = [keyf(i) for i in range(n)]
+    else:
+        keyf = put_key if op != "put_big" else big_put_key
+        keys = [keyf(i) for i in range(n)]
+    sync = op == "put_sync"
+    size = spec.size
+
+    async def one(i: int) -> None:
+        r = random.Random(spec.seed * 7919 + i)
+        while True:
+            t0 = clock()
+            if t0 >= t_end:
+                return
+            key = keys[r.randrange(n)]
+            try:
+                if op in ("get", "get_big"):
+                    got = await client.get(key)
+                    if len(got) != size:
+                        raise AssertionError(f"GET {key!r} returned {len(got)} bytes, expected {size}")
+                else:
+                    await client.put(key, value, sync=sync)
+            except Exception as exc:  # noqa: BLE001 - counted and reported
+                state["errors"] += 1
+                if state["first_error"] is None:
+                    state["first_error"] = f"{type(exc).__name__}: {exc}"
+                if state["errors"] > 1000:
+                    raise
+                continue
+            t1 = clock()
+            if t0 >= t_meas and t1 <= t_end:
+                lat.append(t1 - t0)
+            if op == "put_nosync_flush":
+                state["puts"] += 1
+                if state["puts"] % spec.flush_every == 0:
+                    f0 = clock()
+                    await client.flush()
+                    if f0 >= t_meas:
+                        flush_lat.append(clock() - f0)
+
+    async def cpu_marks() -> None:
+        await asyncio.sleep(max(0.0, t_meas - clock()))
+        state["cpu0"] = time.process_time()
+        await asyncio.sleep(max(0.0, t_end - clock()))
+        state["cpu1"] = time.process_time()
+
+    marks = asyncio.ensure_future(cpu_marks())
+    await asyncio.gather(*(one(i) for i in range(spec.share)))
+    await marks
+    if op == "put_nosync_flush" or op == "put_big":
+        await client.flush()
+    await client.close()
+    return {
+        "lat": lat.tobytes(),
+        "flush_lat": flush_lat.tobytes(),
+        "errors": state["errors"],
+        "first_error": state["first_error"],
+        "cpu_s": (state["cpu1"] or 0) - (state["cpu0"] or 0),
+    }
+
+
+async def _fill(client, spec: Spec, value: bytes, ready) -> dict:
+    keyf = get_key if spec.op == "fill" else big_key
+    it = iter(range(spec.key_lo, spec.key_hi))
+
+    async def one() -> None:
+        for i in it:
+            v = value[: len(value) - 16] + b"%016d" % i  # distinct content per key
+            await client.put(keyf(i), v, sync=False)
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(one() for _ in range(spec.share)))
+    await client.flush()
+    await client.close()
+    return {"fill_s": time.perf_counter() - t0, "count": spec.key_hi - spec.key_lo}
+
+
+def run_load(specs: list[Spec], warmup: float, duration: float, pid: int | None) -> dict:
+    """Start one process per spec, release them together, and merge what they measured."""
+    ctx = mp.get_context("fork")
+    ready, results = ctx.Queue(), ctx.Queue()
+    go = ctx.Event()
+    start_at = ctx.Value("d", 0.0)
+    procs = [ctx.Process(target=_child, args=(s, ready, go, start_at, results), daemon=True) for s in specs]
+    for p in procs:
+        p.start()
+    fill = specs[0].op.startswith("fill")
+    errors: list[str] = []
+    if not fill:
+        for _ in procs:
+            kind, what = ready.get(timeout=60)
+            if kind == "error":
+                errors.append(what)
+        start_at.value = time.perf_counter() + warmup
+        go.set()
+        # Sample the daemon and the host over the measured window.
+        time.sleep(max(0.0, start_at.value - time.perf_counter()))
+        d0 = proc_cpu(pid) if pid else 0.0
+        h0 = host_cpu()
+        time.sleep(max(0.0, start_at.value + duration - time.perf_counter()))
+        d1 = proc_cpu(pid) if pid else 0.0
+        h1 = host_cpu()
+    outs = [results.get(timeout=max(120.0, duration * 4)) for _ in procs]
+    for p in procs:
+        p.join(10)
+    errors += [o["error"] for o in outs if "error" in o]
+    if fill:
+        return {"errors": errors, "fill_s": max((o.get("fill_s", 0) for o in outs), default=0)}
+    import numpy as np
+
+    lat = np.concatenate([np.frombuffer(o["lat"], dtype=np.float64) for o in outs if "lat" in o] or [np.zeros(0)])
+    flush_lat = np.concatenate([np.frombuffer(o["flush_lat"], dtype=np.float64) for o in outs if "flush_lat" in o] or [np.zeros(0)])
+    req_errors = sum(o.get("errors", 0) for o in outs)
+    first = next((o["first_error"] for o in outs if o.get("first_error")), None)
+    if first:
+        errors.append(f"{req_errors} request(s) failed; first: {first}")
+    ops = int(lat.size)
+    out = {
+        "ops": ops,
+        "duration_s": duration,
+        "ops_per_s": ops / duration,
+        "bytes_per_s": ops * specs[0].size / duration,
+        "block_size": specs[0].size,
+        **percentiles(lat),
+        "client_processes": len(specs),
+        "client_loop": next((o.get("loop") for o in outs if o.get("loop")), None),
+        "client_cpu_cores": sum(o.get("cpu_s", 0) for o in outs) / duration,
+        "request_errors": req_errors,
+        "errors": errors,
+    }
+    if flush_lat.size:
+        out["flushes"] = int(flush_lat.size)
+        out["flush_p50_us"] = float(np.percentile(flush_lat, 50) * 1e6)
+        out["flush_p99_us"] = float(np.percentile(flush_lat, 99) * 1e6)
+    if pid:
+        out["daemon_cpu_cores"] = (d1 - d0) / duration
+        out["daemon_cpu_us_per_op"] = (d1 - d0) / ops * 1e6 if ops else None
+    busy, total = h1[0] - h0[0], h1[1] - h0[1]
+    out["host_cpu_busy"] = busy / total if total else None
+    return out
+
+
+def split(total: int, parts: int) -> list[int]:
+    return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
+
+
+def fill(socket_path: str, op: str, count: int, size: int, procs: int) -> float:
+    """Store ``count`` blobs of ``size`` bytes (keys 0..count-1) from ``procs`` processes; seconds taken."""
+    t0 = time.perf_counter()
+    specs = []
+    lo = 0
+    for i, n in enumerate(split(count, procs)):
+        specs.append(Spec(socket_path, op, size, share=32 if size <= 64 * KIB else 4, keys=count, seed=1000 + i, key_lo=lo, key_hi=lo + n))
+        lo += n
+    res = run_load(specs, 0, 0, None)
+    if res["errors"]:
+        raise RuntimeError(f"filling the data set failed: {res['errors'][:3]}")
+    return time.perf_counter() - t0
+
+
+def dataset_present(socket_path: str, get_keys: int, big_keys: int) -> bool:
+    from ringblob.client import Client
+
+    try:
+        with Client(socket_path, timeout=10) as c:
+            probes = [get_key(0), get_key(get_keys - 1), get_key(get_keys // 2), big_key(0), big_key(big_keys - 1)]
+            return all(c.has(k) for k in probes)
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def run_ringblob(engine: str, workdir: str, mode: dict, clients: int, data_size: int, profile_hook=None) -> tuple[list[dict], list[str], dict]:
+    """Start ``ringblob serve --engine ENGINE``, make sure the data set is there, run RB_WORKLOADS."""
+    data = os.path.join(workdir, "ringblob.data")
+    get_keys = mode["get_set"] // (4 * KIB)
+    big_keys = mode["big_set"]
+    daemon = Daemon(workdir, data, data_size, engine)
+    rows, errors = [], []
+    try:
+        try:
+            daemon.start()
+        except RuntimeError as exc:
+            if os.path.exists(data):
+                log(f"daemon did not start on the existing {data} ({str(exc).splitlines()[0]}); formatting afresh")
+                os.unlink(data)
+                daemon.start()
+            else:
+                raise
+        info = {"argv": daemon.argv, "stat": daemon.stat, "pid": daemon.pid}
+        if not dataset_present(daemon.socket, get_keys, big_keys):
+            n = max(2, clients)
+            log(f"ringblob: filling {get_keys} x 4 KiB blobs ({get_keys * 4 // 1024} MiB) and {big_keys} x 1 MiB from {n} processes")
+            t = fill(daemon.socket, "fill", get_keys, 4 * KIB, n)
+            t2 = fill(daemon.socket, "fill_big", big_keys, MIB, n)
+            info["fill_s"] = {"4k": t, "1m": t2}
+            log(f"ringblob: filled in {t:.1f} s + {t2:.1f} s")
+        else:
+            log("ringblob: the data set from an earlier run is there; reusing it")
+        for name, op, size, conc in RB_WORKLOADS:
+            procs = max(1, min(clients, conc))
+            keys = {"get": get_keys, "get_big": big_keys, "put_big": mode["big_put_keys"]}.get(op, mode["put_keys"])
+            specs = [
+                Spec(daemon.socket, op, size, share=s, keys=keys, seed=i + 1, duration=mode["duration"], warmup=mode["warmup"])
+                for i, s in enumerate(split(conc, procs))
+            ]
+            if profile_hook is not None:
+                profile_hook(name, daemon, specs, mode)
+                continue
+            res = run_load(specs, mode["warmup"], mode["duration"], daemon.pid)
+            row = {"system": f"ringblob-{engine}", "engine": engine, "workload": name, "concurrency": conc, **res}
+            if op == "put_nosync_flush":
+                row["flush_every"] = FLUSH_EVERY
+            rows.append(row)
+            errors += [f"{engine} {name}: {e}" for e in res["errors"]]
+            log(f"ringblob-{engine}: {name}: {row['ops_per_s']:.0f} op/s {row['bytes_per_s'] / MIB:.1f} MiB/s "
+                f"p50 {row.get('p50_us', 0):.0f} µs p99 {row.get('p99_us', 0):.0f} µs; daemon "
+                f"{row.get('daemon_cpu_cores', 0):.2f} cores, clients {row['client_cpu_cores']:.2f} cores, "
+                f"host busy {100 * (row.get('host_cpu_busy') or 0):.0f}%"
+                + (f"; {len(res['errors'])} error(s): {res['errors'][0]}" if res["errors"] else ""))
+            if daemon.proc is None or daemon.proc.poll() is not None:
+                raise RuntimeError(f"the daemon died during {name}:\n{daemon.log_tail()}")
+        info["stat_after"] = _stat(daemon.socket)
+        return rows, errors, info
+    except (RuntimeError, OSError) as exc:
+        errors.append(f"ringblob --engine {engine}: {exc}")
+        log(errors[-1])
+        return rows, errors, {}
+    finally:
+        rc = daemon.stop()
+        if rc not in (0, None, -15):
+            errors.append(f"ringblob --engine {engine} exited with status {rc} at SIGTERM:\n{daemon.log_tail(600)}")
+
+
+def _stat(socket_path: str) -> dict:
+    from ringblob.client import Client
+
+    try:
+        with Client(socket_path, timeout=10) as c:
+            return c.stat()
+    except Exception as exc:  # noqa: BLE001
+        return {"error": repr(exc)}
+
+
+# -- Redis --------------------------------------------------------------------------------------
+
+
+def run_redis(workdir: str, mode: dict) -> tuple[list[dict], list[str], dict]:
+    """redis-server (AOF, appendfsync always, Unix socket only) and redis-benchmark -d 4096."""
+    ok = ensure_tool("redis-server", "redis-server") and ensure_tool("redis-benchmark", "redis-tools")
+    rdir = os.path.join(workdir, "redis")
+    sock = os.path.join(rdir, "redis.sock")
+    if not ok:
+        for name, test, c in REDIS_RUNS:
+            log("skipped (no redis): " + shlex.join(_redis_bench_argv(sock, test, c, 100000)))
+        return [], ["redis-server / redis-benchmark are not installed"], {}
+    shutil.rmtree(rdir, ignore_errors=True)
+    os.makedirs(rdir)
+    conf = os.path.join(rdir, "redis.conf")
+    with open(conf, "w") as f:
+        f.write(
+            "port 0\n"
+            f"unixsocket {sock}\n"
+            "unixsocketperm 700\n"
+            f"dir {rdir}\n"
+            "appendonly yes\n"
+            "appendfsync always\n"
+            "auto-aof-rewrite-percentage 0\n"
+            'save ""\n'
+            "daemonize no\n"
+            f"logfile {os.path.join(rdir, 'redis.log')}\n"
+        )
+    argv = ["redis-server", conf]
+    log("redis: " + shlex.join(argv))
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    rows, errors = [], []
+    info = {"config": open(conf).read(), "version": _cmd_out(["redis-server", "--version"])}
+    try:
+        deadline = time.monotonic() + 30
+        while not _redis_ping(sock):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"redis-server did not come up on {sock}")
+            time.sleep(0.05)
+        for name, test, c in REDIS_RUNS:
+            # A pilot run sizes -n so that the measured run lasts about `duration` seconds.
+            pilot_n = max(200, 20 * c)
+            pilot = _redis_bench(sock, test, c, pilot_n, proc.pid)
+            n = int(max(pilot_n, min(2_000_000, pilot["ops_per_s"] * (mode["duration"] + mode["warmup"]))))
+            row = _redis_bench(sock, test, c, n, proc.pid)
+            row.update({"system": "redis", "workload": name, "concurrency": c, "block_size": 4 * KIB})
+            rows.append(row)
+            log(f"redis: {name}: {row['ops_per_s']:.0f} op/s p50 {row['p50_us']:.0f} µs p99 {row['p99_us']:.0f} µs "
+                f"(n={n}, redis-server {row['daemon_cpu_cores']:.2f} cores)")
+    except (RuntimeError, OSError, ValueError, KeyError) as exc:
+        errors.append(f"redis: {exc}")
+        log(errors[-1])
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        shutil.rmtree(rdir, ignore_errors=True)
+    return rows, errors, info
+
+
+def _redis_ping(sock: str) -> bool:
+    try:
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(1)
+            s.connect(sock)
+            s.sendall(b"PING\r\n")
+            return s.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+def _redis_bench_argv(sock: str, test: str, c: int, n: int) -> list[str]:
+    return ["redis-benchmark", "-s", sock, "-t", test, "-d", "4096", "-c", str(c), "-n", str(n),
+            "-r", str(REDIS_KEYSPACE), "--csv"]
+
+
+def _redis_bench(sock: str, test: str, c: int, n: int, pid: int) -> dict:
+    argv = _redis_bench_argv(sock, test, c, n)
+    d0 = proc_cpu(pid)
+    t0 = time.perf_counter()
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    wall = time.perf_counter() - t0
+    d1 = proc_cpu(pid)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{shlex.join(argv)} failed ({proc.returncode}): {proc.stderr.strip()[-300:]}")
+    rec = None
+    for r in csv.DictReader(io.StringIO(proc.stdout)):
+        if r.get("test", "").upper().startswith(test.upper()):
+            rec = r
+    if rec is None:
+        raise ValueError(f"no {test.upper()} row in redis-benchmark's CSV output: {proc.stdout[-300:]!r}")
+    return {
+        "ops_per_s": float(rec["rps"]),
+        "bytes_per_s": float(rec["rps"]) * 4 * KIB,
+        "p50_us": float(rec["p50_latency_ms"]) * 1000,
+        "p99_us": float(rec["p99_latency_ms"]) * 1000,
+        "mean_us": float(rec["avg_latency_ms"]) * 1000,
+        "ops": n,
+        "duration_s": wall,
+        "daemon_cpu_cores": (d1 - d0) / wall if wall else 0,
+        "command": shlex.join(argv),
+    }
+
+
+# -- comparisons and targets -----------------------------------------------------------------------
+
+
+def index(rows: list[dict]) -> dict:
+    return {(r["system"], r["workload"]): r for r in rows}
+
+
+def ratios(rows: list[dict]) -> list[dict]:
+    """For each ringblob row: its throughput over fio's, Redis's and the psync engine's."""
+    idx = index(rows)
+    out = []
+    for r in rows:
+        if not r["system"].startswith("ringblob-"):
+            continue
+        fio_name, redis_name = COUNTERPARTS.get(r["workload"], (None, None))
+        rec = {"system": r["system"], "workload": r["workload"]}
+        f = idx.get(("fio", fio_name))
+        if f and f["ops_per_s"]:
+            rec["fio_workload"] = fio_name
+            rec["vs_fio"] = r["ops_per_s"] / f["ops_per_s"]
+        red = idx.get(("redis", redis_name))
+        if red and red["ops_per_s"]:
+            rec["redis_workload"] = redis_name
+            rec["vs_redis"] = r["ops_per_s"] / red["ops_per_s"]
+        if r["system"] == "ringblob-uring":
+            p = idx.get(("ringblob-psync", r["workload"]))
+            if p and p["ops_per_s"]:
+                rec["vs_psync"] = r["ops_per_s"] / p["ops_per_s"]
+        out.append(rec)
+    return out
+
+
+def targets(rows: list[dict]) -> list[dict]:
+    """The targets of issue 5, each with its measured ratio and PASS / MISS (n/a when a side is missing)."""
+    idx = index(rows)
+
+    def t(name: str, a: tuple, b: tuple, need: float, metric: str = "ops_per_s", strict: bool = False) -> dict:
+        ra, rb = idx.get(a), idx.get(b)
+        rec = {"target": name, "need": need, "a": "/".join(a), "b": "/".join(b), "metric": metric}
+        if not ra or not rb or not rb.get(metric) or ra.get("request_errors"):
+            rec.update(ratio=None, result="n/a" if not (ra and ra.get("request_errors")) else "MISS")
+            if ra and ra.get("request_errors"):
+                rec["why"] = f"{ra['request_errors']} request errors"
+            return rec
+        ratio = ra[metric] / rb[metric]
+        ok = ratio > need if strict else ratio >= need
+        rec.update(ratio=ratio, result="PASS" if ok else "MISS")
+        return rec
+
+    U = "ringblob-uring"
+    out = [
+        t("4 KiB GET c32 >= 0.6x fio randread QD32 IOPS", (U, "get_4k_c32"), ("fio", "randread_4k_qd32"), 0.6),
+        t("4 KiB PUT sync c32 >= 1.5x Redis SET c32 (appendfsync always)", (U, "put_4k_sync_c32"), ("redis", "set_c32"), 1.5),
+        t("4 KiB PUT sync c32 >= 0.8x fio randwrite QD32 fdatasync=32", (U, "put_4k_sync_c32"), ("fio", "randwrite_4k_qd32_fdatasync32"), 0.8),
+        t("1 MiB GET c8 >= 0.7x fio seq read QD8 bandwidth", (U, "get_1m_c8"), ("fio", "read_1m_qd8"), 0.7, "bytes_per_s"),
+        t("1 MiB PUT c8 >= 0.7x fio seq write QD8 bandwidth", (U, "put_1m_c8"), ("fio", "write_1m_qd8"), 0.7, "bytes_per_s"),
+    ]
+    for name, _, _, conc in RB_WORKLOADS:
+        if conc >= 32:
+            out.append(t(f"uring ahead of psync: {name}", (U, name), ("ringblob-psync", name), 1.0, strict=True))
+    return out
+
+
+# -- report ---------------------------------------------------------------------------------------
+
+SYSTEM_ORDER = ["fio", "ringblob-uring", "ringblob-psync", "redis"]
+
+
+def _fmt(x, nd=0) -> str:
+    if x is None:
+        return "–"
+    if isinstance(x, float):
+        return f"{x:,.{nd}f}"
+    return str(x)
+
+
+def markdown(doc: dict) -> str:
+    m = doc["machine"]
+    rows = doc["results"]
+    idx = index(rows)
+    rat = {(r["system"], r["workload"]): r for r in doc["ratios"]}
+    lines = [
+        f"# ringblob benchmark ({doc['mode']} mode)",
+        "",
+        f"Machine: {m['nproc']} CPUs ({m['cpu_model']}), {m['mem_bytes'] / 2**30:.0f} GiB RAM, kernel {m['kernel']}, "
+        f"{m['os']}; files on {m['filesystem']} ({m['workdir']}). {m['fio'] or 'fio missing'}; "
+        f"{(m['redis'] or 'redis missing').split(' sha=')[0]}; git {m['git_commit']}; {m['date_utc']} UTC.",
+        "",
+    ]
+    if m.get("note"):
+        lines += [f"**Note:** {m['note']}.", ""]
+    lines += [
+        f"Load: ringblob from {doc['clients']} client processes (each one pipelining `AsyncClient`, "
+        f"sharing the concurrency), {doc['mode_params']['duration']:.1f} s measured after "
+        f"{doc['mode_params']['warmup']:.1f} s warm-up per configuration; 4 KiB GETs read random keys over "
+        f"{doc['mode_params']['get_set'] // MIB} MiB of blobs, 1 MiB GETs over {doc['mode_params']['big_set']} blobs. "
+        "Every read is O_DIRECT, so the page cache plays no part for fio or ringblob; Redis serves GET from RAM.",
+        "",
+        "| workload | system | conc | ops/s | MiB/s | p50 µs | p99 µs | vs fio | vs Redis | uring/psync | daemon CPU µs/op |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, _, _, _conc in RB_WORKLOADS:
+        fio_name, redis_name = COUNTERPARTS[name]
+        for sysname, wl in (("fio", fio_name), ("ringblob-uring", name), ("ringblob-psync", name), ("redis", redis_name)):
+            r = idx.get((sysname, wl)) if wl else None
+            if r is None:
+                continue
+            ra = rat.get((sysname, wl), {})
+            label = {"fio": f"fio {wl}", "redis": f"redis {wl.replace('_c', ' c').upper().replace(' C', ' c')}"}.get(sysname, name)
+            lines.append(
+                f"| {label} | {sysname} | {r['concurrency']} | {_fmt(r['ops_per_s'])} | "
+                f"{_fmt(r['bytes_per_s'] / MIB, 1)} | {_fmt(r.get('p50_us'))} | {_fmt(r.get('p99_us'))} | "
+                f"{_fmt(ra.get('vs_fio'), 2)} | {_fmt(ra.get('vs_redis'), 2)} | {_fmt(ra.get('vs_psync'), 2)} | "
+                f"{_fmt(r.get('daemon_cpu_us_per_op'))} |"
+            )
+        lines.append("| | | | | | | | | | | |")
+    if lines[-1].startswith("| | "):
+        lines.pop()
+    other = [r for r in rows if r["system"] == "fio" and r["workload"] not in {c[0] for c in COUNTERPARTS.values()}]
+    if other:
+        lines += ["", "Other fio runs:", "", "| fio job | QD | ops/s | MiB/s | p50 µs | p99 µs |", "|---|---:|---:|---:|---:|---:|"]
+        for r in other:
+            lines.append(f"| {r['workload']} | {r['concurrency']} | {_fmt(r['ops_per_s'])} | {_fmt(r['bytes_per_s'] / MIB, 1)} | "
+                         f"{_fmt(r['p50_us'])} | {_fmt(r['p99_us'])} |")
+    lines += ["", "## Targets (ratios within this run)", "", "| target | ratio | need | result |", "|---|---:|---:|---|"]
+    for t in doc["targets"]:
+        lines.append(f"| {t['target']} | {_fmt(t['ratio'], 2)} | {t['need']} | **{t['result']}** |")
+    lines += [
+        "",
+        "Notes: `vs fio` divides by the fio job of the same shape (GET ↔ randread, PUT sync ↔ randwrite with "
+        "fdatasync every 32 writes (every write at c1), PUT sync=False ↔ randwrite, 1 MiB ↔ sequential, compared "
+        "by bandwidth); `vs Redis` divides by redis-benchmark SET (PUT) or GET at the same number of "
+        "connections. 4 KiB PUT sync=False sends a FLUSH every "
+        f"{FLUSH_EVERY} puts per client process; 1 MiB PUTs are sync=False (fio's writes have no fdatasync either). "
+        "`daemon CPU µs/op` is the daemon's user+system CPU time over the window divided by the requests served.",
+    ]
+    if doc.get("errors"):
+        lines += ["", "## Errors", ""] + [f"- {e.splitlines()[0]}" for e in doc["errors"]]
+    return "\n".join(lines) + "\n"
+
+
+def chart(doc: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    idx = index(doc["results"])
+    small = [w for w in RB_WORKLOADS if w[2] == 4 * KIB]
+    big = [w for w in RB_WORKLOADS if w[2] == MIB]
+    colors = {"fio": "#777777", "ringblob-uring": "#1f77b4", "ringblob-psync": "#aec7e8", "redis": "#d62728"}
+    fig, axes = plt.subplots(1, 3, figsize=(17, 5.5), gridspec_kw={"width_ratios": [3, 1.1, 3]})
+
+    def bars(ax, wls, metric, scale, ylabel, log=False):
+        width = 0.2
+        for k, sysname in enumerate(SYSTEM_ORDER):
+            xs, ys = [], []
+            for i, (name, *_rest) in enumerate(wls):
+                fio_name, redis_name = COUNTERPARTS[name]
+                wl = {"fio": fio_name, "redis": redis_name}.get(sysname, name)
+                r = idx.get((sysname, wl)) if wl else None
+                if r and r.get(metric):
+                    xs.append(i + (k - 1.5) * width)
+                    ys.append(r[metric] / scale)
+            if xs:
+                ax.bar(xs, ys, width, label=sysname, color=colors[sysname])
+        ax.set_xticks(range(len(wls)))
+        ax.set_xticklabels([w[0] for w in wls], rotation=30, ha="right", fontsize=8)
+        ax.set_ylabel(ylabel)
+        if log:
+            ax.set_yscale("log")
+        ax.grid(axis="y", alpha=0.3)
+
+    bars(axes[0], small, "ops_per_s", 1000, "thousand ops/s (4 KiB)")
+    axes[0].set_title("4 KiB throughput (fio / Redis: counterpart job)")
+    axes[0].legend(fontsize=8)
+    bars(axes[1], big, "bytes_per_s", MIB, "MiB/s (1 MiB)")
+    axes[1].set_title("1 MiB bandwidth")
+    bars(axes[2], small, "p99_us", 1, "p99 latency µs (log)", log=True)
+    axes[2].set_title("4 KiB p99 latency")
+    m = doc["machine"]
+    fig.suptitle(f"ringblob vs fio vs Redis — {m['nproc']} CPUs {m['cpu_model']}, kernel {m['kernel']}, "
+                 f"{m['filesystem'].split()[0] if m['filesystem'] else ''} ({doc['mode']} mode, {m['date_utc']} UTC)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# -- profile ---------------------------------------------------------------------------------------
+
+PROFILE_WORKLOADS = ("get_4k_c32", "put_4k_sync_c32", "put_4k_nosync_flush_c32", "get_1m_c8", "put_1m_c8")
+
+
+def pyspy_binary() -> str | None:
+    exe = os.path.join(os.path.dirname(sys.executable), "py-spy")
+    return exe if os.path.exists(exe) else shutil.which("py-spy")
+
+
+def summarize_collapsed(text: str, top: int = 25) -> tuple[str, int]:
+    """Top functions by own samples and by inclusive samples from py-spy's collapsed (raw) stacks."""
+    own: dict[str, int] = {}
+    incl: dict[str, int] = {}
+    total = 0
+    for line in text.splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        n = int(count)
+        total += n
+        frames = stack.split(";")
+        own[frames[-1]] = own.get(frames[-1], 0) + n
+        for fr in set(frames):
+            incl[fr] = incl.get(fr, 0) + n
+    out = io.StringIO()
+    if not total:
+        return "(no samples)\n", 0
+    out.write(f"{total} samples\n\nby own time (where the CPU is):\n")
+    for fr, n in sorted(own.items(), key=lambda kv: -kv[1])[:top]:
+        out.write(f"  {100 * n / total:5.1f}%  {fr}\n")
+    out.write("\nby inclusive time (the function and what it calls):\n")
+    for fr, n in sorted(incl.items(), key=lambda kv: -kv[1])[:top]:
+        out.write(f"  {100 * n / total:5.1f}%  {fr}\n")
+    return out.getvalue(), total
+
+
+def run_profile(workdir: str, mode: dict, clients: int, data_size: int, outdir: str, native: bool) -> list[str]:
+    """Sample the uring daemon with py-spy while each PROFILE_WORKLOADS load runs (not counted in results)."""
+    spy = pyspy_binary()
+    if not spy:
+        msg = f"py-spy is missing; install it with:  {sys.executable} -m pip install py-spy"
+        log(msg)
+        return [msg]
+    parts = []
+    errors: list[str] = []
+
+    def hook(name, daemon, specs, mode):
+        if name not in PROFILE_WORKLOADS:
+            return
+        dur = mode["duration"] + mode["warmup"]
+        raw = os.path.join(workdir, f"profile-{name}.txt")
+        argv = [spy, "record", "--pid", str(daemon.pid), "--duration", str(int(dur + 1)), "--rate", "250",
+                "--format", "raw", "--output", raw, "--nonblocking"]
+        if native:
+            argv.append("--native")
+        svg = os.path.join(outdir, "profile.svg")
+        want_svg = name == "put_4k_sync_c32"
+        log("profile: " + shlex.join(argv))
+        spy_proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        time.sleep(0.3)
+        res = run_load(specs, 0.3, dur, daemon.pid)
+        _, err = spy_proc.communicate(timeout=120)
+        try:
+            with open(raw) as f:
+                summary, n = summarize_collapsed(f.read())
+        except OSError:
+            summary, n = f"(py-spy wrote nothing: {err.strip()[-300:]})\n", 0
+            errors.append(f"py-spy {name}: {err.strip()[-200:]}")
+        parts.append(
+            f"## {name} ({res['ops_per_s']:.0f} op/s under the profiler, daemon {res.get('daemon_cpu_cores', 0):.2f} "
+            f"cores, clients {res['client_cpu_cores']:.2f} cores, host busy {100 * (res.get('host_cpu_busy') or 0):.0f}%)\n\n{summary}\n"
+        )
+        if want_svg:
+            argv_svg = [spy, "record", "--pid", str(daemon.pid), "--duration", str(int(dur + 1)), "--rate", "250",
+                        "--format", "flamegraph", "--output", svg, "--nonblocking"]
+            spy_proc = subprocess.Popen(argv_svg, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            time.sleep(0.3)
+            run_load(specs, 0.3, dur, daemon.pid)
+            spy_proc.communicate(timeout=120)
+
+    rows, errs, info = run_ringblob("uring", workdir, mode, clients, data_size, profile_hook=hook)
+    errors += errs
+    head = (
+        "py-spy samples of `ringblob serve --engine uring` (all threads, "
+        f"{'with native frames' if native else 'Python frames only'}, 250 Hz) while each load ran; "
+        f"{clients} client processes on the same 2 CPUs. Percentages are of the daemon's samples.\n\n"
+    )
+    with open(os.path.join(outdir, "profile.txt"), "w") as f:
+        f.write(head + "\n".join(parts))
+    log(f"profile: wrote {os.path.join(outdir, 'profile.txt')}")
+    return errors
+
+
+# -- main ------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = ap.add_mutually_exclusive_group()
+    g.add_argument("--quick", action="store_const", const="quick", dest="mode", help="under a minute: checks the harness")
+    g.add_argument("--medium", action="store_const", const="medium", dest="mode", help="about 3 minutes")
+    g.add_argument("--full", action="store_const", const="full", dest="mode", help="the default: about 6 minutes on 2 CPUs")
+    ap.add_argument("--workdir", default=os.path.join(ROOT, ".bench-tmp"), help="where the data files go (a real file system, not tmpfs)")
+    ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results"), help="where run.json/run.md/run.png go")
+    ap.add_argument("--clients", type=int, default=max(2, os.cpu_count() or 2), help="client processes for ringblob (default: max(2, nproc))")
+    ap.add_argument("--only", default="fio,uring,psync,redis", help="comma-separated subset of fio,uring,psync,redis")
+    ap.add_argument("--duration", type=float, help="seconds measured per configuration (overrides the mode)")
+    ap.add_argument("--fresh", action="store_true", help="delete the ringblob data file first (else a filled one is reused)")
+    ap.add_argument("--profile", action="store_true", help="after the run, sample the uring daemon with py-spy under load")
+    ap.add_argument("--profile-only", action="store_true", help="only the py-spy pass (no results written)")
+    ap.add_argument("--native", action="store_true", help="py-spy --native (C/Cython frames too)")
+    args = ap.parse_args(argv)
+    mode_name = args.mode or "full"
+    mode = dict(MODES[mode_name])
+    if args.duration:
+        mode["duration"] = args.duration
+        mode["fio_runtime"] = str(max(1, round(args.duration)))
+    only = set(args.only.split(","))
+    workdir = os.path.abspath(args.workdir)
+    os.makedirs(workdir, exist_ok=True)
+    os.makedirs(args.out, exist_ok=True)
+    data_size = _round_up(2 * mode["get_set"] + 2 * mode["big_set"] * MIB + 4 * mode["put_keys"] * 4 * KIB
+                          + 4 * mode["big_put_keys"] * MIB + 256 * MIB, 64 * MIB)
+    if args.fresh and os.path.exists(os.path.join(workdir, "ringblob.data")):
+        os.unlink(os.path.join(workdir, "ringblob.data"))
+    t_start = time.perf_counter()
+    if args.profile_only:
+        errs = run_profile(workdir, mode, args.clients, data_size, args.out, args.native)
+        for e in errs:
+            log("error: " + e.splitlines()[0])
+        return 1 if errs else 0
+
+    machine = machine_stamp(workdir)
+    log(f"{mode_name} mode on {machine['nproc']} CPUs ({machine['cpu_model']}), kernel {machine['kernel']}, "
+        f"{machine['filesystem']}; ringblob load from {args.clients} client processes")
+    rows: list[dict] = []
+    errors: list[str] = []
+    extra: dict = {}
+    if "fio" in only:
+        r, e = run_fio(workdir, mode, max(mode["get_set"], 256 * MIB))
+        rows += r
+        errors += e
+    for engine in ("uring", "psync"):
+        if engine in only:
+            r, e, info = run_ringblob(engine, workdir, mode, args.clients, data_size)
+            rows += r
+            errors += e
+            extra[f"ringblob_{engine}"] = info
+    if "redis" in only:
+        r, e, info = run_redis(workdir, mode)
+        rows += r
+        errors += e
+        extra["redis"] = info
+    doc = {
+        "mode": mode_name,
+        "mode_params": mode,
+        "clients": args.clients,
+        "flush_every": FLUSH_EVERY,
+        "machine": machine,
+        "results": rows,
+        "ratios": ratios(rows),
+        "targets": targets(rows),
+        "errors": errors,
+        "runs": extra,
+        "wall_s": time.perf_counter() - t_start,
+    }
+    with open(os.path.join(args.out, "run.json"), "w") as f:
+        json.dump(doc, f, indent=1, default=str)
+    md = markdown(doc)
+    with open(os.path.join(args.out, "run.md"), "w") as f:
+        f.write(md)
+    try:
+        chart(doc, os.path.join(args.out, "run.png"))
+    except Exception as exc:  # noqa: BLE001 - the chart is optional, the numbers are not
+        log(f"chart: {type(exc).__name__}: {exc} (install matplotlib: {sys.executable} -m pip install matplotlib)")
+    print()
+    print(md)
+    print("Targets:")
+    for t in doc["targets"]:
+        print(f"  {t['result']:4}  {t['target']}: {_fmt(t['ratio'], 2)} (need {t['need']})")
+    log(f"wrote {args.out}/run.json, run.md, run.png in {doc['wall_s']:.0f} s")
+    if args.profile:
+        errors += run_profile(workdir, mode, args.clients, data_size, args.out, args.native)
+    return 0
+
+
+def _round_up(n: int, to: int) -> int:
+    return (n + to - 1) // to * to
+
+
+if __name__ == "__main__":
+    sys.exit(main())
