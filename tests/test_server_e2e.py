@@ -48,7 +48,8 @@ def workdir():
 class Daemon:
     """One daemon process on ``workdir``'s data file and socket."""
 
-    def __init__(self, workdir: str, *args: str, size: str = str(32 << 20)):
+    def __init__(self, workdir: str, *args: str, size: str = str(32 << 20), env: dict | None = None,
+                 listen_sock: socket.socket | None = None):
         self.dir = workdir
         self.data = os.path.join(workdir, "store.data")
         self.sock = os.path.join(workdir, "d.sock")
@@ -59,6 +60,8 @@ class Daemon:
         self.notify: socket.socket | None = None
         self.log_path = os.path.join(workdir, "daemon.log")
         self.messages: list[str] = []
+        self.extra_env = env or {}
+        self.listen_sock = listen_sock  # passed as fd 3 with LISTEN_FDS=1 (socket activation)
 
     def start(self, wait: bool = True) -> "Daemon":
         npath = os.path.join(self.dir, "notify.sock")
@@ -69,10 +72,22 @@ class Daemon:
         env = dict(os.environ, NOTIFY_SOCKET=npath, PYTHONUNBUFFERED="1")
         env.pop("LISTEN_FDS", None)
         env.pop("LISTEN_PID", None)
+        env.update(self.extra_env)
         cmd = [sys.executable, "-m", "ringblob.server", "--data", self.data, "--socket", self.sock,
                "--size", self.size, "--metrics-addr", "127.0.0.1:0", *self.args]
+        preexec = None
+        if self.listen_sock is not None:
+            # as systemd does: the listener at fd 3, LISTEN_FDS=1, LISTEN_PID = the daemon's pid
+            env["LISTEN_FDS"] = "1"
+            lfd = self.listen_sock.fileno()
+
+            def preexec():
+                os.dup2(lfd, 3)
+
+            cmd = ["/bin/sh", "-c", 'LISTEN_PID=$$ exec "$@"', "sh", *cmd]
         self.log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT)
+        self.proc = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT,
+                                     preexec_fn=preexec, pass_fds=(3,) if preexec else ())
         if wait:
             msg = self.wait_notify("READY=1", 30)
             m = re.search(r"metrics on (http://\S+/metrics)", msg)
@@ -539,3 +554,66 @@ def test_second_daemon_on_the_same_data_file_refuses(daemons, workdir):
     assert c.ok(P.encode_ping(1, b"still mine")) == b"still mine"
     c.close()
     assert d.stop() == 0
+
+
+def test_requests_arriving_together_are_submitted_together(daemons, workdir):
+    """32 GETs in one write: their reads reach the ring in a few io_uring_enter calls, not 32."""
+    d = spawn(daemons, workdir, "--engine", "uring")
+    c = Raw(d.sock)
+    c.ok(P.encode_mput(1, [(b"r%02d" % i, bytes([i]) * 4096) for i in range(32)], sync=True))
+    before = P.decode_stat_reply(c.ok(P.encode_stat(2)))["engine_counters"]
+    c.send(*(P.encode_get(100 + i, b"r%02d" % i) for i in range(32)))
+    for _ in range(32):
+        f = c.recv()
+        assert f.status == 0 and f.body == bytes([f.request_id - 100]) * 4096
+    after = P.decode_stat_reply(c.ok(P.encode_stat(3)))["engine_counters"]
+    sqes = after["sqes"] - before["sqes"]
+    enters = after["enters"] - before["enters"]
+    assert sqes >= 32
+    assert enters <= 4, (sqes, enters)
+    c.close()
+    assert d.stop() == 0
+
+
+def test_a_64_mib_value_fits_the_default_frame_limit(daemons, workdir):
+    d = spawn(daemons, workdir, size=str(160 << 20))
+    value = os.urandom(1 << 16) * 1024  # 64 MiB
+    c = Raw(d.sock, timeout=60)
+    c.ok(P.encode_put(1, b"big", value, sync=True))
+    assert c.ok(P.encode_get(2, b"big")) == value
+    c.close()
+    assert d.stop() == 0
+
+
+def test_systemd_ready_watchdog_and_stopping(daemons, workdir):
+    d = spawn(daemons, workdir, env={"WATCHDOG_USEC": "200000"})
+    assert any("READY=1" in m for m in d.messages)
+    d.wait_notify("WATCHDOG=1", 10)
+    d.wait_notify("WATCHDOG=1", 10)
+    c = Raw(d.sock)  # READY came after the store opened and the socket listened
+    assert c.ok(P.encode_ping(1, b"x")) == b"x"
+    c.close()
+    d.proc.send_signal(signal.SIGTERM)
+    d.wait_notify("STOPPING=1", 10)
+    assert d.proc.wait(30) == 0
+    d.log.close()
+    d.notify.close()
+
+
+def test_socket_activation_uses_the_inherited_listener(daemons, workdir):
+    path = os.path.join(workdir, "activated.sock")
+    lsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    lsock.bind(path)
+    lsock.listen(16)
+    d = Daemon(workdir, listen_sock=lsock)
+    daemons.append(d)
+    d.start()
+    lsock.close()
+    assert not os.path.exists(d.sock)  # --socket is not bound under socket activation
+    c = Raw(path)
+    c.ok(P.encode_put(1, b"via-activation", b"yes", sync=True))
+    assert c.ok(P.encode_get(2, b"via-activation")) == b"yes"
+    c.close()
+    assert d.stop() == 0
+    assert os.path.exists(path)  # the unit's socket file belongs to systemd, not to the daemon
+    os.unlink(path)

@@ -567,7 +567,7 @@ def test_run_server_with_a_preopened_socket_and_stop_event(sockdir):
         store = FakeStore()
         cfg = S.ServerConfig(socket_path=os.path.join(sockdir, "unused.sock"), metrics_addr="")
         task = asyncio.get_running_loop().create_task(
-            S.run_server(store, cfg, listen_sock=lsock, stop=stop, on_ready=ready.set, install_signal_handlers=False)
+            S.run_server(store, cfg, listen_sock=lsock, stop=stop, on_ready=lambda srv: ready.set(), install_signal_handlers=False)
         )
         await asyncio.wait_for(ready.wait(), 5)
         c = await Conn.open(path)

@@ -235,7 +235,8 @@ class FrameDecoder:
         end = pos + HEADER_SIZE + length
         if len(buf) < end:
             return None
-        body = bytes(buf[pos + HEADER_SIZE : end])
+        with memoryview(buf) as mv:  # one copy of the body, and the view is released before any resize
+            body = bytes(mv[pos + HEADER_SIZE : end])
         if end == len(buf):
             buf.clear()
             self._pos = 0

@@ -841,13 +841,15 @@ def _fmt_addr(addr: tuple[str, int] | None) -> str:
 
 async def run_server(store: Any, config: ServerConfig | None = None, *, metrics: Metrics | None = None,
                      listen_sock: socket.socket | None = None, stop: asyncio.Event | None = None,
-                     on_ready: Callable[[], None] | None = None, install_signal_handlers: bool = True) -> int:
+                     on_ready: Callable[["Server"], None] | None = None,
+                     install_signal_handlers: bool = True) -> int:
     """Serve ``store`` until SIGTERM/SIGINT (or ``stop`` is set), shut down cleanly, return 0.
 
     Call inside the running loop once the store is open (recovery finished):
     binds the socket (or adopts ``listen_sock``; with ``config.socket_activation``
     and no ``listen_sock``, a socket passed by systemd in ``LISTEN_FDS`` is
-    used), calls ``on_ready()`` and sends ``READY=1`` to systemd, serves, and on
+    used), calls ``on_ready(server)`` (e.g. to print ``server.socket_path`` and
+    ``server.metrics_address``) and sends ``READY=1`` to systemd, serves, and on
     the signal sends ``STOPPING=1``, finishes requests in flight and closes the
     store (flush + checkpoint + ring). ``metrics`` should be the object the
     store was opened with as ``observer`` (so fdatasync / group-commit /
@@ -888,7 +890,7 @@ async def run_server(store: Any, config: ServerConfig | None = None, *, metrics:
     if server.metrics_address:
         status += f"; metrics on http://{_fmt_addr(server.metrics_address)}/metrics"
     if on_ready is not None:
-        on_ready()
+        on_ready(server)
     _sd_notify(f"READY=1\nSTATUS={status}")
     try:
         await server.serve_forever()
@@ -921,12 +923,14 @@ def new_event_loop(kind: str = "auto") -> asyncio.AbstractEventLoop:
 
 
 def run(config: ServerConfig, open_store: Callable[[Metrics], Awaitable[Any]], *,
-        listen_sock: socket.socket | None = None) -> int:
+        listen_sock: socket.socket | None = None, on_ready: Callable[["Server"], None] | None = None) -> int:
     """Run the daemon to completion; return the exit status (0 after a clean shutdown).
 
     ``open_store(metrics)`` is awaited inside the new event loop and must
     return the open store; pass ``metrics`` to it as the store's observer
-    (``BlobStore.open(..., observer=metrics)``). SIGTERM / SIGINT arriving
+    (``BlobStore.open(..., observer=metrics)``). ``on_ready(server)`` is called
+    once the store is open and the socket listens, just before ``READY=1``
+    (see :func:`run_server`). SIGTERM / SIGINT arriving
     while the store opens stop the daemon as soon as it is open.
     Errors from opening the store or binding the socket propagate
     (``StoreLocked``, ``ConfigError``, ``OSError``).
@@ -943,7 +947,8 @@ def run(config: ServerConfig, open_store: Callable[[Metrics], Awaitable[Any]], *
         metrics = Metrics()
         store = await open_store(metrics)
         # run_server replaces these handlers; until then a signal sets `stop`
-        return await run_server(store, config, metrics=metrics, listen_sock=listen_sock, stop=stop)
+        return await run_server(store, config, metrics=metrics, listen_sock=listen_sock, stop=stop,
+                                on_ready=on_ready)
 
     try:
         asyncio.set_event_loop(loop)
