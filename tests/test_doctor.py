@@ -118,7 +118,8 @@ def test_json_report_fields(repo_tmp):
     assert d["buffer_size"] == 1 << 20 and d["buffer_count"] == 8
     c = checks(d)
     assert list(c) == NAMES
-    assert c["kernel"]["details"]["release"] == os.uname().release
+    assert c["kernel"]["details"]["release"] == d["kernel"] == os.uname().release
+    assert d["probe"]["available"] is True and d["probe"]["opcodes"]["WRITE_FIXED"] is True
     assert c["io_uring"]["status"] == "OK" and c["io_uring"]["details"]["available"] is True
     assert c["opcodes"]["details"]["missing"] == []
     assert c["opcodes"]["details"]["supported"] == {"READ_FIXED": True, "WRITE_FIXED": True, "FSYNC": True}

@@ -74,7 +74,8 @@ class Check:
 class Report:
     """Everything ``doctor`` found. ``ok`` is False when any check is FAIL;
     ``engine`` is the engine ``engine_requested`` resolves to (``None`` when
-    none can run)."""
+    none can run); ``kernel`` is ``uname -r``; ``probe`` is
+    :meth:`ringblob.probe.ProbeResult.to_dict` (every opcode the kernel reports)."""
 
     version: str
     engine_requested: str
@@ -83,6 +84,8 @@ class Report:
     buffer_size: int
     buffer_count: int
     checks: list[Check]
+    kernel: str = ""
+    probe: dict[str, Any] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -508,7 +511,8 @@ def diagnose(data: str = DEFAULT_DATA, engine: str = "auto", buffer_size: int = 
         data_probe.close()
 
     return Report(version=__version__, engine_requested=engine, engine=chosen, data=data,
-                  buffer_size=buffer_size, buffer_count=buffer_count, checks=checks)
+                  buffer_size=buffer_size, buffer_count=buffer_count, checks=checks,
+                  kernel=pr.kernel, probe=pr.to_dict())
 
 
 def format_report(report: Report) -> str:
