@@ -218,7 +218,7 @@ class Settings:
     engine: str = _setting("auto", _STR, "I/O engine: auto (io_uring, else psync with a warning), uring or psync", group="store", choices=ENGINES)
     max_blob_size: int = _setting(64 << 20, _SIZE, "largest value a put may store (bytes, or K/M/G/T)", group="store", minimum=1)
     buffer_size: int = _setting(256 << 10, _SIZE, "size of each registered (fixed) I/O buffer (a multiple of 4K)", group="store", minimum=4096)
-    buffer_count: int = _setting(64, _INT, "number of registered buffers (buffer_size x buffer_count is locked memory)", group="store", minimum=1)
+    buffer_count: int = _setting(64, _INT, "number of registered buffers (buffer_size x buffer_count is locked memory; at least 3)", group="store", minimum=3)
     queue_depth: int = _setting(128, _INT, "io_uring submission queue depth (SQEs queued plus in flight)", group="store", minimum=1)
     # server
     socket: str = _setting("./var/ringblob.sock", _PATH, "Unix socket the daemon listens on (ignored under socket activation)", group="server")

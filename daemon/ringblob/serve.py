@@ -105,6 +105,12 @@ def _engine_name(store) -> str | None:
             return name
     engine = getattr(store, "engine", None)
     name = getattr(engine, "name", None)
+    if isinstance(name, str):
+        return name
+    try:
+        name = store.stat().get("engine")
+    except Exception:  # the banner must not fail on a store without stat()
+        return None
     return name if isinstance(name, str) else None
 
 
