@@ -49,7 +49,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from . import __version__
-from .engine import DEFAULT_BUFFER_COUNT, DEFAULT_BUFFER_SIZE, DEFAULT_QUEUE_DEPTH, ENGINE_KINDS, describe_refusal
+from .engine import DEFAULT_BUFFER_COUNT, DEFAULT_BUFFER_SIZE, DEFAULT_QUEUE_DEPTH, ENGINE_KINDS
 from .engine import _REFUSALS as _ENGINE_REFUSALS
 
 __all__ = ["add_arguments", "run", "diagnose", "Check", "Report", "DEFAULT_DATA"]
@@ -381,6 +381,19 @@ def _import_ring() -> tuple[Any, str | None]:
     return Ring, None
 
 
+def _ring_error(err: OSError) -> str:
+    """The engine's own message (it names the failed call) plus what the errno usually means."""
+    text = str(err)
+    if err.errno == _errno.ENOMEM and "memlock" not in text.lower():
+        text += ("; the registered buffers are pinned and charged to RLIMIT_MEMLOCK: raise LimitMEMLOCK "
+                 "(ulimit -l) or use a smaller pool")
+    elif err.errno in (_errno.EPERM, _errno.EACCES, _errno.ENOSYS):
+        from .probe import describe_errno, io_uring_disabled_sysctl
+
+        text += f" ({describe_errno(err.errno, io_uring_disabled_sysctl())})"
+    return text
+
+
 def _try_engine(kind: str, fd: int, block_size: int, buffer_size: int, buffer_count: int):
     """Create and close an engine of ``kind``; returns None on success or the exception."""
     kwargs = dict(block_size=block_size, buffer_size=buffer_size, buffer_count=buffer_count,
@@ -487,7 +500,7 @@ def diagnose(data: str = DEFAULT_DATA, engine: str = "auto", buffer_size: int = 
             if err is not None and chosen == "uring" and engine == "auto" and isinstance(err, OSError) \
                     and err.errno in _ENGINE_REFUSALS:
                 # exactly what open_engine("auto") does: a refused ring falls back to psync
-                why = f"creating the ring failed: {describe_refusal(err)}"
+                why = f"creating the ring failed: {_ring_error(err)}"
                 eng_details["uring_error"] = str(err)
                 chosen = "psync"
                 err = _try_engine(chosen, data_probe.fd, data_probe.block_size, buffer_size, buffer_count)
@@ -501,7 +514,7 @@ def diagnose(data: str = DEFAULT_DATA, engine: str = "auto", buffer_size: int = 
                 eng_details["error"] = str(err)
                 if isinstance(err, OSError):
                     eng_details["errno"] = err.errno
-                    text = describe_refusal(err) if chosen == "uring" else str(err)
+                    text = _ring_error(err) if chosen == "uring" else str(err)
                 else:
                     text = f"{type(err).__name__}: {err}"
                 checks.append(Check("engine", FAIL, f"{engine} -> {chosen}, but creating it failed: {text}",
