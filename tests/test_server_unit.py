@@ -606,3 +606,49 @@ def test_metrics_http_endpoint_in_process(sockdir):
         await srv.shutdown()
 
     run(main())
+
+
+def test_shutdown_answers_frames_not_yet_started_with_server_shutting_down(sockdir):
+    async def main():
+        store = FakeStore()
+        srv = await start(sockdir, store, max_in_flight_per_conn=2)
+        c = await Conn.open(srv.socket_path)
+        store.gate = asyncio.Event()
+        c.send(*(P.encode_put(i, b"k%d" % i, b"v") for i in range(1, 11)))
+        await asyncio.sleep(0.05)
+        down = asyncio.get_running_loop().create_task(srv.shutdown())
+        await asyncio.sleep(0.05)
+        store.gate.set()
+        got = [await c.recv() for _ in range(10)]
+        assert await c.recv() is None
+        ok = sorted(f.request_id for f in got if f.status == 0)
+        refused = [f for f in got if f.status != 0]
+        assert ok == [1, 2]
+        assert {f.status for f in refused} == {errors.ServerShuttingDown.code} and len(refused) == 8
+        await down
+        assert set(store.data) == {b"k1", b"k2"}
+
+    run(main())
+
+
+def test_internal_errors_and_os_errors_become_statuses(sockdir):
+    class Broken(FakeStore):
+        async def get(self, key):
+            if key == b"eio":
+                raise OSError(5, "Input/output error")
+            if key == b"ro":
+                raise errors.ReadOnly("store is read-only after EIO; restart the daemon")
+            raise RuntimeError("bug")
+
+    async def main():
+        srv = await start(sockdir, Broken())
+        c = await Conn.open(srv.socket_path)
+        assert isinstance(P.reply_error(await c.call(P.encode_get(1, b"eio"))), errors.IOFailed)
+        assert isinstance(P.reply_error(await c.call(P.encode_get(2, b"ro"))), errors.ReadOnly)
+        f = await c.call(P.encode_get(3, b"x"))
+        assert f.status == 1 and "internal error" in f.body.decode()
+        assert (await c.call(P.encode_ping(4, b"still"))).body == b"still"
+        await c.close()
+        await srv.shutdown()
+
+    run(main())

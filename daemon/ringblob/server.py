@@ -242,7 +242,13 @@ def bind_unix_socket(path: str, mode: int = 0o600, group: str | int | None = Non
             os.umask(old)
         os.chmod(path, mode)
         if gid is not None:
-            os.chown(path, -1, gid)
+            try:
+                os.chown(path, -1, gid)
+            except PermissionError as exc:
+                raise ConfigError(
+                    f"socket_group: cannot give {path} to group {group!r} (gid {gid}): {exc.strerror}; "
+                    "the daemon's user must be a member of that group"
+                ) from None
         sock.listen(backlog)
         sock.setblocking(False)
     except BaseException:
@@ -391,6 +397,10 @@ class _Connection(asyncio.Protocol):
                                   ServerShuttingDown.code)
                 srv.metrics.observe_request(P.op_name(req.op), ServerShuttingDown.code, 0.0)
                 continue
+            inline = srv._inline.get(req.op)
+            if inline is not None:  # answered without touching the ring: no task needed
+                self._serve_inline(inline, req)
+                continue
             self.in_flight += 1
             srv.in_flight += 1
             srv.metrics.in_flight.inc()
@@ -410,6 +420,19 @@ class _Connection(asyncio.Protocol):
         op = getattr(exc, "opcode", 0)
         status, message = P._error_status(exc)
         self._queue_reply(op if 0 <= op <= 255 else 0, rid, [message.encode("utf-8", "replace")], status)
+
+    def _serve_inline(self, handler: Callable[[P.Request], list], req: P.Request) -> None:
+        t0 = time.perf_counter()
+        try:
+            parts = handler(req)
+            status = 0
+        except Exception as exc:
+            status, message = P._error_status(exc)
+            if status == 1:
+                log.exception("internal error serving %s request %d", req.op.name, req.request_id)
+            parts = [message.encode("utf-8", "replace")]
+        self.server.metrics.observe_request(P.op_name(req.op), status, time.perf_counter() - t0)
+        self._queue_reply(req.op, req.request_id, parts, status)
 
     async def _serve(self, req: P.Request) -> None:
         srv = self.server
@@ -511,9 +534,18 @@ class _Connection(asyncio.Protocol):
                 self.transport.resume_reading()  # type: ignore[union-attr]
 
     def begin_shutdown(self) -> None:
-        """Stop reading; close once every request in flight is answered."""
-        self.closing = True
+        """Stop reading; answer frames received but not started with ServerShuttingDown;
+        close once every request in flight is answered."""
         self._pause_reading_now()
+        if not self.closing and not self.closed:
+            try:
+                while (frame := self.decoder.next_frame()) is not None:
+                    self._queue_reply(frame.opcode, frame.request_id,
+                                      [b"the daemon is shutting down; this request was not started"],
+                                      ServerShuttingDown.code)
+            except ProtocolError:
+                pass
+        self.closing = True
         self._maybe_close()
 
     def _idle_check(self) -> None:
@@ -596,6 +628,14 @@ class Server:
         allow_u = frozenset(int(u) for u in (self.config.allow_uids or ()))
         allow_g = frozenset(int(g) for g in (self.config.allow_gids or ()))
         self._allow = (allow_u, allow_g) if (allow_u or allow_g) else None
+        # operations answered synchronously (no I/O): no task, no in-flight slot
+        self._inline: dict[P.Op, Callable[[P.Request], list]] = {
+            P.Op.PING: self._op_ping_now,
+            P.Op.NEEDS_FLUSH: self._op_needs_flush_now,
+            P.Op.STAT: self._op_stat_now,
+        }
+        if not inspect.iscoroutinefunction(getattr(store, "has", None)):
+            self._inline[P.Op.HAS] = self._op_has_now
         self._handlers: dict[P.Op, Callable[[P.Request], Awaitable[list]]] = {
             P.Op.PUT: self._op_put,
             P.Op.GET: self._op_get,
@@ -603,11 +643,8 @@ class Server:
             P.Op.DELETE: self._op_delete,
             P.Op.LIST: self._op_list,
             P.Op.FLUSH: self._op_flush,
-            P.Op.STAT: self._op_stat,
-            P.Op.PING: self._op_ping,
             P.Op.MPUT: self._op_mput,
             P.Op.MGET: self._op_mget,
-            P.Op.NEEDS_FLUSH: self._op_needs_flush,
         }
 
     # -- lifecycle --
@@ -794,19 +831,25 @@ class Server:
         await self.store.flush()
         return []
 
-    async def _op_stat(self, req: P.Request) -> list:
+    def _op_ping_now(self, req: P.Request) -> list:
+        return [req.value]
+
+    def _op_needs_flush_now(self, req: P.Request) -> list:
+        return [P.bool_body(bool(self.store.needs_flush))]
+
+    def _op_has_now(self, req: P.Request) -> list:
+        return [P.bool_body(bool(self.store.has(req.key)))]
+
+    def _op_stat_now(self, req: P.Request) -> list:
         st = dict(self.store.stat())
         st["server"] = {
             "version": __version__,
             "protocol_version": P.VERSION,
             "connections": len(self.connections),
             "in_flight": self.in_flight,
-            "loop": type(asyncio.get_running_loop()).__module__.split(".")[0],
+            "loop": type(self._loop).__module__.split(".")[0],
         }
         return [json.dumps(st, default=_json_default, sort_keys=True).encode()]
-
-    async def _op_ping(self, req: P.Request) -> list:
-        return [req.value]
 
     async def _op_mput(self, req: P.Request) -> list:
         await self.store.put_many(req.items, sync=req.sync)
@@ -816,9 +859,6 @@ class Server:
         get = self.store.get
         results = await asyncio.gather(*(get(k) for k in req.keys), return_exceptions=True)
         return P.mget_reply_body(results)
-
-    async def _op_needs_flush(self, req: P.Request) -> list:
-        return [P.bool_body(bool(self.store.needs_flush))]
 
 
 def _sock_name(sock: socket.socket) -> str:
