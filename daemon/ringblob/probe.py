@@ -167,10 +167,11 @@ def describe_errno(err: int, disabled: int | None = None) -> str:
                 "io_uring only for CAP_SYS_ADMIN and the group in kernel.io_uring_group; add the "
                 "service user to that group, set the sysctl to 0, or use --engine psync")
     if err == _errno.EPERM:
+        sysctl = "" if disabled == 0 else " or kernel.io_uring_disabled forbids it"
         return (f"io_uring_setup failed with EPERM ({text}): a seccomp profile refuses the "
                 "io_uring syscalls (Docker's default profile does; run the container with a "
-                "profile that allows io_uring_setup/io_uring_enter/io_uring_register) or "
-                "kernel.io_uring_disabled forbids it; otherwise use --engine psync")
+                "profile that allows io_uring_setup/io_uring_enter/io_uring_register)"
+                f"{sysctl}; otherwise use --engine psync")
     if err == _errno.EACCES:
         return (f"io_uring_setup failed with EACCES ({text}): io_uring is disabled for this user "
                 "(kernel.io_uring_disabled / kernel.io_uring_group) or by an LSM policy; "
