@@ -265,8 +265,10 @@ def test_config_file_supplies_settings_and_flags_win(repo_tmp):
     assert rc == 0, d
     assert d["data"] == str(repo_tmp / "from-toml.data") and d["engine_requested"] == "psync"
     assert (d["buffer_size"], d["buffer_count"]) == (128 << 10, 4)
-    rc, d = doctor_json("--config", str(cfg), "--buffer-count", "2", "--engine", "auto")
-    assert rc == 0 and d["buffer_count"] == 2 and d["engine_requested"] == "auto"
+    rc, d = doctor_json("--config", str(cfg), "--buffer-count", "8", "--engine", "auto")
+    assert rc == 0 and d["buffer_count"] == 8 and d["engine_requested"] == "auto"
+    p = doctor("--config", str(cfg), "--buffer-count", "2")  # below what `ringblob serve` accepts
+    assert p.returncode == 2 and "buffer_count" in p.stderr and "minimum" in p.stderr
     p = doctor("--config", str(repo_tmp / "absent.toml"))
     assert p.returncode == 2 and "absent.toml" in p.stderr
 

@@ -151,7 +151,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def settings_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """``data``, ``engine``, ``buffer_size``, ``buffer_count`` from flags > ``--config`` TOML > defaults.
 
-    Raises :class:`~ringblob.errors.ConfigError` for a bad or unreadable TOML file.
+    Raises :class:`~ringblob.errors.ConfigError` for a bad or unreadable TOML file and for
+    values ``ringblob serve`` would refuse (e.g. fewer buffers than the store needs).
     """
     values: dict[str, Any] = {"data": DEFAULT_DATA, "engine": "auto", "buffer_size": DEFAULT_BUFFER_SIZE,
                               "buffer_count": DEFAULT_BUFFER_COUNT}
@@ -164,6 +165,9 @@ def settings_from_args(args: argparse.Namespace) -> dict[str, Any]:
         given = getattr(args, key, None)
         if given is not None:
             values[key] = given
+    from .config import Settings
+
+    Settings(**values).validate()  # the same limits `ringblob serve` enforces (ConfigError names the setting)
     return values
 
 
