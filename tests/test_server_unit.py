@@ -652,3 +652,35 @@ def test_internal_errors_and_os_errors_become_statuses(sockdir):
         await srv.shutdown()
 
     run(main())
+
+
+def test_random_garbage_never_hurts_the_daemon(sockdir):
+    """Random bytes, random valid headers with random bodies: error replies or closes, never a crash."""
+    import random
+
+    rng = random.Random(1234)
+
+    async def main():
+        store = FakeStore()
+        srv = await start(sockdir, store, max_frame_size=64 * 1024)
+        keeper = await Conn.open(srv.socket_path)
+        P.raise_for_status(await keeper.call(P.encode_put(1, b"keep", b"safe")))
+        for i in range(60):
+            c = await Conn.open(srv.socket_path)
+            if i % 2:
+                payload = rng.randbytes(rng.randint(1, 300))
+            else:
+                body = rng.randbytes(rng.randint(0, 80))
+                payload = P.encode_frame(rng.randint(0, 14), i, body, rng.randint(0, 3))
+            c.send(payload)
+            c.writer.write_eof()
+            while (f := await c.recv()) is not None:
+                assert f.status in (0, errors.ProtocolError.code, errors.FrameTooLarge.code,
+                                    errors.InvalidKey.code, errors.NotFound.code, errors.DigestMismatch.code)
+            await c.close()
+        assert (await keeper.call(P.encode_get(2, b"keep"))).body == b"safe"
+        assert srv.in_flight == 0 and len(srv.connections) == 1
+        await keeper.close()
+        await srv.shutdown()
+
+    run(main(), "uvloop")

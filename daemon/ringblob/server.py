@@ -88,6 +88,7 @@ def _sd_watchdog_interval() -> float | None:
 
 
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+_OP_NAMES = {op: P.op_name(op) for op in P.Op}
 
 
 @dataclass
@@ -395,7 +396,7 @@ class _Connection(asyncio.Protocol):
             if srv.stopping:
                 self._queue_reply(req.op, req.request_id, [b"the daemon is shutting down; retry when it is back"],
                                   ServerShuttingDown.code)
-                srv.metrics.observe_request(P.op_name(req.op), ServerShuttingDown.code, 0.0)
+                srv.metrics.observe_request(_OP_NAMES[req.op], ServerShuttingDown.code, 0.0)
                 continue
             inline = srv._inline.get(req.op)
             if inline is not None:  # answered without touching the ring: no task needed
@@ -431,7 +432,7 @@ class _Connection(asyncio.Protocol):
             if status == 1:
                 log.exception("internal error serving %s request %d", req.op.name, req.request_id)
             parts = [message.encode("utf-8", "replace")]
-        self.server.metrics.observe_request(P.op_name(req.op), status, time.perf_counter() - t0)
+        self.server.metrics.observe_request(_OP_NAMES[req.op], status, time.perf_counter() - t0)
         self._queue_reply(req.op, req.request_id, parts, status)
 
     async def _serve(self, req: P.Request) -> None:
@@ -453,7 +454,7 @@ class _Connection(asyncio.Protocol):
 
     def _finish(self, req: P.Request, parts: list, status: int, t0: float) -> None:
         srv = self.server
-        srv.metrics.observe_request(P.op_name(req.op), status, time.perf_counter() - t0)
+        srv.metrics.observe_request(_OP_NAMES[req.op], status, time.perf_counter() - t0)
         self._queue_reply(req.op, req.request_id, parts, status)
         self.in_flight -= 1
         srv.in_flight -= 1
@@ -688,7 +689,7 @@ class Server:
         if interval:
             self._watchdog = self._loop.create_task(self._watchdog_loop(interval))
         where = self.socket_path or _sock_name(sock)
-        log.info("listening on %s%s", where,
+        log.info("listening on %s (%s event loop)%s", where, type(self._loop).__module__.split(".")[0],
                  f"; metrics on http://{_fmt_addr(self.metrics_address)}/metrics" if self.metrics_address else "")
 
     def request_stop(self) -> None:
