@@ -220,13 +220,7 @@ class BlobStore:
         create_size = fmt["size"] if fmt is not None else None
         self._df = open_direct(path, create_size=create_size, read_only=read_only)
         try:
-            try:
-                fcntl.flock(self._df.fd, (fcntl.LOCK_SH if read_only else fcntl.LOCK_EX) | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise StoreLocked(
-                    f"{path}: the data file is locked by another process (pid {_holder_pid(self._df.fd)}); "
-                    "stop that ringblob (or store user) first, or open another data file"
-                ) from None
+            await self._lock(path, read_only)
             eng = open_engine(engine, [self._df.fd], block_size=self._df.block_size, buffer_size=buffer_size,
                               buffer_count=buffer_count, queue_depth=queue_depth)
             if wrap_engine is not None:
@@ -245,6 +239,36 @@ class BlobStore:
             raise
         self._committer_task = asyncio.get_running_loop().create_task(self._committer())
         return self
+
+    async def _lock(self, path: str, read_only: bool, wait_dead: float = 5.0) -> None:
+        """flock the data file; StoreLocked names the holder's pid.
+
+        A holder that has died (SIGKILL) can keep the lock for a moment: the
+        kernel drops an io_uring ring's registered-file references
+        asynchronously, so a lock whose holder pid is gone is retried for up
+        to ``wait_dead`` seconds.
+        """
+        deadline = time.monotonic() + wait_dead
+        while True:
+            try:
+                fcntl.flock(self._df.fd, (fcntl.LOCK_SH if read_only else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                pid = _holder_pid(self._df.fd)
+                alive = pid.isdigit() and int(pid) > 0  # -1/unknown: an orphaned lock (holder died)
+                if alive:
+                    try:
+                        os.kill(int(pid), 0)
+                    except ProcessLookupError:
+                        alive = False
+                    except PermissionError:
+                        pass
+                if alive or time.monotonic() > deadline:
+                    raise StoreLocked(
+                        f"{path}: the data file is locked by another process (pid {pid}); "
+                        "stop that ringblob (or store user) first, or open another data file"
+                    ) from None
+                await asyncio.sleep(0.02)
 
     # -- format -----------------------------------------------------------------
 
