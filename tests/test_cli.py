@@ -279,3 +279,55 @@ def test_serve_embedded_defaults_create_var():
             assert d.stop() == 0, d.output()
     finally:
         shutil.rmtree(cwd, ignore_errors=True)
+
+
+def test_serve_settings_reach_the_server_config():
+    from ringblob import serve
+    from ringblob.config import Settings
+
+    s = Settings(socket="/tmp/x.sock", socket_mode=0o660, socket_group="", allow_uids=[1000], allow_gids=[5, 6],
+                 max_frame_size=1 << 20, max_connections=3, max_in_flight_per_conn=4, max_in_flight_total=5,
+                 idle_timeout=0.0, metrics_addr="", shutdown_timeout=2.5, loop="asyncio")
+    cfg = serve.server_config(s).validate()
+    assert (cfg.socket_path, cfg.socket_mode, cfg.socket_group) == ("/tmp/x.sock", 0o660, None)
+    assert tuple(cfg.allow_uids) == (1000,) and tuple(cfg.allow_gids) == (5, 6)
+    assert (cfg.max_frame_size, cfg.max_connections, cfg.max_in_flight_per_conn, cfg.max_in_flight_total) == (1 << 20, 3, 4, 5)
+    assert (cfg.idle_timeout, cfg.metrics_addr, cfg.shutdown_timeout, cfg.loop) == (0.0, "", 2.5, "asyncio")
+    # the embedded defaults agree with the protocol's frame limit
+    from ringblob import protocol
+
+    assert Settings().max_frame_size == protocol.DEFAULT_MAX_FRAME_SIZE
+
+
+def test_serve_config_file_end_to_end():
+    """A TOML file sets data, socket, size and max_blob_size; a flag overrides its metrics_addr."""
+    workdir = make_tmp("cf-")
+    try:
+        cfg = workdir / "rb.toml"
+        cfg.write_text(
+            f'data = "{workdir}/fromfile.data"\nsocket = "{workdir}/fromfile.sock"\nsize = "32M"\n'
+            'max_blob_size = "4K"\nmetrics_addr = "192.0.2.1:9464"\n'  # TEST-NET-1: not an address of this host
+        )
+        d = Daemon(workdir, data=workdir / "fromfile.data", sock=workdir / "fromfile.sock")
+        d.args = ringblob_cmd() + ["serve", "--config", str(cfg), "--metrics-addr", ""]
+        d.start()
+        try:
+            assert (workdir / "fromfile.data").stat().st_size == 32 << 20
+            with ringblob.Client(d.socket) as c:
+                c.put(b"small", b"x" * 4096)
+                with pytest.raises(ringblob.errors.TooLarge):
+                    c.put(b"big", b"x" * 4097)
+        finally:
+            assert d.stop() == 0, d.output()
+        # without the flag the file's metrics_addr is used: nothing can listen there (the store
+        # opened first and logged, so the error is the last line)
+        p = rb("serve", "--config", str(cfg))
+        assert p.returncode == 2
+        line = p.stderr.decode().strip().splitlines()[-1]
+        assert line.startswith("ringblob serve: ") and "metrics_addr" in line and "192.0.2.1:9464" in line
+        # a malformed value in the file is refused naming the key and the file
+        cfg.write_text('metrics_addr = "not an address"\n')
+        line = one_line_error(rb("serve", "--config", str(cfg), "--metrics-addr", ""), "serve")
+        assert "metrics_addr" in line and str(cfg) in line
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)

@@ -170,6 +170,11 @@ def test_unknown_key_names_key_and_file(tmp_path):
         ('allow_gids = ["wheel"]', "allow_gids"),
         ('socket_mode = "rw-------"', "socket_mode"),
         ("metrics_addr = 9464", "metrics_addr"),
+        ('metrics_addr = "9464"', "metrics_addr"),
+        ('engine = "spdk"', "engine"),
+        ("buffer_count = 0", "buffer_count"),
+        ('buffer_size = "5000"', "buffer_size"),
+        ('data = ""', "data"),
     ],
 )
 def test_wrong_types_in_toml(tmp_path, line, key):

@@ -236,24 +236,9 @@ class Settings:
     loop: str = _setting("auto", _STR, "event loop: auto (uvloop when installed), uvloop or asyncio", group="server", choices=LOOPS)
 
     def validate(self) -> "Settings":
-        """Check every value's type and range; return ``self``. Raises :class:`ConfigError`."""
+        """Check every value's type and range; return ``self``. Raises :class:`ConfigError` naming the setting."""
         for f in dataclasses.fields(self):
-            v = getattr(self, f.name)
-            meta = f.metadata
-            choices = meta["choices"]
-            if choices and v not in choices:
-                raise ConfigError(f"{f.name}: {v!r} is not one of {', '.join(choices)}")
-            lo = meta["min"]
-            if lo is not None and v < lo:
-                shown = format_size(lo) if meta["kind"] is _SIZE else lo
-                raise ConfigError(f"{f.name}: {v!r} is below the minimum {shown}")
-        if self.buffer_size % 4096:
-            raise ConfigError(f"buffer_size: {self.buffer_size} is not a multiple of 4096 (the page size)")
-        if not self.data:
-            raise ConfigError("data: the data file path is empty")
-        if not self.socket:
-            raise ConfigError("socket: the socket path is empty")
-        parse_addr(self.metrics_addr)
+            check_value(f.name, getattr(self, f.name))
         return self
 
     @property
@@ -264,6 +249,27 @@ class Settings:
 
 SETTINGS: tuple[dataclasses.Field, ...] = tuple(dataclasses.fields(Settings))
 _BY_NAME = {f.name: f for f in SETTINGS}
+
+
+def check_value(name: str, value: Any) -> None:
+    """Check one parsed setting's range and form (choices, minimum, alignment, address).
+
+    Raises :class:`ConfigError` naming the setting.
+    """
+    meta = _BY_NAME[name].metadata
+    choices = meta["choices"]
+    if choices and value not in choices:
+        raise ConfigError(f"{name}: {value!r} is not one of {', '.join(choices)}")
+    lo = meta["min"]
+    if lo is not None and value < lo:
+        shown = format_size(lo) if meta["kind"] is _SIZE else lo
+        raise ConfigError(f"{name}: {value!r} is below the minimum {shown}")
+    if name == "buffer_size" and value % 4096:
+        raise ConfigError(f"buffer_size: {value} is not a multiple of 4096 (the page size)")
+    if name in ("data", "socket") and not value:
+        raise ConfigError(f"{name}: the path is empty")
+    if meta["kind"] is _ADDR:
+        parse_addr(value, name)
 
 
 def _flag(name: str) -> str:
@@ -332,6 +338,7 @@ def load_toml(path: str | os.PathLike) -> dict[str, Any]:
             )
         try:
             out[key] = f.metadata["kind"].from_toml(value, key)
+            check_value(key, out[key])
         except ConfigError as exc:
             raise ConfigError(f"config {path}: {exc}") from None
     return out
