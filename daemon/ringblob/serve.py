@@ -16,8 +16,6 @@ daemon on the same data file refuses to start (StoreLocked).
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import inspect
 import logging
 import os
 import sys
@@ -38,9 +36,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     config.add_arguments(parser)
 
 
-def prepare_dirs(settings: config.Settings) -> None:
-    """Create the missing parent directories of the data file and the socket (e.g. ./var), mode 0750."""
-    for path in (settings.data, settings.socket):
+def prepare_dirs(*paths: str) -> None:
+    """Create the missing parent directories of ``paths`` (e.g. ./var for the defaults), mode 0750.
+
+    Raises :class:`~ringblob.errors.ConfigError` naming the directory when it cannot be made.
+    """
+    for path in paths:
         parent = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(parent):
             try:
@@ -128,20 +129,13 @@ def run(args: argparse.Namespace) -> int:
     from . import server as server_mod
 
     cfg = server_config(settings)
-    listen = None
-    try:
-        from . import systemd
-    except ImportError:  # pragma: no cover - systemd.py is part of the package
-        systemd = None
-    if systemd is not None:
-        socks = systemd.listen_fds()
-        if socks:
-            listen = socks[0]
-            log.info("socket activation: using the listening socket passed by systemd")
-    if listen is None:
-        prepare_dirs(settings)
-    else:
-        prepare_dirs(dataclasses.replace(settings, socket=settings.data))
+    from . import systemd
+
+    socks = systemd.listen_fds()
+    listen = socks[0] if socks else None
+    if listen is not None:
+        log.info("socket activation: using the listening socket passed by systemd (socket setting unused)")
+    prepare_dirs(settings.data, *([settings.socket] if listen is None else []))
     engine: list[str | None] = [None]
 
     async def open_store(metrics):
@@ -159,8 +153,6 @@ def run(args: argparse.Namespace) -> int:
         )
         engine[0] = _engine_name(store)
         log.info("store %s open (engine %s)", settings.data, engine[0] or "unknown")
-        if not _accepts_on_ready:
-            print(banner(settings, engine[0]), flush=True)
         return store
 
     def on_ready(server) -> None:
@@ -170,6 +162,4 @@ def run(args: argparse.Namespace) -> int:
             flush=True,
         )
 
-    _accepts_on_ready = "on_ready" in inspect.signature(server_mod.run).parameters
-    kwargs = {"on_ready": on_ready} if _accepts_on_ready else {}
-    return int(server_mod.run(cfg, open_store, listen_sock=listen, **kwargs) or 0)
+    return int(server_mod.run(cfg, open_store, listen_sock=listen, on_ready=on_ready) or 0)
