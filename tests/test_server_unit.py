@@ -684,3 +684,23 @@ def test_random_garbage_never_hurts_the_daemon(sockdir):
         await srv.shutdown()
 
     run(main(), "uvloop")
+
+
+@pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
+def test_half_close_under_backpressure_still_gets_every_reply(sockdir, loop_kind):
+    async def main():
+        store = FakeStore()
+        store.data[b"big"] = b"b" * (128 * 1024)
+        srv = await start(sockdir, store, write_high_water=256 * 1024, max_in_flight_per_conn=4)
+        c = await Conn.open(srv.socket_path)
+        c.send(*(P.encode_get(i, b"big") for i in range(1, 61)))
+        c.writer.write_eof()
+        await asyncio.sleep(0.2)  # let the daemon hit its write high-water mark before we read
+        got = [await c.recv() for _ in range(60)]
+        assert sorted(f.request_id for f in got) == list(range(1, 61))
+        assert all(len(f.body) == 128 * 1024 for f in got)
+        assert await c.recv() is None
+        await c.close()
+        await srv.shutdown()
+
+    run(main(), loop_kind)

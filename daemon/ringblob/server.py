@@ -409,6 +409,8 @@ class _Connection(asyncio.Protocol):
             srv._tasks.add(task)
             task.add_done_callback(srv._tasks.discard)
         self._unpause(_P_CONN | _P_TOTAL)
+        if self.eof:
+            self._maybe_close()
 
     def _protocol_error(self, exc: ProtocolError) -> None:
         srv = self.server
@@ -505,8 +507,8 @@ class _Connection(asyncio.Protocol):
     def _maybe_close(self) -> None:
         if self.closed or self.in_flight or self.out or self.flush_scheduled:
             return
-        if not self.closing and self.paused & (_P_CONN | _P_TOTAL):
-            return  # half-closed, but received frames still wait for dispatch
+        if not self.closing and (self.paused or self.stalled):
+            return  # half-closed, but received frames may still wait for dispatch
         assert self.transport is not None
         self.transport.close()  # flushes what is buffered, then closes
 
