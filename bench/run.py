@@ -66,6 +66,7 @@ MODES = {
     "full": dict(duration=5.0, warmup=1.0, fio_runtime="5", fio_ramp="1", get_set=1024 * MIB, big_set=256, put_keys=65536, big_put_keys=64),
 }
 
+WORKLOAD_FILTER: set[str] = set()  # --workloads: run only these ringblob workloads
 FLUSH_EVERY = 32  # 4 KiB sync=False puts per client process between FLUSH requests
 
 # -- fio jobs -------------------------------------------------------------------------------
@@ -651,6 +652,10 @@ def run_load(specs: list[Spec], warmup: float, duration: float, pid: int | None)
         out["daemon_cpu_us_per_op"] = (d1 - d0) / ops * 1e6 if ops else None
     busy, total = h1[0] - h0[0], h1[1] - h0[1]
     out["host_cpu_busy"] = busy / total if total else None
+    if total:
+        # CPU used by everything else on the host (other jobs, kernel threads): the noise indicator
+        cores = busy / total * (os.cpu_count() or 1)
+        out["other_cpu_cores"] = max(0.0, cores - out["client_cpu_cores"] - out.get("daemon_cpu_cores", 0.0))
     return out
 
 
@@ -711,6 +716,8 @@ def run_ringblob(engine: str, workdir: str, mode: dict, clients: int, data_size:
         else:
             log("ringblob: the data set from an earlier run is there; reusing it")
         for name, op, size, conc in RB_WORKLOADS:
+            if WORKLOAD_FILTER and name not in WORKLOAD_FILTER:
+                continue
             procs = max(1, min(clients, conc))
             keys = {"get": get_keys, "get_big": big_keys, "put_big": mode["big_put_keys"]}.get(op, mode["put_keys"])
             specs = [
@@ -720,8 +727,10 @@ def run_ringblob(engine: str, workdir: str, mode: dict, clients: int, data_size:
             if profile_hook is not None:
                 profile_hook(name, daemon, specs, mode)
                 continue
+            s0 = _stat(daemon.socket)
             res = run_load(specs, mode["warmup"], mode["duration"], daemon.pid)
             row = {"system": f"ringblob-{engine}", "engine": engine, "workload": name, "concurrency": conc, **res}
+            row["daemon_counters"] = stat_delta(s0, _stat(daemon.socket))
             if op == "put_nosync_flush":
                 row["flush_every"] = FLUSH_EVERY
             rows.append(row)
@@ -729,7 +738,8 @@ def run_ringblob(engine: str, workdir: str, mode: dict, clients: int, data_size:
             log(f"ringblob-{engine}: {name}: {row['ops_per_s']:.0f} op/s {row['bytes_per_s'] / MIB:.1f} MiB/s "
                 f"p50 {row.get('p50_us', 0):.0f} µs p99 {row.get('p99_us', 0):.0f} µs; daemon "
                 f"{row.get('daemon_cpu_cores', 0):.2f} cores, clients {row['client_cpu_cores']:.2f} cores, "
-                f"host busy {100 * (row.get('host_cpu_busy') or 0):.0f}%"
+                f"others {row.get('other_cpu_cores') or 0:.2f} cores"
+                + "".join(f", {k} {row['daemon_counters'][k]:.1f}" for k in ("writes_per_group_commit", "sqes_per_enter", "enters_per_request") if k in row["daemon_counters"])
                 + (f"; {len(res['errors'])} error(s): {res['errors'][0]}" if res["errors"] else ""))
             if daemon.proc is None or daemon.proc.poll() is not None:
                 raise RuntimeError(f"the daemon died during {name}:\n{daemon.log_tail()}")
@@ -743,6 +753,30 @@ def run_ringblob(engine: str, workdir: str, mode: dict, clients: int, data_size:
         rc = daemon.stop()
         if rc not in (0, None, -15):
             errors.append(f"ringblob --engine {engine} exited with status {rc} at SIGTERM:\n{daemon.log_tail(600)}")
+
+
+STAT_COUNTERS = ("gets", "puts", "fdatasyncs", "group_commits", "group_commit_writes", "journal_batches",
+                 "journal_bytes_written", "flushes", "flushes_skipped", "checkpoints", "bytes_read", "bytes_written")
+
+
+def stat_delta(s0: dict, s1: dict) -> dict:
+    """What the daemon's STAT counters did over a workload (warm-up included), with derived ratios."""
+    out: dict = {}
+    for k in STAT_COUNTERS:
+        if isinstance(s0.get(k), (int, float)) and isinstance(s1.get(k), (int, float)):
+            out[k] = s1[k] - s0[k]
+    e0, e1 = s0.get("engine_counters") or {}, s1.get("engine_counters") or {}
+    for k, v in e1.items():
+        if isinstance(v, (int, float)) and isinstance(e0.get(k), (int, float)):
+            out["engine_" + k] = v - e0[k]
+    reqs = out.get("gets", 0) + out.get("puts", 0)
+    if out.get("group_commits"):
+        out["writes_per_group_commit"] = out.get("group_commit_writes", 0) / out["group_commits"]
+    if out.get("engine_enters"):
+        out["sqes_per_enter"] = out.get("engine_sqes", 0) / out["engine_enters"]
+        if reqs:
+            out["enters_per_request"] = out["engine_enters"] / reqs
+    return out
 
 
 def _stat(socket_path: str) -> dict:
@@ -1103,11 +1137,12 @@ def run_profile(workdir: str, mode: dict, clients: int, data_size: int, outdir: 
         dur = mode["duration"] + mode["warmup"]
         raw = os.path.join(workdir, f"profile-{name}.txt")
         argv = [spy, "record", "--pid", str(daemon.pid), "--duration", str(int(dur + 1)), "--rate", "250",
-                "--format", "raw", "--output", raw, "--nonblocking"]
-        if native:
-            argv.append("--native")
+                "--format", "raw", "--output", raw]
+        argv.append("--native" if native else "--nonblocking")  # --native needs to pause the process
         svg = os.path.join(outdir, "profile.svg")
         want_svg = name == "put_4k_sync_c32"
+        if os.path.exists(raw):
+            os.unlink(raw)
         log("profile: " + shlex.join(argv))
         spy_proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         time.sleep(0.3)
@@ -1157,6 +1192,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results"), help="where run.json/run.md/run.png go")
     ap.add_argument("--clients", type=int, default=max(2, os.cpu_count() or 2), help="client processes for ringblob (default: max(2, nproc))")
     ap.add_argument("--only", default="fio,uring,psync,redis", help="comma-separated subset of fio,uring,psync,redis")
+    ap.add_argument("--workloads", default="", help="comma-separated subset of the ringblob workloads (default: all)")
     ap.add_argument("--duration", type=float, help="seconds measured per configuration (overrides the mode)")
     ap.add_argument("--fresh", action="store_true", help="delete the ringblob data file first (else a filled one is reused)")
     ap.add_argument("--profile", action="store_true", help="after the run, sample the uring daemon with py-spy under load")
@@ -1169,6 +1205,10 @@ def main(argv: list[str] | None = None) -> int:
         mode["duration"] = args.duration
         mode["fio_runtime"] = str(max(1, round(args.duration)))
     only = set(args.only.split(","))
+    WORKLOAD_FILTER.update(w for w in args.workloads.split(",") if w)
+    unknown = WORKLOAD_FILTER - {w[0] for w in RB_WORKLOADS}
+    if unknown:
+        ap.error(f"unknown workload(s) {', '.join(sorted(unknown))}; choose from {', '.join(w[0] for w in RB_WORKLOADS)}")
     workdir = os.path.abspath(args.workdir)
     os.makedirs(workdir, exist_ok=True)
     os.makedirs(args.out, exist_ok=True)
