@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 from . import __version__
@@ -70,6 +71,15 @@ def main(argv: list[str] | None = None) -> int:
     except RingblobError as exc:
         print(f"ringblob {args.command}: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # the reader of our output went away (`ringblob list | head`): stop quietly, as a
+        # process killed by SIGPIPE would (the client maps a broken socket to ConnectionLost)
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        return 141
     except OSError as exc:
         print(f"ringblob {args.command}: {exc}", file=sys.stderr)
         return 2
