@@ -30,6 +30,7 @@ import os
 import platform
 import random
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -158,7 +159,7 @@ def run_fio(fio: str, path: str, size: int, rw: str, qd: int, runtime: float) ->
         fio, "--name=ringblob-engine", f"--filename={path}", f"--size={size}", f"--rw={rw}",
         f"--bs={BS}", f"--iodepth={qd}", "--ioengine=io_uring", "--fixedbufs", "--registerfiles",
         "--direct=1", "--time_based", f"--runtime={runtime}s", "--ramp_time=0", "--norandommap",
-        "--randrepeat=0", "--numjobs=1", "--thread", "--output-format=json",
+        "--randrepeat=0", "--numjobs=1", "--output-format=json",
     ]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     job = json.loads(out[out.index("{"):])["jobs"][0]
@@ -178,6 +179,8 @@ def main(argv=None) -> int:
     ap.add_argument("--size", type=int, default=1 << 30, help="file size in bytes (default 1 GiB)")
     ap.add_argument("--engines", default="uring,psync", help="comma-separated engines (uring,psync)")
     ap.add_argument("--qd", default="1,32", help="comma-separated queue depths (default 1,32)")
+    ap.add_argument("--repeat", type=int, default=None,
+                    help="repetitions per cell, order rotated, median reported (default 3, --quick 1)")
     ap.add_argument("--submit-every", type=int, default=1,
                     help="submit after this many replacement ops (default 1, like fio's iodepth_batch_submit=1)")
     ap.add_argument("--json", default=os.path.join(RESULTS, "engine.json"), help="where to write JSON")
@@ -188,14 +191,24 @@ def main(argv=None) -> int:
 
     fio = ensure_fio()
     prepare_file(args.file, args.size)
+    repeat = args.repeat or (1 if args.quick else 3)
+    kinds = (["fio"] if fio else []) + engines
     rows = []
     for rw in ("randread", "randwrite"):
         for qd in qds:
-            row = {"rw": rw, "qd": qd, "bs": BS}
-            if fio:
-                row["fio"] = run_fio(fio, args.file, args.size, rw, qd, runtime)
-            for eng in engines:
-                row[eng] = run_engine(eng, args.file, rw, qd, runtime, args.submit_every)
+            samples: dict[str, list] = {k: [] for k in kinds}
+            for rep in range(repeat):
+                # rotate the order each repetition: the device's speed drifts with
+                # whatever else the host does, so no runner always goes first
+                order = kinds[rep % len(kinds):] + kinds[:rep % len(kinds)]
+                for k in order:
+                    if k == "fio":
+                        samples[k].append(run_fio(fio, args.file, args.size, rw, qd, runtime))
+                    else:
+                        samples[k].append(run_engine(k, args.file, rw, qd, runtime, args.submit_every))
+            row = {"rw": rw, "qd": qd, "bs": BS, "repeat": repeat}
+            for k in kinds:
+                row[k] = summarize(samples[k])
             rows.append(row)
             print_row(row, engines, fio is not None, header=len(rows) == 1)
 
@@ -209,6 +222,8 @@ def main(argv=None) -> int:
         "size": args.size,
         "fs": __import__("ringblob.direct", fromlist=["fs_type"]).fs_type(args.file),
         "runtime_s": runtime,
+        "repeat": repeat,
+        "loadavg_after": os.getloadavg(),
         "submit_every": args.submit_every,
         "fio": subprocess.run([fio, "--version"], capture_output=True, text=True).stdout.strip() if fio else None,
     }
@@ -217,6 +232,23 @@ def main(argv=None) -> int:
         json.dump({"meta": meta, "rows": rows}, f, indent=2)
     print(f"\nwrote {args.json}")
     return 0
+
+
+def summarize(samples: list[dict]) -> dict:
+    """Median IOPS (and CPU per op) over repetitions, keeping every sample."""
+    iops = sorted(x["iops"] for x in samples)
+    cpu = sorted(x["cpu_us_per_op"] for x in samples)
+    out = dict(samples[0])
+    out.update(
+        iops=statistics.median(iops),
+        iops_min=iops[0],
+        iops_max=iops[-1],
+        cpu_us_per_op=statistics.median(cpu),
+        samples=[{"iops": x["iops"], "cpu_us_per_op": x["cpu_us_per_op"], "seconds": x["seconds"]} for x in samples],
+    )
+    out.pop("ops", None)
+    out.pop("seconds", None)
+    return out
 
 
 def print_row(row: dict, engines: list[str], have_fio: bool, header: bool) -> None:
