@@ -536,3 +536,81 @@ def test_error_status_carries_class_and_message():
         assert type(unknown) is RingblobError and "from the future" in str(unknown)
     finally:
         peer.close()
+
+
+# -- properties and lifecycle -------------------------------------------------------
+
+
+from hypothesis import HealthCheck, given, settings as hsettings, strategies as st  # noqa: E402
+
+
+@given(
+    st.dictionaries(
+        st.binary(min_size=1, max_size=40).map(lambda k: b"prop/" + k),
+        st.binary(max_size=9000),
+        max_size=12,
+    )
+)
+@hsettings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_random_keys_and_values_round_trip(daemon, items):
+    with ringblob.Client(daemon.socket) as c:
+        for k in list(c.list(b"prop/")):
+            c.delete(k)
+        for k, v in items.items():
+            c.put(k, v)
+        assert list(c.list(b"prop/")) == sorted(items)
+        assert c.get_many(sorted(items)) == [items[k] for k in sorted(items)]
+        for k, v in items.items():
+            assert c.get(k) == v
+
+
+def test_threads_share_a_sync_client(daemon):
+    errors: list[BaseException] = []
+    with ringblob.Client(daemon.socket) as c:
+
+        def work(n: int):
+            try:
+                for i in range(50):
+                    key = b"thr/%d/%d" % (n, i)
+                    c.put(key, key)
+                    assert c.get(key) == key
+            except BaseException as exc:  # reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=work, args=(n,)) for n in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    assert not errors, errors
+
+
+def test_daemon_stopping_loses_connections_cleanly():
+    workdir = make_tmp("ds-")
+    d = Daemon(workdir).start()
+    try:
+        sync_client = ringblob.Client(d.socket)
+        sync_client.put(b"k", b"v", sync=True)
+
+        async def main():
+            c = await ringblob.AsyncClient(d.socket).connect()
+            await c.put(b"k2", b"v2")
+            assert d.stop() == 0, d.output()  # SIGTERM with idle connections open: clean exit
+            with pytest.raises(ConnectionLost):
+                await c.get(b"k")
+            await c.close()
+
+        run(main())
+        with pytest.raises(ConnectionLost):
+            sync_client.get(b"k")
+        with pytest.raises(ConnectionLost):
+            sync_client.ping()
+        sync_client.close()
+        # both writes were acknowledged before SIGTERM: they survive the restart
+        d.start()
+        with ringblob.Client(d.socket) as c:
+            assert c.get_many([b"k", b"k2"]) == [b"v", b"v2"]
+        assert d.stop() == 0, d.output()
+    finally:
+        d.kill()
+        shutil.rmtree(workdir, ignore_errors=True)

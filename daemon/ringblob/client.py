@@ -36,6 +36,7 @@ import asyncio
 import itertools
 import os
 import socket
+import threading
 from typing import Any, AsyncIterator, Callable, Iterable, Iterator, Mapping
 
 import blake3
@@ -136,8 +137,9 @@ class Client:
     the connection).
 
     Connects at construction (raising ``OSError`` from ``connect(2)``). Use
-    it as a context manager or call :meth:`close`. Not thread-safe: one
-    request is in flight at a time.
+    it as a context manager or call :meth:`close`. One request is in flight
+    at a time; threads sharing a client take turns (a lock), so give each
+    thread its own client, or use :class:`AsyncClient`, for concurrency.
     """
 
     def __init__(
@@ -154,6 +156,7 @@ class Client:
         self._ids = itertools.count(1)
         self._decoder = FrameDecoder(max_reply_size)
         self._lost: str | None = None
+        self._lock = threading.Lock()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.settimeout(timeout)
@@ -193,6 +196,10 @@ class Client:
 
     def _call(self, opcode: int, frame: bytes, progress: Progress | None = None, *, receive_progress: bool = False):
         """Send one request frame and return its (successful) reply frame; raise its error otherwise."""
+        with self._lock:
+            return self._call_locked(opcode, frame, progress, receive_progress)
+
+    def _call_locked(self, opcode: int, frame: bytes, progress: Progress | None, receive_progress: bool):
         sock = self._sock
         if sock is None:
             raise ConnectionLost(f"connection to the daemon at {self.socket_path} is closed ({self._lost})")
