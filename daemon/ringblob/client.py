@@ -210,12 +210,13 @@ class Client:
         except (BrokenPipeError, ConnectionResetError) as exc:
             # the daemon may have answered (e.g. FrameTooLarge) before closing: prefer its reason
             reply = self._salvage(sock)
-            if reply is not None and reply.request_id == request_id:
-                protocol.raise_for_status(reply)
-            raise self._broken(
+            lost = self._broken(
                 f"the daemon at {self.socket_path} closed the connection while {name} request "
                 f"{request_id} was being sent ({exc.strerror or exc})"
-            ) from None
+            )
+            if reply is not None and reply.request_id in (request_id, 0):
+                protocol.raise_for_status(reply)
+            raise lost from None
         except TimeoutError:
             raise self._broken(f"timed out sending {name} request {request_id}") from None
         try:
@@ -226,13 +227,19 @@ class Client:
         except protocol.ProtocolError:
             self._broken(f"the reply stream to {name} request {request_id} was malformed")
             raise
-        if reply.request_id != request_id:
-            exc = reply if reply.request_id == 0 else None
-            if exc is not None:
-                protocol.raise_for_status(exc)
+        except (ConnectionResetError, BrokenPipeError) as exc:
             raise self._broken(
+                f"the connection to the daemon at {self.socket_path} was reset before the reply to "
+                f"{name} request {request_id} ({exc.strerror or exc})"
+            ) from None
+        if reply.request_id != request_id:
+            # request id 0: an error the daemon could not address (it closes the connection next)
+            lost = self._broken(
                 f"the daemon answered request {reply.request_id} while {name} request {request_id} was awaited"
             )
+            if reply.request_id == 0:
+                protocol.raise_for_status(reply)
+            raise lost
         return protocol.raise_for_status(reply)
 
     @staticmethod
