@@ -234,6 +234,9 @@ def bind_unix_socket(path: str, mode: int = 0o600, group: str | int | None = Non
         log.info("replacing stale socket file %s (nothing is listening on it)", path)
         os.unlink(path)
     gid = _resolve_gid(group)
+    if len(os.fsencode(path)) > 107:
+        raise ConfigError(f"socket: the path {path!r} is longer than the 107 bytes a Unix socket address holds; "
+                          "use a shorter (e.g. relative) path")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         old = os.umask(0o177)  # never more open than 0600 between bind and chmod
@@ -461,8 +464,6 @@ class _Connection(asyncio.Protocol):
         self.in_flight -= 1
         srv.in_flight -= 1
         srv.metrics.in_flight.dec()
-        if srv.in_flight == 0:
-            srv._idle.set()
         if srv._waiting and srv.in_flight < srv.config.max_in_flight_total:
             srv._wake_waiting()
         if self.paused & _P_CONN and not self.closed:
@@ -624,7 +625,6 @@ class Server:
         self._tasks: set[asyncio.Task] = set()
         self._waiting: set[_Connection] = set()
         self._stop_requested: asyncio.Event | None = None
-        self._idle: asyncio.Event | None = None
         self._conn_closed: asyncio.Event | None = None
         self._watchdog: asyncio.Task | None = None
         self._shutdown_task: asyncio.Task | None = None
@@ -660,8 +660,6 @@ class Server:
         """
         self._loop = asyncio.get_running_loop()
         self._stop_requested = asyncio.Event()
-        self._idle = asyncio.Event()
-        self._idle.set()
         self._conn_closed = asyncio.Event()
         cfg = self.config
         maddr = parse_metrics_addr(cfg.metrics_addr)
