@@ -196,9 +196,10 @@ ENGINES = ("auto", "uring", "psync")
 LOOPS = ("auto", "uvloop", "asyncio")
 
 
-def _setting(default: Any, kind: _Kind, help: str, *, group: str, choices: tuple | None = None, minimum: int | float | None = None):
-    """One row of the settings table: a dataclass field carrying its kind, help and limits."""
-    meta = {"kind": kind, "help": help, "group": group, "choices": choices, "min": minimum}
+def _setting(default: Any, kind: _Kind, help: str, *, group: str, choices: tuple | None = None,
+             minimum: int | float | None = None, metavar: str | None = None):
+    """One row of the settings table: a dataclass field carrying its kind, help, limits and flag metavar."""
+    meta = {"kind": kind, "help": help, "group": group, "choices": choices, "min": minimum, "metavar": metavar}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -223,15 +224,15 @@ class Settings:
     # server
     socket: str = _setting("./var/ringblob.sock", _PATH, "Unix socket the daemon listens on (ignored under socket activation)", group="server")
     socket_mode: int = _setting(0o600, _MODE, "file mode of the socket (octal)", group="server")
-    socket_group: str = _setting("", _STR, "group owning the socket (name or gid; empty keeps the daemon's)", group="server")
-    allow_uids: list = _setting([], _IDS, "peer uids allowed to connect, checked with SO_PEERCRED (empty: anyone who can open the socket)", group="server")
-    allow_gids: list = _setting([], _IDS, "peer gids allowed to connect, checked with SO_PEERCRED (empty: anyone who can open the socket)", group="server")
+    socket_group: str = _setting("", _STR, "group owning the socket (name or gid; empty keeps the daemon's)", group="server", metavar="GROUP")
+    allow_uids: list = _setting([], _IDS, "peer uids allowed to connect, checked with SO_PEERCRED (empty: anyone who can open the socket)", group="server", metavar="UID,...")
+    allow_gids: list = _setting([], _IDS, "peer gids allowed to connect, checked with SO_PEERCRED (empty: anyone who can open the socket)", group="server", metavar="GID,...")
     max_frame_size: int = _setting(72 << 20, _SIZE, "largest request frame (header + body) accepted; larger ones get FrameTooLarge and the connection closes", group="server", minimum=4096)
     max_connections: int = _setting(1024, _INT, "connections open at once; more are refused with Busy", group="server", minimum=1)
     max_in_flight_per_conn: int = _setting(256, _INT, "requests in flight on one connection before the daemon stops reading it", group="server", minimum=1)
     max_in_flight_total: int = _setting(4096, _INT, "requests in flight over all connections before the daemon stops reading", group="server", minimum=1)
     idle_timeout: float = _setting(300.0, _SECONDS, "close a connection idle this long (seconds; 0 never)", group="server", minimum=0)
-    metrics_addr: str = _setting("127.0.0.1:9464", _ADDR, "Prometheus /metrics listener HOST:PORT; empty disables it", group="server")
+    metrics_addr: str = _setting("127.0.0.1:9464", _ADDR, "Prometheus /metrics listener HOST:PORT; empty disables it", group="server", metavar="HOST:PORT")
     shutdown_timeout: float = _setting(30.0, _SECONDS, "at SIGTERM/SIGINT, seconds to wait for requests in flight before closing the store", group="server", minimum=0)
     loop: str = _setting("auto", _STR, "event loop: auto (uvloop when installed), uvloop or asyncio", group="server", choices=LOOPS)
 
@@ -291,9 +292,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             _flag(f.name),
             dest=f.name,
             default=None,
-            metavar=meta["kind"].name.upper().replace(" ", "_").replace(":", "_") if not meta["choices"] else "{" + ",".join(meta["choices"]) + "}",
+            metavar=_metavar(meta),
             help=f"{meta['help']} (default: {shown})".replace("%", "%%"),
         )
+
+
+def _metavar(meta: Any) -> str:
+    if meta["metavar"]:
+        return meta["metavar"]
+    if meta["choices"]:
+        return "{" + ",".join(meta["choices"]) + "}"
+    return meta["kind"].name.upper().replace(" ", "_")
 
 
 def _display(f: dataclasses.Field, value: Any) -> str:
