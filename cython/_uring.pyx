@@ -32,6 +32,7 @@ Design notes
   dangling view: the mapping is unmapped when the last view is gone.
 """
 
+cimport cython
 from cpython.buffer cimport PyBuffer_FillInfo
 from cpython.exc cimport PyErr_CheckSignals
 from cpython.pythread cimport PyThread_get_thread_ident
@@ -149,6 +150,10 @@ cdef class Buffer:
         return f"<ringblob._uring.Buffer {self.index} size={self.size} in_flight={self.in_flight}>"
 
 
+# no_gc_clear: when a forgotten ring is collected as part of a cycle (it and its
+# buffers reference each other), __dealloc__ still finds the pool and waits for
+# the kernel before anything is released.
+@cython.no_gc_clear
 cdef class Ring:
     """The io_uring engine (see :mod:`ringblob.engine` for the contract).
 
