@@ -614,3 +614,25 @@ def test_daemon_stopping_loses_connections_cleanly():
     finally:
         d.kill()
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def test_async_pipelined_large_values(daemon):
+    """Many large puts in flight at once: sent under backpressure, all stored, replies matched."""
+
+    async def main():
+        async with ringblob.AsyncClient(daemon.socket) as c:
+            prefix = unique("bigpipe")
+            values = {prefix + b"%d" % i: os.urandom(256 * 1024 + i) for i in range(48)}
+            await asyncio.gather(*(c.put(k, v) for k, v in values.items()))
+            got = await asyncio.gather(*(c.get(k) for k in values))
+            assert got == list(values.values())
+            await asyncio.gather(*(c.delete(k) for k in values))
+
+    run(main())
+
+    async def with_uvloop():
+        async with ringblob.AsyncClient(daemon.socket) as c:
+            return await asyncio.gather(*(c.ping(b"%d" % i) for i in range(100)))
+
+    uvloop = pytest.importorskip("uvloop")
+    assert uvloop.run(with_uvloop()) == [b"%d" % i for i in range(100)]

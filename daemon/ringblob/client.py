@@ -526,6 +526,11 @@ class AsyncClient:
         fut = asyncio.get_running_loop().create_future()
         self._pending[request_id] = fut
         try:
+            # backpressure: while the socket's send buffer is over its high-water mark, wait
+            # before adding to it, so many calls in flight do not pile their frames up in memory
+            transport = writer.transport
+            while transport.get_write_buffer_size() > self._high_water(transport) and not transport.is_closing():
+                await writer.drain()
             writer.write(frame)
             await writer.drain()
         except (ConnectionError, OSError) as exc:
@@ -544,6 +549,13 @@ class AsyncClient:
         except asyncio.CancelledError:
             self._pending.pop(request_id, None)
             raise
+
+    @staticmethod
+    def _high_water(transport) -> int:
+        try:
+            return transport.get_write_buffer_limits()[1]
+        except (AttributeError, NotImplementedError):
+            return 64 * 1024
 
     # -- operations --------------------------------------------------------------
 
