@@ -704,3 +704,41 @@ def test_half_close_under_backpressure_still_gets_every_reply(sockdir, loop_kind
         await srv.shutdown()
 
     run(main(), loop_kind)
+
+
+def test_idle_timeout_spares_connections_with_requests_in_flight(sockdir):
+    async def main():
+        store = FakeStore()
+        srv = await start(sockdir, store, idle_timeout=0.15)
+        c = await Conn.open(srv.socket_path)
+        store.gate = asyncio.Event()
+        c.send(P.encode_put(1, b"slow", b"v"))
+        await asyncio.sleep(0.5)  # longer than the idle timeout, with a request in flight
+        store.gate.set()
+        f = await c.recv()
+        assert (f.request_id, f.status) == (1, 0)
+        assert await c.recv(timeout=5) is None  # idle after the reply: closed
+        await c.close()
+        await srv.shutdown()
+
+    run(main())
+
+
+def test_list_pages_are_capped_by_the_server(sockdir):
+    async def main():
+        store = FakeStore()
+        store.data.update({b"k%02d" % i: b"" for i in range(10)})
+        srv = await start(sockdir, store, list_page_max=4)
+        c = await Conn.open(srv.socket_path)
+        keys, more = P.decode_list_reply((await c.call(P.encode_list(1, b"", None, 0))).body)
+        assert keys == [b"k00", b"k01", b"k02", b"k03"] and more
+        keys, more = P.decode_list_reply((await c.call(P.encode_list(2, b"", b"k03", 1000))).body)
+        assert keys == [b"k04", b"k05", b"k06", b"k07"] and more
+        keys, more = P.decode_list_reply((await c.call(P.encode_list(3, b"", b"k07", 2))).body)
+        assert keys == [b"k08", b"k09"] and not more
+        keys, more = P.decode_list_reply((await c.call(P.encode_list(4, b"zz", None, 0))).body)
+        assert keys == [] and not more
+        await c.close()
+        await srv.shutdown()
+
+    run(main())
