@@ -29,6 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _read(path: str | None) -> bytes:
     if path is None or path == "-":
+        if sys.stdin.isatty():
+            print("ringblob put: reading the value from standard input; end it with Ctrl-D", file=sys.stderr)
         return sys.stdin.buffer.read()
     with open(path, "rb") as fh:
         return fh.read()
