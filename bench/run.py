@@ -695,6 +695,17 @@ def run_ringblob(engine: str, workdir: str, mode: dict, clients: int, data_size:
     big_keys = mode["big_set"]
     daemon = Daemon(workdir, data, data_size, engine)
     rows, errors = [], []
+    # A data file is reused only when it was made for the same data set and size (see .json beside it).
+    shape = {"size": data_size, "get_set": mode["get_set"], "big_set": big_keys}
+    side = data + ".json"
+    try:
+        with open(side) as f:
+            same = json.load(f) == shape
+    except (OSError, ValueError):
+        same = False
+    if not same and os.path.exists(data):
+        log(f"ringblob: {data} was made for another data set; formatting afresh")
+        os.unlink(data)
     try:
         try:
             daemon.start()
@@ -712,6 +723,8 @@ def run_ringblob(engine: str, workdir: str, mode: dict, clients: int, data_size:
             t = fill(daemon.socket, "fill", get_keys, 4 * KIB, n)
             t2 = fill(daemon.socket, "fill_big", big_keys, MIB, n)
             info["fill_s"] = {"4k": t, "1m": t2}
+            with open(side, "w") as f:
+                json.dump(shape, f)
             log(f"ringblob: filled in {t:.1f} s + {t2:.1f} s")
         else:
             log("ringblob: the data set from an earlier run is there; reusing it")
@@ -828,6 +841,9 @@ def run_redis(workdir: str, mode: dict) -> tuple[list[dict], list[str], dict]:
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"redis-server did not come up on {sock}")
             time.sleep(0.05)
+        info["checked"] = {k: _redis_cmd(sock, "CONFIG", "GET", k) for k in ("appendonly", "appendfsync", "port")}
+        if info["checked"].get("appendfsync") != "always" or info["checked"].get("appendonly") != "yes":
+            raise RuntimeError(f"redis-server did not take the AOF settings: {info['checked']}")
         for name, test, c in REDIS_RUNS:
             # A pilot run sizes -n so that the measured run lasts about `duration` seconds.
             pilot_n = max(200, 20 * c)
@@ -838,6 +854,9 @@ def run_redis(workdir: str, mode: dict) -> tuple[list[dict], list[str], dict]:
             rows.append(row)
             log(f"redis: {name}: {row['ops_per_s']:.0f} op/s p50 {row['p50_us']:.0f} µs p99 {row['p99_us']:.0f} µs "
                 f"(n={n}, redis-server {row['daemon_cpu_cores']:.2f} cores)")
+        info["aof_bytes"] = sum(os.path.getsize(os.path.join(dp, fn)) for dp, _, fns in os.walk(rdir)
+                                for fn in fns if ".aof" in fn)
+        info["fsyncs_note"] = "appendfsync always: redis-server fsyncs the AOF once per event-loop turn, for every write of that turn"
     except (RuntimeError, OSError, ValueError, KeyError) as exc:
         errors.append(f"redis: {exc}")
         log(errors[-1])
@@ -861,6 +880,19 @@ def _redis_ping(sock: str) -> bool:
             return s.recv(16).startswith(b"+PONG")
     except OSError:
         return False
+
+
+def _redis_cmd(sock: str, *args: str) -> str:
+    """Send one command (RESP) over the Unix socket; the value of a 2-element array reply, else the raw reply."""
+    req = f"*{len(args)}\r\n" + "".join(f"${len(a)}\r\n{a}\r\n" for a in args)
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(5)
+        s.connect(sock)
+        s.sendall(req.encode())
+        time.sleep(0.05)
+        reply = s.recv(65536).decode("utf-8", "replace")
+    parts = reply.split("\r\n")
+    return parts[4] if reply.startswith("*2") and len(parts) > 4 else reply.strip()
 
 
 def _redis_bench_argv(sock: str, test: str, c: int, n: int) -> list[str]:
@@ -1216,6 +1248,8 @@ def main(argv: list[str] | None = None) -> int:
                           + 4 * mode["big_put_keys"] * MIB + 256 * MIB, 64 * MIB)
     if args.fresh and os.path.exists(os.path.join(workdir, "ringblob.data")):
         os.unlink(os.path.join(workdir, "ringblob.data"))
+        if os.path.exists(os.path.join(workdir, "ringblob.data.json")):
+            os.unlink(os.path.join(workdir, "ringblob.data.json"))
     t_start = time.perf_counter()
     if args.profile_only:
         errs = run_profile(workdir, mode, args.clients, data_size, args.out, args.native)
