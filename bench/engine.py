@@ -184,6 +184,8 @@ def main(argv=None) -> int:
     ap.add_argument("--submit-every", type=int, default=1,
                     help="submit after this many replacement ops (default 1, like fio's iodepth_batch_submit=1)")
     ap.add_argument("--json", default=os.path.join(RESULTS, "engine.json"), help="where to write JSON")
+    ap.add_argument("--md", default=os.path.join(RESULTS, "engine.md"),
+                    help="where to write the markdown table ('' for none)")
     args = ap.parse_args(argv)
     runtime = args.runtime or (1.0 if args.quick else 5.0)
     engines = [e for e in args.engines.split(",") if e]
@@ -231,7 +233,60 @@ def main(argv=None) -> int:
     with open(args.json, "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=2)
     print(f"\nwrote {args.json}")
+    if args.md:
+        with open(args.md, "w") as f:
+            f.write(markdown(rows, engines, fio is not None, meta))
+        print(f"wrote {args.md}")
     return 0
+
+
+def markdown(rows: list[dict], engines: list[str], have_fio: bool, meta: dict) -> str:
+    """The results as a markdown page (table, target check, how it was measured)."""
+    lines = ["# Engine benchmark: 4 KiB random I/O, ringblob engines vs fio", ""]
+    lines.append(f"Measured {meta['when']} on `{meta['host']}`: Linux {meta['kernel']}, {meta['cpus']} CPUs, "
+                 f"Python {meta['python']}, {meta['fio'] or 'no fio'}; file `{meta['file']}` "
+                 f"({meta['size'] >> 20} MiB, {meta['fs']}, O_DIRECT). Each cell: {meta['repeat']} run(s) of "
+                 f"{meta['runtime_s']:g} s per runner in rotated order; median IOPS shown. "
+                 f"Load average after the run: {', '.join(f'{x:.2f}' for x in meta['loadavg_after'])}.")
+    lines.append("")
+    header = ["workload", "QD"] + (["fio IOPS"] if have_fio else [])
+    for e in engines:
+        header += [f"{e} IOPS"] + ([f"{e}/fio"] if have_fio else [])
+    header += ["CPU µs/op (" + " / ".join((["fio"] if have_fio else []) + engines) + ")"]
+    lines.append("| " + " | ".join(header) + " |")
+    lines.append("|" + "|".join("---" for _ in header) + "|")
+    for row in rows:
+        cells = [f"4 KiB {row['rw']}", str(row["qd"])]
+        if have_fio:
+            cells.append(f"{row['fio']['iops']:,.0f}")
+        for e in engines:
+            cells.append(f"{row[e]['iops']:,.0f}")
+            if have_fio:
+                cells.append(f"{row[e]['iops'] / row['fio']['iops']:.2f}")
+        cells.append(" / ".join(f"{row[k]['cpu_us_per_op']:.1f}" for k in (["fio"] if have_fio else []) + engines))
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    if have_fio and "uring" in engines:
+        checks = [(r["rw"], r["uring"]["iops"] / r["fio"]["iops"]) for r in rows if r["qd"] == 32]
+        verdict = ", ".join(f"{rw} {ratio:.2f}x" for rw, ratio in checks)
+        ok = all(ratio >= 0.85 for _, ratio in checks)
+        lines.append(f"Target (uring >= 0.85x fio IOPS at QD32): **{'met' if ok else 'missed'}** ({verdict}).")
+        lines.append("")
+    lines.append("Min-max IOPS over the repetitions (the spread is the host's noise):")
+    lines.append("")
+    for row in rows:
+        spread = "; ".join(f"{k} {row[k]['iops_min']:,.0f}-{row[k]['iops_max']:,.0f}"
+                           for k in (["fio"] if have_fio else []) + engines)
+        lines.append(f"- {row['rw']} QD{row['qd']}: {spread}")
+    lines.append("")
+    lines.append("How: `bench/engine.py` keeps QD ops of 4 KiB at uniformly random aligned offsets in flight "
+                 "from a Python loop (`wait(1)`, replace each completion, `submit()` after each replacement "
+                 f"(--submit-every {meta['submit_every']}), like fio's default iodepth_batch_submit=1); fio runs "
+                 "`--ioengine=io_uring --fixedbufs --registerfiles --direct=1 --norandommap` on the same file. "
+                 "CPU µs/op is process CPU time (user+system) per completed op. Raw numbers: "
+                 "bench/results/engine.json.")
+    lines.append("")
+    return "\n".join(lines)
 
 
 def summarize(samples: list[dict]) -> dict:
