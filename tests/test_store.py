@@ -797,3 +797,56 @@ def test_format_roundtrips_and_crc_checks():
     torn[F.BATCH_HEADER_SIZE + len(recs[0]) + 12] ^= 0xFF  # a seq byte of record 6
     got, problem = F.decode_records(torn[F.BATCH_HEADER_SIZE:F.BATCH_HEADER_SIZE + h.payload_len], 5, 3)
     assert len(got) == 1 and "CRC32C" in problem
+
+
+# -- the compact index -------------------------------------------------------------------
+
+
+def test_index_against_dict_with_compaction_and_reload():
+    import random
+
+    from ringblob.store.index import Index
+
+    rnd = random.Random(5)
+    ix = Index()
+    model = {}
+    keys = [rnd.randbytes(rnd.randrange(1, 40)) for _ in range(3000)] + [b"\x00", b"\xff" * 255]
+    for step in range(60000):
+        k = rnd.choice(keys)
+        if rnd.random() < 0.6:
+            v = (rnd.randrange(1 << 40), rnd.randrange(1 << 31), rnd.randbytes(32))
+            assert ix.set(k, *v) == model.get(k)
+            model[k] = v
+        else:
+            assert ix.remove(k) == model.pop(k, None)
+        if step % 5000 == 0:
+            assert ix.keys_after(None, False, 1 << 30) == sorted(model)
+    # force a compaction: delete most keys
+    for k in list(model)[: len(model) * 9 // 10]:
+        ix.remove(k)
+        del model[k]
+    big = [(rnd.randbytes(200), (7, 9, b"d" * 32)) for _ in range(12000)]
+    for k, v in big:
+        ix.set(k, *v)
+        model[k] = v
+    for k, _ in big[:11000]:
+        ix.remove(k)
+        del model[k]
+    assert ix._garbage < len(ix._arena)  # compacted at least once
+    assert len(ix) == len(model)
+    srt = sorted(model)
+    assert ix.keys_after(None, False, 1 << 30) == srt
+    assert all(ix.get(k) == model[k] for k in srt) and ix.get(b"absent") is None
+    mid = srt[len(srt) // 2]
+    assert ix.keys_after(mid, False, 5) == srt[len(srt) // 2 + 1 : len(srt) // 2 + 6]
+    assert ix.keys_after(mid, True, 5) == srt[len(srt) // 2 : len(srt) // 2 + 5]
+    assert ix.key_bytes == sum(map(len, model)) and ix.value_bytes == sum(v[1] for v in model.values())
+    blob = b"".join(ix.iter_entries())
+    assert len(blob) == ix.entries_size()
+    ix2 = Index()
+    ix2.load_entries(blob, len(ix))
+    assert ix2.keys_after(None, False, 1 << 30) == srt
+    assert all(ix2.get(k) == model[k] for k in srt)
+    assert sorted(ix2.extents(4096)) == sorted(v[0] << 32 | -(-v[1] // 4096) for v in model.values() if v[1])
+    with pytest.raises(ValueError):
+        Index().load_entries(blob[:-1], len(ix))

@@ -51,6 +51,26 @@ class Allocator:
             self._insert(pos, end_all - pos)
         return self
 
+    @classmethod
+    def from_used_packed(cls, first: int, count: int, used: list[int]) -> "Allocator":
+        """Like :meth:`from_used` with each extent packed as ``start << 32 | npages`` (sorted in place)."""
+        used.sort()
+        self = cls(first, count, free_all=False)
+        pos = first
+        end_all = first + count
+        mask = (1 << 32) - 1
+        for e in used:
+            start, n = e >> 32, e & mask
+            if start < pos or start + n > end_all:
+                raise ValueError(f"allocator: used extent ({start}, {n}) overlaps another or lies outside "
+                                 f"pages [{first}, {end_all})")
+            if start > pos:
+                self._insert(pos, start - pos)
+            pos = start + n
+        if pos < end_all:
+            self._insert(pos, end_all - pos)
+        return self
+
     # -- internal -------------------------------------------------------------
 
     def _insert(self, start: int, n: int) -> None:

@@ -35,7 +35,7 @@ from ..errors import (
 )
 from . import format as F
 from .alloc import Allocator
-from .index import Index, pack_value, unpack_value
+from .index import Index
 
 __all__ = ["BlobStore", "DEFAULT_MAX_BLOB_SIZE"]
 
@@ -353,7 +353,7 @@ class BlobStore:
         entries = None
         for sb in valid:
             try:
-                entries, ck_ext = await self._load_checkpoint(sb)
+                entries, nentries, ck_ext = await self._load_checkpoint(sb)
                 chosen = sb
                 break
             except Corrupt as exc:
@@ -380,7 +380,10 @@ class BlobStore:
             except Corrupt:
                 self._prev_ckpt_extents = []
         index = Index()
-        index.load_sorted(entries)
+        try:
+            index.load_entries(entries, nentries)
+        except (ValueError, IndexError) as exc:
+            raise Corrupt(f"{self.path}: the checkpoint's index entries are malformed ({exc})") from exc
         del entries
         self._index = index
         # replay the journal
@@ -407,11 +410,10 @@ class BlobStore:
         self._ckpt_marker = None
         self._last_batch_pos, self._last_batch_len = end_pos, 0
         # allocator from the index and both checkpoints
-        used = [(p, -(-ln // P)) for p, ln, _d in map(unpack_value, index.raw_values()) if ln]
-        used.extend(self._ckpt_extents)
-        used.extend(self._prev_ckpt_extents)
+        used = index.extents(P)
+        used.extend(p << 32 | n for p, n in self._ckpt_extents + self._prev_ckpt_extents)
         try:
-            self._alloc = Allocator.from_used(self._data_page, self._total_pages - self._data_page, used)
+            self._alloc = Allocator.from_used_packed(self._data_page, self._total_pages - self._data_page, used)
         except ValueError as exc:
             raise Corrupt(f"{self.path}: the index maps overlapping extents ({exc}); run scrub on a copy "
                           "or restore from a backup") from exc
@@ -460,14 +462,13 @@ class BlobStore:
         return out
 
     async def _load_checkpoint(self, sb: F.Superblock):
-        """Read a checkpoint chain; returns ``([(key, packed value)...] sorted, chunk extents)``."""
-        entries: list[tuple[bytes, bytes]] = []
+        """Read a checkpoint chain; returns ``(entry bytes, entry count, chunk extents)``."""
+        parts = []
+        count = 0
         extents = []
         page, n = sb.ckpt_page, sb.ckpt_npages
         P = self.page_size
         chunk_no = 0
-        esz = F.ENTRY.size
-        last_key = b""
         while page:
             if page < sb.data_page or page + n > sb.total_pages or n <= 0:
                 raise Corrupt(f"checkpoint chunk {chunk_no} at page {page} (+{n}) lies outside the data area")
@@ -479,28 +480,17 @@ class BlobStore:
             if (h is None or h.store_id != sb.store_id or h.ckpt_seq != sb.ckpt_seq or h.chunk_no != chunk_no
                     or not F.chunk_crc_ok(buf, h)):
                 raise Corrupt(f"checkpoint chunk {chunk_no} at page {page} fails its CRC32C or header check")
-            mv = memoryview(buf)
-            pos = F.CHUNK_HEADER_SIZE
-            end = pos + h.payload_len
-            app = entries.append
-            for _ in range(h.nentries):
-                kl = buf[pos]
-                key = buf[pos + 1 : pos + 1 + kl]
-                app((key, buf[pos + 1 + kl : pos + 1 + kl + esz]))
-                pos += 1 + kl + esz
-            if pos != end:
-                raise Corrupt(f"checkpoint chunk {chunk_no} at page {page}: entries do not fill the payload")
-            if h.nentries:
-                if entries[-h.nentries][0] <= last_key and chunk_no:
-                    raise Corrupt(f"checkpoint chunk {chunk_no}: keys out of order")
-                last_key = entries[-1][0]
-            del mv
+            parts.append(memoryview(buf)[F.CHUNK_HEADER_SIZE : F.CHUNK_HEADER_SIZE + h.payload_len])
+            count += h.nentries
             extents.append((page, n))
             page, n = h.next_page, h.next_npages
             chunk_no += 1
-        if len(entries) != sb.ckpt_blobs:
-            raise Corrupt(f"checkpoint holds {len(entries)} blobs, the superblock says {sb.ckpt_blobs}")
-        return entries, extents
+        if count != sb.ckpt_blobs:
+            raise Corrupt(f"checkpoint holds {count} blobs, the superblock says {sb.ckpt_blobs}")
+        data = b"".join(parts)
+        for m in parts:
+            m.release()
+        return data, count, extents
 
     async def _read_journal(self, sb: F.Superblock):
         """Parse batches from ``sb.replay_pos``; returns (records, end_pos, chain_crc, max_durable, why_stopped)."""
@@ -1134,7 +1124,7 @@ class BlobStore:
         hdr = F.CHUNK_HEADER_SIZE
         min_pages = -(-(hdr + 1 + 255 + esz) // P)
         chunk_pages = max(CKPT_CHUNK_BYTES // P, min_pages)
-        remaining = len(idx) * (1 + esz) + idx.key_bytes
+        remaining = idx.entries_size()
         new_ext: list[tuple[int, int]] = []
 
         def alloc_chunk(need_bytes: int) -> tuple[int, int]:
@@ -1153,7 +1143,7 @@ class BlobStore:
                 cur = alloc_chunk(remaining)
                 new_ext.append(cur)
                 first = cur
-                it = idx.items_sorted()
+                it = idx.iter_entries()
                 pending = next(it, None)
                 chunk_no = 0
                 while cur is not None:
@@ -1162,13 +1152,10 @@ class BlobStore:
                     used = 0
                     count = 0
                     while pending is not None:
-                        k, v = pending
-                        sz = 1 + len(k) + esz
+                        sz = len(pending)
                         if used + sz > cap:
                             break
-                        parts.append(bytes((len(k),)))
-                        parts.append(k)
-                        parts.append(v)
+                        parts.append(pending)
                         used += sz
                         count += 1
                         pending = next(it, None)

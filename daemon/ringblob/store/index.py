@@ -1,182 +1,343 @@
-"""The in-memory index: key -> (page, length, BLAKE3 digest), plus key order for listing.
+"""The in-memory index: key -> (first page, length, BLAKE3 digest), in key order for listing.
 
-:class:`Index` keeps one dict from key to a packed 44-byte value (first page
-u64, length u32, digest 32 bytes) and a :class:`SortedKeys` (a list of sorted
-chunks of at most ``CHUNK`` keys, so an insert moves at most ``CHUNK`` pointers)
-for ``list`` in ascending key order without sorting on every call.
+Compact by design (target: at most 100 bytes of RAM per blob beyond the key
+bytes at 1M blobs), so it holds no Python object per blob:
+
+* an **arena** (one ``bytearray``) of entries ``klen u8 | key | page u64 |
+  length u32 | digest 32s`` — 45 bytes plus the key; the same bytes as a
+  checkpoint entry, so loading a checkpoint is one concatenation plus a pass
+  that fills the hash table;
+* an open-addressing **hash table** (``array('I')``, or ``'Q'`` once the arena
+  passes 4 GiB) of arena offsets + 1 (0 empty, 1 << 32 - 1 / 1 << 64 - 1 a
+  tombstone), linear probing over Python's ``hash(key)``, at most 70 % full;
+* the **order**: sorted chunks (``array``) of arena offsets with the largest
+  key of each chunk in a list, so an insert moves at most ``CHUNK`` offsets and
+  ``keys_after`` is two bisections.
+
+A value update in place rewrites the entry's 44 value bytes; a delete leaves
+garbage in the arena, reclaimed by a compaction (rewrite in key order) once
+garbage exceeds the live bytes.
 """
 
 from __future__ import annotations
 
 import struct
-from bisect import bisect_left, bisect_right, insort
+from array import array
+from bisect import bisect_left, bisect_right
 from typing import Iterator
 
-__all__ = ["Index", "SortedKeys"]
+__all__ = ["Index", "pack_value", "unpack_value", "VALUE_SIZE"]
 
 _VAL = struct.Struct("<QI32s")
+VALUE_SIZE = _VAL.size  # 44
+_PL = struct.Struct("<QI")
 
 
-class SortedKeys:
-    """An ordered set of bytes keys as a list of sorted chunks (a small B-tree of height 2)."""
+def pack_value(page: int, length: int, digest: bytes) -> bytes:
+    """The packed ``<QI32s`` value of an entry."""
+    return _VAL.pack(page, length, digest)
+
+
+def unpack_value(v) -> tuple[int, int, bytes]:
+    """``(page, length, digest)`` from a packed value."""
+    return _VAL.unpack(v)
+
+
+class Index:
+    """Key -> ``(page, length, digest)``; see the module docstring for the layout.
+
+    ``key_bytes`` / ``value_bytes``: running totals of live key and value sizes.
+    """
 
     CHUNK = 512
 
     def __init__(self):
-        self._chunks: list[list[bytes]] = []
-        self._maxes: list[bytes] = []
+        self._arena = bytearray()
+        self._garbage = 0
+        self._tc = "I"
+        self._tomb = (1 << 32) - 1
+        self._table = array(self._tc, bytes(4 * 8))
+        self._mask = 7
+        self._used = 0  # live + tombstones
         self._len = 0
+        self._chunks: list[array] = []
+        self._maxes: list[bytes] = []
+        self.key_bytes = 0
+        self.value_bytes = 0
 
-    def __len__(self) -> int:
-        return self._len
+    # -- arena helpers ----------------------------------------------------------
 
-    def load_sorted(self, keys: list[bytes]) -> None:
-        """Replace the content with ``keys`` (already sorted, distinct)."""
-        c = self.CHUNK // 2 or 1
-        self._chunks = [keys[i : i + c] for i in range(0, len(keys), c)]
-        self._maxes = [ch[-1] for ch in self._chunks]
-        self._len = len(keys)
+    def _key_at(self, off: int) -> bytes:
+        a = self._arena
+        return bytes(a[off + 1 : off + 1 + a[off]])
 
-    def add(self, key: bytes) -> None:
-        """Insert ``key`` (no-op when present)."""
+    def _find(self, key: bytes) -> tuple[int, int]:
+        """(slot, arena offset) of ``key``; offset -1 when absent (slot: where to insert)."""
+        t = self._table
+        mask = self._mask
+        a = self._arena
+        kl = len(key)
+        i = hash(key) & mask
+        first_tomb = -1
+        tomb = self._tomb
+        while True:
+            v = t[i]
+            if v == 0:
+                return (first_tomb if first_tomb >= 0 else i), -1
+            if v == tomb:
+                if first_tomb < 0:
+                    first_tomb = i
+            else:
+                o = v - 1
+                if a[o] == kl and a[o + 1 : o + 1 + kl] == key:
+                    return i, o
+            i = (i + 1) & mask
+
+    def _rehash(self, cap: int, tc: str | None = None) -> None:
+        tc = tc or self._tc
+        if tc != self._tc:
+            self._tc = tc
+            self._tomb = (1 << 64) - 1 if tc == "Q" else (1 << 32) - 1
+            self._chunks = [array(tc, c) for c in self._chunks]
+        t = array(tc, bytes(cap * t_size(tc)))
+        mask = cap - 1
+        a = self._arena
+        for ch in self._chunks:
+            for o in ch:
+                i = hash(bytes(a[o + 1 : o + 1 + a[o]])) & mask
+                while t[i]:
+                    i = (i + 1) & mask
+                t[i] = o + 1
+        self._table = t
+        self._mask = mask
+        self._used = self._len
+
+    def _grow_if_needed(self) -> None:
+        cap = self._mask + 1
+        if (self._used + 1) * 10 > cap * 7:
+            want = cap
+            while (self._len + 1) * 10 > want * 5:  # rebuild to at most half full
+                want *= 2
+            self._rehash(want)
+
+    def _ensure_tc(self) -> None:
+        if self._tc == "I" and len(self._arena) >= (1 << 32) - 2 - 512:
+            self._rehash(self._mask + 1, "Q")
+
+    # -- order helpers -----------------------------------------------------------
+
+    def _order_add(self, off: int, key: bytes) -> None:
         if not self._chunks:
-            self._chunks.append([key])
+            self._chunks.append(array(self._tc, [off]))
             self._maxes.append(key)
-            self._len = 1
             return
         i = bisect_left(self._maxes, key)
         if i == len(self._maxes):
             i -= 1
             ch = self._chunks[i]
-            ch.append(key)
+            ch.append(off)
             self._maxes[i] = key
         else:
             ch = self._chunks[i]
-            j = bisect_left(ch, key)
-            if j < len(ch) and ch[j] == key:
-                return
-            ch.insert(j, key)
-        self._len += 1
+            j = bisect_left(ch, key, key=self._key_at)
+            ch.insert(j, off)
         if len(ch) > self.CHUNK:
             half = len(ch) // 2
-            self._chunks[i : i + 1] = [ch[:half], ch[half:]]
-            self._maxes[i : i + 1] = [ch[half - 1], ch[-1]]
+            left, right = ch[:half], ch[half:]
+            self._chunks[i : i + 1] = [left, right]
+            self._maxes[i : i + 1] = [self._key_at(left[-1]), self._maxes[i]]
 
-    def discard(self, key: bytes) -> None:
-        """Remove ``key`` if present."""
+    def _order_remove(self, off: int, key: bytes) -> None:
         i = bisect_left(self._maxes, key)
-        if i == len(self._maxes):
-            return
         ch = self._chunks[i]
-        j = bisect_left(ch, key)
-        if j == len(ch) or ch[j] != key:
-            return
+        j = bisect_left(ch, key, key=self._key_at)
         del ch[j]
-        self._len -= 1
         if not ch:
             del self._chunks[i]
             del self._maxes[i]
-        else:
-            self._maxes[i] = ch[-1]
+        elif j == len(ch):
+            self._maxes[i] = self._key_at(ch[-1])
 
-    def after(self, start: bytes | None, inclusive: bool, limit: int) -> list[bytes]:
-        """Up to ``limit`` keys ``> start`` (``>=`` when ``inclusive``; all when ``start`` is None)."""
+    # -- API ------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __contains__(self, key: bytes) -> bool:
+        return self._find(key)[1] >= 0
+
+    def get(self, key: bytes) -> tuple[int, int, bytes] | None:
+        """``(page, length, digest)`` of ``key``, or None."""
+        _slot, o = self._find(key)
+        if o < 0:
+            return None
+        return _VAL.unpack_from(self._arena, o + 1 + len(key))
+
+    def set(self, key: bytes, page: int, length: int, digest: bytes) -> tuple[int, int, bytes] | None:
+        """Map ``key``; returns the previous ``(page, length, digest)`` or None."""
+        slot, o = self._find(key)
+        a = self._arena
+        if o >= 0:
+            vo = o + 1 + len(key)
+            old = _VAL.unpack_from(a, vo)
+            _VAL.pack_into(a, vo, page, length, digest)
+            self.value_bytes += length - old[1]
+            return old
+        self._ensure_tc()
+        off = len(a)
+        a.append(len(key))
+        a += key
+        a += _VAL.pack(page, length, digest)
+        t = self._table
+        if t[slot] == 0:
+            self._used += 1
+        t[slot] = off + 1
+        self._len += 1
+        self.key_bytes += len(key)
+        self.value_bytes += length
+        self._order_add(off, key)
+        self._grow_if_needed()
+        return None
+
+    def remove(self, key: bytes) -> tuple[int, int, bytes] | None:
+        """Unmap ``key``; returns the previous ``(page, length, digest)`` or None."""
+        slot, o = self._find(key)
+        if o < 0:
+            return None
+        old = _VAL.unpack_from(self._arena, o + 1 + len(key))
+        self._table[slot] = self._tomb
+        self._len -= 1
+        self.key_bytes -= len(key)
+        self.value_bytes -= old[1]
+        self._garbage += 1 + len(key) + VALUE_SIZE
+        self._order_remove(o, key)
+        if self._garbage > (1 << 20) and self._garbage > len(self._arena) - self._garbage:
+            self._compact()
+        return old
+
+    def _compact(self) -> None:
+        """Rewrite the arena in key order without garbage; rebuild table and order."""
+        a = self._arena
+        new = bytearray()
+        chunks = []
+        tc = self._tc
+        for ch in self._chunks:
+            nc = array(tc)
+            for o in ch:
+                end = o + 1 + a[o] + VALUE_SIZE
+                nc.append(len(new))
+                new += a[o:end]
+            chunks.append(nc)
+        self._arena = new
+        self._garbage = 0
+        self._chunks = chunks
+        cap = 8
+        while self._len * 10 > cap * 5:
+            cap *= 2
+        self._rehash(cap)
+
+    def keys_after(self, start: bytes | None, inclusive: bool, limit: int) -> list[bytes]:
+        """Up to ``limit`` keys in ascending order ``> start`` (``>=`` when ``inclusive``; from the
+        first key when ``start`` is None)."""
         out: list[bytes] = []
         if not self._chunks:
             return out
         if start is None:
             i, j = 0, 0
         else:
-            i = (bisect_left if inclusive else bisect_right)(self._maxes, start)
+            bis = bisect_left if inclusive else bisect_right
+            i = bis(self._maxes, start)
             if i == len(self._chunks):
                 return out
-            j = (bisect_left if inclusive else bisect_right)(self._chunks[i], start)
+            j = bis(self._chunks[i], start, key=self._key_at)
+        ka = self._key_at
         while i < len(self._chunks) and len(out) < limit:
             ch = self._chunks[i]
-            out.extend(ch[j : j + limit - len(out)])
+            for o in ch[j : j + limit - len(out)]:
+                out.append(ka(o))
             i, j = i + 1, 0
         return out
 
-    def __iter__(self) -> Iterator[bytes]:
+    def iter_entries(self) -> Iterator[bytes]:
+        """Every entry (``klen | key | value``, the checkpoint entry bytes) in ascending key order."""
+        a = self._arena
         for ch in self._chunks:
-            yield from ch
+            for o in ch:
+                yield bytes(a[o : o + 1 + a[o] + VALUE_SIZE])
+
+    def entries_size(self) -> int:
+        """Bytes :meth:`iter_entries` yields in all."""
+        return self._len * (1 + VALUE_SIZE) + self.key_bytes
+
+    def extents(self, page_size: int) -> list[int]:
+        """Every non-empty extent as ``page << 32 | npages`` (any order)."""
+        a = self._arena
+        out = []
+        app = out.append
+        unpack = _PL.unpack_from
+        for ch in self._chunks:
+            for o in ch:
+                page, ln = unpack(a, o + 1 + a[o])
+                if ln:
+                    app(page << 32 | (-(-ln // page_size)))
+        return out
+
+    def load_entries(self, buf, count: int) -> None:
+        """Replace the content with ``count`` entries (``klen | key | value`` each, ascending
+        key order, distinct keys) concatenated in ``buf``. Raises ``ValueError`` when the
+        entries do not fill ``buf`` exactly or are out of order."""
+        a = bytearray(buf)
+        n = len(a)
+        if n >= (1 << 32) - 2:
+            self._tc, self._tomb = "Q", (1 << 64) - 1
+        else:
+            self._tc, self._tomb = "I", (1 << 32) - 1
+        tc = self._tc
+        cap = 8
+        while count * 10 > cap * 5:
+            cap *= 2
+        t = array(tc, bytes(cap * t_size(tc)))
+        mask = cap - 1
+        offs = array(tc)
+        push = offs.append
+        keybytes = 0
+        valbytes = 0
+        unpack = _PL.unpack_from
+        o = 0
+        prev = b""
+        step = VALUE_SIZE + 1
+        for _ in range(count):
+            kl = a[o]
+            key = bytes(a[o + 1 : o + 1 + kl])
+            if key <= prev and o:
+                raise ValueError("index entries out of order")
+            prev = key
+            i = hash(key) & mask
+            while t[i]:
+                i = (i + 1) & mask
+            t[i] = o + 1
+            push(o)
+            keybytes += kl
+            valbytes += unpack(a, o + 1 + kl)[1]
+            o += kl + step
+        if o != n:
+            raise ValueError(f"index entries fill {o} of {n} bytes")
+        self._arena = a
+        self._garbage = 0
+        self._table = t
+        self._mask = mask
+        self._len = self._used = count
+        half = self.CHUNK // 2
+        self._chunks = [offs[i : i + half] for i in range(0, len(offs), half)]
+        self._maxes = [self._key_at(c[-1]) for c in self._chunks]
+        self.key_bytes = keybytes
+        self.value_bytes = valbytes
+
+    def memory_bytes(self) -> int:
+        """Bytes held by the arena, the hash table and the order arrays (not counting slack)."""
+        return (len(self._arena) + self._table.itemsize * len(self._table)
+                + sum(c.itemsize * len(c) for c in self._chunks) + sum(len(m) + 33 for m in self._maxes))
 
 
-class Index:
-    """Key -> extent and digest. Values are ``(page, length, digest)`` tuples at the API.
-
-    ``page`` is the first page of the blob's extent (0 for an empty value),
-    ``length`` the value's size in bytes, ``digest`` its 32-byte BLAKE3.
-    ``key_bytes`` and ``value_bytes`` are running totals.
-    """
-
-    def __init__(self):
-        self._map: dict[bytes, bytes] = {}
-        self._order = SortedKeys()
-        self.key_bytes = 0
-        self.value_bytes = 0
-
-    def __len__(self) -> int:
-        return len(self._map)
-
-    def __contains__(self, key: bytes) -> bool:
-        return key in self._map
-
-    def get(self, key: bytes) -> tuple[int, int, bytes] | None:
-        v = self._map.get(key)
-        return None if v is None else _VAL.unpack(v)
-
-    def set(self, key: bytes, page: int, length: int, digest: bytes) -> tuple[int, int, bytes] | None:
-        """Map ``key``; returns the previous ``(page, length, digest)`` or None."""
-        old = self._map.get(key)
-        self._map[key] = _VAL.pack(page, length, digest)
-        if old is None:
-            self._order.add(key)
-            self.key_bytes += len(key)
-            self.value_bytes += length
-            return None
-        o = _VAL.unpack(old)
-        self.value_bytes += length - o[1]
-        return o
-
-    def remove(self, key: bytes) -> tuple[int, int, bytes] | None:
-        """Unmap ``key``; returns the previous ``(page, length, digest)`` or None."""
-        old = self._map.pop(key, None)
-        if old is None:
-            return None
-        self._order.discard(key)
-        o = _VAL.unpack(old)
-        self.key_bytes -= len(key)
-        self.value_bytes -= o[1]
-        return o
-
-    def keys_after(self, start: bytes | None, inclusive: bool, limit: int) -> list[bytes]:
-        """Up to ``limit`` keys in ascending order after ``start`` (see :meth:`SortedKeys.after`)."""
-        return self._order.after(start, inclusive, limit)
-
-    def items_sorted(self) -> Iterator[tuple[bytes, bytes]]:
-        """``(key, packed value)`` in ascending key order; the packed value is ``<QI32s``."""
-        m = self._map
-        for k in self._order:
-            yield k, m[k]
-
-    def raw_values(self) -> Iterator[bytes]:
-        """Every packed value (``<QI32s``), any order."""
-        return iter(self._map.values())
-
-    def load_sorted(self, items: list[tuple[bytes, bytes]]) -> None:
-        """Replace the content with ``(key, packed value)`` pairs sorted by key (recovery)."""
-        self._map = dict(items)
-        self._order.load_sorted([k for k, _ in items])
-        self.key_bytes = sum(len(k) for k, _ in items)
-        self.value_bytes = sum(_VAL.unpack_from(v, 0)[1] for _, v in items)
-
-
-def unpack_value(v: bytes) -> tuple[int, int, bytes]:
-    """``(page, length, digest)`` from a packed index value."""
-    return _VAL.unpack(v)
-
-
-def pack_value(page: int, length: int, digest: bytes) -> bytes:
-    """The packed ``<QI32s`` index value."""
-    return _VAL.pack(page, length, digest)
+def t_size(tc: str) -> int:
+    return array(tc).itemsize
