@@ -247,3 +247,21 @@ def test_regular_file_on_a_4k_sector_device_reports_4096(tdir):
                 assert os.pwritev(f.fd, [buf], 4096) == 4096
         finally:
             subprocess.run(["umount", mnt], capture_output=True)
+
+
+def test_fs_type_decodes_escaped_mount_points(tdir):
+    """mountinfo escapes a space as \\040 and a backslash as \\134; a tmpfs mounted at such a
+    path under ext4 must still be told apart from the ext4 around it."""
+    mnt = os.path.join(tdir, "a b\\c")
+    os.makedirs(mnt)
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    p = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", mnt], capture_output=True, text=True)
+    if p.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {p.stderr.strip()}")
+    try:
+        assert fs_type(mnt) == "tmpfs"
+        assert fs_type(os.path.join(mnt, "file")) == "tmpfs"
+        assert fs_type(tdir) == "ext4"
+    finally:
+        subprocess.run(["umount", mnt], capture_output=True)

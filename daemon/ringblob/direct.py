@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import re
 import stat
 import struct
 from dataclasses import dataclass
@@ -50,6 +51,11 @@ class DirectFile:
         self.close()
 
 
+def _unescape_mountinfo(field: str) -> str:
+    """Undo mountinfo's octal escapes (space \\040, tab \\011, newline \\012, backslash \\134)."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
 def fs_type(path: str) -> str:
     """Name of the file system holding ``path`` (e.g. ``ext4``, ``tmpfs``), from
     /proc/self/mountinfo; ``"unknown"`` when it cannot be told."""
@@ -62,7 +68,7 @@ def fs_type(path: str) -> str:
                 fields = left.split()
                 if len(fields) < 5 or not right:
                     continue
-                mnt = fields[4].replace("\\040", " ")
+                mnt = _unescape_mountinfo(fields[4])
                 if (target == mnt or target.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best):
                     best, best_type = mnt, right.split()[0]
     except OSError:
