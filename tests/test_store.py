@@ -850,3 +850,45 @@ def test_index_against_dict_with_compaction_and_reload():
     assert sorted(ix2.extents(4096)) == sorted(v[0] << 32 | -(-v[1] // 4096) for v in model.values() if v[1])
     with pytest.raises(ValueError):
         Index().load_entries(blob[:-1], len(ix))
+
+
+def test_in_flight_read_pins_the_old_extent(tdir, engine):
+    async def main():
+        s = await BlobStore.create(os.path.join(tdir, "d"), 16 * MiB, engine=engine)
+        old = os.urandom(2 * MiB)
+        await s.put(b"k", old, sync=True)
+        page = s._index.get(b"k")[0]
+        s._pin(page)  # what get() does around its read (white-box: a read that takes forever)
+        await s.put(b"k", os.urandom(2 * MiB), sync=True)  # the replacing record is durable ...
+        assert not any(st <= page < st + n for st, n in s._alloc.free_extents())
+        assert page in s._free_on_unpin  # ... but the extent waits for the read
+        assert bytes(await s._aio.read(page * 4096, len(old))) == old  # nobody wrote over it
+        s._unpin(page)
+        assert any(st <= page < st + n for st, n in s._alloc.free_extents())
+        # a real get pins and unpins around its read
+        reader = asyncio.ensure_future(s.get(b"k"))
+        await asyncio.sleep(0)
+        assert s._index.get(b"k")[0] in s._pins
+        await reader
+        assert not s._pins
+        await s.close()
+
+    run(main())
+
+
+def test_failed_read_is_ioerror_not_read_only(tdir):
+    async def main():
+        p = os.path.join(tdir, "d")
+        holder, wrap = _faulty_open(p, "psync")
+        s = await BlobStore.create(p, 8 * MiB, engine="psync", wrap_engine=wrap)
+        await s.put(b"k", b"v" * 9000, sync=True)
+        holder["e"].fail_next("read")
+        with pytest.raises(IOFailed) as ei:
+            await s.get(b"k")
+        assert ei.value.errno == errno.EIO
+        assert not s.read_only
+        assert await s.get(b"k") == b"v" * 9000
+        await s.put(b"k2", b"w", sync=True)
+        await s.close()
+
+    run(main())
