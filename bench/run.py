@@ -304,43 +304,55 @@ def ensure_tool(binary: str, package: str) -> bool:
     return False
 
 
-def run_fio(workdir: str, mode: dict, size: int) -> tuple[list[dict], list[str]]:
-    """Run every FIO_JOBS job on one file; returns (rows, errors)."""
-    path = os.path.join(workdir, "fio.dat")
-    rows, errors = [], []
-    if not ensure_tool("fio", "fio"):
-        for name in FIO_JOBS:
-            log("skipped (no fio): " + shlex.join(fio_command(name, path, size, mode)))
-        return rows, ["fio is not installed"]
-    # Lay the file out with real writes first (an fallocated file reads as zeros without I/O).
-    if not os.path.exists(path) or os.path.getsize(path) < size:
-        log(f"fio: writing the {size // MIB} MiB test file {path}")
-        subprocess.run(
-            ["fio", "--name=layout", f"--filename={path}", f"--size={size}", "--rw=write", "--bs=1m",
-             "--direct=1", "--ioengine=io_uring", "--iodepth=8", "--output-format=terse"],
-            stdout=subprocess.DEVNULL, check=False,
-        )
-    for name in FIO_JOBS:
-        out = os.path.join(workdir, f"fio-{name}.json")
-        argv = fio_command(name, path, size, mode, json_out=out)
-        log("fio: " + shlex.join(argv))
+class Fio:
+    """fio jobs on one file under the work directory (laid out with real writes first)."""
+
+    def __init__(self, workdir: str, mode: dict, size: int):
+        self.path = os.path.join(workdir, "fio.dat")
+        self.workdir = workdir
+        self.mode = mode
+        self.size = size
+        self.ok = False
+
+    def start(self) -> list[str]:
+        if not ensure_tool("fio", "fio"):
+            for name in FIO_JOBS:
+                log("skipped (no fio): " + shlex.join(fio_command(name, self.path, self.size, self.mode)))
+            return ["fio is not installed"]
+        # An fallocated file reads as zeros without touching the device: write it for real.
+        if not os.path.exists(self.path) or os.path.getsize(self.path) < self.size:
+            log(f"fio: writing the {self.size // MIB} MiB test file {self.path}")
+            subprocess.run(
+                ["fio", "--name=layout", f"--filename={self.path}", f"--size={self.size}", "--rw=write", "--bs=1m",
+                 "--direct=1", "--ioengine=io_uring", "--iodepth=8", "--output-format=terse"],
+                stdout=subprocess.DEVNULL, check=False,
+            )
+        self.ok = True
+        return []
+
+    def run(self, name: str) -> tuple[dict | None, list[str]]:
+        """Run job ``name``; (row, errors)."""
+        if not self.ok:
+            return None, []
+        out = os.path.join(self.workdir, f"fio-{name}.json")
+        argv = fio_command(name, self.path, self.size, self.mode, json_out=out)
         proc = subprocess.run(argv, capture_output=True, text=True)
         if proc.returncode != 0:
-            errors.append(f"fio {name}: exit {proc.returncode}: {proc.stderr.strip()[-300:]}")
-            continue
+            return None, [f"fio {name}: exit {proc.returncode}: {proc.stderr.strip()[-300:]}"]
         try:
             with open(out) as f:
                 text = f.read()
             doc = json.loads(text[text.index("{"):])  # fio may print notes before the JSON
             row = parse_fio(doc, name)
         except (OSError, ValueError, KeyError, IndexError) as exc:
-            errors.append(f"fio {name}: cannot parse its JSON: {exc}")
-            continue
+            return None, [f"fio {name}: cannot parse its JSON: {exc}"]
         row["command"] = shlex.join(argv[:-1])
-        rows.append(row)
         log(f"fio: {name}: {row['ops_per_s']:.0f} op/s {row['bytes_per_s'] / MIB:.1f} MiB/s "
             f"p50 {row['p50_us']:.0f} µs p99 {row['p99_us']:.0f} µs")
-    return rows, errors
+        return row, []
+
+    def stop(self) -> list[str]:
+        return []
 
 
 # -- ringblob: the daemon -------------------------------------------------------------------------
@@ -364,7 +376,7 @@ class Daemon:
         self.data = data
         self.size = size
         self.engine = engine
-        self.socket = os.path.join(workdir, "rb.sock")
+        self.socket = os.path.join(workdir, f"rb-{engine}.sock")
         self.log_path = os.path.join(workdir, f"ringblob-{engine}.log")
         self.extra = extra or []
         self.proc: subprocess.Popen | None = None
@@ -688,84 +700,101 @@ def dataset_present(socket_path: str, get_keys: int, big_keys: int) -> bool:
         return False
 
 
-def run_ringblob(engine: str, workdir: str, mode: dict, clients: int, data_size: int, profile_hook=None) -> tuple[list[dict], list[str], dict]:
-    """Start ``ringblob serve --engine ENGINE``, make sure the data set is there, run RB_WORKLOADS."""
-    data = os.path.join(workdir, "ringblob.data")
-    get_keys = mode["get_set"] // (4 * KIB)
-    big_keys = mode["big_set"]
-    daemon = Daemon(workdir, data, data_size, engine)
-    rows, errors = [], []
-    # A data file is reused only when it was made for the same data set and size (see .json beside it).
-    shape = {"size": data_size, "get_set": mode["get_set"], "big_set": big_keys}
-    side = data + ".json"
-    try:
-        with open(side) as f:
-            same = json.load(f) == shape
-    except (OSError, ValueError):
-        same = False
-    if not same and os.path.exists(data):
-        log(f"ringblob: {data} was made for another data set; formatting afresh")
-        os.unlink(data)
-    try:
+class RingblobSide:
+    """One ``ringblob serve --engine ENGINE`` on its own data file, filled with the GET data set."""
+
+    def __init__(self, engine: str, workdir: str, mode: dict, clients: int, data_size: int):
+        self.engine = engine
+        self.system = f"ringblob-{engine}"
+        self.mode = mode
+        self.clients = clients
+        self.data = os.path.join(workdir, f"ringblob-{engine}.data")
+        self.get_keys = mode["get_set"] // (4 * KIB)
+        self.big_keys = mode["big_set"]
+        self.daemon = Daemon(workdir, self.data, data_size, engine)
+        self.shape = {"size": data_size, "get_set": mode["get_set"], "big_set": self.big_keys}
+        self.info: dict = {}
+        self.ok = False
+
+    def start(self) -> list[str]:
+        # A data file is reused only when it was made for the same data set and size (see .json beside it).
+        side = self.data + ".json"
         try:
-            daemon.start()
-        except RuntimeError as exc:
-            if os.path.exists(data):
-                log(f"daemon did not start on the existing {data} ({str(exc).splitlines()[0]}); formatting afresh")
-                os.unlink(data)
-                daemon.start()
+            with open(side) as f:
+                same = json.load(f) == self.shape
+        except (OSError, ValueError):
+            same = False
+        if not same and os.path.exists(self.data):
+            log(f"{self.system}: {self.data} was made for another data set; formatting afresh")
+            os.unlink(self.data)
+        try:
+            try:
+                self.daemon.start()
+            except RuntimeError as exc:
+                if not os.path.exists(self.data):
+                    raise
+                log(f"{self.system}: the daemon did not start on the existing {self.data} "
+                    f"({str(exc).splitlines()[0]}); formatting afresh")
+                os.unlink(self.data)
+                self.daemon.start()
+            self.info = {"argv": self.daemon.argv, "stat": self.daemon.stat, "pid": self.daemon.pid}
+            if same and dataset_present(self.daemon.socket, self.get_keys, self.big_keys):
+                log(f"{self.system}: the data set from an earlier run is there; reusing it")
             else:
-                raise
-        info = {"argv": daemon.argv, "stat": daemon.stat, "pid": daemon.pid}
-        if not dataset_present(daemon.socket, get_keys, big_keys):
-            n = max(2, clients)
-            log(f"ringblob: filling {get_keys} x 4 KiB blobs ({get_keys * 4 // 1024} MiB) and {big_keys} x 1 MiB from {n} processes")
-            t = fill(daemon.socket, "fill", get_keys, 4 * KIB, n)
-            t2 = fill(daemon.socket, "fill_big", big_keys, MIB, n)
-            info["fill_s"] = {"4k": t, "1m": t2}
-            with open(side, "w") as f:
-                json.dump(shape, f)
-            log(f"ringblob: filled in {t:.1f} s + {t2:.1f} s")
-        else:
-            log("ringblob: the data set from an earlier run is there; reusing it")
-        for name, op, size, conc in RB_WORKLOADS:
-            if WORKLOAD_FILTER and name not in WORKLOAD_FILTER:
-                continue
-            procs = max(1, min(clients, conc))
-            keys = {"get": get_keys, "get_big": big_keys, "put_big": mode["big_put_keys"]}.get(op, mode["put_keys"])
-            specs = [
-                Spec(daemon.socket, op, size, share=s, keys=keys, seed=i + 1, duration=mode["duration"], warmup=mode["warmup"])
-                for i, s in enumerate(split(conc, procs))
-            ]
-            if profile_hook is not None:
-                profile_hook(name, daemon, specs, mode)
-                continue
-            s0 = _stat(daemon.socket)
-            res = run_load(specs, mode["warmup"], mode["duration"], daemon.pid)
-            row = {"system": f"ringblob-{engine}", "engine": engine, "workload": name, "concurrency": conc, **res}
-            row["daemon_counters"] = stat_delta(s0, _stat(daemon.socket))
-            if op == "put_nosync_flush":
-                row["flush_every"] = FLUSH_EVERY
-            rows.append(row)
-            errors += [f"{engine} {name}: {e}" for e in res["errors"]]
-            log(f"ringblob-{engine}: {name}: {row['ops_per_s']:.0f} op/s {row['bytes_per_s'] / MIB:.1f} MiB/s "
-                f"p50 {row.get('p50_us', 0):.0f} µs p99 {row.get('p99_us', 0):.0f} µs; daemon "
-                f"{row.get('daemon_cpu_cores', 0):.2f} cores, clients {row['client_cpu_cores']:.2f} cores, "
-                f"others {row.get('other_cpu_cores') or 0:.2f} cores"
-                + "".join(f", {k} {row['daemon_counters'][k]:.1f}" for k in ("writes_per_group_commit", "sqes_per_enter", "enters_per_request") if k in row["daemon_counters"])
-                + (f"; {len(res['errors'])} error(s): {res['errors'][0]}" if res["errors"] else ""))
-            if daemon.proc is None or daemon.proc.poll() is not None:
-                raise RuntimeError(f"the daemon died during {name}:\n{daemon.log_tail()}")
-        info["stat_after"] = _stat(daemon.socket)
-        return rows, errors, info
-    except (RuntimeError, OSError) as exc:
-        errors.append(f"ringblob --engine {engine}: {exc}")
-        log(errors[-1])
-        return rows, errors, {}
-    finally:
-        rc = daemon.stop()
+                n = max(2, self.clients)
+                log(f"{self.system}: filling {self.get_keys} x 4 KiB blobs ({self.get_keys * 4 // 1024} MiB) "
+                    f"and {self.big_keys} x 1 MiB from {n} processes")
+                t = fill(self.daemon.socket, "fill", self.get_keys, 4 * KIB, n)
+                t2 = fill(self.daemon.socket, "fill_big", self.big_keys, MIB, n)
+                self.info["fill_s"] = {"4k": t, "1m": t2}
+                with open(side, "w") as f:
+                    json.dump(self.shape, f)
+                log(f"{self.system}: filled in {t:.1f} s + {t2:.1f} s")
+        except (RuntimeError, OSError) as exc:
+            self.daemon.stop()
+            return [f"ringblob --engine {self.engine}: {exc}"]
+        self.ok = True
+        return []
+
+    def specs(self, name: str) -> list[Spec]:
+        _, op, size, conc = next(w for w in RB_WORKLOADS if w[0] == name)
+        procs = max(1, min(self.clients, conc))
+        keys = {"get": self.get_keys, "get_big": self.big_keys, "put_big": self.mode["big_put_keys"]}.get(op, self.mode["put_keys"])
+        return [
+            Spec(self.daemon.socket, op, size, share=s, keys=keys, seed=i + 1, duration=self.mode["duration"], warmup=self.mode["warmup"])
+            for i, s in enumerate(split(conc, procs))
+        ]
+
+    def run(self, name: str) -> tuple[dict | None, list[str]]:
+        """Run workload ``name`` (see RB_WORKLOADS); (row, errors)."""
+        if not self.ok:
+            return None, []
+        _, op, size, conc = next(w for w in RB_WORKLOADS if w[0] == name)
+        s0 = _stat(self.daemon.socket)
+        res = run_load(self.specs(name), self.mode["warmup"], self.mode["duration"], self.daemon.pid)
+        row = {"system": self.system, "engine": self.engine, "workload": name, "concurrency": conc, **res}
+        row["daemon_counters"] = stat_delta(s0, _stat(self.daemon.socket))
+        if op == "put_nosync_flush":
+            row["flush_every"] = FLUSH_EVERY
+        errors = [f"{self.engine} {name}: {e}" for e in res["errors"]]
+        log(f"{self.system}: {name}: {row['ops_per_s']:.0f} op/s {row['bytes_per_s'] / MIB:.1f} MiB/s "
+            f"p50 {row.get('p50_us', 0):.0f} µs p99 {row.get('p99_us', 0):.0f} µs; daemon "
+            f"{row.get('daemon_cpu_cores', 0):.2f} cores, clients {row['client_cpu_cores']:.2f} cores, "
+            f"others {row.get('other_cpu_cores') or 0:.2f} cores"
+            + "".join(f", {k} {row['daemon_counters'][k]:.1f}" for k in ("writes_per_group_commit", "sqes_per_enter", "enters_per_request") if k in row["daemon_counters"])
+            + (f"; {len(res['errors'])} error(s): {res['errors'][0]}" if res["errors"] else ""))
+        if self.daemon.proc is None or self.daemon.proc.poll() is not None:
+            self.ok = False
+            errors.append(f"ringblob --engine {self.engine} died during {name}:\n{self.daemon.log_tail()}")
+        return row, errors
+
+    def stop(self) -> list[str]:
+        if self.ok:
+            self.info["stat_after"] = _stat(self.daemon.socket)
+        rc = self.daemon.stop()
         if rc not in (0, None, -15):
-            errors.append(f"ringblob --engine {engine} exited with status {rc} at SIGTERM:\n{daemon.log_tail(600)}")
+            return [f"ringblob --engine {self.engine} exited with status {rc} at SIGTERM:\n{self.daemon.log_tail(600)}"]
+        return []
 
 
 STAT_COUNTERS = ("gets", "puts", "fdatasyncs", "group_commits", "group_commit_writes", "journal_batches",
@@ -805,70 +834,95 @@ def _stat(socket_path: str) -> dict:
 # -- Redis --------------------------------------------------------------------------------------
 
 
-def run_redis(workdir: str, mode: dict) -> tuple[list[dict], list[str], dict]:
-    """redis-server (AOF, appendfsync always, Unix socket only) and redis-benchmark -d 4096."""
-    ok = ensure_tool("redis-server", "redis-server") and ensure_tool("redis-benchmark", "redis-tools")
-    rdir = os.path.join(workdir, "redis")
-    sock = os.path.join(rdir, "redis.sock")
-    if not ok:
-        for name, test, c in REDIS_RUNS:
-            log("skipped (no redis): " + shlex.join(_redis_bench_argv(sock, test, c, 100000)))
-        return [], ["redis-server / redis-benchmark are not installed"], {}
-    shutil.rmtree(rdir, ignore_errors=True)
-    os.makedirs(rdir)
-    conf = os.path.join(rdir, "redis.conf")
-    with open(conf, "w") as f:
-        f.write(
-            "port 0\n"
-            f"unixsocket {sock}\n"
-            "unixsocketperm 700\n"
-            f"dir {rdir}\n"
-            "appendonly yes\n"
-            "appendfsync always\n"
-            "auto-aof-rewrite-percentage 0\n"
-            'save ""\n'
-            "daemonize no\n"
-            f"logfile {os.path.join(rdir, 'redis.log')}\n"
-        )
-    argv = ["redis-server", conf]
-    log("redis: " + shlex.join(argv))
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    rows, errors = [], []
-    info = {"config": open(conf).read(), "version": _cmd_out(["redis-server", "--version"])}
-    try:
-        deadline = time.monotonic() + 30
-        while not _redis_ping(sock):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"redis-server did not come up on {sock}")
-            time.sleep(0.05)
-        info["checked"] = {k: _redis_cmd(sock, "CONFIG", "GET", k) for k in ("appendonly", "appendfsync", "port")}
-        if info["checked"].get("appendfsync") != "always" or info["checked"].get("appendonly") != "yes":
-            raise RuntimeError(f"redis-server did not take the AOF settings: {info['checked']}")
-        for name, test, c in REDIS_RUNS:
-            # A pilot run sizes -n so that the measured run lasts about `duration` seconds.
+class RedisSide:
+    """redis-server (AOF, appendfsync always, Unix socket only) driven by redis-benchmark -d 4096."""
+
+    def __init__(self, workdir: str, mode: dict):
+        self.mode = mode
+        self.rdir = os.path.join(workdir, "redis")
+        self.sock = os.path.join(self.rdir, "redis.sock")
+        self.proc: subprocess.Popen | None = None
+        self.info: dict = {}
+        self.ok = False
+
+    def start(self) -> list[str]:
+        if not (ensure_tool("redis-server", "redis-server") and ensure_tool("redis-benchmark", "redis-tools")):
+            for name, test, c in REDIS_RUNS:
+                log("skipped (no redis): " + shlex.join(_redis_bench_argv(self.sock, test, c, 100000)))
+            return ["redis-server / redis-benchmark are not installed"]
+        shutil.rmtree(self.rdir, ignore_errors=True)
+        os.makedirs(self.rdir)
+        conf = os.path.join(self.rdir, "redis.conf")
+        with open(conf, "w") as f:
+            f.write(
+                "port 0\n"
+                f"unixsocket {self.sock}\n"
+                "unixsocketperm 700\n"
+                f"dir {self.rdir}\n"
+                "appendonly yes\n"
+                "appendfsync always\n"
+                "auto-aof-rewrite-percentage 0\n"
+                'save ""\n'
+                "daemonize no\n"
+                f"logfile {os.path.join(self.rdir, 'redis.log')}\n"
+            )
+        argv = ["redis-server", conf]
+        log("redis: " + shlex.join(argv))
+        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        with open(conf) as f:
+            self.info = {"config": f.read(), "version": _cmd_out(["redis-server", "--version"])}
+        try:
+            deadline = time.monotonic() + 30
+            while not _redis_ping(self.sock):
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"redis-server did not come up on {self.sock}")
+                time.sleep(0.05)
+            checked = {k: _redis_cmd(self.sock, "CONFIG", "GET", k) for k in ("appendonly", "appendfsync", "port")}
+            self.info["checked"] = checked
+            if checked.get("appendfsync") != "always" or checked.get("appendonly") != "yes":
+                raise RuntimeError(f"redis-server did not take the AOF settings: {checked}")
+            # the GET runs read keys that exist: SET most of the key space first (not measured)
+            n = 3 * REDIS_KEYSPACE
+            subprocess.run(_redis_bench_argv(self.sock, "set", 32, n), capture_output=True, timeout=600, check=True)
+        except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+            self.stop()
+            return [f"redis: {exc}"]
+        self.ok = True
+        return []
+
+    def run(self, name: str) -> tuple[dict | None, list[str]]:
+        """Run redis-benchmark for ``name`` (see REDIS_RUNS), sized by a pilot run; (row, errors)."""
+        if not self.ok or self.proc is None:
+            return None, []
+        _, test, c = next(r for r in REDIS_RUNS if r[0] == name)
+        try:
             pilot_n = max(200, 20 * c)
-            pilot = _redis_bench(sock, test, c, pilot_n, proc.pid)
-            n = int(max(pilot_n, min(2_000_000, pilot["ops_per_s"] * (mode["duration"] + mode["warmup"]))))
-            row = _redis_bench(sock, test, c, n, proc.pid)
-            row.update({"system": "redis", "workload": name, "concurrency": c, "block_size": 4 * KIB})
-            rows.append(row)
-            log(f"redis: {name}: {row['ops_per_s']:.0f} op/s p50 {row['p50_us']:.0f} µs p99 {row['p99_us']:.0f} µs "
-                f"(n={n}, redis-server {row['daemon_cpu_cores']:.2f} cores)")
-        info["aof_bytes"] = sum(os.path.getsize(os.path.join(dp, fn)) for dp, _, fns in os.walk(rdir)
-                                for fn in fns if ".aof" in fn)
-        info["fsyncs_note"] = "appendfsync always: redis-server fsyncs the AOF once per event-loop turn, for every write of that turn"
-    except (RuntimeError, OSError, ValueError, KeyError) as exc:
-        errors.append(f"redis: {exc}")
-        log(errors[-1])
-    finally:
+            pilot = _redis_bench(self.sock, test, c, pilot_n, self.proc.pid)
+            n = int(max(pilot_n, min(2_000_000, pilot["ops_per_s"] * (self.mode["duration"] + self.mode["warmup"]))))
+            row = _redis_bench(self.sock, test, c, n, self.proc.pid)
+        except (RuntimeError, OSError, ValueError, KeyError, subprocess.SubprocessError) as exc:
+            return None, [f"redis {name}: {exc}"]
+        row.update({"system": "redis", "workload": name, "concurrency": c, "block_size": 4 * KIB})
+        log(f"redis: {name}: {row['ops_per_s']:.0f} op/s p50 {row['p50_us']:.0f} µs p99 {row['p99_us']:.0f} µs "
+            f"(n={n}, redis-server {row['daemon_cpu_cores']:.2f} cores)")
+        return row, []
+
+    def stop(self) -> list[str]:
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return []
+        self.info["aof_bytes"] = sum(os.path.getsize(os.path.join(dp, fn)) for dp, _, fns in os.walk(self.rdir)
+                                     for fn in fns if ".aof" in fn)
+        self.info["fsync_note"] = ("appendfsync always: redis-server writes and fsyncs the AOF once per event-loop "
+                                   "turn, for every write command of that turn (group commit)")
         proc.terminate()
         try:
             proc.wait(30)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-        shutil.rmtree(rdir, ignore_errors=True)
-    return rows, errors, info
+        shutil.rmtree(self.rdir, ignore_errors=True)
+        return []
 
 
 def _redis_ping(sock: str) -> bool:
@@ -1161,54 +1215,83 @@ def run_profile(workdir: str, mode: dict, clients: int, data_size: int, outdir: 
         log(msg)
         return [msg]
     parts = []
-    errors: list[str] = []
-
-    def hook(name, daemon, specs, mode):
-        if name not in PROFILE_WORKLOADS:
-            return
-        dur = mode["duration"] + mode["warmup"]
-        raw = os.path.join(workdir, f"profile-{name}.txt")
-        argv = [spy, "record", "--pid", str(daemon.pid), "--duration", str(int(dur + 1)), "--rate", "250",
-                "--format", "raw", "--output", raw]
-        argv.append("--native" if native else "--nonblocking")  # --native needs to pause the process
-        svg = os.path.join(outdir, "profile.svg")
-        want_svg = name == "put_4k_sync_c32"
-        if os.path.exists(raw):
-            os.unlink(raw)
-        log("profile: " + shlex.join(argv))
-        spy_proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        time.sleep(0.3)
-        res = run_load(specs, 0.3, dur, daemon.pid)
-        _, err = spy_proc.communicate(timeout=120)
-        try:
-            with open(raw) as f:
-                summary, n = summarize_collapsed(f.read())
-        except OSError:
-            summary, n = f"(py-spy wrote nothing: {err.strip()[-300:]})\n", 0
-            errors.append(f"py-spy {name}: {err.strip()[-200:]}")
-        parts.append(
-            f"## {name} ({res['ops_per_s']:.0f} op/s under the profiler, daemon {res.get('daemon_cpu_cores', 0):.2f} "
-            f"cores, clients {res['client_cpu_cores']:.2f} cores, host busy {100 * (res.get('host_cpu_busy') or 0):.0f}%)\n\n{summary}\n"
-        )
-        if want_svg:
-            argv_svg = [spy, "record", "--pid", str(daemon.pid), "--duration", str(int(dur + 1)), "--rate", "250",
-                        "--format", "flamegraph", "--output", svg, "--nonblocking"]
-            spy_proc = subprocess.Popen(argv_svg, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    side = RingblobSide("uring", workdir, mode, clients, data_size)
+    errors = side.start()
+    dur = mode["duration"] + mode["warmup"]
+    try:
+        for name in PROFILE_WORKLOADS:
+            if not side.ok or (WORKLOAD_FILTER and name not in WORKLOAD_FILTER):
+                continue
+            pid = side.daemon.pid
+            raw = os.path.join(workdir, f"profile-{name}.txt")
+            argv = [spy, "record", "--pid", str(pid), "--duration", str(int(dur + 1)), "--rate", "250",
+                    "--format", "raw", "--output", raw]
+            argv.append("--native" if native else "--nonblocking")  # --native has to pause the process
+            if os.path.exists(raw):
+                os.unlink(raw)
+            log("profile: " + shlex.join(argv))
+            spy_proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
             time.sleep(0.3)
-            run_load(specs, 0.3, dur, daemon.pid)
-            spy_proc.communicate(timeout=120)
-
-    rows, errs, info = run_ringblob("uring", workdir, mode, clients, data_size, profile_hook=hook)
-    errors += errs
+            res = run_load(side.specs(name), 0.3, dur, pid)
+            _, err = spy_proc.communicate(timeout=120)
+            try:
+                with open(raw) as f:
+                    summary, _n = summarize_collapsed(f.read())
+            except OSError:
+                summary = f"(py-spy wrote nothing: {err.strip()[-300:]})\n"
+                errors.append(f"py-spy {name}: {err.strip()[-200:]}")
+            parts.append(
+                f"## {name} ({res['ops_per_s']:.0f} op/s under the profiler, daemon {res.get('daemon_cpu_cores', 0):.2f} "
+                f"cores = {res.get('daemon_cpu_us_per_op') or 0:.0f} µs CPU per request, clients "
+                f"{res['client_cpu_cores']:.2f} cores, everything else {res.get('other_cpu_cores') or 0:.2f} cores)\n\n{summary}\n"
+            )
+            if name == "put_4k_sync_c32":  # one flame graph to browse
+                svg = os.path.join(outdir, "profile.svg")
+                argv_svg = [spy, "record", "--pid", str(pid), "--duration", str(int(dur + 1)), "--rate", "250",
+                            "--format", "flamegraph", "--output", svg, "--nonblocking"]
+                log("profile: " + shlex.join(argv_svg))
+                spy_proc = subprocess.Popen(argv_svg, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                time.sleep(0.3)
+                run_load(side.specs(name), 0.3, dur, pid)
+                spy_proc.communicate(timeout=120)
+    finally:
+        errors += side.stop()
     head = (
         "py-spy samples of `ringblob serve --engine uring` (all threads, "
-        f"{'with native frames' if native else 'Python frames only'}, 250 Hz) while each load ran; "
-        f"{clients} client processes on the same 2 CPUs. Percentages are of the daemon's samples.\n\n"
+        f"{'with native frames: idle time in epoll_pwait shows too' if native else 'Python frames only, idle samples dropped'}, "
+        f"250 Hz) while each load ran from {clients} client processes on the same CPUs. "
+        "Percentages are of the daemon's samples. `run (ringblob/server.py)` own time is time inside the "
+        "event loop's C code (uvloop: socket reads/writes, epoll, callbacks' C parts).\n\n"
     )
-    with open(os.path.join(outdir, "profile.txt"), "w") as f:
+    with open(os.path.join(outdir, "profile.txt" if not native else "profile-native.txt"), "w") as f:
         f.write(head + "\n".join(parts))
-    log(f"profile: wrote {os.path.join(outdir, 'profile.txt')}")
+    log(f"profile: wrote {outdir}/{'profile.txt' if not native else 'profile-native.txt'}")
     return errors
+
+
+def schedule() -> list[tuple[str, str]]:
+    """(side, name) in execution order: each ringblob workload right after its fio counterpart and
+    before its Redis one, so the figures a ratio divides were taken moments apart."""
+    order: list[tuple[str, str]] = []
+    for name, *_ in RB_WORKLOADS:
+        if WORKLOAD_FILTER and name not in WORKLOAD_FILTER:
+            continue
+        fio_name, redis_name = COUNTERPARTS[name]
+        for side, n in (("fio", fio_name), ("uring", name), ("psync", name), ("redis", redis_name)):
+            if n and (side, n) not in order:
+                order.append((side, n))
+    if not WORKLOAD_FILTER:
+        order += [("fio", n) for n in FIO_JOBS if ("fio", n) not in order]
+    return order
+
+
+def median_row(samples: list[dict]) -> dict:
+    """The sample with the median throughput (the lower middle one of an even count), with all throughputs."""
+    ordered = sorted(samples, key=lambda r: r["ops_per_s"])
+    row = dict(ordered[(len(ordered) - 1) // 2])
+    if len(samples) > 1:
+        row["samples_ops_per_s"] = [r["ops_per_s"] for r in samples]
+    return row
 
 
 # -- main ------------------------------------------------------------------------------------------
@@ -1225,6 +1308,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--clients", type=int, default=max(2, os.cpu_count() or 2), help="client processes for ringblob (default: max(2, nproc))")
     ap.add_argument("--only", default="fio,uring,psync,redis", help="comma-separated subset of fio,uring,psync,redis")
     ap.add_argument("--workloads", default="", help="comma-separated subset of the ringblob workloads (default: all)")
+    ap.add_argument("--repeat", type=int, default=1, help="rounds over every configuration; the median round is reported")
     ap.add_argument("--duration", type=float, help="seconds measured per configuration (overrides the mode)")
     ap.add_argument("--fresh", action="store_true", help="delete the ringblob data file first (else a filled one is reused)")
     ap.add_argument("--profile", action="store_true", help="after the run, sample the uring daemon with py-spy under load")
@@ -1246,10 +1330,12 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(args.out, exist_ok=True)
     data_size = _round_up(2 * mode["get_set"] + 2 * mode["big_set"] * MIB + 4 * mode["put_keys"] * 4 * KIB
                           + 4 * mode["big_put_keys"] * MIB + 256 * MIB, 64 * MIB)
-    if args.fresh and os.path.exists(os.path.join(workdir, "ringblob.data")):
-        os.unlink(os.path.join(workdir, "ringblob.data"))
-        if os.path.exists(os.path.join(workdir, "ringblob.data.json")):
-            os.unlink(os.path.join(workdir, "ringblob.data.json"))
+    if args.fresh:
+        for engine in ("uring", "psync"):
+            for suffix in ("", ".json"):
+                path = os.path.join(workdir, f"ringblob-{engine}.data{suffix}")
+                if os.path.exists(path):
+                    os.unlink(path)
     t_start = time.perf_counter()
     if args.profile_only:
         errs = run_profile(workdir, mode, args.clients, data_size, args.out, args.native)
@@ -1260,28 +1346,41 @@ def main(argv: list[str] | None = None) -> int:
     machine = machine_stamp(workdir)
     log(f"{mode_name} mode on {machine['nproc']} CPUs ({machine['cpu_model']}), kernel {machine['kernel']}, "
         f"{machine['filesystem']}; ringblob load from {args.clients} client processes")
-    rows: list[dict] = []
-    errors: list[str] = []
-    extra: dict = {}
+    sides: dict = {}
     if "fio" in only:
-        r, e = run_fio(workdir, mode, max(mode["get_set"], 256 * MIB))
-        rows += r
-        errors += e
+        sides["fio"] = Fio(workdir, mode, max(mode["get_set"], 256 * MIB))
     for engine in ("uring", "psync"):
         if engine in only:
-            r, e, info = run_ringblob(engine, workdir, mode, args.clients, data_size)
-            rows += r
-            errors += e
-            extra[f"ringblob_{engine}"] = info
+            sides[engine] = RingblobSide(engine, workdir, mode, args.clients, data_size)
     if "redis" in only:
-        r, e, info = run_redis(workdir, mode)
-        rows += r
-        errors += e
-        extra["redis"] = info
+        sides["redis"] = RedisSide(workdir, mode)
+    errors: list[str] = []
+    samples: dict = {}
+    try:
+        for side in sides.values():
+            errors += side.start()
+        for rep in range(args.repeat):
+            if args.repeat > 1:
+                log(f"round {rep + 1} of {args.repeat}")
+            for side_name, name in schedule():
+                side = sides.get(side_name)
+                if side is None:
+                    continue
+                row, errs = side.run(name)
+                errors += errs
+                if row is not None:
+                    row["round"] = rep
+                    samples.setdefault((row["system"], row["workload"]), []).append(row)
+    finally:
+        for side in sides.values():
+            errors += side.stop()
+    rows = [median_row(v) for v in samples.values()]
+    extra = {k: v.info for k, v in sides.items() if getattr(v, "info", None)}
     doc = {
         "mode": mode_name,
         "mode_params": mode,
         "clients": args.clients,
+        "repeat": args.repeat,
         "flush_every": FLUSH_EVERY,
         "machine": machine,
         "results": rows,
