@@ -4,8 +4,11 @@
 contract, except that the writes, fdatasyncs or reads you pick complete with
 ``OSError(EIO)`` (or another errno), and ops linked after a failed one complete
 with ``OSError(ECANCELED)``, as io_uring reports them. A failed write is a
-*lost* write: it is turned into a read of the same range, so the medium is not
-changed; ops cancelled by the link are not performed either. The store is never
+*lost* write: the medium is not changed; ops cancelled by the link are not
+performed either (each failed or
+cancelled op is replaced by a read of the first block into the wrapper's own
+scratch buffer, leased from the pool on the first injection, so chains keep
+their shape and the caller's buffers are never written). The store is never
 mocked: it sees exactly what a dying disk would show it.
 
 Pass it to the store with ``BlobStore.open(path, wrap_engine=lambda e: FaultyEngine(e, ...))``
@@ -54,6 +57,7 @@ class FaultyEngine:
         self._dead: dict[str, bool] = dict.fromkeys(_KINDS, False)
         self._fail: dict[Any, OSError] = {}
         self._chain_broken = False
+        self._scratch = None  # leased on the first injected failure
 
     # -- arming -------------------------------------------------------------------
 
@@ -106,25 +110,48 @@ class FaultyEngine:
 
     # -- the engine contract -----------------------------------------------------------
 
+    def _stand_in(self, tag, file_index: int, link: bool):
+        """Queue a harmless op in place of a failed or cancelled one: a read of the first
+        block into the wrapper's own scratch buffer, keeping the link flag, so the chain
+        keeps its shape, the medium and the caller's buffer stay untouched, and the tag
+        completes in order."""
+        if self._scratch is None:
+            self._scratch = self._inner.lease()
+        bs = self._inner.block_size
+        return self._inner.read_fixed(self._scratch, 0, bs, tag, file_index=file_index, link=link)
+
     def write_fixed(self, buf, offset, length, tag, *, buf_offset=0, file_index=0, link=False):
         self.writes += 1
         if self._mark("write_fixed", "write", tag, offset, link):
-            # a lost write: read the range instead, so the medium is left as it was
-            return self._inner.read_fixed(buf, offset, length, tag, buf_offset=buf_offset,
-                                          file_index=file_index, link=False)
+            return self._stand_in(tag, file_index, link)  # a lost write
         return self._inner.write_fixed(buf, offset, length, tag, buf_offset=buf_offset,
                                        file_index=file_index, link=link)
 
     def read_fixed(self, buf, offset, length, tag, *, buf_offset=0, file_index=0, link=False):
         self.reads += 1
-        self._mark("read_fixed", "read", tag, offset, link)
+        if self._mark("read_fixed", "read", tag, offset, link):
+            return self._stand_in(tag, file_index, link)
         return self._inner.read_fixed(buf, offset, length, tag, buf_offset=buf_offset,
-                                      file_index=file_index, link=link and tag not in self._fail)
+                                      file_index=file_index, link=link)
 
     def fdatasync(self, tag, *, file_index=0, link=False):
         self.fdatasyncs += 1
-        self._mark("fdatasync", "fdatasync", tag, None, link)
-        return self._inner.fdatasync(tag, file_index=file_index, link=link and tag not in self._fail)
+        if self._mark("fdatasync", "fdatasync", tag, None, link):
+            return self._stand_in(tag, file_index, link)
+        return self._inner.fdatasync(tag, file_index=file_index, link=link)
+
+    @property
+    def free_buffers(self) -> int:
+        return self._inner.free_buffers
+
+    def close(self) -> None:
+        if self._scratch is not None and not self._inner.closed:
+            try:
+                self._inner.release(self._scratch)
+            except Exception:
+                pass
+            self._scratch = None
+        self._inner.close()
 
     def _map(self, cqes):
         out = []

@@ -426,6 +426,7 @@ class BlobStore:
         self._ckpt_waiters: list[asyncio.Future] = []
         self._wake: asyncio.Future | None = None
         self._stopping = False
+        self._ckpt_retry_free = 0
         self._threshold = int(checkpoint_threshold) if checkpoint_threshold else max(self._jbytes // 4, P)
         self._counters = dict.fromkeys(
             ("puts", "gets", "deletes", "fdatasyncs", "group_commits", "group_commit_writes", "flushes",
@@ -569,9 +570,8 @@ class BlobStore:
         """Seqs of PUT records past the last durable point whose data does not hash to their digest."""
         bad: set[int] = set()
         P = self.page_size
-        for r in recs:
-            if r[0] != F.REC_PUT or r[1] <= durable:
-                continue
+
+        async def check(r) -> None:
             page, length, digest = r[3], r[4], r[5]
             try:
                 data = await self._aio.read(page * P, length) if length else b""
@@ -580,6 +580,10 @@ class BlobStore:
                 ok = False
             if not ok:
                 bad.add(r[1])
+
+        todo = [r for r in recs if r[0] == F.REC_PUT and r[1] > durable]
+        for i in range(0, len(todo), 32):  # 32 reads per ring turn
+            await asyncio.gather(*(check(r) for r in todo[i : i + 32]))
         return bad
 
     # -- helpers ------------------------------------------------------------------
@@ -641,17 +645,38 @@ class BlobStore:
                 keep.append((seq, page, n))
         self._pending_free = keep
 
-    async def _allocate(self, npages: int) -> int:
+    def _ckpt_reserve_pages(self, extra_bytes: int = 0) -> int:
+        """Free pages a put must leave for the next checkpoint (its chunks are written before
+        the previous checkpoint's are freed), assuming the worst fragmentation."""
+        P = self.page_size
+        min_pages = -(-(F.CHUNK_HEADER_SIZE + 1 + 255 + F.ENTRY.size) // P)
+        cap = min_pages * P - F.CHUNK_HEADER_SIZE - (1 + 255 + F.ENTRY.size)
+        need = self._index.entries_size() + extra_bytes
+        return -(-need // cap) * min_pages + 1
+
+    def _take_pages(self, npages: int, extra_bytes: int) -> int:
+        if npages == 0:
+            return 0
+        free = self._alloc.free_pages
+        reserve = self._ckpt_reserve_pages(extra_bytes)
+        if free - npages < reserve:
+            raise NoSpace(
+                f"no room for {npages} pages: {free} pages free, {reserve} of them are kept for the next "
+                "checkpoint; delete blobs or create a larger data file"
+            )
+        return self._alloc.allocate(npages)
+
+    async def _allocate(self, npages: int, extra_bytes: int) -> int:
         if npages == 0:
             return 0
         try:
-            return self._alloc.allocate(npages)
+            return self._take_pages(npages, extra_bytes)
         except NoSpace:
             if not self._pending_free and not self._queue:
                 raise
         await self.flush()  # frees wait for durable replacing records
         await asyncio.sleep(0)
-        return self._alloc.allocate(npages)
+        return self._take_pages(npages, extra_bytes)
 
     def _kick(self) -> None:
         w = self._wake
@@ -663,7 +688,7 @@ class BlobStore:
     async def _prepare_put(self, key: bytes, mv: memoryview, digest: bytes, sync: bool) -> _Item:
         length = len(mv)
         n = self._npages(length)
-        page = await self._allocate(n)
+        page = await self._allocate(n, 1 + len(key) + F.ENTRY.size)
         self._check_writable()
         item = _Item(_PUT, key, page, n, length, digest, None, sync, asyncio.get_running_loop().create_future())
         if length == 0:
@@ -731,16 +756,18 @@ class BlobStore:
             prepared.append((key, mv, blake3.blake3(mv).digest()))
         # allocate everything first: NoSpace changes nothing
         pages = []
+        extra = 0
         try:
             for key, mv, _d in prepared:
                 n = self._npages(len(mv))
+                extra += 1 + len(key) + F.ENTRY.size
                 try:
-                    pages.append((self._alloc.allocate(n) if n else 0, n))
+                    pages.append((self._take_pages(n, extra), n))
                 except NoSpace:
                     if not self._pending_free:
                         raise
                     await self.flush()
-                    pages.append((self._alloc.allocate(n), n))
+                    pages.append((self._take_pages(n, extra), n))
         except BaseException:
             for p, n in pages:
                 if n:
@@ -855,7 +882,8 @@ class BlobStore:
                     if self._queue or self._flush_waiters:
                         await self._commit_round(jbuf)
                     if self._read_only is None and (
-                            self._ckpt_waiters or self._head - self._ckpt_pos >= self._threshold):
+                            self._ckpt_waiters or (self._head - self._ckpt_pos >= self._threshold
+                                                   and self._alloc.free_pages >= self._ckpt_retry_free)):
                         waiters, self._ckpt_waiters = self._ckpt_waiters, []
                         try:
                             await self._checkpoint()
@@ -868,8 +896,9 @@ class BlobStore:
                             if not f.done():
                                 f.set_result(None)
                 except NoSpace as exc:
+                    # the store stays writable; puts that need the journal space fail with NoSpace
                     log.error("store: %s: checkpoint failed: %s", self.path, exc)
-                    self._go_read_only(f"a checkpoint that found no space ({exc})")
+                    self._ckpt_retry_free = self._alloc.free_pages + 1
                 except OSError as exc:
                     self._go_read_only(f"an I/O error ({exc})")
                 except EngineClosed:
@@ -1125,6 +1154,9 @@ class BlobStore:
         min_pages = -(-(hdr + 1 + 255 + esz) // P)
         chunk_pages = max(CKPT_CHUNK_BYTES // P, min_pages)
         remaining = idx.entries_size()
+        if remaining and self._alloc.free_pages * P < remaining + hdr:
+            raise NoSpace(f"checkpoint: {remaining} bytes of index entries need more than the "
+                          f"{self._alloc.free_pages} free pages")
         new_ext: list[tuple[int, int]] = []
 
         def alloc_chunk(need_bytes: int) -> tuple[int, int]:
@@ -1202,6 +1234,7 @@ class BlobStore:
         self._checkpoints += 1
         self._durable_seq = max(self._durable_seq, S)
         self._ckpt_marker = (self._checkpoints, S)
+        self._ckpt_retry_free = 0
         self._process_frees()
         dt = time.perf_counter() - t0
         log.info("store: %s: checkpoint %d at seq %d: %d blobs in %d chunk(s), %.3f s", self.path,
