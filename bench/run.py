@@ -1207,6 +1207,64 @@ def summarize_collapsed(text: str, top: int = 25) -> tuple[str, int]:
     return out.getvalue(), total
 
 
+def commit_probe(path: str, rounds: int = 200, writes: int = 16) -> list[dict]:
+    """Time one group-commit round's I/O three ways on ``path`` through the store's AsyncEngine.
+
+    ``writes`` 4 KiB data writes at random pages plus one journal write, then an
+    fdatasync: (a) all in one IOSQE_IO_LINK chain, as ``BlobStore._commit_items``
+    submits them (the kernel runs a chain one op after another); (b) the writes
+    unlinked in one submit, then the fdatasync once they completed; (c) one data
+    write + the journal write + fdatasync linked (a lone sync put). Median and
+    p99 in µs, for the uring and psync engines. Evidence for analysis.md.
+    """
+    from ringblob.direct import open_direct
+    from ringblob.engine import open_engine
+    from ringblob.engine.aio import FSYNC, WRITE, AsyncEngine
+
+    out: list[dict] = []
+
+    async def one(kind: str) -> None:
+        df = open_direct(path)
+        eng = open_engine(kind, [df.fd], block_size=df.block_size, buffer_size=256 * KIB, buffer_count=8, queue_depth=128)
+        try:
+            aio = AsyncEngine(eng)
+            pages = df.size // (4 * KIB)
+            bufs = await aio.lease(2)
+            for b in bufs:
+                b.view[:] = os.urandom(len(b.view))
+            rnd = random.Random(7)
+            for label in ("linked chain: writes -> journal -> fdatasync (store today)",
+                          "writes + journal unlinked, then fdatasync",
+                          "lone put: 1 write -> journal -> fdatasync linked"):
+                k = 1 if label.startswith("lone") else writes
+                ts = []
+                for r in range(rounds):
+                    ops = [(WRITE, bufs[0], rnd.randrange(16, pages) * 4 * KIB, 4 * KIB, (i % 60) * 4 * KIB) for i in range(k)]
+                    ops.append((WRITE, bufs[1], 4 * KIB * (r % 8), 4 * KIB, 0))
+                    t0 = time.perf_counter()
+                    if label.startswith("writes + journal unlinked"):
+                        await aio.run(ops, link=False)
+                        await aio.run([(FSYNC,)])
+                    else:
+                        await aio.run(ops + [(FSYNC,)], link=True)
+                    ts.append(time.perf_counter() - t0)
+                ts.sort()
+                rec = {"engine": kind, "round": label, "data_writes": k, "rounds": rounds,
+                       "median_us": ts[len(ts) // 2] * 1e6, "p99_us": ts[min(len(ts) - 1, int(len(ts) * 0.99))] * 1e6}
+                out.append(rec)
+                log(f"commit probe: {kind:5} {label}: median {rec['median_us']:.0f} µs, p99 {rec['p99_us']:.0f} µs")
+            aio.release(*bufs)
+            aio.close()  # closes the engine too
+        finally:
+            if not getattr(eng, "closed", True):
+                eng.close()
+            df.close()
+
+    for kind in ("uring", "psync"):
+        asyncio.run(one(kind))
+    return out
+
+
 def run_profile(workdir: str, mode: dict, clients: int, data_size: int, outdir: str, native: bool) -> list[str]:
     """Sample the uring daemon with py-spy while each PROFILE_WORKLOADS load runs (not counted in results)."""
     spy = pyspy_binary()
@@ -1256,6 +1314,14 @@ def run_profile(workdir: str, mode: dict, clients: int, data_size: int, outdir: 
                 spy_proc.communicate(timeout=120)
     finally:
         errors += side.stop()
+    fio_file = os.path.join(workdir, "fio.dat")
+    if os.path.exists(fio_file):
+        probe = commit_probe(fio_file)
+        with open(os.path.join(outdir, "commit_probe.json"), "w") as f:
+            json.dump({"file": fio_file, "results": probe}, f, indent=1)
+        parts.append("## group-commit round I/O on a fully written file (bench/run.py commit_probe)\n\n"
+                     + "".join(f"  {r['engine']:5} {r['round']}: median {r['median_us']:.0f} µs, p99 {r['p99_us']:.0f} µs\n"
+                               for r in probe))
     head = (
         "py-spy samples of `ringblob serve --engine uring` (all threads, "
         f"{'with native frames: idle time in epoll_pwait shows too' if native else 'Python frames only, idle samples dropped'}, "
@@ -1313,6 +1379,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fresh", action="store_true", help="delete the ringblob data file first (else a filled one is reused)")
     ap.add_argument("--profile", action="store_true", help="after the run, sample the uring daemon with py-spy under load")
     ap.add_argument("--profile-only", action="store_true", help="only the py-spy pass (no results written)")
+    ap.add_argument("--probe-commit", action="store_true", help="only time a group-commit round's I/O, linked vs unlinked (needs .bench-tmp/fio.dat)")
     ap.add_argument("--native", action="store_true", help="py-spy --native (C/Cython frames too)")
     args = ap.parse_args(argv)
     mode_name = args.mode or "full"
@@ -1337,6 +1404,11 @@ def main(argv: list[str] | None = None) -> int:
                 if os.path.exists(path):
                     os.unlink(path)
     t_start = time.perf_counter()
+    if args.probe_commit:
+        probe = commit_probe(os.path.join(workdir, "fio.dat"))
+        with open(os.path.join(args.out, "commit_probe.json"), "w") as f:
+            json.dump({"file": os.path.join(workdir, "fio.dat"), "results": probe}, f, indent=1)
+        return 0
     if args.profile_only:
         errs = run_profile(workdir, mode, args.clients, data_size, args.out, args.native)
         for e in errs:
