@@ -896,3 +896,16 @@ def test_failed_read_is_ioerror_not_read_only(tdir):
         await s.close()
 
     run(main())
+
+
+def test_store_under_uvloop(tdir, engine):
+    uvloop = pytest.importorskip("uvloop")
+
+    async def main():
+        s = await BlobStore.create(os.path.join(tdir, "d"), 8 * MiB, engine=engine)
+        await asyncio.gather(*(s.put(b"u%d" % i, b"x" * (i * 100), sync=True) for i in range(50)))
+        assert s.stat()["group_commit_writes"] == 50
+        assert await s.get_many([b"u3", b"u49"]) == [b"x" * 300, b"x" * 4900]
+        await s.close()
+
+    uvloop.run(main())
