@@ -41,6 +41,7 @@ import multiprocessing as mp
 import os
 import platform
 import random
+import re
 import shlex
 import shutil
 import signal
@@ -1204,6 +1205,16 @@ def summarize_collapsed(text: str, top: int = 25) -> tuple[str, int]:
     out.write("\nby inclusive time (the function and what it calls):\n")
     for fr, n in sorted(incl.items(), key=lambda kv: -kv[1])[:top]:
         out.write(f"  {100 * n / total:5.1f}%  {fr}\n")
+    files: dict[str, int] = {}
+    for fr, n in own.items():
+        m = re.search(r"\((.*?)(?::\d+)?\)$", fr)
+        where = m.group(1) if m else fr
+        if fr.startswith("run (ringblob/server.py"):
+            where = "event loop C code (uvloop: epoll, socket I/O, callbacks)"
+        files[where] = files.get(where, 0) + n
+    out.write("\nby file (own time):\n")
+    for fr, n in sorted(files.items(), key=lambda kv: -kv[1])[:top]:
+        out.write(f"  {100 * n / total:5.1f}%  {fr}\n")
     return out.getvalue(), total
 
 
@@ -1283,7 +1294,7 @@ def run_profile(workdir: str, mode: dict, clients: int, data_size: int, outdir: 
             pid = side.daemon.pid
             raw = os.path.join(workdir, f"profile-{name}.txt")
             argv = [spy, "record", "--pid", str(pid), "--duration", str(int(dur + 1)), "--rate", "250",
-                    "--format", "raw", "--output", raw]
+                    "--format", "raw", "--function", "--output", raw]
             argv.append("--native" if native else "--nonblocking")  # --native has to pause the process
             if os.path.exists(raw):
                 os.unlink(raw)
