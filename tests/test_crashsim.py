@@ -39,7 +39,7 @@ def test_synced_writes_survive_and_unsynced_are_undone_or_torn(workdir):
     path = os.path.join(workdir, "data")
     log = os.path.join(workdir, "crash.log")
     f = open_direct(path, create_size=1 << 20)
-    eng = CrashRecorder(PsyncEngine([f.fd], block_size=f.block_size, buffer_count=4), [f.fd], log)
+    eng = CrashRecorder(PsyncEngine([f.fd], block_size=f.block_size, buffer_count=4), path, log)
     a, b = eng.lease(), eng.lease()
     _write(eng, a, 0, 0xAA, "a")  # reaped, then covered by the fdatasync below
     eng.submit()
@@ -82,7 +82,7 @@ def test_same_seed_same_image(workdir):
     path = os.path.join(workdir, "data")
     log = os.path.join(workdir, "crash.log")
     f = open_direct(path, create_size=1 << 20)
-    eng = CrashRecorder(PsyncEngine([f.fd], block_size=f.block_size, buffer_count=4), [f.fd], log)
+    eng = CrashRecorder(PsyncEngine([f.fd], block_size=f.block_size, buffer_count=4), path, log)
     buf = eng.lease()
     for i in range(16):
         _write(eng, buf, i * 8192, i + 1, i)

@@ -55,19 +55,55 @@ class _Tagged:
 class CrashRecorder:
     """Engine wrapper that logs writes and fdatasync coverage to ``log_path``.
 
-    ``inner``: an engine (uring or psync) over ``fds``; ``fds``: the same
-    descriptors (the recorder reads the bytes a write replaces through its own
-    buffered descriptor on ``/proc/self/fd/N``). Every attribute of the contract
-    not overridden here is the inner engine's.
+    ``inner``: the engine the store opened over ``data_path`` (uring or
+    psync). The recorder reads the bytes a write replaces through its own
+    buffered descriptor on ``data_path``. With ``deterministic=True`` it closes
+    ``inner`` and runs a psync engine with ``threads=0`` over its own O_DIRECT
+    descriptor instead: every op runs inline at ``submit()``, so a seeded
+    workload produces the same log, byte for byte, every time.
+
+    ``crash_after``: after that many ops have been queued the power is cut:
+    later ops are swallowed (never performed, never completed), ``crashed``
+    turns True and ``on_crash`` (if given) is called once. Every attribute
+    of the contract not overridden here is the engine's.
     """
 
-    def __init__(self, inner, fds: Sequence[int], log_path: str):
+    def __init__(self, inner, data_path: str, log_path: str, *, deterministic: bool = False,
+                 crash_after: int | None = None, on_crash=None):
+        self._own_file = None
+        if deterministic:
+            from ..direct import open_direct
+            from .psync import PsyncEngine
+
+            self._own_file = open_direct(data_path)
+            replacement = PsyncEngine(
+                [self._own_file.fd], block_size=inner.block_size, buffer_size=inner.buffer_size,
+                buffer_count=inner.buffer_count, queue_depth=inner.queue_depth, threads=0,
+            )
+            inner.close()
+            inner = replacement
         self._inner = inner
-        self._readers = [os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC) for fd in fds]
+        self._reader = os.open(data_path, os.O_RDONLY | os.O_CLOEXEC)
         self._log = open(log_path, "ab", buffering=0)
         self._next_id = 1
         self._reaped: set[int] = set()  # completed writes not yet covered by a completed fdatasync
         self._chain: list[int] = []  # writes queued with link=True, ahead of the next op
+        self.ops = 0
+        self.crash_after = crash_after
+        self.crashed = False
+        self._on_crash = on_crash
+
+    def _power_on(self) -> bool:
+        """Count one op; False once the power has been cut."""
+        if self.crashed:
+            return False
+        self.ops += 1
+        if self.crash_after is not None and self.ops > self.crash_after:
+            self.crashed = True
+            if self._on_crash is not None:
+                self._on_crash()
+            return False
+        return True
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
@@ -75,9 +111,11 @@ class CrashRecorder:
     # -- queueing -------------------------------------------------------------
 
     def write_fixed(self, buf, offset, length, tag, *, buf_offset=0, file_index=0, link=False) -> None:
+        if not self._power_on():
+            return
         wid = self._next_id
         self._next_id += 1
-        old = os.pread(self._readers[file_index], length, offset)
+        old = os.pread(self._reader, length, offset)
         old = old + b"\0" * (length - len(old))
         new = bytes(buf.view[buf_offset : buf_offset + length])
         self._log.write(_W + _HDR_W.pack(wid, offset, length) + old + new)
@@ -90,6 +128,8 @@ class CrashRecorder:
             self._chain = []
 
     def read_fixed(self, buf, offset, length, tag, *, buf_offset=0, file_index=0, link=False) -> None:
+        if not self._power_on():
+            return
         self._inner.read_fixed(
             buf, offset, length, _Tagged(tag, "r"), buf_offset=buf_offset, file_index=file_index, link=link
         )
@@ -97,6 +137,8 @@ class CrashRecorder:
             self._chain = []
 
     def fdatasync(self, tag, *, file_index=0, link=False) -> None:
+        if not self._power_on():
+            return
         covers = tuple(self._reaped) + tuple(self._chain)
         self._chain = []
         self._inner.fdatasync(_Tagged(tag, "s", covers=covers), file_index=file_index, link=link)
@@ -123,9 +165,11 @@ class CrashRecorder:
 
     def close(self) -> None:
         self._inner.close()
-        for fd in self._readers:
-            os.close(fd)
-        self._readers = []
+        if self._own_file is not None:
+            self._own_file.close()
+        if self._reader >= 0:
+            os.close(self._reader)
+            self._reader = -1
         self._log.close()
 
 

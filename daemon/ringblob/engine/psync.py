@@ -76,7 +76,9 @@ class PsyncEngine:
     ``fds``: open file descriptors (not closed by the engine). ``block_size``:
     alignment unit in bytes. ``buffer_size`` x ``buffer_count``: the buffer
     pool in bytes. ``queue_depth``: the most ops queued at once (pending plus
-    in flight); ``threads``: worker threads (default ``min(queue_depth, 32)``).
+    in flight); ``threads``: worker threads (default ``min(queue_depth, 32)``);
+    ``threads=0`` runs every chain inline in ``submit()``, in queue order, so a
+    run is deterministic (the power-loss simulator replays seeds with it).
 
     Raises ``ValueError`` for sizes that are not positive multiples of the
     page size / block size.
@@ -123,8 +125,10 @@ class PsyncEngine:
             ("enters", "sqes", "cqes", "fdatasyncs", "retries", "short_continuations", "link_resubmits"), 0
         )
         self.eventfd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self._pool = ThreadPoolExecutor(
-            max_workers=threads or min(queue_depth, 32), thread_name_prefix="ringblob-psync"
+        if threads is None:
+            threads = min(queue_depth, 32)
+        self._pool = (
+            ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ringblob-psync") if threads > 0 else None
         )
 
     # -- properties ---------------------------------------------------------
@@ -237,7 +241,10 @@ class PsyncEngine:
     def _start(self, chain: list[_Op]) -> None:
         with self._cond:
             self._in_flight += len(chain)
-        self._pool.submit(self._run_chain, chain)
+        if self._pool is None:
+            self._run_chain(chain)
+        else:
+            self._pool.submit(self._run_chain, chain)
 
     # -- workers ------------------------------------------------------------
 
@@ -353,7 +360,8 @@ class PsyncEngine:
             if op.buf is not None:
                 op.buf.in_flight -= 1
         self._pending = []
-        self._pool.shutdown(wait=True)
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
         os.close(self.eventfd)
         self.eventfd = -1
         self._done.clear()
