@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import random
 import shutil
@@ -236,6 +237,16 @@ def main(argv=None) -> int:
     bad = [r for r in results if r.violations]
     for r in bad:
         print(f"seed {r.seed}: " + "; ".join(r.violations[:5]))
+    figures = {
+        "suite": "power-loss simulation",
+        "count": len(results),
+        "unit": "crash rounds",
+        "acknowledged_lost": sum(r.lost_acknowledged for r in results),
+        "wrong_bytes": sum(r.wrong_bytes for r in results),
+        "crashes": sum(r.open_failed for r in results),
+        "seconds": round(time.monotonic() - t0, 1),
+    }
+    print("FIGURES " + json.dumps(figures))
     print(
         f"powerloss: rounds={len(results)} ops_before_cut={sum(r.ops_before_cut for r in results)} "
         f"unsynced_writes={sum(r.unsynced_writes for r in results)} torn_sectors={sum(r.torn_sectors for r in results)} "
