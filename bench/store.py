@@ -79,7 +79,7 @@ def tracemalloc_index(n: int, klen: int = 16) -> float:
 
 
 async def fill_store(path: str, n: int, page: int) -> dict:
-    size = n * page + 64 * MIB + n * 128  # data pages + journal + room for two checkpoints
+    size = n * page + 64 * MIB + n * 512  # data pages + journal + two checkpoints + the checkpoint reserve
     t0 = time.perf_counter()
     s = await BlobStore.create(path, size, page_size=page, journal_size=32 * MIB, engine="auto",
                                checkpoint_threshold=64 * MIB)
