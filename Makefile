@@ -85,6 +85,9 @@ bench-quick: setup bench-deps
 bench-engine: setup
 	$(PY) bench/engine.py
 
+torture: setup
+	$(PY) tests/torture.py
+
 doctor: setup
 	$(VENV)/bin/ringblob doctor
 
