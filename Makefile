@@ -19,7 +19,7 @@ EXT_SRC := $(wildcard cython/*.pyx cython/*.pxd) setup.py
 LIBURING_H ?= /usr/include/liburing.h
 PYTEST_ARGS ?=
 
-.PHONY: all setup run test bench bench-quick bench-deps bench-engine torture fuzz install clean liburing doctor
+.PHONY: all setup run test test-deps bench bench-quick bench-deps bench-engine torture fuzz install clean liburing doctor
 
 all: setup
 
@@ -52,7 +52,17 @@ setup: liburing $(STAMP) $(EXT_STAMP)
 run: setup
 	$(VENV)/bin/ringblob serve
 
-test: setup
+# The systemd unit tests use Debian's systemd tools (systemd-analyze,
+# systemd-socket-activate); they are installed here when missing (as root)
+# and the tests that need them skip with the package named otherwise.
+test-deps:
+	@if ! command -v systemd-analyze >/dev/null 2>&1 && [ "$$(id -u)" -eq 0 ]; then \
+	  echo "ringblob test: installing Debian's systemd tools with apt-get"; \
+	  DEBIAN_FRONTEND=noninteractive apt-get update -q && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends systemd; \
+	fi
+
+test: setup test-deps
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # fio and redis-server come from Debian's apt (root), else the command is printed;
