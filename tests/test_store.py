@@ -909,3 +909,19 @@ def test_store_under_uvloop(tdir, engine):
         await s.close()
 
     uvloop.run(main())
+
+
+def test_tiny_pool_and_queue_depth_still_work(tdir, engine):
+    async def main():
+        p = os.path.join(tdir, "d")
+        s = await BlobStore.create(p, 16 * MiB, engine=engine, buffer_count=3, buffer_size=65536, queue_depth=4)
+        vals = {b"t%d" % i: os.urandom(i * 7919 % 300_000) for i in range(30)}
+        await asyncio.gather(*(s.put(k, v, sync=bool(i % 2)) for i, (k, v) in enumerate(vals.items())))
+        await s.put_many(list(vals.items())[:10], sync=True)
+        got = await s.get_many(list(vals))
+        assert got == list(vals.values())
+        await s.close()
+        with pytest.raises(ConfigError):
+            await BlobStore.open(p, engine=engine, queue_depth=2)
+
+    run(main())

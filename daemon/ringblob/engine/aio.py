@@ -277,7 +277,8 @@ class AsyncEngine:
     # -- helpers ----------------------------------------------------------------
 
     def _window(self) -> int:
-        return max(1, self.buffer_count // 4)
+        """Buffers (and ops) one helper call uses at a time: a quarter of the pool, below the queue depth."""
+        return max(1, min(self.buffer_count // 4, self.queue_depth - 1))
 
     async def read(self, offset: int, length: int) -> bytes:
         """Read ``length`` bytes at ``offset`` (a multiple of the block size) into new ``bytes``.

@@ -210,6 +210,9 @@ class BlobStore:
             raise ConfigError(f"max_blob_size {max_blob_size} must be between 1 byte and 4 GiB")
         if buffer_count < 3:
             raise ConfigError(f"buffer_count {buffer_count}: the store needs at least 3 fixed buffers")
+        if queue_depth < 4:
+            raise ConfigError(f"queue_depth {queue_depth}: the store needs at least 4 (data write, journal "
+                              "write, fdatasync and a read)")
         self._observer = observer
         self._opened_read_only = bool(read_only)
         self._read_only: str | None = None
@@ -1402,7 +1405,11 @@ class BlobStore:
         return self._closed
 
     async def close(self) -> None:
-        """Flush, write a checkpoint (when the journal grew since the last), release the file. Idempotent."""
+        """Flush, write a checkpoint (when the journal grew since the last), release the file. Idempotent.
+
+        Requests already queued are committed first; a request that reaches the
+        store after ``close()`` began may fail with :class:`EngineClosed`.
+        """
         if self._closed:
             return
         try:
@@ -1425,8 +1432,20 @@ class BlobStore:
                     await asyncio.wait_for(asyncio.shield(task), 5)
                 except Exception:
                     task.cancel()
+            self._fail_pending(EngineClosed(f"{self.path}: the store was closed before this request committed"))
             self._aio.close()
             self._unlock_and_close()
+
+    def _fail_pending(self, exc: Exception) -> None:
+        q, self._queue = self._queue, []
+        for it in q:
+            if not it.fut.done():
+                it.fut.set_exception(exc)
+        for lst in (self._flush_waiters, self._ckpt_waiters):
+            for f in lst:
+                if not f.done():
+                    f.set_exception(exc)
+            lst.clear()
 
     def _unlock_and_close(self) -> None:
         # LOCK_UN explicitly: io_uring's registered-file reference keeps the open file
@@ -1453,6 +1472,7 @@ class BlobStore:
             await task
         except BaseException:
             pass
+        self._fail_pending(EngineClosed(f"{self.path}: the store was abandoned before this request committed"))
         self._aio.close()
         self._unlock_and_close()
 
