@@ -88,6 +88,8 @@ FIO_JOBS = {
 
 RB_WORKLOADS = [
     # name, op, value size, concurrency
+    ("ping_c1", "ping", 0, 1),  # no I/O: the floor a request costs (socket, loop, codec)
+    ("ping_c32", "ping", 0, 32),
     ("get_4k_c1", "get", 4 * KIB, 1),
     ("get_4k_c32", "get", 4 * KIB, 32),
     ("put_4k_sync_c1", "put_sync", 4 * KIB, 1),
@@ -102,6 +104,8 @@ RB_WORKLOADS = [
 
 REDIS_RUNS = [
     # name, redis-benchmark test, concurrency
+    ("ping_c1", "ping_mbulk", 1),
+    ("ping_c32", "ping_mbulk", 32),
     ("set_c1", "set", 1),
     ("set_c32", "set", 32),
     ("set_c128", "set", 128),
@@ -112,6 +116,8 @@ REDIS_KEYSPACE = 10000
 
 # ringblob workload -> (fio counterpart, Redis counterpart)
 COUNTERPARTS = {
+    "ping_c1": (None, "ping_c1"),
+    "ping_c32": (None, "ping_c32"),
     "get_4k_c1": ("randread_4k_qd1", "get_c1"),
     "get_4k_c32": ("randread_4k_qd32", "get_c32"),
     "put_4k_sync_c1": ("randwrite_4k_qd1_fdatasync1", "set_c1"),
@@ -542,7 +548,9 @@ async def _load(spec: Spec, ready, go, start_at) -> dict:
                 return
             key = keys[r.randrange(n)]
             try:
-                if op in ("get", "get_big"):
+                if op == "ping":
+                    await client.ping()
+                elif op in ("get", "get_big"):
                     got = await client.get(key)
                     if len(got) != size:
                         raise AssertionError(f"GET {key!r} returned {len(got)} bytes, expected {size}")
@@ -903,7 +911,7 @@ class RedisSide:
             row = _redis_bench(self.sock, test, c, n, self.proc.pid)
         except (RuntimeError, OSError, ValueError, KeyError, subprocess.SubprocessError) as exc:
             return None, [f"redis {name}: {exc}"]
-        row.update({"system": "redis", "workload": name, "concurrency": c, "block_size": 4 * KIB})
+        row.update({"system": "redis", "workload": name, "concurrency": c, "block_size": 4 * KIB if test in ("set", "get") else 0})
         log(f"redis: {name}: {row['ops_per_s']:.0f} op/s p50 {row['p50_us']:.0f} µs p99 {row['p99_us']:.0f} µs "
             f"(n={n}, redis-server {row['daemon_cpu_cores']:.2f} cores)")
         return row, []
@@ -966,13 +974,13 @@ def _redis_bench(sock: str, test: str, c: int, n: int, pid: int) -> dict:
         raise RuntimeError(f"{shlex.join(argv)} failed ({proc.returncode}): {proc.stderr.strip()[-300:]}")
     rec = None
     for r in csv.DictReader(io.StringIO(proc.stdout)):
-        if r.get("test", "").upper().startswith(test.upper()):
+        if r.get("test", "").upper().replace("_", "") .startswith(test.upper().replace("_", "")):
             rec = r
     if rec is None:
         raise ValueError(f"no {test.upper()} row in redis-benchmark's CSV output: {proc.stdout[-300:]!r}")
     return {
         "ops_per_s": float(rec["rps"]),
-        "bytes_per_s": float(rec["rps"]) * 4 * KIB,
+        "bytes_per_s": float(rec["rps"]) * 4 * KIB if test in ("set", "get") else 0.0,
         "p50_us": float(rec["p50_latency_ms"]) * 1000,
         "p99_us": float(rec["p99_latency_ms"]) * 1000,
         "mean_us": float(rec["avg_latency_ms"]) * 1000,
@@ -1040,8 +1048,8 @@ def targets(rows: list[dict]) -> list[dict]:
         t("1 MiB GET c8 >= 0.7x fio seq read QD8 bandwidth", (U, "get_1m_c8"), ("fio", "read_1m_qd8"), 0.7, "bytes_per_s"),
         t("1 MiB PUT c8 >= 0.7x fio seq write QD8 bandwidth", (U, "put_1m_c8"), ("fio", "write_1m_qd8"), 0.7, "bytes_per_s"),
     ]
-    for name, _, _, conc in RB_WORKLOADS:
-        if conc >= 32:
+    for name, op, _, conc in RB_WORKLOADS:
+        if conc >= 32 and op != "ping":  # PING does no I/O: no engine to compare
             out.append(t(f"uring ahead of psync: {name}", (U, name), ("ringblob-psync", name), 1.0, strict=True))
     return out
 
@@ -1081,8 +1089,8 @@ def markdown(doc: dict) -> str:
         f"{doc['mode_params']['get_set'] // MIB} MiB of blobs, 1 MiB GETs over {doc['mode_params']['big_set']} blobs. "
         "Every read is O_DIRECT, so the page cache plays no part for fio or ringblob; Redis serves GET from RAM.",
         "",
-        "| workload | system | conc | ops/s | MiB/s | p50 µs | p99 µs | vs fio | vs Redis | uring/psync | daemon CPU µs/op |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| workload | system | conc | ops/s | MiB/s | p50 µs | p99 µs | vs fio | vs Redis | uring/psync | daemon CPU µs/op | others' CPU |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, _, _, _conc in RB_WORKLOADS:
         fio_name, redis_name = COUNTERPARTS[name]
@@ -1096,9 +1104,9 @@ def markdown(doc: dict) -> str:
                 f"| {label} | {sysname} | {r['concurrency']} | {_fmt(r['ops_per_s'])} | "
                 f"{_fmt(r['bytes_per_s'] / MIB, 1)} | {_fmt(r.get('p50_us'))} | {_fmt(r.get('p99_us'))} | "
                 f"{_fmt(ra.get('vs_fio'), 2)} | {_fmt(ra.get('vs_redis'), 2)} | {_fmt(ra.get('vs_psync'), 2)} | "
-                f"{_fmt(r.get('daemon_cpu_us_per_op'))} |"
+                f"{_fmt(r.get('daemon_cpu_us_per_op'))} | {_fmt(r.get('other_cpu_cores'), 2)} |"
             )
-        lines.append("| | | | | | | | | | | |")
+        lines.append("| | | | | | | | | | | | |")
     if lines[-1].startswith("| | "):
         lines.pop()
     other = [r for r in rows if r["system"] == "fio" and r["workload"] not in {c[0] for c in COUNTERPARTS.values()}]
@@ -1117,7 +1125,10 @@ def markdown(doc: dict) -> str:
         "by bandwidth); `vs Redis` divides by redis-benchmark SET (PUT) or GET at the same number of "
         "connections. 4 KiB PUT sync=False sends a FLUSH every "
         f"{FLUSH_EVERY} puts per client process; 1 MiB PUTs are sync=False (fio's writes have no fdatasync either). "
-        "`daemon CPU µs/op` is the daemon's user+system CPU time over the window divided by the requests served.",
+        "`daemon CPU µs/op` is the daemon's user+system CPU time over the window divided by the requests served; "
+        "`others' CPU` is what the rest of the host (other jobs, kernel threads, interrupts) used meanwhile, in cores "
+        "of the machine's total: the noise gauge. PING rows have no I/O: they show what a request costs "
+        "the socket, the event loop and the codec alone (Redis: redis-benchmark PING_MBULK).",
     ]
     if doc.get("errors"):
         lines += ["", "## Errors", ""] + [f"- {e.splitlines()[0]}" for e in doc["errors"]]
@@ -1131,7 +1142,7 @@ def chart(doc: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     idx = index(doc["results"])
-    small = [w for w in RB_WORKLOADS if w[2] == 4 * KIB]
+    small = [w for w in RB_WORKLOADS if w[2] == 4 * KIB]  # (PING rows are in the table only)
     big = [w for w in RB_WORKLOADS if w[2] == MIB]
     colors = {"fio": "#777777", "ringblob-uring": "#1f77b4", "ringblob-psync": "#aec7e8", "redis": "#d62728"}
     fig, axes = plt.subplots(1, 3, figsize=(17, 5.5), gridspec_kw={"width_ratios": [3, 1.1, 3]})
