@@ -211,6 +211,14 @@ def main(argv=None) -> int:
             row = {"rw": rw, "qd": qd, "bs": BS, "repeat": repeat}
             for k in kinds:
                 row[k] = summarize(samples[k])
+            if fio:
+                for e in engines:
+                    # runs of one repetition are adjacent in time: their ratio cancels most of
+                    # the device's drift, so the median of these paired ratios is the estimate
+                    paired = [x["iops"] / y["iops"] for x, y in zip(samples[e], samples["fio"])]
+                    row[e]["ratio_to_fio"] = statistics.median(paired)
+                    row[e]["ratio_to_fio_samples"] = paired
+                    row[e]["ratio_of_medians"] = row[e]["iops"] / row["fio"]["iops"]
             rows.append(row)
             print_row(row, engines, fio is not None, header=len(rows) == 1)
 
@@ -246,7 +254,8 @@ def markdown(rows: list[dict], engines: list[str], have_fio: bool, meta: dict) -
     lines.append(f"Measured {meta['when']} on `{meta['host']}`: Linux {meta['kernel']}, {meta['cpus']} CPUs, "
                  f"Python {meta['python']}, {meta['fio'] or 'no fio'}; file `{meta['file']}` "
                  f"({meta['size'] >> 20} MiB, {meta['fs']}, O_DIRECT). Each cell: {meta['repeat']} run(s) of "
-                 f"{meta['runtime_s']:g} s per runner in rotated order; median IOPS shown. "
+                 f"{meta['runtime_s']:g} s per runner in rotated order; median IOPS shown; engine/fio is the "
+                 "median of the per-repetition ratios (runs of one repetition are adjacent in time). "
                  f"Load average after the run: {', '.join(f'{x:.2f}' for x in meta['loadavg_after'])}.")
     lines.append("")
     header = ["workload", "QD"] + (["fio IOPS"] if have_fio else [])
@@ -262,21 +271,24 @@ def markdown(rows: list[dict], engines: list[str], have_fio: bool, meta: dict) -
         for e in engines:
             cells.append(f"{row[e]['iops']:,.0f}")
             if have_fio:
-                cells.append(f"{row[e]['iops'] / row['fio']['iops']:.2f}")
+                cells.append(f"{row[e]['ratio_to_fio']:.2f}")
         cells.append(" / ".join(f"{row[k]['cpu_us_per_op']:.1f}" for k in (["fio"] if have_fio else []) + engines))
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     if have_fio and "uring" in engines:
-        checks = [(r["rw"], r["uring"]["iops"] / r["fio"]["iops"]) for r in rows if r["qd"] == 32]
+        checks = [(r["rw"], r["uring"]["ratio_to_fio"]) for r in rows if r["qd"] == 32]
         verdict = ", ".join(f"{rw} {ratio:.2f}x" for rw, ratio in checks)
         ok = all(ratio >= 0.85 for _, ratio in checks)
         lines.append(f"Target (uring >= 0.85x fio IOPS at QD32): **{'met' if ok else 'missed'}** ({verdict}).")
         lines.append("")
-    lines.append("Min-max IOPS over the repetitions (the spread is the host's noise):")
+    lines.append("Min-max IOPS and the per-repetition engine/fio ratios (the spread is the host's noise):")
     lines.append("")
     for row in rows:
         spread = "; ".join(f"{k} {row[k]['iops_min']:,.0f}-{row[k]['iops_max']:,.0f}"
                            for k in (["fio"] if have_fio else []) + engines)
+        if have_fio:
+            spread += "; ratios " + "; ".join(
+                f"{e} " + " ".join(f"{x:.2f}" for x in row[e]["ratio_to_fio_samples"]) for e in engines)
         lines.append(f"- {row['rw']} QD{row['qd']}: {spread}")
     lines.append("")
     lines.append("How: `bench/engine.py` keeps QD ops of 4 KiB at uniformly random aligned offsets in flight "
@@ -320,7 +332,7 @@ def print_row(row: dict, engines: list[str], have_fio: bool, header: bool) -> No
     for e in engines:
         cells.append(f"{row[e]['iops']:,.0f}")
         if have_fio:
-            cells.append(f"{row[e]['iops'] / row['fio']['iops']:.2f}")
+            cells.append(f"{row[e]['ratio_to_fio']:.2f}")
     cells.append(" / ".join(f"{row[k]['cpu_us_per_op']:.1f}" for k in (["fio"] if have_fio else []) + engines))
     print("| " + " | ".join(cells) + " |", flush=True)
 
