@@ -12,7 +12,10 @@ One round (all of it decided by its seed, so a failing seed reproduces exactly):
 4. :func:`simulate_power_loss`: undo every write not covered by a completed
    fdatasync, re-apply a seeded subset with 4 KiB sectors written, dropped
    or garbage;
-5. reopen (the store must open) and check, for every key, that what it
+5. in a quarter of the rounds, cut the power a second time while the store
+   recovers from the first cut (a seeded op of the recovery, or right after
+   it), and tear that recovery's unsynced writes too;
+6. reopen (the store must open) and check, for every key, that what it
    returns is allowed: the state of its last operation known durable (a
    ``sync=True`` op that returned, or any op that returned before a
    ``flush()`` that returned), or the state of an operation issued after
@@ -64,6 +67,7 @@ class RoundResult:
     lost_acknowledged: int = 0
     wrong_bytes: int = 0
     open_failed: int = 0
+    recovery_cuts: int = 0
     violations: list[str] = field(default_factory=list)
 
 
@@ -141,15 +145,16 @@ async def _run_round(seed: int, workdir: str, engine: str) -> RoundResult:
     await store.close()
 
     cut = asyncio.Event()
-    crash_after = rng.randint(1, 600)
     recorder: dict = {}
 
     def wrap(eng):
-        recorder["r"] = CrashRecorder(eng, path, log, deterministic=True, crash_after=crash_after, on_crash=cut.set)
+        recorder["r"] = CrashRecorder(eng, path, log, deterministic=True, on_crash=cut.set)
         return recorder["r"]
 
     model = _Model()
     store = await BlobStore.open(path, engine=engine, wrap_engine=wrap, checkpoint_threshold=CHECKPOINT_THRESHOLD)
+    rec = recorder["r"]
+    rec.crash_after = rec.ops + rng.randint(1, 600)  # the cut falls inside the workload
     tasks = [asyncio.ensure_future(_task(store, model, random.Random(rng.random()), t, 60)) for t in range(TASKS)]
     cut_waiter = asyncio.ensure_future(cut.wait())
     workload = asyncio.gather(*tasks)
@@ -160,13 +165,42 @@ async def _run_round(seed: int, workdir: str, engine: str) -> RoundResult:
         t.cancel()
     cut_waiter.cancel()
     await asyncio.gather(workload, cut_waiter, return_exceptions=True)
-    res.ops_before_cut = recorder["r"].ops
+    res.ops_before_cut = rec.ops
     await store.abandon()
     res.acked_durable = len(model.durable)
 
     out = simulate_power_loss(path, log, seed)
     res.unsynced_writes = out.unsynced_writes
     res.torn_sectors = out.dropped_sectors + out.garbage_sectors
+
+    if rng.random() < 0.25:
+        # a second power cut while the store recovers from the first one
+        os.unlink(log)
+        cut.clear()
+        recorder.clear()
+        opening = asyncio.ensure_future(BlobStore.open(
+            path, engine=engine, checkpoint_threshold=CHECKPOINT_THRESHOLD,
+            wrap_engine=lambda eng: recorder.setdefault(
+                "r", CrashRecorder(eng, path, log, deterministic=True, crash_after=rng.randint(1, 40),
+                                   on_crash=cut.set))))
+        cut_waiter = asyncio.ensure_future(cut.wait())
+        await asyncio.wait([opening, cut_waiter], return_when=asyncio.FIRST_COMPLETED)
+        cut_waiter.cancel()
+        if opening.done():
+            try:
+                recovered = opening.result()
+            except Exception as exc:
+                res.open_failed = 1
+                res.violations.append(f"recovery after the first cut failed: {exc!r}")
+                return res
+            await recovered.abandon()  # recovery finished before the cut: crash right after it
+        else:
+            opening.cancel()
+            await asyncio.gather(opening, return_exceptions=True)
+        res.recovery_cuts = 1
+        out = simulate_power_loss(path, log, seed + 1_000_003)
+        res.unsynced_writes += out.unsynced_writes
+        res.torn_sectors += out.dropped_sectors + out.garbage_sectors
 
     try:
         store = await BlobStore.open(path, engine=engine)
@@ -245,6 +279,8 @@ def main(argv=None) -> int:
         "wrong_bytes": sum(r.wrong_bytes for r in results),
         "crashes": sum(r.open_failed for r in results),
         "seconds": round(time.monotonic() - t0, 1),
+        "second_cuts_during_recovery": sum(r.recovery_cuts for r in results),
+        "torn_sectors": sum(r.torn_sectors for r in results),
     }
     print("FIGURES " + json.dumps(figures))
     print(
@@ -252,7 +288,8 @@ def main(argv=None) -> int:
         f"unsynced_writes={sum(r.unsynced_writes for r in results)} torn_sectors={sum(r.torn_sectors for r in results)} "
         f"keys_checked={sum(r.keys_checked for r in results)} "
         f"lost_acknowledged={sum(r.lost_acknowledged for r in results)} wrong_bytes={sum(r.wrong_bytes for r in results)} "
-        f"open_failed={sum(r.open_failed for r in results)} failed_rounds={len(bad)} "
+        f"open_failed={sum(r.open_failed for r in results)} recovery_cuts={sum(r.recovery_cuts for r in results)} "
+        f"failed_rounds={len(bad)} "
         f"seconds={time.monotonic() - t0:.1f}"
     )
     return 1 if bad else 0
