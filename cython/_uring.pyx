@@ -39,6 +39,7 @@ from cpython.pythread cimport PyThread_get_thread_ident
 from libc.stdint cimport uint8_t, uint32_t, int32_t, uint64_t
 from libc.stdlib cimport calloc, free
 from libc.string cimport memset
+from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 
 cimport liburing as u
 cimport linux as lx
@@ -69,6 +70,10 @@ cdef enum:
     F_FAIL = 1        # predecessor failed: a cancelled follower is delivered as ECANCELED
     F_RESUBMIT = 2    # predecessor succeeded but broke the link (short read at EOF)
     CQE_BATCH = 64
+
+
+cdef long long CLOSE_GRACE_NS = 1000000000   # close(): 1 s for ops in flight to finish before cancel
+cdef uint64_t CANCEL_UD = 0xFFFFFFFFFFFFFFFE     # user_data of close()'s cancel SQE
 
 _OPNAMES = ("read_fixed", "write_fixed", "fdatasync")
 
@@ -822,33 +827,62 @@ cdef class Ring:
     # -- lifetime -------------------------------------------------------------------
 
     cdef void _drain_kernel(self) noexcept nogil:
-        """Wait until every SQE handed to the kernel has its CQE; results are dropped."""
+        """Wait until every SQE handed to the kernel has its CQE; results are dropped.
+
+        Ops get CLOSE_GRACE_NS to finish on their own (data-file I/O takes
+        milliseconds, and psync also lets running ops finish); whatever is
+        still in flight then (an op that may never complete) is cancelled with
+        IORING_ASYNC_CANCEL_ANY, and the wait goes on until the kernel has
+        posted a CQE for every op, so no memory it may write is released early.
+        """
         cdef u.io_uring_cqe *cqes[CQE_BATCH]
         cdef u.io_uring_cqe *cqe
+        cdef u.io_uring_sqe *sqe
+        cdef u.__kernel_timespec ts
+        cdef timespec now
         cdef unsigned n, i
         cdef uint64_t ud
-        cdef int ret, spins = 0
+        cdef long long deadline, left
+        cdef int ret, failures = 0
+        cdef bint cancelled = False
         if u.io_uring_sq_ready(&self.ring) > 0:
             ret = u.io_uring_submit(&self.ring)
             if ret < 0:         # never reached the kernel: nothing to wait for
                 self.kinflight -= <int>u.io_uring_sq_ready(&self.ring)
+        clock_gettime(CLOCK_MONOTONIC, &now)
+        deadline = <long long>now.tv_sec * 1000000000 + now.tv_nsec + CLOSE_GRACE_NS
         while self.kinflight > 0:
             if self._defer:
                 u.io_uring_get_events(&self.ring)
             n = u.io_uring_peek_batch_cqe(&self.ring, cqes, CQE_BATCH)
-            if n == 0:
-                ret = u.io_uring_wait_cqes(&self.ring, &cqe, 1, NULL, NULL)
-                if ret < 0 and ret != -EINTR and ret != -EAGAIN and ret != -ETIME:
-                    spins += 1
-                    if spins > 1000:
-                        break   # cannot reap here; io_uring_queue_exit lets the kernel cancel and wait
+            if n:
+                for i in range(n):
+                    ud = cqes[i].user_data
+                    if ud < <uint64_t>self.queue_depth and self.ops[ud].state == S_INFLIGHT:
+                        self.ops[ud].state = S_HOLD      # reaped; freed by the caller
+                        self.kinflight -= 1
+                u.io_uring_cq_advance(&self.ring, n)
                 continue
-            for i in range(n):
-                ud = cqes[i].user_data
-                if ud < <uint64_t>self.queue_depth and self.ops[ud].state == S_INFLIGHT:
-                    self.ops[ud].state = S_HOLD      # reaped; freed by the caller
-                    self.kinflight -= 1
-            u.io_uring_cq_advance(&self.ring, n)
+            if cancelled:
+                ret = u.io_uring_wait_cqes(&self.ring, &cqe, 1, NULL, NULL)
+            else:
+                clock_gettime(CLOCK_MONOTONIC, &now)
+                left = deadline - (<long long>now.tv_sec * 1000000000 + now.tv_nsec)
+                if left <= 0:
+                    sqe = u.io_uring_get_sqe(&self.ring)
+                    if sqe != NULL:
+                        u.io_uring_prep_cancel64(sqe, 0, u.IORING_ASYNC_CANCEL_ANY)
+                        sqe.user_data = CANCEL_UD
+                        u.io_uring_submit(&self.ring)
+                    cancelled = True
+                    continue
+                ts.tv_sec = left // 1000000000
+                ts.tv_nsec = left % 1000000000
+                ret = u.io_uring_wait_cqes(&self.ring, &cqe, 1, &ts, NULL)
+            if ret < 0 and ret != -EINTR and ret != -EAGAIN and ret != -ETIME:
+                failures += 1
+                if failures > 1000:
+                    break   # cannot reap here; io_uring_queue_exit lets the kernel cancel and wait
 
     cdef void _teardown(self, bint can_wait) noexcept:
         if self.ring_ok:

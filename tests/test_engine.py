@@ -700,3 +700,54 @@ def test_ring_dropped_with_ops_in_flight_is_collected_without_leaks(datafile):
         for j in range(8):
             f.seek(j * 64 * 1024)
             assert f.read(BS) == bytes([j]) * BS
+
+
+def test_ring_wait_releases_the_gil(datafile):
+    """wait() blocks in io_uring_enter with the GIL released: another Python thread runs and
+    feeds the pipe the ring is reading from (a pipe read completes only when data arrives)."""
+    import time
+
+    pr, pw = os.pipe()
+    try:
+        with Ring([datafile.fd, pr], buffer_size=8192, buffer_count=2) as ring:
+            buf = ring.lease()
+            ring.read_fixed(buf, 0, BS, "pipe", file_index=1)
+            ring.submit()
+
+            def feed():
+                time.sleep(0.2)
+                os.write(pw, b"p" * BS)
+
+            t = threading.Thread(target=feed)
+            t.start()
+            got = ring.wait(1, timeout=10)
+            t.join()
+            assert got == [("pipe", BS)]
+            assert buf.view[:BS] == b"p" * BS
+    finally:
+        os.close(pr)
+        os.close(pw)
+
+
+def test_ring_close_cancels_an_op_that_never_completes(datafile):
+    """close() gives ops in flight a grace period, then cancels what is left (a read on an
+    empty pipe) and waits for its CQE: it returns, and leaks nothing."""
+    import time
+
+    before = open_fds()
+    pr, pw = os.pipe()
+    try:
+        ring = Ring([datafile.fd, pr], buffer_size=8192, buffer_count=2)
+        buf = ring.lease()
+        ring.read_fixed(buf, 0, BS, "never", file_index=1)
+        ring.submit()
+        t0 = time.monotonic()
+        ring.close()
+        assert time.monotonic() - t0 < 10
+        assert ring.closed and buf.in_flight == 0
+        with pytest.raises(EngineClosed):
+            ring.wait()
+    finally:
+        os.close(pr)
+        os.close(pw)
+    assert open_fds() == before
