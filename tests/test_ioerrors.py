@@ -1,0 +1,217 @@
+"""The I/O-error loop (tests/ioerrors.py) at test size, and the daemon under a failing fdatasync.
+
+The loop fails engine op N (read, write or fdatasync, the format writes and
+recovery reads included) for every N of one seeded workload, once as a single
+fault and once sticky, and checks the exceptions, the read-only switch and a
+clean reopen after each; see tests/ioerrors.py. Reproduce one run with
+``python tests/ioerrors.py --seed S --mode M --n N -v``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import urllib.request
+import uuid
+
+import pytest
+
+import ioerrors
+from ringblob import Client
+from ringblob.engine.faulty import FaultyEngine
+from ringblob.errors import IOFailed, ReadOnly
+from ringblob.store import BlobStore
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TMP_ROOT = os.path.join(ROOT, ".test-tmp")
+SEED = int(os.environ.get("RINGBLOB_IOERRORS_SEED", "0"))
+
+
+def _engine() -> str:
+    try:
+        from ringblob._uring import Ring  # noqa: F401
+
+        return "uring"
+    except ImportError:
+        return "psync"
+
+
+def _known_store_bug(r: ioerrors.RunResult) -> bool:
+    """A run whose only violation is the store bug of test_read_error_while_verifying_the_journal_tail:
+    a read failed in recovery (verifying the journal tail) and the record was dropped as if its data
+    never reached the medium. Remove this filter once that test passes."""
+    return (r.fired == "read" and r.fired_at in ("reopen", "recover after crash")
+            and all("write is lost" in v for v in r.violations))
+
+
+@pytest.fixture(scope="module", params=["single", "sticky"])
+def loop(request):
+    return request.param, ioerrors.run_loop(SEED, request.param, engine=_engine())
+
+
+def test_io_error_loop_holds_the_invariants(loop):
+    mode, results = loop
+    # the loop ran to the end: every op of the workload failed once, the last run had none left to fail
+    assert results[-1].fired is None and all(r.fired for r in results[:-1])
+    assert len(results) > 60, "the workload is expected to issue dozens of engine ops"
+    fired = [r for r in results if r.fired]
+    kinds = {r.fired for r in fired}
+    assert kinds == {"read", "write", "fdatasync"}
+    # the open path was hit too: format writes, recovery reads
+    assert any(r.fired_at == "create" and r.fired == "write" for r in fired)
+    assert any(r.fired_at in ("reopen", "recover after crash") and r.fired == "read" for r in fired)
+    assert sum(r.error_steps for r in fired) >= len(fired) // 2, "the faults must reach the callers"
+    bad = {r.n: r.violations[:3] for r in results if r.violations and not _known_store_bug(r)}
+    assert not bad, f"I/O-error loop ({mode}) violations by N (reproduce with tests/ioerrors.py --seed {SEED} " \
+                    f"--mode {mode} --n N -v): {bad}"
+    assert sum(r.wrong_bytes for r in results) == 0
+    assert sum(r.crashes for r in results) == 0
+
+
+@pytest.mark.xfail(strict=True, reason="store bug: a read error while recovery verifies the journal tail drops "
+                                       "an acknowledged durable record (see test_read_error_while_verifying_"
+                                       "the_journal_tail_keeps_the_record)")
+def test_io_error_loop_without_the_known_bug_filter(loop):
+    mode, results = loop
+    bad = {r.n: r.violations[:3] for r in results if r.violations}
+    assert not bad, f"I/O-error loop ({mode}): {bad}"
+
+
+class _FailReadAt(FaultyEngine):
+    """Fail the first read at file offset ``offset`` (once)."""
+
+    def __init__(self, inner, offset: int):
+        super().__init__(inner)
+        self.offset = offset
+        self.hit = False
+
+    def read_fixed(self, buf, offset, length, tag, *, buf_offset=0, file_index=0, link=False):
+        if offset == self.offset and not self.hit:
+            self.hit = True
+            self.fail_next("read")
+        return super().read_fixed(buf, offset, length, tag, buf_offset=buf_offset, file_index=file_index, link=link)
+
+
+@pytest.fixture
+def workdir():
+    os.makedirs(TMP_ROOT, exist_ok=True)
+    d = os.path.join(TMP_ROOT, "ioerr-" + uuid.uuid4().hex[:8])
+    os.mkdir(d)
+    yield d
+    for name in os.listdir(d):
+        os.unlink(os.path.join(d, name))
+    os.rmdir(d)
+
+
+@pytest.mark.xfail(strict=True, reason="store bug: BlobStore._verify_tail treats a failed read (EIO) of a "
+                                       "journal-tail record's extent as 'data never reached the medium' and "
+                                       "skips the record, so a put acknowledged durable by flush() vanishes "
+                                       "(for good once the next checkpoint is written); a read error must "
+                                       "fail the open (or be retried), not drop the record")
+def test_read_error_while_verifying_the_journal_tail_keeps_the_record(workdir):
+    async def main():
+        p = os.path.join(workdir, "d.data")
+        s = await BlobStore.create(p, 8 << 20, engine=_engine())
+        await s.put(b"base", b"b" * 100, sync=True)
+        await s.put(b"k", b"v" * 5000)  # its record carries durable_seq of 'base' only
+        await s.flush()  # acknowledged durable; no later batch says so
+        page, _length, _digest = s._index.get(b"k")  # test-only peek: where the bytes live
+        offset = page * s.page_size
+        await s.abandon()  # a crash: recovery will verify the tail record of 'k'
+        holder = {}
+
+        def wrap(e):
+            holder["e"] = _FailReadAt(e, offset)
+            return holder["e"]
+
+        try:
+            s = await BlobStore.open(p, engine=_engine(), wrap_engine=wrap)
+        except (OSError, IOFailed):
+            pass  # refusing to open on a read error is fine
+        else:
+            assert holder["e"].hit, "recovery did not read the tail record's extent"
+            try:
+                assert await s.get(b"k") == b"v" * 5000, "the store opened without an acknowledged durable write"
+            finally:
+                await s.close()  # writes a checkpoint
+        s = await BlobStore.open(p, engine=_engine())
+        try:
+            assert await s.get(b"k") == b"v" * 5000
+        finally:
+            await s.close()
+
+    asyncio.run(main())
+
+
+def test_daemon_with_a_failing_fdatasync_turns_read_only_and_serves_reads(workdir):
+    """The real server (run_server) over the real store in a subprocess, its disk wrapped by FaultyEngine."""
+    data = os.path.join(workdir, "d.data")
+    sock = os.path.join(workdir, "d.sock")
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import ioerrors; "
+            "sys.exit(ioerrors.serve_faulty(sys.argv[2], sys.argv[3]))")
+    proc = subprocess.Popen([sys.executable, "-c", code, os.path.join(ROOT, "tests"), data, sock],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("READY "), f"server did not start: {line!r} {proc.stderr.read() if proc.poll() is not None else ''}"
+        metrics_url = f"http://{line.split()[1]}/metrics"
+        with Client(sock, timeout=20) as c:
+            c.put(b"durable", b"d" * 9000, sync=True)
+            c.put(b"acked", b"a" * 100)  # acknowledged, not yet durable
+            assert _metric(metrics_url, "ringblob_read_only") == 0
+            proc.send_signal(signal.SIGUSR1)  # the next fdatasync fails with EIO
+            assert c.ping(b"x") == b"x"  # the signal is handled before the next request
+            with pytest.raises(IOFailed) as ei:
+                c.put(b"doomed", b"x" * 10, sync=True)
+            # the wire carries the status and the message, not the errno (docs/PROTOCOL.md)
+            assert "EIO" in str(ei.value) and "fdatasync" in str(ei.value)
+            with pytest.raises(ReadOnly):
+                c.put(b"later", b"y")
+            with pytest.raises(ReadOnly):
+                c.delete(b"durable")
+            with pytest.raises(ReadOnly):
+                c.flush()  # 'acked' can no longer be made durable
+            assert c.get(b"durable") == b"d" * 9000  # reads go on
+            assert c.get(b"acked") == b"a" * 100
+            assert c.stat()["read_only"] is True
+            assert _metric(metrics_url, "ringblob_read_only") == 1
+        with Client(sock, timeout=20) as c2:  # the daemon stays up and takes new connections
+            assert c2.get(b"durable") == b"d" * 9000
+        assert proc.poll() is None
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0, proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
+
+    async def reopen():  # a restart recovers from the medium
+        s = await BlobStore.open(data, engine=_engine())
+        try:
+            assert await s.get(b"durable") == b"d" * 9000
+            assert await s.get(b"acked") == b"a" * 100  # no power cut: written bytes are on the file
+            if s.has(b"doomed"):
+                assert await s.get(b"doomed") == b"x" * 10
+            assert not s.has(b"later")
+            await s.put(b"after", b"z", sync=True)
+        finally:
+            await s.close()
+
+    asyncio.run(reopen())
+
+
+def _metric(url: str, name: str) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(url, timeout=10) as r:
+        text = r.read().decode()
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            if s.name == name and not s.labels:
+                return s.value
+    raise KeyError(name)
