@@ -118,8 +118,10 @@ def test_put_get_has_delete_list(tdir, engine):
         st = s.stat()
         assert st["blob_count"] == 2
         assert st["used_bytes"] == 77 * 4096  # replaced/deleted extents wait for a durable record
-        await s.flush()
-        assert s.stat()["used_bytes"] == 74 * 4096  # 300_000 bytes -> 74 pages; the empty value none
+        await s.flush()  # the replacing records are durable ...
+        assert s.stat()["used_bytes"] == 77 * 4096
+        await s.put(b"z", b"", sync=True)  # ... and a durable batch now says so: the old extents are free
+        assert s.stat()["used_bytes"] == 74 * 4096  # 300_000 bytes -> 74 pages; empty values none
         await s.close()
         await s.close()
 
@@ -864,6 +866,7 @@ def test_in_flight_read_pins_the_old_extent(tdir, engine):
         page = s._index.get(b"k")[0]
         s._pin(page)  # what get() does around its read (white-box: a read that takes forever)
         await s.put(b"k", os.urandom(2 * MiB), sync=True)  # the replacing record is durable ...
+        await s.put(b"other", b"", sync=True)  # ... and recorded so in a durable batch
         assert not any(st <= page < st + n for st, n in s._alloc.free_extents())
         assert page in s._free_on_unpin  # ... but the extent waits for the read
         assert bytes(await s._aio.read(page * 4096, len(old))) == old  # nobody wrote over it
@@ -925,3 +928,32 @@ def test_tiny_pool_and_queue_depth_still_work(tdir, engine):
             await BlobStore.open(p, engine=engine, queue_depth=2)
 
     run(main())
+
+
+def test_record_whose_data_never_landed_ends_the_journal(tdir, caplog):
+    """A record past the last durable point whose extent does not hash to its digest is never
+    served: replay stops at its batch, so later records (never durable either) go too."""
+
+    async def main():
+        p = os.path.join(tdir, "d")
+        s = await BlobStore.create(p, 8 * MiB, engine="psync")
+        await s.put(b"a", b"durable", sync=True)
+        await s.put(b"obj", b"O" * 6000)  # sync=False: record and data written, not durable
+        page = s._index.get(b"obj")[0]
+        await s.put(b"manifest", b"refers to obj")  # a later batch
+        await s.abandon()
+        write_at(p, page * 4096, bytes(8192))  # the power cut lost obj's data but kept the records
+        s = await BlobStore.open(p, engine="psync")
+        assert await s.get(b"a") == b"durable"
+        assert not s.has(b"obj") and not s.has(b"manifest")  # a visible manifest implies its objects
+        assert s.stat()["recovery_dropped_records"] == 2
+        await s.put(b"next", b"n", sync=True)  # written where the dropped batches began
+        await s.abandon()
+        s = await BlobStore.open(p, engine="psync")
+        assert [k async for k in s.list()] == [b"a", b"next"]
+        assert s.stat()["recovery_dropped_records"] == 0
+        await s.close()
+
+    with caplog.at_level("WARNING", logger="ringblob.store"):
+        run(main())
+    assert any("did not reach the medium" in r.getMessage() for r in caplog.records)

@@ -390,13 +390,26 @@ class BlobStore:
         del entries
         self._index = index
         # replay the journal
-        recs, end_pos, chain, max_durable, stop = await self._read_journal(chosen)
+        recs, end_pos, chain, max_durable, stop, batches, next_seq = await self._read_journal(chosen)
         bad = await self._verify_tail(recs, max(max_durable, chosen.ckpt_seq))
+        dropped = 0
+        if bad is not None:
+            # A record past the last durable point whose data never reached the medium: the
+            # journal ends before its batch (everything after it was never durable either).
+            for first, nrec, bpos, bprev, _d in batches:
+                if first <= bad < first + nrec:
+                    break
+            keep = [b for b in batches if b[0] < first]
+            dropped = sum(1 for r in recs if r[1] >= first)
+            recs = [r for r in recs if r[1] < first]
+            end_pos, chain, next_seq, batches = bpos, bprev, first, keep
+            stop = (f"record {bad} at journal position {bpos} references data that did not reach the medium "
+                    f"(BLAKE3 mismatch); dropped {dropped} record(s) from there on")
+            if not self._opened_read_only:
+                log.warning("store: %s: %s", self.path, stop)
         applied = 0
         for r in recs:
-            t, seq, key = r[0], r[1], r[2]
-            if seq in bad:
-                continue
+            t, key = r[0], r[2]
             if t == F.REC_PUT:
                 index.set(key, r[3], r[4], r[5])
             elif t == F.REC_DELETE:
@@ -404,9 +417,13 @@ class BlobStore:
             applied += 1
         self._head = end_pos
         self._chain = chain
-        self._next_seq = (recs[-1][1] + 1) if recs else chosen.next_seq
+        self._next_seq = next_seq
         self._written_seq = self._next_seq - 1
         self._durable_seq = self._written_seq
+        # the highest durable point written in a durable place: frees wait for it (see _process_frees)
+        self._last_batch_d = max([b[4] for b in batches] + [chosen.ckpt_seq])
+        self._disk_durable = self._last_batch_d
+        self._want_marker = False
         self._ckpt_pos = chosen.replay_pos
         self._tail_pos = older_sb.replay_pos if older_sb is not None else chosen.replay_pos
         self._checkpoints = chosen.checkpoints
@@ -434,12 +451,9 @@ class BlobStore:
         self._counters = dict.fromkeys(
             ("puts", "gets", "deletes", "fdatasyncs", "group_commits", "group_commit_writes", "flushes",
              "flushes_skipped", "checksum_failures", "bytes_read", "bytes_written", "journal_batches",
-             "journal_bytes_written", "recovered_records", "recovery_skipped_records"), 0)
+             "journal_bytes_written", "recovered_records", "recovery_dropped_records"), 0)
         self._counters["recovered_records"] = applied
-        self._counters["recovery_skipped_records"] = len(bad)
-        if bad and not self._opened_read_only:
-            log.warning("store: %s: %d journal record(s) after the last known fdatasync point reference data "
-                        "that did not reach the medium; they were not replayed", self.path, len(bad))
+        self._counters["recovery_dropped_records"] = dropped
         if recs and recs[-1][1] > max_durable and not self._opened_read_only:
             await self._aio.fdatasync()  # the verified tail is durable from here on
             self._counters["fdatasyncs"] += 1
@@ -515,6 +529,7 @@ class BlobStore:
         expect = sb.next_seq
         prev = sb.chain_crc
         recs: list[tuple] = []
+        batches: list[tuple[int, int, int, int, int]] = []  # (first_seq, nrec, pos, prev_crc, durable_seq)
         max_durable = 0
         stop = None
         while pos - sb.replay_pos < J:
@@ -558,19 +573,21 @@ class BlobStore:
                     problem = f"record {r[1]} points outside the data area"
                     break
                 good.append(r)
-            recs.extend(good)
-            if problem:
+            if problem:  # the whole batch goes: its seqs will be written again
                 stop = f"bad record in batch at journal position {pos}: {problem}"
                 log.warning("store: %s: dropped the torn journal tail: %s", self.path, stop)
                 break
+            recs.extend(good)
+            batches.append((expect, h.nrec, pos, prev, h.durable_seq))
             expect += h.nrec
             prev = h.hdr_crc
             max_durable = max(max_durable, h.durable_seq)
             pos += size
-        return recs, pos, prev, max_durable, stop
+        return recs, pos, prev, max_durable, stop, batches, expect
 
-    async def _verify_tail(self, recs: list[tuple], durable: int) -> set[int]:
-        """Seqs of PUT records past the last durable point whose data does not hash to their digest."""
+    async def _verify_tail(self, recs: list[tuple], durable: int) -> int | None:
+        """The first seq of a PUT record past the last durable point whose data does not hash
+        to its digest (None when all verify)."""
         bad: set[int] = set()
         P = self.page_size
 
@@ -587,7 +604,9 @@ class BlobStore:
         todo = [r for r in recs if r[0] == F.REC_PUT and r[1] > durable]
         for i in range(0, len(todo), 32):  # 32 reads per ring turn
             await asyncio.gather(*(check(r) for r in todo[i : i + 32]))
-        return bad
+            if bad:
+                break
+        return min(bad) if bad else None
 
     # -- helpers ------------------------------------------------------------------
 
@@ -640,7 +659,10 @@ class BlobStore:
         if not self._pending_free:
             return
         keep = []
-        d = self._durable_seq
+        # Free an old extent only once a durable journal batch (or checkpoint) says its replacing
+        # record is durable: recovery then never verifies the replaced record against pages
+        # that were reused since (see docs/FORMAT.md, "never served").
+        d = self._disk_durable
         for seq, page, n in self._pending_free:
             if seq <= d:
                 self._release_extent(page, n)
@@ -669,6 +691,17 @@ class BlobStore:
             )
         return self._alloc.allocate(npages)
 
+    async def _reclaim(self) -> None:
+        """Make pending frees happen: flush, then record the durable point in the journal."""
+        await self.flush()
+        if any(seq > self._disk_durable for seq, _p, _n in self._pending_free):
+            self._check_writable()
+            self._want_marker = True
+            fut = asyncio.get_running_loop().create_future()
+            self._flush_waiters.append(fut)
+            self._kick()
+            await fut
+
     async def _allocate(self, npages: int, extra_bytes: int) -> int:
         if npages == 0:
             return 0
@@ -677,8 +710,7 @@ class BlobStore:
         except NoSpace:
             if not self._pending_free and not self._queue:
                 raise
-        await self.flush()  # frees wait for durable replacing records
-        await asyncio.sleep(0)
+        await self._reclaim()  # frees wait for durable replacing records
         return self._take_pages(npages, extra_bytes)
 
     def _kick(self) -> None:
@@ -769,7 +801,7 @@ class BlobStore:
                 except NoSpace:
                     if not self._pending_free:
                         raise
-                    await self.flush()
+                    await self._reclaim()
                     pages.append((self._take_pages(n, extra), n))
         except BaseException:
             for p, n in pages:
@@ -986,7 +1018,7 @@ class BlobStore:
         del q[:i]
         flushers, self._flush_waiters = self._flush_waiters, []
         if not items:
-            await self._sync_only(flushers)
+            await self._sync_only(flushers, jbuf)
             return
         try:
             await self._commit_items(jbuf, items, flushers, recs, seq, marker, nbufs)
@@ -1011,7 +1043,8 @@ class BlobStore:
         P, bs = self.page_size, self._aio.block_size
         bsz = self._aio.buffer_size
         want_sync = bool(flushers) or any(it.sync for it in items)
-        batch, hcrc = F.encode_batch(self._store_id, self._next_seq, recs, self._durable_seq, self._chain, P)
+        batch_d = self._durable_seq
+        batch, hcrc = F.encode_batch(self._store_id, self._next_seq, recs, batch_d, self._chain, P)
         place = self._journal_place(len(batch))
         if place is None:
             # the journal is full: checkpoints move its tail; two may be needed
@@ -1092,8 +1125,10 @@ class BlobStore:
                 self._counters["deletes"] += 1
             if old is not None and old[1]:
                 self._pending_free.append((it.seq, old[0], self._npages(old[1])))
+        self._last_batch_d = batch_d
         if want_sync:
             self._durable_seq = self._written_seq
+            self._disk_durable = max(self._disk_durable, batch_d)
             self._counters["fdatasyncs"] += 1
             nsync = sum(1 for it in items if it.sync)
             if nsync:
@@ -1110,7 +1145,7 @@ class BlobStore:
             if not f.done():
                 f.set_result(None)
 
-    async def _sync_only(self, flushers: list) -> None:
+    async def _sync_only(self, flushers: list, jbuf) -> None:
         if self._written_seq > self._durable_seq:
             target = self._written_seq
             t0 = time.perf_counter()
@@ -1121,9 +1156,40 @@ class BlobStore:
                 return
             dt = time.perf_counter() - t0
             self._durable_seq = max(self._durable_seq, target)
+            self._disk_durable = max(self._disk_durable, self._last_batch_d)
             self._counters["fdatasyncs"] += 1
             self._obs("on_fdatasync", dt)
             self._process_frees()
+        if self._want_marker and self._disk_durable < self._durable_seq:
+            # space is waiting for a durable point to be recorded: an empty batch carries it
+            P = self.page_size
+            d = self._durable_seq
+            batch, hcrc = F.encode_batch(self._store_id, self._next_seq, [], d, self._chain, P)
+            place = self._journal_place(len(batch))
+            if place is None:
+                await self._checkpoint(force=True)  # records the durable point in the superblock
+            else:
+                pos, phys = place
+                jbuf.view[: len(batch)] = batch
+                t0 = time.perf_counter()
+                res = await self._aio.run([(WRITE, jbuf, self._joff + phys, len(batch), 0), (FSYNC,)], link=True)
+                err = next((r for r in res if isinstance(r, BaseException)), None)
+                if err is None and res[0] != len(batch):
+                    err = OSError(_errno.EIO, f"write_fixed: short journal write of {res[0]} bytes")
+                if err is not None:
+                    self._fail_round([], flushers, err)
+                    return
+                self._obs("on_fdatasync", time.perf_counter() - t0)
+                self._counters["fdatasyncs"] += 1
+                self._counters["journal_batches"] += 1
+                self._counters["journal_bytes_written"] += len(batch)
+                self._last_batch_pos, self._last_batch_len = pos, len(batch)
+                self._head = pos + len(batch)
+                self._chain = hcrc
+                self._last_batch_d = d
+                self._disk_durable = max(self._disk_durable, d)
+            self._process_frees()
+        self._want_marker = False
         self._counters["flushes"] += len(flushers)
         for f in flushers:
             if not f.done():
@@ -1236,6 +1302,7 @@ class BlobStore:
         self._ckpt_pos = self._head
         self._checkpoints += 1
         self._durable_seq = max(self._durable_seq, S)
+        self._disk_durable = max(self._disk_durable, S)
         self._ckpt_marker = (self._checkpoints, S)
         self._ckpt_retry_free = 0
         self._process_frees()
