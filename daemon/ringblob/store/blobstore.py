@@ -136,7 +136,9 @@ class BlobStore:
       limit=None)``: an async iterator of keys in ascending order.
     * ``await flush()``; ``needs_flush`` (property); ``stat() -> dict``;
       ``await scrub() -> {"checked", "bytes_checked", "bad_keys"}``;
-      ``await checkpoint()``.
+      ``await checkpoint()``; ``read_only`` / ``closed`` (properties);
+      ``await close()``; ``await abandon()`` (drop it as a crash would: no
+      flush, no checkpoint — for tests and tools).
 
     Durability: ``sync=True`` returns once data and journal record are durable;
     concurrent sync requests share one fdatasync (group commit).
@@ -1426,9 +1428,19 @@ class BlobStore:
     # -- stats and lifetime -------------------------------------------------------------
 
     def stat(self) -> dict:
-        """Counts and sizes: blob_count, used_bytes, free_bytes, journal_bytes, checkpoints,
-        fragmentation, read_only, needs_flush, engine, the store's cumulative counters and
-        ``engine_counters`` (the engine's ``counters()``)."""
+        """Counts and sizes (bytes unless named otherwise).
+
+        blob_count, value_bytes, key_bytes, used_bytes (data pages in use, including
+        checkpoint chunks and old extents waiting to be freed), free_bytes, capacity_bytes,
+        page_size, journal_bytes (live journal: from the older superblock's replay point),
+        journal_capacity_bytes, journal_since_checkpoint_bytes, checkpoints, fragmentation
+        (0..1), free_extents, largest_free_bytes, read_only, read_only_reason, needs_flush,
+        engine, sequence, durable_sequence, recovery_seconds, index_bytes; cumulative
+        counters: puts, gets, deletes, fdatasyncs, group_commits, group_commit_writes,
+        flushes, flushes_skipped, checksum_failures, bytes_read, bytes_written,
+        journal_batches, journal_bytes_written, recovered_records, recovery_dropped_records;
+        and ``engine_counters`` (the engine's ``counters()``).
+        """
         P = self.page_size
         data_pages = self._total_pages - self._data_page
         free = self._alloc.free_pages
@@ -1454,6 +1466,7 @@ class BlobStore:
             "sequence": self._written_seq,
             "durable_sequence": self._durable_seq,
             "recovery_seconds": self.recovery_seconds,
+            "index_bytes": self._index.memory_bytes(),
         }
         d.update(self._counters)
         try:
