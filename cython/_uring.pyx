@@ -563,11 +563,11 @@ cdef class Ring:
         return 0
 
     cdef int _flush(self) except -1:
-        cdef int i, n
-        n = self.nresub
-        self.nresub = 0
-        for i in range(n):
+        cdef int i = 0, n
+        while i < self.nresub:      # (a nested reap on a refused enter may append more)
             self._prep(self.resub[i])
+            i += 1
+        self.nresub = 0
         n = self.npend
         self.npend = 0
         self.last_link = False
