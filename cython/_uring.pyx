@@ -26,7 +26,10 @@ Design notes
   ``io_uring_get_events`` (when the kernel flags pending work) before peeking
   CQEs. SINGLE_ISSUER means only the thread that created the ring may submit
   or reap; the engine checks this and raises ``RuntimeError`` otherwise
-  (pass ``single_issuer=False`` for a ring shared between threads).
+  (pass ``single_issuer=False`` for a ring shared between threads; then the
+  ring fd is not registered, as that registration is per thread). Whatever
+  the mode, the kernel cancels the pending requests of a thread that exits,
+  so submit only from threads that outlive their ops.
 * The buffer pool is an anonymous mmap owned by a small buffer-protocol
   object; buffers' memoryviews keep it alive, so ``close()`` never leaves a
   dangling view: the mapping is unmapped when the last view is gone.
@@ -323,7 +326,10 @@ cdef class Ring:
         self._single = "SINGLE_ISSUER" in self.setup_flags
         self._owner = PyThread_get_thread_ident()
         try:
-            u.io_uring_register_ring_fd(&self.ring)   # optional (5.18+): cheaper io_uring_enter
+            if self._single:
+                # optional (5.18+): cheaper io_uring_enter. The registration is per thread,
+                # so only a ring that one thread drives may use it.
+                u.io_uring_register_ring_fd(&self.ring)
 
             iov = <u.iovec *>calloc(buffer_count, sizeof(u.iovec))
             if iov == NULL:

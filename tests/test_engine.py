@@ -495,17 +495,46 @@ def test_single_issuer_ring_refuses_other_threads(datafile):
         assert collect(ring, 1) == {"r": BS}
 
 
-def test_shared_ring_can_wait_in_another_thread(datafile):
-    """single_issuer=False: submit here, wait (GIL released) in a worker thread."""
-    with Ring([datafile.fd], buffer_size=8192, buffer_count=2, single_issuer=False) as ring:
-        buf = ring.lease()
-        ring.read_fixed(buf, 0, BS, "r")
-        ring.submit()
-        got: list = []
-        t = threading.Thread(target=lambda: got.extend(ring.wait(1, timeout=10)))
-        t.start()
-        t.join()
-        assert got == [("r", BS)]
+def test_shared_ring_can_submit_and_wait_in_other_threads(datafile):
+    """single_issuer=False: submit from one thread and wait (GIL released, inside the kernel)
+    in another; the op is a pipe read, so the waiting thread really enters the kernel.
+
+    The submitting thread stays alive until the op completes: the kernel cancels a thread's
+    pending io_uring requests when that thread exits."""
+    import time
+
+    pr, pw = os.pipe()
+    try:
+        with Ring([datafile.fd, pr], buffer_size=8192, buffer_count=2, single_issuer=False) as ring:
+            buf = ring.lease()
+            for round_ in range(2):
+                ring.read_fixed(buf, 0, BS, round_, file_index=1)
+                out: dict = {}
+                submitted, finished = threading.Event(), threading.Event()
+
+                def submitter():
+                    out["submit"] = ring.submit()
+                    submitted.set()
+                    finished.wait(20)
+
+                def waiter():
+                    out["wait"] = ring.wait(1, timeout=10)
+
+                ts = threading.Thread(target=submitter)
+                ts.start()
+                assert submitted.wait(10)
+                tw = threading.Thread(target=waiter)
+                tw.start()
+                time.sleep(0.1)
+                os.write(pw, bytes([65 + round_]) * BS)
+                tw.join()
+                finished.set()
+                ts.join()
+                assert out == {"submit": 1, "wait": [(round_, BS)]}
+                assert buf.view[:BS] == bytes([65 + round_]) * BS
+    finally:
+        os.close(pr)
+        os.close(pw)
 
 
 def test_ring_setup_failure_names_the_step_and_leaks_nothing(tmpdir_ext4):
