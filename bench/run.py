@@ -219,6 +219,25 @@ def host_cpu() -> tuple[float, float]:
     return total - idle, total
 
 
+def wait_quiet(max_wait: float, threshold: float, window: float = 0.5) -> tuple[float, float]:
+    """Wait (up to ``max_wait`` s) until the host's busy CPUs over ``window`` s fall below ``threshold`` cores.
+
+    Between configurations the benchmark's own processes are idle, so what is busy is someone else:
+    on a shared host this starts each measurement in a quieter moment. Returns (seconds waited,
+    busy cores in the last window).
+    """
+    t0 = time.monotonic()
+    ncpu = os.cpu_count() or 1
+    while True:
+        b0, a0 = host_cpu()
+        time.sleep(window)
+        b1, a1 = host_cpu()
+        busy = (b1 - b0) / (a1 - a0) * ncpu if a1 > a0 else 0.0
+        waited = time.monotonic() - t0
+        if busy < threshold or waited >= max_wait:
+            return waited, busy
+
+
 # -- percentiles -------------------------------------------------------------------------------
 
 
@@ -1397,6 +1416,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", default="fio,uring,psync,redis", help="comma-separated subset of fio,uring,psync,redis")
     ap.add_argument("--workloads", default="", help="comma-separated subset of the ringblob workloads (default: all)")
     ap.add_argument("--repeat", type=int, default=1, help="rounds over every configuration; the median round is reported")
+    ap.add_argument("--quiet-wait", type=float, default=None,
+                    help="before each configuration wait up to this many seconds for the host to be quiet "
+                         "(default: 5 in full and medium mode, 0 in quick mode)")
+    ap.add_argument("--quiet-cores", type=float, default=0.5, help="'quiet' means fewer busy cores than this (default 0.5)")
     ap.add_argument("--duration", type=float, help="seconds measured per configuration (overrides the mode)")
     ap.add_argument("--fresh", action="store_true", help="delete the ringblob data file first (else a filled one is reused)")
     ap.add_argument("--profile", action="store_true", help="after the run, sample the uring daemon with py-spy under load")
@@ -1409,6 +1432,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.duration:
         mode["duration"] = args.duration
         mode["fio_runtime"] = str(max(1, round(args.duration)))
+    if args.quiet_wait is None:
+        args.quiet_wait = 0.0 if mode_name == "quick" else 5.0
     only = set(args.only.split(","))
     WORKLOAD_FILTER.update(w for w in args.workloads.split(",") if w)
     unknown = WORKLOAD_FILTER - {w[0] for w in RB_WORKLOADS}
@@ -1460,10 +1485,13 @@ def main(argv: list[str] | None = None) -> int:
                 side = sides.get(side_name)
                 if side is None:
                     continue
+                waited, busy = wait_quiet(args.quiet_wait, args.quiet_cores) if args.quiet_wait > 0 else (0.0, None)
                 row, errs = side.run(name)
                 errors += errs
                 if row is not None:
                     row["round"] = rep
+                    row["quiet_wait_s"] = waited
+                    row["busy_cores_before"] = busy
                     samples.setdefault((row["system"], row["workload"]), []).append(row)
     finally:
         for side in sides.values():
@@ -1475,6 +1503,7 @@ def main(argv: list[str] | None = None) -> int:
         "mode_params": mode,
         "clients": args.clients,
         "repeat": args.repeat,
+        "quiet_gate": {"max_wait_s": args.quiet_wait, "busy_cores_below": args.quiet_cores},
         "flush_every": FLUSH_EVERY,
         "machine": machine,
         "results": rows,
