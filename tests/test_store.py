@@ -323,10 +323,19 @@ def test_reopen_after_close_and_after_crash(tdir, engine):
 
 
 def test_many_checkpoints_bound_replay_and_keep_data(tdir, engine):
+    events = []
+
+    class Obs:
+        def on_checkpoint(self, seconds):
+            events.append(("checkpoint", seconds))
+
+        def on_fdatasync(self, seconds):
+            events.append(("fdatasync", seconds))
+
     async def main():
         p = os.path.join(tdir, "d")
         s = await BlobStore.create(p, 16 * MiB, journal_size=256 * 1024, engine=engine,
-                                   checkpoint_threshold=16 * 4096)
+                                   checkpoint_threshold=16 * 4096, observer=Obs())
         model = {}
         for i in range(300):
             k = b"k%d" % (i % 37)
@@ -340,6 +349,9 @@ def test_many_checkpoints_bound_replay_and_keep_data(tdir, engine):
         st = s.stat()
         assert st["checkpoints"] >= 5
         assert st["journal_bytes"] <= 256 * 1024
+        assert sum(1 for e in events if e[0] == "checkpoint") == st["checkpoints"]
+        assert sum(1 for e in events if e[0] == "fdatasync") == st["fdatasyncs"]
+        assert all(sec >= 0 for _n, sec in events)
         await s.abandon()
         s = await BlobStore.open(p, engine=engine)
         assert s.stat()["recovered_records"] <= 40  # bounded tail, not 300

@@ -450,6 +450,11 @@ class BlobStore:
         self._stopping = False
         self._ckpt_retry_free = 0
         self._threshold = int(checkpoint_threshold) if checkpoint_threshold else max(self._jbytes // 4, P)
+        if self._threshold > self._jbytes // 3:
+            # two checkpoint intervals must fit the journal (the older slot's tail is kept)
+            log.warning("store: %s: checkpoint_threshold %d exceeds a third of the %d-byte journal; using %d",
+                        self.path, self._threshold, self._jbytes, self._jbytes // 3)
+            self._threshold = max(self._jbytes // 3, P)
         self._counters = dict.fromkeys(
             ("puts", "gets", "deletes", "fdatasyncs", "group_commits", "group_commit_writes", "flushes",
              "flushes_skipped", "checksum_failures", "bytes_read", "bytes_written", "journal_batches",
