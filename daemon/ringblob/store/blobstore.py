@@ -6,6 +6,7 @@ See :class:`BlobStore` for the API and docs/FORMAT.md for the on-disk format.
 from __future__ import annotations
 
 import asyncio
+import collections
 import errno as _errno
 import fcntl
 import logging
@@ -440,7 +441,7 @@ class BlobStore:
             raise Corrupt(f"{self.path}: the index maps overlapping extents ({exc}); run scrub on a copy "
                           "or restore from a backup") from exc
         del used
-        self._pending_free: list[tuple[int, int, int]] = []  # (seq, page, npages)
+        self._pending_free: collections.deque = collections.deque()  # (seq, page, npages), seq order
         self._pins: dict[int, int] = {}
         self._free_on_unpin: dict[int, int] = {}
         self._queue: list[_Item] = []
@@ -663,19 +664,15 @@ class BlobStore:
             self._alloc.free(page, n)
 
     def _process_frees(self) -> None:
-        if not self._pending_free:
-            return
-        keep = []
         # Free an old extent only once a durable journal batch (or checkpoint) says its replacing
         # record is durable: recovery then never verifies the replaced record against pages
-        # that were reused since (see docs/FORMAT.md, "never served").
+        # that were reused since (see docs/FORMAT.md, "never served"). Entries are appended in
+        # sequence order, so the ripe ones are at the left.
+        q = self._pending_free
         d = self._disk_durable
-        for seq, page, n in self._pending_free:
-            if seq <= d:
-                self._release_extent(page, n)
-            else:
-                keep.append((seq, page, n))
-        self._pending_free = keep
+        while q and q[0][0] <= d:
+            _seq, page, n = q.popleft()
+            self._release_extent(page, n)
 
     def _ckpt_reserve_pages(self, extra_bytes: int = 0) -> int:
         """Free pages a put must leave for the next checkpoint (its chunks are written before
@@ -701,7 +698,7 @@ class BlobStore:
     async def _reclaim(self) -> None:
         """Make pending frees happen: flush, then record the durable point in the journal."""
         await self.flush()
-        if any(seq > self._disk_durable for seq, _p, _n in self._pending_free):
+        if self._pending_free and self._pending_free[-1][0] > self._disk_durable:
             self._check_writable()
             self._want_marker = True
             fut = asyncio.get_running_loop().create_future()
@@ -1096,6 +1093,7 @@ class BlobStore:
             if want_sync:
                 ops.append((FSYNC,))
             t0 = time.perf_counter()
+            # one linked chain (data writes, journal write, fdatasync) in one ring turn
             results = await self._aio.run(ops, link=True)
             dt = time.perf_counter() - t0
         finally:
