@@ -109,6 +109,8 @@ class CountingFaulty(FaultyEngine):
         before = self.injected
         out = super()._map(cqes)
         self._shared["injected"] += self.injected - before
+        if self.injected > before and self._shared["fired"] in ("write", "fdatasync"):
+            self._shared["wfault"] = True  # a failed write or fdatasync was delivered to the store
         return out
 
 
@@ -250,18 +252,26 @@ class _Run:
             await self.check_all(name + " (check)", self.model.acked)
         return ok
 
+    def _session_end(self) -> None:
+        if self.shared.get("wfault") and not self.store.read_only:
+            self.violation("a failed write or fdatasync did not turn the store read-only")
+        self.shared["wfault"] = False
+
     async def close(self, name: str) -> None:
         s = self.store
         ro = s.read_only
+        self._session_end()
         ok, r = await self._step(name, s.close, kind="close")
         if not s.closed:
             self.violation("close() returned but the store is not closed")
+        self.shared["wfault"] = False  # a closed store's read-only state is moot
         if ok and not ro and not s.read_only:
             self.model.all_durable()
         self.store = None
 
     async def crash(self) -> None:
         self.shared["step"] = "abandon"
+        self._session_end()
         await self.store.abandon()
         self.store = None
 
@@ -382,6 +392,7 @@ class _Run:
         await self.flush()
         await self.check_key(K[4], self.model.acked, "get k04")
         await self.list_keys()
+        await self.put(K[0], _value(rng), sync=False)  # so the checkpoint has something to write
         await self.checkpoint()
         await self.group_commit({K[8]: _value(rng), K[9]: _value(rng), K[2]: _value(rng)})
         for _ in range(6):  # enough journal to pass the checkpoint threshold once
