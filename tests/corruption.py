@@ -246,6 +246,13 @@ async def _run_round(seed: int, workdir: str, engine: str, nops: int) -> RoundRe
     P = fm.P
     expect: dict[bytes, set] = {k: {model.get(k, ABSENT)} for k in keys}
     flips: list[tuple[int, int]] = []
+
+    def add(pos: int) -> bool:
+        if any(pos == o for o, _b in flips):
+            return False
+        flips.append((pos, rng.randrange(8)))
+        return True
+
     nflips = rng.randint(1, 3)
     open_must_fail = False
 
@@ -259,7 +266,8 @@ async def _run_round(seed: int, workdir: str, engine: str, nops: int) -> RoundRe
                 k = rng.choice(live)
                 off, length, total = extents[k]
                 o = rng.randrange(total) if rng.random() < 0.3 else rng.randrange(length)
-                flips.append((off + o, rng.randrange(8)))
+                if not add(off + o):
+                    continue  # one flip per byte (two flips of one bit would cancel)
                 if o < length:
                     damaged.add(k)
                 else:
@@ -300,7 +308,8 @@ async def _run_round(seed: int, workdir: str, engine: str, nops: int) -> RoundRe
             for _ in range(nflips):
                 slot, (off, prot, total) = rng.choice(cands)
                 o = rng.randrange(prot) if rng.random() < 0.85 else rng.randrange(total)
-                flips.append((off + o, rng.randrange(8)))
+                if not add(off + o):
+                    continue  # one flip per byte (two flips of one bit would cancel)
                 if o < prot:
                     hit.add(slot)
                 else:
@@ -314,7 +323,8 @@ async def _run_round(seed: int, workdir: str, engine: str, nops: int) -> RoundRe
         for _ in range(nflips):
             slot = rng.randrange(2)
             o = rng.randrange(F.SB_SIZE) if rng.random() < 0.85 else rng.randrange(P)
-            flips.append((slot * P + o, rng.randrange(8)))
+            if not add(slot * P + o):
+                continue  # one flip per byte (two flips of one bit would cancel)
             if o < F.SB_SIZE:
                 hit.add(slot)
             else:
@@ -334,7 +344,8 @@ async def _run_round(seed: int, workdir: str, engine: str, nops: int) -> RoundRe
                 pos = off + o
             else:
                 pos = joff + rng.randrange(jbytes)
-            flips.append((pos, rng.randrange(8)))
+            if not add(pos):
+                continue  # one flip per byte (two flips of one bit would cancel)
             for off, prot, total, first_seq, *_ in fm.batches:
                 if off <= pos < off + prot:
                     first_bad = first_seq if first_bad is None else min(first_bad, first_seq)
