@@ -736,7 +736,8 @@ class RingblobSide:
         self.system = f"ringblob-{engine}"
         self.mode = mode
         self.clients = clients
-        self.data = os.path.join(workdir, f"ringblob-{engine}.data")
+        # one data file per engine and data-set size, so quick/medium/full runs do not refill each other's
+        self.data = os.path.join(workdir, f"ringblob-{engine}-{mode['get_set'] // MIB}M.data")
         self.get_keys = mode["get_set"] // (4 * KIB)
         self.big_keys = mode["big_set"]
         self.daemon = Daemon(workdir, self.data, data_size, engine)
@@ -1471,7 +1472,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.fresh:
         for engine in ("uring", "psync"):
             for suffix in ("", ".json"):
-                path = os.path.join(workdir, f"ringblob-{engine}.data{suffix}")
+                path = os.path.join(workdir, f"ringblob-{engine}-{mode['get_set'] // MIB}M.data{suffix}")
                 if os.path.exists(path):
                     os.unlink(path)
     t_start = time.perf_counter()
