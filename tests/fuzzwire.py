@@ -78,13 +78,14 @@ CANARY_PREFIX = b"canary/"
 class ServeDaemon(Daemon):
     """H4's :class:`test_server_e2e.Daemon`, but started with the production command ``ringblob serve``.
 
-    ``nofile``: if given, the daemon's RLIMIT_NOFILE soft limit (file descriptors)
-    is set to it before exec. Readiness is systemd's READY=1 (with the metrics URL),
+    ``nofile``: if given, the daemon's RLIMIT_NOFILE (file descriptors) is set before
+    exec: an int sets the soft limit (the hard one is kept), ``(soft, hard)`` both. Readiness is systemd's READY=1 (with the metrics URL),
     as in the parent class. ``rss()`` is VmRSS in bytes, ``fds()`` the number of
     open file descriptors, ``alive()`` whether the process still runs.
     """
 
-    def __init__(self, workdir: str, *args: str, size: str = str(STORE_SIZE), nofile: int | None = None):
+    def __init__(self, workdir: str, *args: str, size: str = str(STORE_SIZE),
+                 nofile: int | tuple[int, int] | None = None):
         super().__init__(workdir, *args, size=size)
         self.nofile = nofile
 
@@ -102,7 +103,9 @@ class ServeDaemon(Daemon):
         nofile = self.nofile
 
         def preexec():
-            if nofile is not None:
+            if isinstance(nofile, tuple):
+                resource.setrlimit(resource.RLIMIT_NOFILE, nofile)
+            elif nofile is not None:
                 _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
                 resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, hard))
 

@@ -45,6 +45,7 @@ import inspect
 import json
 import logging
 import os
+import resource
 import signal
 import socket
 import stat as stat_mod
@@ -259,6 +260,39 @@ def bind_unix_socket(path: str, mode: int = 0o600, group: str | int | None = Non
         sock.close()
         raise
     return sock
+
+
+FD_RESERVE = 64  # descriptors the daemon needs besides its client connections (data file, ring, metrics, ...)
+
+
+def ensure_fd_limit(max_connections: int, reserve: int = FD_RESERVE) -> int:
+    """Raise the soft RLIMIT_NOFILE to ``max_connections + reserve`` (at most the hard limit); return it.
+
+    Without this, a soft limit below ``max_connections`` (1024 is a common
+    default) makes accept(2) fail with EMFILE before the daemon can answer the
+    extra connections with ``Busy``: uvloop then closes them without a word and
+    the asyncio loop leaves them waiting in the backlog. When even the hard
+    limit is too low, a warning says how to fix it.
+    """
+    need = max_connections + reserve
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= need:
+        return soft
+    new = need if hard == resource.RLIM_INFINITY else min(need, hard)
+    if new > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+        except (ValueError, OSError) as exc:  # pragma: no cover - refused by a sandbox
+            log.warning("cannot raise RLIMIT_NOFILE from %d to %d: %s", soft, new, exc)
+            new = soft
+        else:
+            log.info("raised the file descriptor limit (RLIMIT_NOFILE) from %d to %d for max_connections %d",
+                     soft, new, max_connections)
+    if new < need:
+        log.warning("the file descriptor limit (RLIMIT_NOFILE %d) is below max_connections %d + %d: connections "
+                    "past it are dropped without a Busy frame; raise LimitNOFILE= (systemd) or ulimit -n, or lower "
+                    "max_connections", new, max_connections, reserve)
+    return new
 
 
 # -- one client connection ----------------------------------------------------------------
@@ -663,6 +697,7 @@ class Server:
         self._conn_closed = asyncio.Event()
         cfg = self.config
         maddr = parse_metrics_addr(cfg.metrics_addr)
+        ensure_fd_limit(cfg.max_connections)
         sock = self.listen_sock
         if sock is None:
             sock = bind_unix_socket(cfg.socket_path, cfg.socket_mode, cfg.socket_group, cfg.backlog)
