@@ -101,6 +101,14 @@ torture: setup
 doctor: setup
 	$(VENV)/bin/ringblob doctor
 
+# coverage-guided fuzzing of the wire codec (atheris, installed into .venv when missing);
+# prints a FIGURES line. FUZZ_SECONDS bounds the run.
+FUZZ_SECONDS ?= 60
+
+fuzz: setup
+	@$(PY) -c "import atheris" 2>/dev/null || $(PIP) install -q atheris
+	$(PY) tests/fuzz/fuzz_protocol.py --seconds $(FUZZ_SECONDS)
+
 # -- make install (systemd service; see docs/OPERATIONS.md) ------------------
 # Installs the package into its own venv under $(RINGBLOB_HOME) with a link
 # $(PREFIX)/bin/ringblob, the units, sysusers.d/tmpfiles.d entries, the docs,
