@@ -969,3 +969,56 @@ def test_record_whose_data_never_landed_ends_the_journal(tdir, caplog):
     with caplog.at_level("WARNING", logger="ringblob.store"):
         run(main())
     assert any("did not reach the medium" in r.getMessage() for r in caplog.records)
+
+
+def test_read_error_while_verifying_the_tail_refuses_the_open(tdir):
+    async def main():
+        p = os.path.join(tdir, "d")
+        s = await BlobStore.create(p, 8 * MiB, engine="psync")
+        await s.put(b"base", b"b" * 100, sync=True)
+        await s.put(b"k", b"v" * 5000)
+        await s.flush()  # acknowledged durable, but no durable batch records it yet
+        page = s._index.get(b"k")[0]
+        await s.abandon()
+        holder = {}
+
+        def wrap(e):
+            holder["e"] = FaultyEngine(e)
+            holder["e"].fail_range("read", page * 4096, page * 4096 + 5000)  # a bad spot
+            return holder["e"]
+
+        with pytest.raises(IOFailed) as ei:
+            await BlobStore.open(p, engine="psync", wrap_engine=wrap)
+        assert holder["e"].hits == 2  # tried twice, then refused the open
+        assert "verify" in str(ei.value) and ei.value.errno == errno.EIO
+        s = await BlobStore.open(p, engine="psync")  # nothing was dropped
+        assert await s.get(b"k") == b"v" * 5000
+        await s.close()
+
+    run(main())
+
+
+def test_failed_checkpoint_is_IOFailed_and_close_logs_it(tdir):
+    async def main():
+        p = os.path.join(tdir, "d")
+        holder, wrap = _faulty_open(p, "psync")
+        s = await BlobStore.create(p, 8 * MiB, engine="psync", wrap_engine=wrap)
+        await s.put(b"a", b"1" * 5000, sync=True)
+        await s.put(b"b", b"2")
+        holder["e"].fail_next("fdatasync")
+        with pytest.raises(IOFailed) as ei:
+            await s.checkpoint()
+        assert ei.value.errno == errno.EIO and s.read_only
+        await s.close()
+        holder2, wrap2 = _faulty_open(p, "psync")
+        s = await BlobStore.open(p, engine="psync", wrap_engine=wrap2)
+        assert await s.get(b"a") == b"1" * 5000
+        await s.put(b"c", b"3", sync=True)
+        holder2["e"].fail_next("write")  # the checkpoint chunk close() writes
+        await s.close()  # logged, not raised
+        assert s.closed
+        s = await BlobStore.open(p, engine="psync")
+        assert await s.get(b"a") == b"1" * 5000 and await s.get(b"c") == b"3"
+        await s.close()
+
+    run(main())

@@ -21,8 +21,9 @@ and keep a handle to arm it later::
     store = await BlobStore.open(path, wrap_engine=wrap)
     faulty["e"].fail_next("fdatasync")       # the next fdatasync fails with EIO
 
-Counters: ``writes``, ``fdatasyncs``, ``reads`` (ops queued) and ``injected``
-(completions turned into errors, cancellations included).
+Counters: ``writes``, ``fdatasyncs``, ``reads`` (ops queued), ``injected``
+(completions turned into errors, cancellations included) and ``hits`` (ops
+failed by :meth:`fail_range`, a bad spot on the medium).
 """
 
 from __future__ import annotations
@@ -58,6 +59,8 @@ class FaultyEngine:
         self._fail: dict[Any, OSError] = {}
         self._chain_broken = False
         self._scratch = None  # leased on the first injected failure
+        self._ranges: list[tuple[str, int, int]] = []
+        self.hits = 0  # ops failed by fail_range
 
     # -- arming -------------------------------------------------------------------
 
@@ -67,6 +70,13 @@ class FaultyEngine:
             raise ValueError(f"fail_next: kind must be one of {_KINDS}")
         self._countdown[kind] = n
 
+    def fail_range(self, kind: str, start: int, end: int) -> None:
+        """Every ``kind`` op touching file bytes ``[start, end)`` fails from now on (a bad spot
+        on the medium), until :meth:`heal`."""
+        if kind not in ("write", "read"):
+            raise ValueError("fail_range: kind must be 'write' or 'read'")
+        self._ranges.append((kind, start, end))
+
     def fail_all(self, kind: str) -> None:
         """Every ``kind`` op from now on fails (until :meth:`heal`)."""
         self._dead[kind] = True
@@ -75,10 +85,16 @@ class FaultyEngine:
         """Disarm everything."""
         self._countdown = dict.fromkeys(_KINDS, None)
         self._dead = dict.fromkeys(_KINDS, False)
+        self._ranges = []
 
-    def _doomed(self, kind: str) -> bool:
+    def _doomed(self, kind: str, offset=None, length: int = 0) -> bool:
         if self._dead[kind]:
             return True
+        if offset is not None:
+            for k, a, b in self._ranges:
+                if k == kind and offset < b and a < offset + length:
+                    self.hits += 1
+                    return True
         c = self._countdown[kind]
         if c is None:
             return False
@@ -91,13 +107,13 @@ class FaultyEngine:
         self._countdown[kind] = c
         return False
 
-    def _mark(self, op: str, kind: str, tag, offset, link: bool) -> bool:
+    def _mark(self, op: str, kind: str, tag, offset, link: bool, length: int = 0) -> bool:
         """Decide the fate of one queued op; returns True when it must not touch the medium."""
         where = f" at offset {offset}" if offset is not None else ""
         if self._chain_broken:
             self._fail[tag] = OSError(_errno.ECANCELED, f"{op}: ECANCELED (a linked op failed; injected){where}")
             skip = True
-        elif self._doomed(kind):
+        elif self._doomed(kind, offset, length):
             name = _errno.errorcode.get(self.err, str(self.err))
             self._fail[tag] = OSError(self.err, f"{op}: {name} ({os.strerror(self.err)}; injected){where}")
             skip = True
@@ -122,14 +138,14 @@ class FaultyEngine:
 
     def write_fixed(self, buf, offset, length, tag, *, buf_offset=0, file_index=0, link=False):
         self.writes += 1
-        if self._mark("write_fixed", "write", tag, offset, link):
+        if self._mark("write_fixed", "write", tag, offset, link, length):
             return self._stand_in(tag, file_index, link)  # a lost write
         return self._inner.write_fixed(buf, offset, length, tag, buf_offset=buf_offset,
                                        file_index=file_index, link=link)
 
     def read_fixed(self, buf, offset, length, tag, *, buf_offset=0, file_index=0, link=False):
         self.reads += 1
-        if self._mark("read_fixed", "read", tag, offset, link):
+        if self._mark("read_fixed", "read", tag, offset, link, length):
             return self._stand_in(tag, file_index, link)
         return self._inner.read_fixed(buf, offset, length, tag, buf_offset=buf_offset,
                                       file_index=file_index, link=link)

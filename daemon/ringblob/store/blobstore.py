@@ -239,9 +239,12 @@ class BlobStore:
             if fmt is not None:
                 await self._maybe_format(fmt, existed_blank)
             await self._recover(checkpoint_threshold)
-        except BaseException:
+        except BaseException as exc:
             self._aio.close()
             self._unlock_and_close()
+            if isinstance(exc, OSError):
+                raise IOFailed(f"{path}: opening the store failed on an I/O error: {exc}; nothing was changed",
+                               exc.errno) from exc
             raise
         self._committer_task = asyncio.get_running_loop().create_task(self._committer())
         return self
@@ -601,11 +604,23 @@ class BlobStore:
 
         async def check(r) -> None:
             page, length, digest = r[3], r[4], r[5]
-            try:
-                data = await self._aio.read(page * P, length) if length else b""
+            if not length:
+                ok = digest == _EMPTY_DIGEST
+            else:
+                for attempt in (1, 2):
+                    try:
+                        data = await self._aio.read(page * P, length)
+                        break
+                    except OSError as exc:
+                        if attempt == 2:
+                            # a read error is not proof that the data never landed: dropping the
+                            # record could lose an acknowledged write, so the open fails instead
+                            raise IOFailed(
+                                f"{self.path}: recovery cannot read the {length} bytes at page {page} of journal "
+                                f"record {r[1]} to verify them ({exc}); the data file has a read error. Nothing "
+                                "was changed: copy the file off the failing device (or fix it) and open it again",
+                                exc.errno) from exc
                 ok = blake3.blake3(data).digest() == digest
-            except OSError:
-                ok = False
             if not ok:
                 bad.add(r[1])
 
@@ -927,9 +942,10 @@ class BlobStore:
                         try:
                             await self._checkpoint()
                         except BaseException as exc:
+                            e2 = self._as_error(exc, "the checkpoint")
                             for f in waiters:
                                 if not f.done():
-                                    f.set_exception(exc if isinstance(exc, Exception) else ReadOnly("closed"))
+                                    f.set_exception(e2)
                             raise
                         for f in waiters:
                             if not f.done():
@@ -1027,20 +1043,13 @@ class BlobStore:
         try:
             await self._commit_items(jbuf, items, flushers, recs, seq, marker, nbufs)
         except BaseException as exc:
-            err = exc if isinstance(exc, OSError) else None
+            e2 = self._as_error(exc, "the commit")
             for it in items:
                 if not it.fut.done():
-                    if err is not None:
-                        e2 = IOFailed(f"{self.path}: the commit failed: {err}", err.errno)
-                        e2.__cause__ = err
-                        it.fut.set_exception(e2)
-                    elif isinstance(exc, Exception):
-                        it.fut.set_exception(exc)
-                    else:
-                        it.fut.cancel()
+                    it.fut.set_exception(e2)
             for f in flushers:
                 if not f.done():
-                    f.set_exception(exc if isinstance(exc, Exception) else ReadOnly("the store is closing"))
+                    f.set_exception(e2)
             raise
 
     async def _commit_items(self, jbuf, items, flushers, recs, seq, marker, nbufs) -> None:
@@ -1199,6 +1208,17 @@ class BlobStore:
         for f in flushers:
             if not f.done():
                 f.set_result(None)
+
+    def _as_error(self, exc: BaseException, what: str) -> BaseException:
+        """The exception a caller gets: an engine ``OSError`` becomes :class:`IOFailed` (``errno`` set,
+        the ``OSError`` chained); a :class:`RingblobError` passes; anything else as is."""
+        if isinstance(exc, OSError):
+            e2 = IOFailed(f"{self.path}: {what} failed: {exc}; the store is now read-only", exc.errno)
+            e2.__cause__ = exc
+            return e2
+        if not isinstance(exc, Exception):
+            return ReadOnly(f"{self.path}: the store is closing")
+        return exc
 
     def _fail_round(self, items: list[_Item], flushers: list, err: BaseException) -> None:
         en = getattr(err, "errno", None)
@@ -1503,7 +1523,8 @@ class BlobStore:
                     await self.flush()
                     if self._head != self._ckpt_pos:
                         await self.checkpoint()
-                except (ReadOnly, IOFailed, NoSpace) as exc:
+                except (ReadOnly, IOFailed, NoSpace, OSError) as exc:
+                    # what was acknowledged durable stays so; the next open recovers the rest
                     log.warning("store: %s: close could not flush/checkpoint: %s", self.path, exc)
         finally:
             self._closed = True
