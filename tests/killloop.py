@@ -15,6 +15,8 @@ RocksDB's crash test for ringblob. One run:
    unacknowledged), park and report; the parent restarts the daemon and checks
    every key against the clients' logs, then the next round begins (the
    clients reconnect);
+   Some restarts are themselves SIGKILLed 0-0.5 s in (during store open and
+   journal replay) before the real restart;
 4. at the end: SIGTERM (must exit 0), restart, and every key must read exactly
    as the last check saw it.
 
@@ -45,6 +47,7 @@ import os
 import queue
 import random
 import shutil
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -397,6 +400,7 @@ class RunResult:
     wrong_bytes: int = 0
     corrupt: int = 0
     crashes: int = 0
+    recovery_kills: int = 0
     violations: list[str] = field(default_factory=list)
     client_reports: set = field(default_factory=set)  # W/E lines already counted
     phase_seconds: dict = field(default_factory=lambda: {"load": 0.0, "park": 0.0, "restart": 0.0, "verify": 0.0})
@@ -461,8 +465,16 @@ def _verify(sock: str, logs: list, res: RunResult, where: str, expect: dict | No
 
 
 def run(rounds: int, *, seed: int = 0, clients: int = 3, min_load: float = 0.2, max_load: float = 0.8,
-        engine: str = "auto", workdir: str | None = None, progress=None) -> RunResult:
-    """One kill -9 run of ``rounds`` rounds with ``clients`` client processes; see the module docstring."""
+        engine: str = "auto", recovery_kill_rate: float = 0.15, workdir: str | None = None, progress=None) -> RunResult:
+    """One kill -9 run of ``rounds`` rounds with ``clients`` client processes; see the module docstring.
+
+    ``min_load``/``max_load``: seconds of load before each kill (seeded uniform).
+    ``recovery_kill_rate``: the share of restarts that are first killed again
+    0-0.5 s into startup (during store open and journal replay). The seed fixes
+    the kill moments and every client's ops, not the interleaving the kernel
+    chooses, so a failure is reproduced statistically, not exactly; the files
+    of a failing run are kept and its violations name the round and key.
+    """
     from test_client import Daemon, make_tmp
 
     res = RunResult(seed)
@@ -527,6 +539,15 @@ def run(rounds: int, *, seed: int = 0, clients: int = 3, min_load: float = 0.2, 
                 counters[cid] = c
                 parked += 1
             t = _phase(res, "park", t)
+            if rng.random() < recovery_kill_rate:
+                # kill -9 again while the daemon opens the store and replays its journal
+                d = Daemon(wd, *extra, size="32M")
+                with open(d.log, "wb") as fh:
+                    p = subprocess.Popen(d.args, cwd=d.cwd, stdout=fh, stderr=subprocess.STDOUT)
+                    time.sleep(rng.uniform(0.0, 0.5))
+                    p.kill()
+                    p.wait()
+                res.recovery_kills += 1
             try:
                 daemon = start()
             except AssertionError as exc:
@@ -622,6 +643,7 @@ def main(argv=None) -> int:
         "unacknowledged_in_flight": res.unacknowledged,
         "key_checks": res.keys_checked,
         "corrupt": res.corrupt,
+        "kills_during_recovery": res.recovery_kills,
         "phase_seconds": {k: round(v, 1) for k, v in res.phase_seconds.items()},
     }
     print("FIGURES " + json.dumps(figures))

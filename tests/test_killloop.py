@@ -16,7 +16,7 @@ import killloop
 from killloop import ABSENT, KeyModel, decode_value, make_value, read_log
 from test_client import Daemon, make_tmp
 
-ROUNDS = int(os.environ.get("RINGBLOB_KILLLOOP_ROUNDS", "24"))
+ROUNDS = int(os.environ.get("RINGBLOB_KILLLOOP_ROUNDS", "20"))
 
 
 def _assert_clean(res, rounds):
@@ -116,3 +116,10 @@ def test_verify_flags_lost_wrong_and_stray_keys():
         import shutil
 
         shutil.rmtree(wd, ignore_errors=True)
+
+
+def test_kills_during_recovery_lose_nothing():
+    """Every restart is first killed 0-0.5 s into store open / journal replay."""
+    res = killloop.run(6, seed=13, clients=2, recovery_kill_rate=1.0)
+    _assert_clean(res, 6)
+    assert res.recovery_kills == 6
