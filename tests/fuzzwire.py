@@ -559,7 +559,9 @@ class WireFuzzer:
             self.r.violations.append(f"blob_count {stat['blob_count']} != model {len(self.oracle.model)}")
         c.close()
         self.canary.close()
-        time.sleep(0.2)
+        deadline = time.monotonic() + 5
+        while self.d.fds() > self.fds_baseline and time.monotonic() < deadline:
+            time.sleep(0.05)
         if self.fds_baseline and self.d.fds() > self.fds_baseline:
             self.r.violations.append(f"daemon holds {self.d.fds()} fds, {self.fds_baseline} after the warm-up")
         m = self.d.scrape()
