@@ -127,10 +127,12 @@ class _Worker:
     def next_op(self):
         r = self.rng.random()
         key = self.rng.choice(self.keys)
-        if r < 0.30:
+        if r < 0.25:
             return ("put", key, True)
-        if r < 0.60:
+        if r < 0.50:
             return ("put", key, False)
+        if r < 0.60:
+            return ("mput", key, self.rng.random() < 0.5)
         if r < 0.70:
             return ("del", key, True)
         if r < 0.75:
@@ -138,6 +140,30 @@ class _Worker:
         if r < 0.90:
             return ("get", key, None)
         return ("flush", None, None)
+
+    def issue(self, kind: str, key: bytes) -> list:
+        """Log the ``I`` records of a write; return its items ``[(key, seq, state, value or None)]``."""
+        keys = self.rng.sample(self.keys, min(len(self.keys), self.rng.randint(2, 3))) if kind == "mput" else [key]
+        items = []
+        for k in keys:
+            seq = next(self.seqs)
+            if kind == "del":
+                self.log.write(f"I {seq} {k.decode()} D")
+                items.append((k, seq, ABSENT, None))
+            else:
+                n = _size(self.rng)
+                self.issued_puts[k].add(seq)
+                self.log.write(f"I {seq} {k.decode()} P {n}")
+                items.append((k, seq, seq, make_value(k, seq, n)))
+        return items
+
+    def acked(self, items: list, sync: bool) -> None:
+        """Log the ``A`` records of an acknowledged write (fsynced when it was a sync one)."""
+        for i, (k, seq, state, _) in enumerate(items):
+            self.log.write(f"A {seq} {'S' if sync else 'N'}", sync and i == len(items) - 1)
+            self.known[k] = state
+        self.c["acked"] += len(items)
+        self.c["acked_durable"] += len(items) if sync else 0
 
     def check_get(self, key: bytes, got) -> None:
         """``got``: bytes or ABSENT. Wrong bytes are logged (``W``) and counted."""
@@ -216,25 +242,21 @@ def _sync_segment(sock, w: _Worker, log: _Log, counters, seqs, flush_ids) -> Non
                     client.flush()
                     log.write(f"FA {fid}", True)
                 else:
-                    seq = next(seqs)
+                    items = w.issue(kind, key)
                     if kind == "put":
-                        n = _size(w.rng)
-                        w.issued_puts[key].add(seq)
-                        log.write(f"I {seq} {key.decode()} P {n}")
-                        client.put(key, make_value(key, seq, n), sync=sync)
-                    else:
-                        log.write(f"I {seq} {key.decode()} D")
+                        client.put(key, items[0][3], sync=sync)
+                    elif kind == "del":
                         client.delete(key, sync=sync)
-                    log.write(f"A {seq} {'S' if sync else 'N'}", sync)
-                    counters["acked"] += 1
-                    counters["acked_durable"] += bool(sync)
-                    w.known[key] = seq if kind == "put" else ABSENT
+                    else:
+                        client.put_many([(k, v) for k, _, _, v in items], sync=sync)
+                    w.acked(items, sync)
             except (ConnectionLost, OSError):
-                counters["unacked"] += kind in ("put", "del")
+                counters["unacked"] += len(items) if kind in ("put", "del", "mput") else 0
                 return
             except RingblobError as exc:
                 _error(log, counters, f"{kind} {key!r}", exc)
-                w.known.pop(key, None)
+                for k, *_ in items if kind in ("put", "del", "mput") else [(key,)]:
+                    w.known.pop(k, None)
 
 
 async def _async_segment(sock, workers, log: _Log, counters, seqs, flush_ids) -> None:
@@ -265,26 +287,22 @@ async def _async_segment(sock, workers, log: _Log, counters, seqs, flush_ids) ->
                     await client.flush()
                     log.write(f"FA {fid}", True)
                 else:
-                    seq = next(seqs)
+                    items = w.issue(kind, key)
                     if kind == "put":
-                        n = _size(w.rng)
-                        w.issued_puts[key].add(seq)
-                        log.write(f"I {seq} {key.decode()} P {n}")
-                        await client.put(key, make_value(key, seq, n), sync=sync)
-                    else:
-                        log.write(f"I {seq} {key.decode()} D")
+                        await client.put(key, items[0][3], sync=sync)
+                    elif kind == "del":
                         await client.delete(key, sync=sync)
-                    log.write(f"A {seq} {'S' if sync else 'N'}", sync)
-                    counters["acked"] += 1
-                    counters["acked_durable"] += bool(sync)
-                    w.known[key] = seq if kind == "put" else ABSENT
+                    else:
+                        await client.put_many([(k, v) for k, _, _, v in items], sync=sync)
+                    w.acked(items, sync)
             except (ConnectionLost, OSError):
-                counters["unacked"] += kind in ("put", "del")
+                counters["unacked"] += len(items) if kind in ("put", "del", "mput") else 0
                 lost.set()
                 return
             except RingblobError as exc:
                 _error(log, counters, f"{kind} {key!r}", exc)
-                w.known.pop(key, None)
+                for k, *_ in items if kind in ("put", "del", "mput") else [(key,)]:
+                    w.known.pop(k, None)
 
     try:
         await asyncio.gather(*(run(w) for w in workers))

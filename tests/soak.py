@@ -81,7 +81,7 @@ async def _client(pid: int, sock: str, conns: int, seconds: float, seed: int, st
     from ringblob.errors import NotFound, RingblobError
 
     rng = random.Random(seed)
-    counters = {"put": 0, "get": 0, "has": 0, "delete": 0, "flush": 0, "mget": 0, "not_found": 0,
+    counters = {"put": 0, "mput": 0, "get": 0, "has": 0, "delete": 0, "flush": 0, "mget": 0, "not_found": 0,
                 "mismatches": 0, "errors": 0}
     problems: list[str] = []
     model: dict[bytes, bytes | None] = {}
@@ -104,11 +104,17 @@ async def _client(pid: int, sock: str, conns: int, seconds: float, seed: int, st
             r = trng.random()
             key = trng.choice(keys)
             try:
-                if r < 0.45:
+                if r < 0.40:
                     value = trng.randbytes(_size(trng))
-                    await c.put(key, value, sync=r < 0.15)
+                    await c.put(key, value, sync=r < 0.12)
                     model[key] = blake3.blake3(value).digest()
                     counters["put"] += 1
+                elif r < 0.45:
+                    batch = {k: trng.randbytes(_size(trng)) for k in trng.sample(keys, 3)}
+                    await c.put_many(batch, sync=trng.random() < 0.3)
+                    for k, v in batch.items():
+                        model[k] = blake3.blake3(v).digest()
+                    counters["mput"] += 1
                 elif r < 0.72:
                     counters["get"] += 1
                     try:

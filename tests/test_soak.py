@@ -22,9 +22,9 @@ def test_soak_64_connections_every_check_holds():
     assert res.crashes == 0 and res.acknowledged_lost == 0 and res.wrong_bytes == 0
     # the load was real and mixed
     ops = res.client_ops
-    for op in ("put", "get", "has", "delete", "flush", "mget"):
+    for op in ("put", "mput", "get", "has", "delete", "flush", "mget"):
         assert ops[op] > 0, f"no {op} was issued"
-    assert res.requests >= sum(ops[op] for op in ("put", "get", "has", "delete", "flush", "mget"))
+    assert res.requests >= sum(ops[op] for op in ("put", "mput", "get", "has", "delete", "flush", "mget"))
     assert res.keys_verified == 2 * 32 * soak.TASKS_PER_CONN * soak.KEYS_PER_TASK
     assert len(res.rss_samples) >= 10
     assert res.fds_before > 0 and res.fds_after == res.fds_before
