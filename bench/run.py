@@ -1441,7 +1441,9 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--medium", action="store_const", const="medium", dest="mode", help="about 3 minutes")
     g.add_argument("--full", action="store_const", const="full", dest="mode", help="the default: about 6 minutes on 2 CPUs")
     ap.add_argument("--workdir", default=os.path.join(ROOT, ".bench-tmp"), help="where the data files go (a real file system, not tmpfs)")
-    ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results"), help="where run.json/run.md/run.png go")
+    ap.add_argument("--out", default=None,
+                    help="where run.json/run.md/run.png go (default bench/results; bench/results/quick for --quick, "
+                         "so a harness check never overwrites the real results)")
     ap.add_argument("--clients", type=int, default=max(2, os.cpu_count() or 2), help="client processes for ringblob (default: max(2, nproc))")
     ap.add_argument("--only", default="fio,uring,psync,redis", help="comma-separated subset of fio,uring,psync,redis")
     ap.add_argument("--workloads", default="", help="comma-separated subset of the ringblob workloads (default: all)")
@@ -1461,6 +1463,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--native", action="store_true", help="py-spy --native (C/Cython frames too)")
     args = ap.parse_args(argv)
     mode_name = args.mode or "full"
+    if args.out is None:
+        args.out = os.path.join(ROOT, "bench", "results", *(["quick"] if mode_name == "quick" else []))
     mode = dict(MODES[mode_name])
     if args.duration:
         mode["duration"] = args.duration
