@@ -13,7 +13,9 @@ hypothesis-generated inputs, each on a fresh connection:
 * random bytes, with and without the magic in front.
 
 After sending an input the client half-closes (``SHUT_WR``) and reads until
-the daemon closes. The oracle is a model of the store's contents plus the
+the daemon closes; every other input it keeps its side open instead, reads the
+replies it expects and closes (an input with a malformed frame must then be
+closed by the daemon on its own). The oracle is a model of the store's contents plus the
 shared sans-I/O codec run locally over the same bytes: every complete,
 well-formed request must get exactly one reply with its id and opcode, and
 that reply must be what the model says (the value, ``NotFound``,
@@ -42,9 +44,9 @@ import argparse
 import json
 import os
 import random
+import re
 import resource
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -114,8 +116,6 @@ class ServeDaemon(Daemon):
                                      preexec_fn=preexec)
         if wait:
             msg = self.wait_notify("READY=1", 60)
-            import re
-
             m = re.search(r"metrics on (http://\S+/metrics)", msg)
             self.metrics_url = m.group(1) if m else None
         return self
@@ -152,12 +152,17 @@ def raise_nofile(want: int) -> int:
     return soft
 
 
-def exchange(path: str, data: bytes, timeout: float = REPLY_TIMEOUT) -> tuple[list[P.Frame], str | None]:
-    """Send ``data`` on a new connection, half-close, read replies until the daemon closes.
+def exchange(path: str, data: bytes, timeout: float = REPLY_TIMEOUT, *, half_close: bool = True,
+             stop_after: int | None = None) -> tuple[list[P.Frame], str | None]:
+    """Send ``data`` on a new connection and read replies until the daemon closes.
 
-    Returns ``(frames, problem)``; ``problem`` is ``None`` or says what went
-    wrong on the reply side (a hang past ``timeout`` seconds, a partial or
-    undecodable reply frame).
+    With ``half_close`` the client shuts down its sending side after the input
+    (the daemon must answer what it got and close); without, the daemon is not
+    told the input ended (after a malformed frame it must close by itself).
+    ``stop_after=N`` stops reading after N replies instead of at the close. Returns
+    ``(frames, problem)``; ``problem`` is ``None`` or says what went wrong on
+    the reply side (a hang past ``timeout`` seconds, a partial or undecodable
+    reply frame).
     """
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.settimeout(timeout)
@@ -168,18 +173,20 @@ def exchange(path: str, data: bytes, timeout: float = REPLY_TIMEOUT) -> tuple[li
             s.sendall(data)
         except (BrokenPipeError, ConnectionResetError):
             pass  # the daemon closed first (e.g. a bad magic at the start): its replies are still readable
-        try:
-            s.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
+        if half_close:
+            try:
+                s.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
         dec = P.FrameDecoder(1 << 31)
-        while True:
+        while stop_after is None or len(frames) < stop_after:
             try:
                 chunk = s.recv(1 << 20)
             except ConnectionResetError:
                 chunk = b""
             except socket.timeout:
-                return frames, f"no close within {timeout} s after half-close ({len(frames)} replies)"
+                how = "after half-close" if half_close else "(connection left open)"
+                return frames, f"no close within {timeout} s {how} ({len(frames)} replies)"
             if not chunk:
                 break
             dec.feed(chunk)
@@ -460,7 +467,10 @@ class WireFuzzer:
             r.malformed += 1
         elif incomplete:
             r.incomplete += 1
-        frames, problem = exchange(self.d.sock, data)
+        # every other input keeps its side open: the daemon must close by itself after a bad frame
+        half_close = r.inputs % 2 == 1
+        stop_after = None if half_close or err is not None else len(reqs)
+        frames, problem = exchange(self.d.sock, data, half_close=half_close, stop_after=stop_after)
         if not self.d.alive():
             r.crashes += 1
             self._fail(f"daemon died (exit {self.d.proc.returncode}):\n{self.d.output()[-3000:]}", data)
