@@ -390,7 +390,7 @@ class BlobStore:
                 self._prev_ckpt_extents = []
         index = Index()
         try:
-            index.load_entries(entries, nentries)
+            used = index.load_entries(entries, nentries, P)
         except (ValueError, IndexError) as exc:
             raise Corrupt(f"{self.path}: the checkpoint's index entries are malformed ({exc})") from exc
         del entries
@@ -421,6 +421,8 @@ class BlobStore:
             elif t == F.REC_DELETE:
                 index.remove(key)
             applied += 1
+        if recs:
+            used = index.extents(P)  # the replay changed extents: gather them again
         self._head = end_pos
         self._chain = chain
         self._next_seq = next_seq
@@ -436,7 +438,6 @@ class BlobStore:
         self._ckpt_marker = None
         self._last_batch_pos, self._last_batch_len = end_pos, 0
         # allocator from the index and both checkpoints
-        used = index.extents(P)
         used.extend(p << 32 | n for p, n in self._ckpt_extents + self._prev_ckpt_extents)
         try:
             self._alloc = Allocator.from_used_packed(self._data_page, self._total_pages - self._data_page, used)

@@ -282,12 +282,16 @@ class Index:
                     app(page << 32 | (-(-ln // page_size)))
         return out
 
-    def load_entries(self, buf, count: int) -> None:
+    def load_entries(self, buf, count: int, page_size: int = 0) -> list[int]:
         """Replace the content with ``count`` entries (``klen | key | value`` each, ascending
-        key order, distinct keys) concatenated in ``buf``. Raises ``ValueError`` when the
-        entries do not fill ``buf`` exactly or are out of order."""
-        a = bytearray(buf)
-        n = len(a)
+        key order, distinct keys) concatenated in ``buf`` (bytes-like).
+
+        Returns, when ``page_size`` is given, every non-empty extent as ``page << 32 | npages``
+        (what :meth:`extents` returns, gathered in the same pass). Raises ``ValueError`` when the
+        entries do not fill ``buf`` exactly or are out of order.
+        """
+        b = bytes(buf)  # immutable: each key slice is one allocation
+        n = len(b)
         if n >= (1 << 32) - 2:
             self._tc, self._tomb = "Q", (1 << 64) - 1
         else:
@@ -298,31 +302,40 @@ class Index:
             cap *= 2
         t = array(tc, bytes(cap * t_size(tc)))
         mask = cap - 1
-        offs = array(tc)
-        push = offs.append
+        offs = array(tc, bytes(count * t_size(tc)))
+        used: list[int] = []
+        use = used.append
         keybytes = 0
         valbytes = 0
         unpack = _PL.unpack_from
         o = 0
         prev = b""
         step = VALUE_SIZE + 1
-        for _ in range(count):
-            kl = a[o]
-            key = bytes(a[o + 1 : o + 1 + kl])
-            if key <= prev and o:
+        ps = page_size
+        for idx in range(count):
+            kl = b[o]
+            ko = o + 1 + kl
+            key = b[o + 1 : ko]
+            if key <= prev and idx:
                 raise ValueError("index entries out of order")
             prev = key
             i = hash(key) & mask
             while t[i]:
                 i = (i + 1) & mask
             t[i] = o + 1
-            push(o)
+            offs[idx] = o
+            page, ln = unpack(b, ko)
+            if ln:
+                valbytes += ln
+                if ps:
+                    use(page << 32 | (-(-ln // ps)))
             keybytes += kl
-            valbytes += unpack(a, o + 1 + kl)[1]
-            o += kl + step
+            o = ko + VALUE_SIZE
+        del step
         if o != n:
             raise ValueError(f"index entries fill {o} of {n} bytes")
-        self._arena = a
+        self._arena = bytearray(b)
+        del b
         self._garbage = 0
         self._table = t
         self._mask = mask
@@ -332,6 +345,7 @@ class Index:
         self._maxes = [self._key_at(c[-1]) for c in self._chunks]
         self.key_bytes = keybytes
         self.value_bytes = valbytes
+        return used
 
     def memory_bytes(self) -> int:
         """Bytes held by the arena, the hash table and the order arrays (not counting slack)."""
