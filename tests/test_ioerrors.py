@@ -40,14 +40,6 @@ def _engine() -> str:
         return "psync"
 
 
-def _known_store_bug(r: ioerrors.RunResult) -> bool:
-    """A run whose only violation is the store bug of test_read_error_while_verifying_the_journal_tail:
-    a read failed in recovery (verifying the journal tail) and the record was dropped as if its data
-    never reached the medium. Remove this filter once that test passes."""
-    return (r.fired == "read" and r.fired_at in ("reopen", "recover after crash")
-            and all("write is lost" in v for v in r.violations))
-
-
 @pytest.fixture(scope="module", params=["single", "sticky"])
 def loop(request):
     return request.param, ioerrors.run_loop(SEED, request.param, engine=_engine())
@@ -65,20 +57,11 @@ def test_io_error_loop_holds_the_invariants(loop):
     assert any(r.fired_at == "create" and r.fired == "write" for r in fired)
     assert any(r.fired_at in ("reopen", "recover after crash") and r.fired == "read" for r in fired)
     assert sum(r.error_steps for r in fired) >= len(fired) // 2, "the faults must reach the callers"
-    bad = {r.n: r.violations[:3] for r in results if r.violations and not _known_store_bug(r)}
+    bad = {r.n: r.violations[:3] for r in results if r.violations}
     assert not bad, f"I/O-error loop ({mode}) violations by N (reproduce with tests/ioerrors.py --seed {SEED} " \
                     f"--mode {mode} --n N -v): {bad}"
     assert sum(r.wrong_bytes for r in results) == 0
     assert sum(r.crashes for r in results) == 0
-
-
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="store bug: a read error while recovery verifies the journal tail drops "
-                                       "an acknowledged durable record (see test_read_error_while_verifying_"
-                                       "the_journal_tail_keeps_the_record)")
-def test_io_error_loop_without_the_known_bug_filter(loop):
-    mode, results = loop
-    bad = {r.n: r.violations[:3] for r in results if r.violations}
-    assert not bad, f"I/O-error loop ({mode}): {bad}"
 
 
 class _FailReadAt(FaultyEngine):
@@ -107,13 +90,10 @@ def workdir():
     os.rmdir(d)
 
 
-@pytest.mark.xfail(strict=True, raises=(KeyError, AssertionError), reason="store bug: BlobStore._verify_tail treats a failed read (EIO) of a "
-                                       "journal-tail record's extent as 'data never reached the medium' and "
-                                       "ends the replay before it, so a put acknowledged durable by flush() "
-                                       "(and every record after it) vanishes, for good once the next checkpoint "
-                                       "is written; a read error must fail the open (or be retried), not drop "
-                                       "records")
 def test_read_error_while_verifying_the_journal_tail_keeps_the_record(workdir):
+    """Regression (found by the loop): recovery took a read error (EIO) on a journal-tail record's extent
+    for 'the data never reached the medium' and dropped the record (then the tail), losing a put that
+    flush() had acknowledged durable. A read error must fail the open (IOFailed), not drop records."""
     async def main():
         p = os.path.join(workdir, "d.data")
         s = await BlobStore.create(p, 8 << 20, engine=_engine())
@@ -131,8 +111,9 @@ def test_read_error_while_verifying_the_journal_tail_keeps_the_record(workdir):
 
         try:
             s = await BlobStore.open(p, engine=_engine(), wrap_engine=wrap)
-        except (OSError, IOFailed):
-            pass  # refusing to open on a read error is fine
+        except IOFailed as exc:
+            assert exc.errno == errno.EIO  # refusing to open on a read error is fine
+            assert holder["e"].hit, "recovery did not read the tail record's extent"
         else:
             assert holder["e"].hit, "recovery did not read the tail record's extent"
             try:
@@ -148,10 +129,8 @@ def test_read_error_while_verifying_the_journal_tail_keeps_the_record(workdir):
     asyncio.run(main())
 
 
-@pytest.mark.xfail(strict=True, raises=OSError, reason="store bug: checkpoint() raises the engine's bare OSError(EIO) when the "
-                                       "checkpoint's write or fdatasync fails, not IOFailed (the committer hands "
-                                       "the raw exception to the checkpoint waiters)")
 def test_failed_checkpoint_raises_IOFailed(workdir):
+    """Regression (found by the loop): checkpoint() raised the engine's bare OSError."""
     async def main():
         p = os.path.join(workdir, "d.data")
         holder = {}
@@ -173,11 +152,8 @@ def test_failed_checkpoint_raises_IOFailed(workdir):
     asyncio.run(main())
 
 
-@pytest.mark.xfail(strict=True, raises=OSError, reason="store bug: close() lets a bare OSError(EIO) escape when its final "
-                                       "checkpoint fails (it catches only ReadOnly/IOFailed/NoSpace and logs "
-                                       "those); a failed flush/checkpoint at close should be logged, not raised, "
-                                       "or raised as IOFailed")
 def test_close_with_a_failing_checkpoint_does_not_raise_a_bare_oserror(workdir):
+    """Regression (found by the loop): close() let a bare OSError of its final checkpoint escape."""
     async def main():
         p = os.path.join(workdir, "d.data")
         holder = {}
