@@ -21,6 +21,7 @@ import os
 import select
 import shutil
 import socket
+import threading
 import time
 
 import pytest
@@ -601,3 +602,70 @@ def test_daemon_out_of_file_descriptors_keeps_serving(own):
     canary.round()
     canary.close()
     assert d.stop() == 0
+
+
+# -- replies too large for a frame -------------------------------------------------------------------------
+
+
+def test_an_mget_reply_over_4_gib_is_an_error_reply_not_a_stuck_request(tmp_path):
+    """Two 2.1 GiB values in one MGET: the reply cannot be framed (u32 body_length). The client must get an
+    error reply and the request must leave the in-flight count (it used to raise inside the reply path:
+    no reply, the request counted in flight forever, the connection never closing). In process with H4's
+    FakeStore holding an anonymous mmap (virtual memory only: nothing of the 4.2 GiB is touched)."""
+    import asyncio
+    import mmap
+
+    from test_server_unit import Conn, FakeStore, run, start
+
+    sockdir = make_workdir("badinput-srv")
+    huge = mmap.mmap(-1, (1 << 31) + (100 << 20))  # 2.1 GiB, untouched
+
+    async def main():
+        store = FakeStore()
+        store.data[b"huge"] = huge
+        srv = await start(sockdir, store)
+        c = await Conn.open(srv.socket_path)
+        f = await c.call(P.encode_mget(1, [b"huge", b"huge"]))
+        assert f.request_id == 1 and f.status == errors.TooLarge.code, (f.status, f.body[:200])
+        assert "4 GiB" in f.body.decode() and "fewer keys" in f.body.decode()
+        assert srv.in_flight == 0
+        assert (await c.call(P.encode_ping(2, b"next"))).body == b"next"  # the connection goes on
+        await c.close()
+        srv.request_stop()
+        await asyncio.wait_for(srv.serve_forever(), 20)
+
+    try:
+        run(main())
+    finally:
+        huge.close()
+        shutil.rmtree(sockdir, ignore_errors=True)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "server: MGET reads every requested value into memory before answering, with no cap on the reply: "
+    "a 260-byte request naming one 1 MiB key 64 times makes the daemon hold 64 MiB (1 GiB for 1024 entries; "
+    "a 72 MiB frame can name 36 M entries). Proposed: refuse an MGET whose reply would pass max_frame_size "
+    "with TooLarge, checking the running total while reading (or size from the index first)"))
+def test_an_mget_naming_one_big_key_many_times_costs_bounded_memory(own):
+    d = own("--max-frame-size", str(4 << 20), size=64 << 20)
+    c = Raw(d.sock, timeout=30)
+    c.ok(P.encode_put(1, b"big", os.urandom(1 << 20), sync=True))
+    rss0 = d.rss()
+    peak = [rss0]
+    done = threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], d.rss())
+            time.sleep(0.002)
+
+    t = threading.Thread(target=sample)
+    t.start()
+    try:
+        f = c.call(P.encode_mget(2, [b"big"] * 64))
+    finally:
+        done.set()
+        t.join()
+    assert f.request_id == 2 and d.alive()
+    assert peak[0] - rss0 < 32 << 20, f"VmRSS grew {(peak[0] - rss0) >> 20} MiB for one 260-byte MGET"
+    c.close()

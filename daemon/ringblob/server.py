@@ -64,6 +64,7 @@ from .errors import (
     FrameTooLarge,
     ProtocolError,
     ServerShuttingDown,
+    TooLarge,
 )
 from .metrics import Metrics, serve_metrics
 
@@ -493,8 +494,14 @@ class _Connection(asyncio.Protocol):
 
     def _finish(self, req: P.Request, parts: list, status: int, t0: float) -> None:
         srv = self.server
+        try:
+            self._queue_reply(req.op, req.request_id, parts, status)
+        except FrameTooLarge as exc:  # a reply body over the u32 body_length (an MGET of huge values)
+            status = TooLarge.code
+            message = (f"the {req.op.name} reply cannot be sent: {exc}; ask for fewer keys per request "
+                       "(or GET the large values one by one)")
+            self._queue_reply(req.op, req.request_id, [message.encode()], status)
         srv.metrics.observe_request(_OP_NAMES[req.op], status, time.perf_counter() - t0)
-        self._queue_reply(req.op, req.request_id, parts, status)
         self.in_flight -= 1
         srv.in_flight -= 1
         srv.metrics.in_flight.dec()
