@@ -33,7 +33,11 @@ One round (all of it decided by its seed, so a failing seed reproduces exactly):
      reused, never other bytes); everything before stays;
 
    and always: no ``get`` returns bytes other than a value put for its key,
-   ``list()`` agrees with ``get``, the store takes a new write.
+   ``list()`` agrees with ``get``, the store takes a new write;
+5. repair: rewrite the damaged blobs and a few others, delete one, close
+   (checkpoint) and reopen: every key reads exactly what the damaged store
+   served or was rewritten to, and scrub finds nothing (a fallback or a
+   dropped tail must not leave pages in use on the allocator's free list).
 
 Run directly for the torture figures: ``python tests/corruption.py --rounds 1000``.
 """
@@ -83,6 +87,7 @@ class RoundResult:
     truncated: bool = False  # a journal flip dropped the tail
     open_refused: bool = False  # both redundant copies damaged: Corrupt on open (expected)
     keys_checked: int = 0
+    repaired: int = 0  # damaged blobs rewritten and read back after a reopen
     lost_acknowledged: int = 0
     wrong_bytes: int = 0
     crashes: int = 0
@@ -380,6 +385,7 @@ async def _run_round(seed: int, workdir: str, engine: str, nops: int) -> RoundRe
             res.violations.append("both redundant copies are damaged, yet the store opened")
         listed = {k async for k in store.list()}
         corrupt = set()
+        seen_now: dict[bytes, object] = {}
         for k in keys:
             res.keys_checked += 1
             try:
@@ -394,6 +400,7 @@ async def _run_round(seed: int, workdir: str, engine: str, nops: int) -> RoundRe
                 res.crashes += 1
                 res.violations.append(f"{k!r}: get raised {exc!r}")
                 continue
+            seen_now[k] = got
             if got not in expect[k]:
                 if got == CORRUPT:
                     res.violations.append(f"{k!r}: Corrupt, but its bytes were not damaged (region {region})")
@@ -413,9 +420,51 @@ async def _run_round(seed: int, workdir: str, engine: str, nops: int) -> RoundRe
         sc = await store.scrub()
         if set(sc["bad_keys"]) != corrupt:
             res.violations.append(f"scrub reports {sorted(sc['bad_keys'])}, get found {sorted(corrupt)} corrupt")
+        # life goes on: repair the damaged blobs, write and delete a few more, checkpoint and reopen;
+        # what the damaged store served must survive (a fallback or a dropped tail must not leave the
+        # allocator handing out pages that live blobs still use)
+        seen = dict(seen_now)
+        for k in sorted(corrupt) + rng.sample(keys, 3):
+            v = _value(rng)
+            await store.put(k, v, sync=rng.random() < 0.5)
+            seen[k] = blake3.blake3(v).digest()
+            history[k].append(seen[k])
+        gone = rng.choice(keys)
+        await store.delete(gone)
+        seen[gone] = ABSENT
         await store.put(b"after-damage", b"n" * 6000, sync=True)
         if await store.get(b"after-damage") != b"n" * 6000:
             res.violations.append("the store does not read back a new write")
+    finally:
+        await store.close()
+    try:
+        store = await BlobStore.open(path, engine=engine, **POOL)
+    except Exception as exc:
+        res.crashes += 1
+        res.violations.append(f"the repaired store does not reopen: {exc!r}")
+        os.unlink(path)
+        return res
+    try:
+        for k in keys:
+            try:
+                got = blake3.blake3(await store.get(k)).digest()
+            except NotFound:
+                got = ABSENT
+            except Corrupt:
+                got = CORRUPT
+            if k in seen and got != seen[k]:
+                if got == CORRUPT:
+                    res.violations.append(f"{k!r}: Corrupt after the repair and a reopen")
+                elif got == ABSENT or got in history[k]:
+                    res.lost_acknowledged += 1
+                    res.violations.append(f"{k!r}: after the repair and a reopen, a write is lost")
+                else:
+                    res.wrong_bytes += 1
+                    res.violations.append(f"{k!r}: after the repair and a reopen, bytes never put for it")
+        if (await store.scrub())["bad_keys"]:
+            res.violations.append("scrub finds damage after the repair")
+        else:
+            res.repaired = len(corrupt)
     finally:
         await store.close()
     os.unlink(path)
@@ -447,6 +496,7 @@ def figures(results: list[RoundResult], seconds: float) -> dict:
         "bit_flips": sum(r.flips for r in results),
         "damaged_blobs": sum(r.damaged_blobs for r in results),
         "corrupt_reported": sum(r.detected for r in results),
+        "damaged_blobs_repaired": sum(r.repaired for r in results),
         "padding_flips_unnoticed": sum(r.padding_flips for r in results),
         "slot_fallbacks": sum(1 for r in results if r.fallback and not r.open_refused),
         "journal_truncations": sum(1 for r in results if r.truncated),

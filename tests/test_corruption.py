@@ -13,7 +13,7 @@ import pytest
 
 import corruption
 
-ROUNDS = int(os.environ.get("RINGBLOB_CORRUPTION_ROUNDS", "40"))
+ROUNDS = int(os.environ.get("RINGBLOB_CORRUPTION_ROUNDS", "60"))
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +35,7 @@ def test_rounds_cover_every_region_and_outcome(results):
     assert {r.region for r in results} == set(corruption.REGIONS)
     assert {r.ending for r in results} == {"close", "crash"}
     assert sum(r.damaged_blobs for r in results) > 0 and sum(r.detected for r in results) > 0
+    assert sum(r.repaired for r in results) > 0, "no damaged blob was rewritten and read back after a reopen"
     assert any(r.fallback and not r.open_refused for r in results), "no round fell back to the older slot"
     assert any(r.truncated for r in results), "no round dropped a journal tail"
     assert sum(r.padding_flips for r in results) > 0, "no flip landed in unchecked padding"
