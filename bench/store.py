@@ -195,7 +195,7 @@ def main() -> None:
     args = ap.parse_args()
     os.makedirs(TMP, exist_ok=True)
     res: dict = {"machine": {"python": platform.python_version(), "kernel": platform.release(),
-                             "cpus": os.cpu_count()}, "n": args.n}
+                             "cpus": os.cpu_count(), "loadavg_at_start": os.getloadavg()[0]}, "n": args.n}
     try:
         print("index RAM (tracemalloc, 200k blobs) ...", flush=True)
         res["index_tracemalloc_per_blob_beyond_key"] = tracemalloc_index(min(args.n, 200_000))
@@ -242,7 +242,8 @@ def render(res: dict, args) -> str:
         "# Blob store benchmark (bench/store.py)",
         "",
         f"Machine: Python {res['machine']['python']}, kernel {res['machine']['kernel']}, "
-        f"{res['machine']['cpus']} CPUs (shared with other work while measured). "
+        f"{res['machine']['cpus']} CPUs, shared with other work while measured (1-minute load average "
+        f"{res['machine']['loadavg_at_start']:.1f} at the start; timings vary with it). "
         f"Engine for the RAM/recovery figures: {r['engine']}.",
         "",
         "| figure | value | target |",
