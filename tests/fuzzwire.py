@@ -710,19 +710,20 @@ def fuzz_input(draw) -> bytes:
 
 
 def run_fuzz(n_inputs: int, *, seed: int | None = 0, canary_every: int = 25, workdir: str | None = None,
-             keep: bool = False) -> FuzzResult:
+             keep: bool = False, loop: str = "auto") -> FuzzResult:
     """Fuzz a fresh ``ringblob serve`` with ``n_inputs`` hypothesis inputs; return the result.
 
     ``seed`` makes the run reproducible (``None``: random). A violation stops
     the run (hypothesis then shrinks the failing input; the shrunk input's
-    message is the last of ``violations``). The data directory under
+    message is the last of ``violations``). ``loop`` is the daemon's event loop
+    (``auto`` = uvloop when installed, ``asyncio``). The data directory under
     .test-tmp/ is removed unless ``keep``.
     """
     r = FuzzResult()
     t0 = time.monotonic()
     wd = workdir or make_workdir("fuzzwire")
     d = ServeDaemon(wd, "--max-frame-size", str(MAX_FRAME), "--max-blob-size", str(MAX_BLOB),
-                    "--buffer-count", "16")
+                    "--buffer-count", "16", "--loop", loop)
     try:
         d.start()
         fz = WireFuzzer(d, r, canary_every=canary_every)
@@ -760,8 +761,10 @@ def main(argv=None) -> int:
     ap.add_argument("--inputs", type=int, default=5000, help="number of fuzz inputs (default 5000)")
     ap.add_argument("--seed", type=int, default=0, help="hypothesis seed (default 0; -1 = random)")
     ap.add_argument("--canary-every", type=int, default=25)
+    ap.add_argument("--loop", default="auto", choices=("auto", "uvloop", "asyncio"), help="the daemon's event loop")
     args = ap.parse_args(argv)
-    r = run_fuzz(args.inputs, seed=None if args.seed < 0 else args.seed, canary_every=args.canary_every)
+    r = run_fuzz(args.inputs, seed=None if args.seed < 0 else args.seed, canary_every=args.canary_every,
+                 loop=args.loop)
     for v in r.violations[:10]:
         print("VIOLATION:", v[:3000])
     figures = {

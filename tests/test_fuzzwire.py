@@ -23,6 +23,13 @@ def test_fuzzed_frames_get_clear_answers_and_the_daemon_keeps_serving():
     assert r.requests > INPUTS // 2 and r.canary_checks >= INPUTS // 25
 
 
+def test_fuzzed_frames_on_the_asyncio_event_loop():
+    """The same fuzzing with the daemon on the standard asyncio loop (other transports, other flow control)."""
+    r = run_fuzz(max(50, INPUTS // 2), seed=1, loop="asyncio")
+    assert not r.violations, r.violations[:3]
+    assert r.crashes == 0 and r.malformed > 0 and r.requests > 0
+
+
 def test_local_oracle_classifies_inputs():
     from ringblob import errors
     from ringblob import protocol as P
