@@ -110,6 +110,10 @@ def _as_view(value) -> memoryview:
         raise TypeError(f"value must be bytes-like, not {type(value).__name__}") from None
     if mv.format != "B" or mv.ndim != 1:
         mv = mv.cast("B")
+    if not mv.readonly:
+        # a writable buffer (bytearray, ...) could change while the put is in flight; the
+        # digest and the bytes written must be of one snapshot
+        mv = memoryview(bytes(mv))
     return mv
 
 
