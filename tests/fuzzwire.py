@@ -168,7 +168,10 @@ def exchange(path: str, data: bytes, timeout: float = REPLY_TIMEOUT, *, half_clo
     s.settimeout(timeout)
     frames: list[P.Frame] = []
     try:
-        s.connect(path)
+        try:
+            s.connect(path)
+        except OSError as exc:
+            return frames, f"cannot connect to the daemon: {exc}"
         try:
             s.sendall(data)
         except (BrokenPipeError, ConnectionResetError):
@@ -741,13 +744,13 @@ def run_fuzz(n_inputs: int, *, seed: int | None = 0, canary_every: int = 25, wor
             one = hyp_seed(seed)(one)
         try:
             one()
-        except AssertionError as exc:
+        except Exception as exc:  # AssertionError from a check; anything else is a harness failure, reported too
             if not r.violations or str(exc) not in r.violations[-1]:
-                r.violations.append(str(exc)[:2000])
+                r.violations.append(f"{type(exc).__name__}: {exc}"[:2000])
         if d.alive():
             fz.finish()
         else:
-            r.crashes += 1
+            r.crashes = max(r.crashes, 1)
     finally:
         d.kill()
         r.seconds = time.monotonic() - t0
