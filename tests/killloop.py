@@ -91,6 +91,8 @@ def decode_value(key: bytes, value: bytes) -> int | None:
 
 
 def _size(rng: random.Random) -> int:
+    if rng.random() < 0.03:  # multi-buffer writes (the daemon's fixed buffers are 256 KiB)
+        return rng.randrange(200_000, 1_000_000)
     return rng.choice((0, 1, 100, 4000, 4096, 5000, 8192, 12000, rng.randrange(0, 40000)))
 
 
@@ -502,7 +504,7 @@ def run(rounds: int, *, seed: int = 0, clients: int = 3, min_load: float = 0.2, 
     extra = ["--engine", engine, "--shutdown-timeout", "10"]
 
     def start() -> "Daemon":
-        d = Daemon(wd, *extra, size="32M")
+        d = Daemon(wd, *extra, size="64M")
         d.start()
         return d
 
@@ -559,7 +561,7 @@ def run(rounds: int, *, seed: int = 0, clients: int = 3, min_load: float = 0.2, 
             t = _phase(res, "park", t)
             if rng.random() < recovery_kill_rate:
                 # kill -9 again while the daemon opens the store and replays its journal
-                d = Daemon(wd, *extra, size="32M")
+                d = Daemon(wd, *extra, size="64M")
                 with open(d.log, "wb") as fh:
                     p = subprocess.Popen(d.args, cwd=d.cwd, stdout=fh, stderr=subprocess.STDOUT)
                     time.sleep(rng.uniform(0.0, 0.5))
