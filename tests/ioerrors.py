@@ -57,7 +57,7 @@ from dataclasses import dataclass, field
 import blake3
 
 from ringblob.engine.faulty import FaultyEngine
-from ringblob.errors import Corrupt, EngineClosed, IOFailed, NotFound, ReadOnly
+from ringblob.errors import Corrupt, IOFailed, NotFound, ReadOnly
 from ringblob.store import BlobStore
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
