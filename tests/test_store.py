@@ -1022,3 +1022,31 @@ def test_failed_checkpoint_is_IOFailed_and_close_logs_it(tdir):
         await s.close()
 
     run(main())
+
+
+def test_extents_freed_by_replay_are_reused_only_after_the_durable_point_is_recorded(tdir):
+    """Replay frees the extents of records it superseded. If a put reused one before the
+    recovered durable point was on disk, a crash that lost that put's journal batch would make
+    the next recovery verify the superseded record against the reused pages and end the
+    journal there, dropping later acknowledged writes."""
+
+    async def main():
+        p = os.path.join(tdir, "d")
+        s = await BlobStore.create(p, 8 * MiB, engine="psync")
+        await s.put(b"k", b"1" * 6000)  # R1: not durable when written
+        e1 = s._index.get(b"k")[0]
+        await s.put(b"k", b"2" * 6000, sync=True)  # R2: acknowledged durable; no batch records it
+        await s.abandon()
+        s = await BlobStore.open(p, engine="psync")  # verifies R1 and R2, frees R1's extent
+        assert await s.get(b"k") == b"2" * 6000
+        await s.put(b"x", b"X" * 6000)  # may land on R1's old extent
+        assert s._index.get(b"x")[0] == e1  # (it does: best fit, lowest page)
+        off, _ln = _journal_tail(s)
+        await s.abandon()
+        write_at(p, off, bytes(4096))  # the power cut kept x's data but not its journal batch
+        s = await BlobStore.open(p, engine="psync")
+        assert await s.get(b"k") == b"2" * 6000  # the acknowledged write survives
+        assert not s.has(b"x")
+        await s.close()
+
+    run(main())

@@ -210,7 +210,9 @@ rnd_close = [True]
 @pytest.mark.timeout(240)
 def test_sigkill_rounds_lose_no_acknowledged_write(tdir):
     path = os.path.join(tdir, "crash.rb")
-    rnd = random.Random(int(os.environ.get("RINGBLOB_CRASH_SEED", "0")) or random.randrange(1 << 30))
+    seed0 = int(os.environ.get("RINGBLOB_CRASH_SEED", "0")) or random.randrange(1 << 30)
+    print(f"crash test seed {seed0} (reproduce with RINGBLOB_CRASH_SEED={seed0})")
+    rnd = random.Random(seed0)
     engines = _engines()
     model: dict[int, tuple | None] = {}
     seeds: dict[int, int] = {}

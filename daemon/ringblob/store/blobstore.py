@@ -251,6 +251,20 @@ class BlobStore:
                                exc.errno) from exc
             raise
         self._committer_task = asyncio.get_running_loop().create_task(self._committer())
+        if not read_only and self._disk_durable < self._durable_seq:
+            # Replay took records past the durable point recorded on disk and freed the extents
+            # they replaced. Record the new durable point (an empty batch + fdatasync) before any
+            # put can reuse those extents, or a crash before the next durable batch would make
+            # recovery verify the replaced records against reused pages and end the journal early.
+            self._want_marker = True
+            fut = asyncio.get_running_loop().create_future()
+            self._flush_waiters.append(fut)
+            self._kick()
+            try:
+                await fut
+            except BaseException:
+                await self.abandon()
+                raise
         return self
 
     async def _lock(self, path: str, read_only: bool, wait_dead: float = 5.0) -> None:
