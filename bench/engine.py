@@ -16,7 +16,7 @@ the device and on what else runs on the host.
 Usage::
 
     .venv/bin/python bench/engine.py            # ~5 s per cell
-    .venv/bin/python bench/engine.py --quick    # ~1 s per cell
+    .venv/bin/python bench/engine.py --quick    # ~1 s per cell, writes bench/results/quick/
 
 fio comes from Debian (``apt-get install -y fio``); the script installs it
 when it runs as root and fio is missing, else it prints that command.
@@ -183,11 +183,18 @@ def main(argv=None) -> int:
                     help="repetitions per cell, order rotated, median reported (default 3, --quick 1)")
     ap.add_argument("--submit-every", type=int, default=1,
                     help="submit after this many replacement ops (default 1, like fio's iodepth_batch_submit=1)")
-    ap.add_argument("--json", default=os.path.join(RESULTS, "engine.json"), help="where to write JSON")
-    ap.add_argument("--md", default=os.path.join(RESULTS, "engine.md"),
-                    help="where to write the markdown table ('' for none)")
+    ap.add_argument("--json", default=None,
+                    help="where to write JSON (default bench/results/engine.json; with --quick "
+                         "bench/results/quick/engine.json, not committed)")
+    ap.add_argument("--md", default=None,
+                    help="where to write the markdown page ('' for none; default engine.md beside the JSON)")
     args = ap.parse_args(argv)
     runtime = args.runtime or (1.0 if args.quick else 5.0)
+    outdir = os.path.join(RESULTS, "quick") if args.quick else RESULTS
+    if args.json is None:
+        args.json = os.path.join(outdir, "engine.json")
+    if args.md is None:
+        args.md = os.path.join(os.path.dirname(args.json), "engine.md")
     engines = [e for e in args.engines.split(",") if e]
     qds = [int(q) for q in args.qd.split(",")]
 
