@@ -834,3 +834,52 @@ def test_driven_by_an_event_loop_through_the_eventfd(kind, datafile, loop_kind):
     finally:
         loop.close()
     assert len(results) == 2000 and all(r == BS for r in results.values())
+
+
+_MEMLOCK_PROBE = r"""
+import json, logging, os, resource, sys
+logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+from ringblob._uring import Ring
+from ringblob.engine import open_engine
+import ringblob.engine.psync  # imported before the uid drop (nobody may not read the stdlib here)
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o600)
+resource.setrlimit(resource.RLIMIT_MEMLOCK, (1 << 20, 1 << 20))
+if os.geteuid() == 0:  # drop CAP_IPC_LOCK, or the limit does not apply
+    os.setgid(65534)
+    os.setuid(65534)
+out = {}
+before = len(os.listdir("/proc/self/fd"))
+try:
+    Ring([fd], buffer_size=262144, buffer_count=64)  # 16 MiB of fixed buffers > 1 MiB
+except OSError as exc:
+    out["ring"] = [exc.errno, exc.strerror]
+out["fds_leaked"] = len(os.listdir("/proc/self/fd")) - before
+small = Ring([fd], buffer_size=4096, buffer_count=16)  # 64 KiB fits
+out["small"] = small.name
+small.close()
+eng = open_engine("auto", [fd], buffer_size=262144, buffer_count=64)
+out["auto"] = eng.name
+eng.close()
+print(json.dumps(out))
+"""
+
+
+def test_fixed_buffers_over_memlock_limit_raise_enomem_and_auto_falls_back(tmpdir_ext4):
+    """An unprivileged process whose RLIMIT_MEMLOCK is below the buffer pool: registering the
+    fixed buffers fails with ENOMEM naming the step and the fix; nothing leaks; open_engine('auto')
+    falls back to psync with its WARNING line."""
+    import json
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, "-c", _MEMLOCK_PROBE, os.path.join(tmpdir_ext4, "f")],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    out = json.loads(p.stdout)
+    assert out["ring"][0] == errno.ENOMEM
+    assert out["ring"][1].startswith("io_uring_register_buffers: ENOMEM")
+    assert "LimitMEMLOCK" in out["ring"][1]
+    assert out["fds_leaked"] == 0
+    assert out["small"] == "uring"
+    assert out["auto"] == "psync"
+    assert "RLIMIT_MEMLOCK" in p.stderr and "using psync" in p.stderr
