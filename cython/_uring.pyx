@@ -591,9 +591,9 @@ cdef class Ring:
         """
         self._check("submit")
         cdef int n = self.npend
-        if n == 0 and self.nresub == 0:
+        if n == 0 and self.nresub == 0 and u.io_uring_sq_ready(&self.ring) == 0:
             return 0
-        self._flush()
+        self._flush()       # (also retries SQEs a refused io_uring_enter left in the SQ ring)
         return n
 
     # -- completion ----------------------------------------------------------------
@@ -784,7 +784,9 @@ cdef class Ring:
             out = []
         need = min(min_complete, self.nactive + len(out))
         self._process(out, 1 << 30)
-        if self.nresub:
+        if self.nresub or u.io_uring_sq_ready(&self.ring):
+            # resubmissions, or SQEs a refused enter left behind: never wait for ops
+            # the kernel has not been given
             self._flush()
         if timeout is not None:
             deadline = _time.monotonic() + float(timeout)
