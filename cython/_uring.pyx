@@ -757,7 +757,11 @@ cdef class Ring:
             out = []
         total = self._process(out, max_cqes)
         if self.nresub:
-            self._flush()
+            try:
+                self._flush()
+            except BaseException:
+                self._stash = out + self._stash   # results are not lost with the error
+                raise
         if total >= max_cqes or u.io_uring_cq_ready(&self.ring) or self._stash:
             lx.eventfd_write(self.eventfd, 1)
         return out
@@ -787,7 +791,11 @@ cdef class Ring:
         if self.nresub or u.io_uring_sq_ready(&self.ring):
             # resubmissions, or SQEs a refused enter left behind: never wait for ops
             # the kernel has not been given
-            self._flush()
+            try:
+                self._flush()
+            except BaseException:
+                self._stash = out + self._stash   # results are not lost with the error
+                raise
         if timeout is not None:
             deadline = _time.monotonic() + float(timeout)
         while len(out) < need and self.kinflight > 0:
