@@ -273,7 +273,7 @@ class PsyncEngine:
                 os.fdatasync(fd)
             except OSError as exc:
                 return _oserror(op.kind, exc.errno, None)
-            self._counters["fdatasyncs"] += 1
+            self._count("fdatasyncs")
             return 0
         done = 0
         view = op.buf.view
@@ -286,7 +286,7 @@ class PsyncEngine:
                     n = os.pwritev(fd, [chunk], op.offset + done)
             except OSError as exc:
                 if exc.errno == _errno.EAGAIN:
-                    self._counters["retries"] += 1
+                    self._count("retries")
                     continue
                 return _oserror(op.kind, exc.errno, op.offset + done)
             finally:
@@ -297,7 +297,7 @@ class PsyncEngine:
                 return _oserror(op.kind, _errno.EIO, op.offset + done)
             done += n
             if done < op.length:
-                self._counters["short_continuations"] += 1
+                self._count("short_continuations")
         return done
 
     # -- completions --------------------------------------------------------
@@ -344,7 +344,8 @@ class PsyncEngine:
 
     def counters(self) -> dict[str, int]:
         """Counts since creation: enters, sqes, cqes, fdatasyncs, retries, ..."""
-        return dict(self._counters)
+        with self._cond:
+            return dict(self._counters)
 
     # -- lifetime -----------------------------------------------------------
 
