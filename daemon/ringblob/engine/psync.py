@@ -254,7 +254,10 @@ class PsyncEngine:
             if failed:
                 result: Any = _oserror(op.kind, _errno.ECANCELED, op.offset)
             else:
-                result = self._run_op(op)
+                try:
+                    result = self._run_op(op)
+                except Exception as exc:  # never leave an op without a completion
+                    result = OSError(_errno.EIO, f"{_OPNAMES[op.kind]}: internal error in the psync worker: {exc!r}")
                 failed = isinstance(result, OSError)
             with self._cond:
                 self._done.append((op, result))
@@ -299,6 +302,11 @@ class PsyncEngine:
             if done < op.length:
                 self._count("short_continuations")
         return done
+
+    def _count(self, name: str) -> None:
+        """Count one event from a worker thread (workers run concurrently)."""
+        with self._cond:
+            self._counters[name] += 1
 
     # -- completions --------------------------------------------------------
 
