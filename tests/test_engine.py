@@ -9,6 +9,7 @@ link resubmission counters) are at the end.
 from __future__ import annotations
 
 import errno
+import gc
 import os
 import random
 import select
@@ -79,6 +80,9 @@ def collect(eng, n: int, timeout: float = 10.0) -> dict:
 
 
 def open_fds() -> int:
+    """Descriptors open in this process, after collecting garbage from earlier tests
+    (an engine dropped by an earlier test may close its eventfd at any later GC)."""
+    gc.collect()
     return len(os.listdir("/proc/self/fd"))
 
 
