@@ -1289,11 +1289,12 @@ def commit_probe(path: str, rounds: int = 200, writes: int = 16) -> list[dict]:
                     ops = [(WRITE, bufs[0], rnd.randrange(16, pages) * 4 * KIB, 4 * KIB, (i % 60) * 4 * KIB) for i in range(k)]
                     ops.append((WRITE, bufs[1], 4 * KIB * (r % 8), 4 * KIB, 0))
                     t0 = time.perf_counter()
+                    # a lost completion must not hang the benchmark: give a round 10 s
                     if label.startswith("writes + journal unlinked"):
-                        await aio.run(ops, link=False)
-                        await aio.run([(FSYNC,)])
+                        await asyncio.wait_for(aio.run(ops, link=False), 10)
+                        await asyncio.wait_for(aio.run([(FSYNC,)]), 10)
                     else:
-                        await aio.run(ops + [(FSYNC,)], link=True)
+                        await asyncio.wait_for(aio.run(ops + [(FSYNC,)], link=True), 10)
                     ts.append(time.perf_counter() - t0)
                 ts.sort()
                 rec = {"engine": kind, "round": label, "data_writes": k, "rounds": rounds,
@@ -1308,7 +1309,13 @@ def commit_probe(path: str, rounds: int = 200, writes: int = 16) -> list[dict]:
             df.close()
 
     for kind in ("uring", "psync"):
-        asyncio.run(one(kind))
+        try:
+            asyncio.run(one(kind))
+        except TimeoutError:
+            log(f"commit probe: {os.path.basename(path)}: {kind}: a round got no completion within 10 s (lost "
+                f"wakeup?); the {kind} probe stops here")
+            out.append({"engine": kind, "round": "HUNG: a round got no completion within 10 s", "data_writes": writes,
+                        "rounds": rounds, "median_us": None, "p99_us": None})
     return out
 
 
@@ -1391,8 +1398,8 @@ def run_profile(workdir: str, mode: dict, clients: int, data_size: int, outdir: 
         json.dump({"results": probe}, f, indent=1)
     parts.append("## one group-commit round's I/O: 16 x 4 KiB data writes + a journal write + fdatasync "
                  "(bench/run.py commit_probe)\n\n"
-                 + "".join(f"  {r['file']:26} {r['engine']:5} {r['round']}: median {r['median_us']:.0f} µs, "
-                           f"p99 {r['p99_us']:.0f} µs\n" for r in probe))
+                 + "".join(f"  {r['file']:26} {r['engine']:5} {r['round']}: median {_fmt(r['median_us'])} µs, "
+                           f"p99 {_fmt(r['p99_us'])} µs\n" for r in probe))
     head = (
         "py-spy samples of `ringblob serve --engine uring` (all threads, "
         f"{'with native frames: idle time in epoll_pwait shows too' if native else 'Python frames only, idle samples dropped'}, "
