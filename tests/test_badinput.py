@@ -13,8 +13,9 @@ that: every kind of header damage, every cut point, the empty and the 256-byte
 key on every opcode, batch counts larger than their body, garbage between valid
 frames, clients that never read their replies (GET, PING, STAT), an MGET reply
 too large for a frame, 2000 idle connections, the idle timeout, a soft fd limit
-below max_connections and a daemon out of file descriptors. Two known weaknesses
-are strict xfails (reply memory of a non-reading client; MGET reply memory).
+below max_connections and a daemon out of file descriptors. The reply memory of
+a non-reading client and of an MGET naming a big value many times stays bounded
+(the per-connection reply-byte budget; MGET replies over max_frame_size are refused).
 The random version of all this is tests/fuzzwire.py.
 """
 
@@ -436,7 +437,7 @@ def _never_reading_client(d: ServeDaemon, value_size: int, gets: int = 200_000):
 
 def test_a_client_that_never_reads_is_throttled_not_buffered(own):
     """GETs of a 64 KiB value, never read: the daemon stops reading that client; memory stays bounded
-    (today: by max_in_flight_per_conn x the value size + the write high-water mark); others are served."""
+    (by the connection's reply-byte budget and the write high-water mark); others are served."""
     d = own()
     r = _never_reading_client(d, 64 << 10)
     assert r["sent"] < r["total"], "the daemon read everything: no backpressure"
@@ -477,12 +478,6 @@ def test_never_read_ping_and_stat_replies_are_throttled(own):
     assert d.stop() == 0
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "server: a non-reading client holds up to max_in_flight_per_conn (256) replies in memory: the GETs are "
-    "dispatched before any reply exists, so write_high_water only stops the next batch. 1 MiB values -> "
-    "~260 MiB RSS for one connection (64 MiB values: 16 GiB; times max_in_flight_total over many connections). "
-    "Needs a per-connection budget of reply bytes in flight (the store knows a value's length from its index "
-    "before reading it)"))
 def test_a_client_that_never_reads_costs_about_the_write_high_water_mark(own):
     d = own(size=64 << 20)
     r = _never_reading_client(d, 1 << 20, gets=100_000)
@@ -675,11 +670,6 @@ def test_an_mget_reply_over_4_gib_is_an_error_reply_not_a_stuck_request(tmp_path
         shutil.rmtree(sockdir, ignore_errors=True)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "server: MGET reads every requested value into memory before answering, with no cap on the reply: "
-    "a 260-byte request naming one 1 MiB key 64 times makes the daemon hold 64 MiB (1 GiB for 1024 entries; "
-    "a 72 MiB frame can name 36 M entries). Proposed: refuse an MGET whose reply would pass max_frame_size "
-    "with TooLarge, checking the running total while reading (or size from the index first)"))
 def test_an_mget_naming_one_big_key_many_times_costs_bounded_memory(own):
     d = own("--max-frame-size", str(4 << 20), size=64 << 20)
     c = Raw(d.sock, timeout=30)
@@ -701,5 +691,6 @@ def test_an_mget_naming_one_big_key_many_times_costs_bounded_memory(own):
         done.set()
         t.join()
     assert f.request_id == 2 and d.alive()
+    assert f.status == errors.TooLarge.code and "max_frame_size" in f.body.decode(), (f.status, f.body[:200])
     assert peak[0] - rss0 < 32 << 20, f"VmRSS grew {(peak[0] - rss0) >> 20} MiB for one 260-byte MGET"
     c.close()

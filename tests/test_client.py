@@ -636,3 +636,28 @@ def test_async_pipelined_large_values(daemon):
 
     uvloop = pytest.importorskip("uvloop")
     assert uvloop.run(with_uvloop()) == [b"%d" % i for i in range(100)]
+
+
+def test_get_many_splits_a_batch_whose_reply_passes_the_frame_limit():
+    """The daemon refuses an MGET whose reply would pass max_frame_size (TooLarge, nothing read);
+    both clients split such a batch in halves, down to single GETs, and return every value."""
+    workdir = make_tmp("mg-")
+    d = Daemon(workdir, "--max-frame-size", "1M").start()
+    try:
+        values = {f"big{i}".encode(): os.urandom(300 * 1024) for i in range(8)}
+        keys = list(values) + [b"missing"]
+        with ringblob.Client(d.socket, max_frame_size=1 << 20) as c:
+            for k, v in values.items():
+                c.put(k, v)
+            with pytest.raises(TooLarge, match="max_frame_size"):
+                c._call(protocol.Op.MGET, protocol.encode_mget(999, list(values)))
+            assert c.get_many(keys) == list(values.values()) + [None]
+
+        async def via_async():
+            async with ringblob.AsyncClient(d.socket, max_frame_size=1 << 20) as ac:
+                return await ac.get_many(keys)
+
+        assert asyncio.run(via_async()) == list(values.values()) + [None]
+    finally:
+        assert d.stop() == 0
+        shutil.rmtree(workdir, ignore_errors=True)

@@ -42,7 +42,7 @@ from typing import Any, AsyncIterator, Callable, Iterable, Iterator, Mapping
 import blake3
 
 from . import protocol
-from .errors import ConnectionLost, InvalidKey, NotFound, RingblobError
+from .errors import ConnectionLost, InvalidKey, NotFound, RingblobError, TooLarge
 from .protocol import DEFAULT_MAX_FRAME_SIZE, HEADER, HEADER_SIZE, FrameDecoder, Op
 
 __all__ = ["Client", "AsyncClient", "DEFAULT_SOCKET", "default_socket_path"]
@@ -378,14 +378,27 @@ class Client:
     def get_many(self, keys: Iterable[bytes | str]) -> list[bytes | None]:
         """The values of ``keys`` in order, ``None`` for a key with no blob (MGET).
 
-        Any other per-key error (e.g. Corrupt) is raised. A reply larger than
-        ``max_reply_size`` fails with FrameTooLarge: fetch large blobs with :meth:`get`.
+        Any other per-key error (e.g. Corrupt) is raised. A batch whose reply
+        the daemon refuses as too large for a frame (TooLarge) is split in
+        halves, down to single GETs.
         """
         out: list[bytes | None] = []
         for batch in _key_batches([_key(k) for k in keys], self.max_frame_size):
-            reply = self._call(Op.MGET, protocol.encode_mget(next(self._ids), batch))
-            out += _mget_values(protocol.decode_mget_reply(reply.body))
+            out += self._mget(batch)
         return out
+
+    def _mget(self, batch: list[bytes]) -> list[bytes | None]:
+        try:
+            reply = self._call(Op.MGET, protocol.encode_mget(next(self._ids), batch))
+        except TooLarge:
+            if len(batch) == 1:
+                try:
+                    return [self.get(batch[0])]
+                except NotFound:
+                    return [None]
+            mid = len(batch) // 2
+            return self._mget(batch[:mid]) + self._mget(batch[mid:])
+        return _mget_values(protocol.decode_mget_reply(reply.body))
 
 
 class AsyncClient:
@@ -624,10 +637,25 @@ class AsyncClient:
                 raise res
 
     async def get_many(self, keys: Iterable[bytes | str]) -> list[bytes | None]:
-        """The values of ``keys`` in order, ``None`` where no blob is stored (MGET, pipelined)."""
-        frames = [protocol.encode_mget(next(self._ids), b) for b in _key_batches([_key(k) for k in keys], self.max_frame_size)]
-        replies = await asyncio.gather(*(self._call(f) for f in frames))
-        out: list[bytes | None] = []
-        for reply in replies:
-            out += _mget_values(protocol.decode_mget_reply(reply.body))
-        return out
+        """The values of ``keys`` in order, ``None`` where no blob is stored (MGET, pipelined).
+
+        A batch whose reply the daemon refuses as too large for a frame
+        (TooLarge) is split in halves, down to single GETs.
+        """
+        batches = _key_batches([_key(k) for k in keys], self.max_frame_size)
+        parts = await asyncio.gather(*(self._mget(b) for b in batches))
+        return [v for part in parts for v in part]
+
+    async def _mget(self, batch: list[bytes]) -> list[bytes | None]:
+        try:
+            reply = await self._call(protocol.encode_mget(next(self._ids), batch))
+        except TooLarge:
+            if len(batch) == 1:
+                try:
+                    return [await self.get(batch[0])]
+                except NotFound:
+                    return [None]
+            mid = len(batch) // 2
+            left, right = await asyncio.gather(self._mget(batch[:mid]), self._mget(batch[mid:]))
+            return left + right
+        return _mget_values(protocol.decode_mget_reply(reply.body))

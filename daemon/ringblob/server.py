@@ -119,7 +119,8 @@ class ServerConfig:
     ``socket_activation``      take the listening socket from systemd (``LISTEN_FDS``) when
                                started that way (then ``socket_path`` is not bound).
     ``write_high_water``       unsent reply bytes on one connection above which the server stops
-                               reading it until the client has read (backpressure).
+                               reading it until the client has read (backpressure); also the
+                               budget of GET/MGET value bytes being read for one connection.
     ``list_page_max``          most keys in one LIST reply.
     ``shutdown_timeout``       seconds to wait for requests in flight at shutdown.
     ``loop``                   ``"auto"`` (uvloop when installed), ``"uvloop"`` or ``"asyncio"``.
@@ -301,6 +302,7 @@ def ensure_fd_limit(max_connections: int, reserve: int = FD_RESERVE) -> int:
 _P_CONN = 1  # this connection's in-flight limit
 _P_TOTAL = 2  # the daemon's in-flight limit
 _P_WRITE = 4  # too many unsent reply bytes (transport pause_writing)
+_P_BYTES = 8  # the replies being produced would pass the connection's reply-byte budget
 
 
 class _Connection(asyncio.Protocol):
@@ -312,6 +314,8 @@ class _Connection(asyncio.Protocol):
         self.decoder = P.FrameDecoder(server.config.max_frame_size)
         self.transport: asyncio.Transport | None = None
         self.in_flight = 0
+        self.reply_reserved = 0  # bytes of GET/MGET replies dispatched and not yet queued for writing
+        self.held: P.Request | None = None  # decoded, waiting for the reply-byte budget
         self.out: list = []
         self.out_bytes = 0  # reply bytes queued this loop turn, not yet handed to the transport
         self.stalled = False
@@ -423,14 +427,24 @@ class _Connection(asyncio.Protocol):
                 srv._waiting.add(self)
                 return
             self.paused &= ~(_P_CONN | _P_TOTAL)  # under both limits again (reading resumes below)
-            try:
-                frame = self.decoder.next_frame()
-                if frame is None:
-                    break
-                req = P.parse_request(frame)
-            except ProtocolError as exc:
-                self._protocol_error(exc)
+            if self.held is not None:
+                req, self.held = self.held, None
+            else:
+                try:
+                    frame = self.decoder.next_frame()
+                    if frame is None:
+                        break
+                    req = P.parse_request(frame)
+                except ProtocolError as exc:
+                    self._protocol_error(exc)
+                    return
+            cost = srv._reply_cost(req) if not srv.stopping else 0
+            if cost and self.reply_reserved and self.reply_reserved + cost > cfg.write_high_water:
+                # the values being read for this client would pass its budget: wait for them
+                self.held = req
+                self._pause(_P_BYTES)
                 return
+            self.paused &= ~_P_BYTES
             if srv.stopping:
                 self._queue_reply(req.op, req.request_id, [b"the daemon is shutting down; retry when it is back"],
                                   ServerShuttingDown.code)
@@ -443,7 +457,8 @@ class _Connection(asyncio.Protocol):
             self.in_flight += 1
             srv.in_flight += 1
             srv.metrics.in_flight.inc()
-            task = self.loop.create_task(self._serve(req))
+            self.reply_reserved += cost
+            task = self.loop.create_task(self._serve(req, cost))
             srv._tasks.add(task)
             task.add_done_callback(srv._tasks.discard)
         self._unpause(_P_CONN | _P_TOTAL)
@@ -475,7 +490,7 @@ class _Connection(asyncio.Protocol):
         self.server.metrics.observe_request(_OP_NAMES[req.op], status, time.perf_counter() - t0)
         self._queue_reply(req.op, req.request_id, parts, status)
 
-    async def _serve(self, req: P.Request) -> None:
+    async def _serve(self, req: P.Request, cost: int = 0) -> None:
         srv = self.server
         t0 = time.perf_counter()
         try:
@@ -483,16 +498,16 @@ class _Connection(asyncio.Protocol):
             status = 0
         except asyncio.CancelledError:
             parts, status = [b"request cancelled: the daemon is shutting down"], ServerShuttingDown.code
-            self._finish(req, parts, status, t0)
+            self._finish(req, parts, status, t0, cost)
             raise
         except Exception as exc:
             status, message = P._error_status(exc)
             if status == 1:
                 log.exception("internal error serving %s request %d", req.op.name, req.request_id)
             parts = [message.encode("utf-8", "replace")]
-        self._finish(req, parts, status, t0)
+        self._finish(req, parts, status, t0, cost)
 
-    def _finish(self, req: P.Request, parts: list, status: int, t0: float) -> None:
+    def _finish(self, req: P.Request, parts: list, status: int, t0: float, cost: int = 0) -> None:
         srv = self.server
         try:
             self._queue_reply(req.op, req.request_id, parts, status)
@@ -503,11 +518,12 @@ class _Connection(asyncio.Protocol):
             self._queue_reply(req.op, req.request_id, [message.encode()], status)
         srv.metrics.observe_request(_OP_NAMES[req.op], status, time.perf_counter() - t0)
         self.in_flight -= 1
+        self.reply_reserved -= cost
         srv.in_flight -= 1
         srv.metrics.in_flight.dec()
         if srv._waiting and srv.in_flight < srv.config.max_in_flight_total:
             srv._wake_waiting()
-        if self.paused & _P_CONN and not self.closed:
+        if self.paused & (_P_CONN | _P_BYTES) and not self.closed:
             self._pump()
         if self.closing or self.eof:
             self._maybe_close()
@@ -583,6 +599,11 @@ class _Connection(asyncio.Protocol):
         close once every request in flight is answered."""
         self._pause_reading_now()
         if not self.closing and not self.closed:
+            if self.held is not None:
+                req, self.held = self.held, None
+                self._queue_reply(req.op, req.request_id,
+                                  [b"the daemon is shutting down; this request was not started"],
+                                  ServerShuttingDown.code)
             try:
                 while (frame := self.decoder.next_frame()) is not None:
                     self._queue_reply(frame.opcode, frame.request_id,
@@ -650,6 +671,8 @@ class Server:
     def __init__(self, store: Any, config: ServerConfig | None = None, *, metrics: Metrics | None = None,
                  listen_sock: socket.socket | None = None):
         self.store = store
+        # the store's index lookup of a value's length, for the reply-byte budget (None: no budget)
+        self._value_size = getattr(store, "value_size", None)
         self.config = (config or ServerConfig()).validate()
         self.metrics = metrics or Metrics()
         self.metrics.attach_store(store)
@@ -898,8 +921,32 @@ class Server:
         await self.store.put_many(req.items, sync=req.sync)
         return []
 
+    def _size_or_zero(self, key: bytes) -> int:
+        """The stored value's length, 0 when absent or the key is invalid (its item reports that)."""
+        try:
+            return self._value_size(key) or 0  # type: ignore[misc]
+        except Exception:
+            return 0
+
+    def _reply_cost(self, req: P.Request) -> int:
+        """Bytes of reply a GET or MGET will hold in memory, from the store's index (0 for other ops,
+        or when the store cannot tell). The connection's reply-byte budget is charged with it."""
+        if self._value_size is None:
+            return 0
+        if req.op == P.Op.GET:
+            return self._size_or_zero(req.key) + P.HEADER_SIZE
+        if req.op == P.Op.MGET:
+            return sum(self._size_or_zero(k) + 6 for k in req.keys) + P.HEADER_SIZE + 4
+        return 0
+
     async def _op_mget(self, req: P.Request) -> list:
         get = self.store.get
+        if self._value_size is not None:
+            total = P.HEADER_SIZE + 4 + sum(6 + self._size_or_zero(k) for k in req.keys)
+            if total > self.config.max_frame_size:
+                raise TooLarge(
+                    f"the MGET reply would be {total} bytes, over the daemon's max_frame_size "
+                    f"({self.config.max_frame_size} bytes); ask for fewer keys per request")
         results = await asyncio.gather(*(get(k) for k in req.keys), return_exceptions=True)
         return P.mget_reply_body(results)
 

@@ -1411,6 +1411,17 @@ class BlobStore:
         self._check_open()
         return key in self._index
 
+    def value_size(self, key) -> int | None:
+        """Length in bytes of the value stored under ``key``, or None when absent (reads no data).
+
+        The server uses it to budget the reply bytes a connection may have in
+        flight before reading the values. Raises :class:`InvalidKey`.
+        """
+        key = _check_key(key)
+        self._check_open()
+        ent = self._index.get(key)
+        return None if ent is None else ent[1]
+
     async def list(self, prefix: bytes = b"", start_after: bytes | None = None,
                    limit: int | None = None) -> AsyncIterator[bytes]:
         """Keys in ascending byte order: those starting with ``prefix``, after ``start_after``, at most ``limit``.
