@@ -1113,6 +1113,35 @@ def markdown(doc: dict) -> str:
         f"{doc['mode_params']['get_set'] // MIB} MiB of blobs, 1 MiB GETs over {doc['mode_params']['big_set']} blobs. "
         "Every read is O_DIRECT, so the page cache plays no part for fio or ringblob; Redis serves GET from RAM.",
         "",
+        "## Summary",
+        "",
+        "Throughput (4 KiB and PING: ops/s; 1 MiB: MiB/s) and p99 latency, each ringblob engine beside its fio and Redis counterpart.",
+        "",
+        "| workload | fio | ringblob uring | ringblob psync | Redis | uring / fio | uring / Redis | p99 µs fio / uring / Redis |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, _op, size, _conc in RB_WORKLOADS:
+        fio_name, redis_name = COUNTERPARTS[name]
+        metric, scale = ("bytes_per_s", MIB) if size >= MIB else ("ops_per_s", 1)
+        cells = []
+        for sysname, wl in (("fio", fio_name), ("ringblob-uring", name), ("ringblob-psync", name), ("redis", redis_name)):
+            r = idx.get((sysname, wl)) if wl else None
+            cells.append(r)
+        u = cells[1]
+
+        def val(r):
+            return _fmt(r[metric] / scale) if r else "–"
+
+        def ratio(r):
+            return _fmt(u[metric] / r[metric], 2) if (u and r and r.get(metric)) else "–"
+
+        p99 = " / ".join(_fmt(r.get("p99_us")) if r else "–" for r in (cells[0], cells[1], cells[3]))
+        lines.append(f"| {name} | {val(cells[0])} | {val(cells[1])} | {val(cells[2])} | {val(cells[3])} | "
+                     f"{ratio(cells[0])} | {ratio(cells[3])} | {p99} |")
+    lines += [
+        "",
+        "## All figures",
+        "",
         "| workload | system | conc | ops/s | MiB/s | p50 µs | p99 µs | vs fio | vs Redis | uring/psync | daemon CPU µs/op | others' CPU |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
@@ -1467,6 +1496,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", action="store_true", help="after the run, sample the uring daemon with py-spy under load")
     ap.add_argument("--profile-only", action="store_true", help="only the py-spy pass (no results written)")
     ap.add_argument("--probe-commit", action="store_true", help="only time a group-commit round's I/O, linked vs unlinked (needs .bench-tmp/fio.dat)")
+    ap.add_argument("--report-only", action="store_true", help="only rewrite run.md and run.png from an existing run.json")
     ap.add_argument("--native", action="store_true", help="py-spy --native (C/Cython frames too)")
     args = ap.parse_args(argv)
     mode_name = args.mode or "full"
@@ -1501,6 +1531,16 @@ def main(argv: list[str] | None = None) -> int:
         probe = commit_probes(workdir)
         with open(os.path.join(args.out, "commit_probe.json"), "w") as f:
             json.dump({"results": probe}, f, indent=1)
+        return 0
+    if args.report_only:
+        with open(os.path.join(args.out, "run.json")) as f:
+            doc = json.load(f)
+        doc["targets"] = targets(doc["results"])
+        doc["ratios"] = ratios(doc["results"])
+        with open(os.path.join(args.out, "run.md"), "w") as f:
+            f.write(markdown(doc))
+        chart(doc, os.path.join(args.out, "run.png"))
+        log(f"rewrote {args.out}/run.md and run.png from run.json")
         return 0
     if args.profile_only:
         errs = run_profile(workdir, mode, args.clients, data_size, args.out, args.native)
