@@ -9,7 +9,8 @@ What it runs (``make bench``; ``make bench-quick`` is ``--quick``):
   every 32 writes (and every write at QD 1, the counterpart of a lone
   ``sync=True`` put), 1 MiB sequential read and write at QD 8.
 * **ringblob** through its Unix socket, ``ringblob serve --engine uring`` and
-  then ``--engine psync`` on the same data file: 4 KiB GET of random keys
+  ``--engine psync`` (each on its own data file, filled once): PING (no I/O,
+  the per-request floor), 4 KiB GET of random keys
   (concurrency 1 and 32), 4 KiB PUT with ``sync=True`` (1, 32, 128), 4 KiB PUT
   with ``sync=False`` plus a FLUSH every N puts per client process (32),
   1 MiB PUT (``sync=False``) and GET (8). The load comes from several client
@@ -25,9 +26,13 @@ figure to its fio and Redis counterparts, checks the targets of issue 5
 stamped with the machine. ``--profile`` then samples the daemon with py-spy
 under load (``profile.txt``, ``profile.svg``).
 
-Modes: ``--quick`` (< 1 minute, checks the harness; numbers are rough),
-``--medium`` (~3 minutes), default full (~6 minutes on 2 cores). Only local
-processes are benchmarked: Unix sockets, files under the repository.
+Workload by workload, the fio counterpart, ringblob uring, ringblob psync and
+Redis run back to back, so both sides of a ratio are measured moments apart.
+Modes: ``--quick`` (< 1 minute, checks the harness, writes
+bench/results/quick/), ``--medium`` (~3 minutes), default full (~6-7 minutes
+on 2 CPUs); ``--repeat N`` reports the median of N rounds, ``--nice -10``
+lifts every benchmarked process alike on a shared host. Only local processes
+are benchmarked: Unix sockets, files under the repository.
 """
 
 from __future__ import annotations
@@ -50,7 +55,7 @@ import subprocess
 import sys
 import time
 from array import array
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "daemon"))
@@ -1625,10 +1630,10 @@ def set_nice(nice: int) -> None:
 
     With the kernel's autogroup scheduling (``/proc/sys/kernel/sched_autogroup_enabled``)
     a process's nice value only ranks it inside its session's group, and each
-    session's group gets an equal share of the CPUs: the benchmark then moves
-    into a session of its own (``setsid`` in a child would be needed when this
-    process leads a group; here the group is simply this session's) and sets
-    that group's nice as well, so the benchmark as a whole gets the weight.
+    session's group gets an equal share of the CPUs. So the benchmark moves
+    into a session (and autogroup) of its own with ``setsid`` when it does not
+    lead one already, and sets that group's nice too: the benchmark as a whole
+    gets the weight, and nothing else of the caller's session does.
     """
     try:
         os.setpriority(os.PRIO_PROCESS, 0, nice)  # inherited by every process started from here
