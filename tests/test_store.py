@@ -104,6 +104,7 @@ def test_put_get_has_delete_list(tdir, engine):
         assert await s.get(b"a") == b"1"
         assert await s.get(b"b") == b""
         assert s.has(b"a") and not s.has(b"zz")
+        assert s.value_size(b"c") == 300_000 and s.value_size(b"b") == 0 and s.value_size(b"zz") is None
         with pytest.raises(NotFound):
             await s.get(b"zz")
         with pytest.raises(KeyError):
