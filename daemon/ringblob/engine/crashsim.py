@@ -237,9 +237,9 @@ def _parse_log(log_path: str) -> tuple[list[_Write], set[int]]:
 def simulate_power_loss(data_path: str, log_path: str, seed: int, *, p_write: float = 0.5, p_garbage: float = 0.15) -> CrashOutcome:
     """Turn ``data_path`` into a state a power cut could have left, from ``log_path``.
 
-    Writes not covered by a completed fdatasync are undone (newest first),
-    then, in a random order, each sector of each such write is written with
-    probability ``p_write``, filled with random bytes with ``p_garbage``, or
+    Writes not covered by a completed fdatasync are undone (each unit they
+    touched gets back what the medium surely held), then, in a random order,
+    each sector of each such write is written with probability ``p_write``, filled with random bytes with ``p_garbage``, or
     else dropped. Deterministic for a given ``seed``. The file is modified in
     place through buffered I/O and fsynced.
     """
@@ -258,12 +258,27 @@ def simulate_power_loss(data_path: str, log_path: str, seed: int, *, p_write: fl
     def live(i: int, off: int) -> bool:
         return last_durable.get(off // _UNIT, -1) < i
 
+    # What the medium surely holds in each unit an unsynced write touched: the
+    # bytes of the last durable write there, else the bytes the first logged
+    # write there replaced. (Not each write's own "old" bytes: with writes to one
+    # range in flight together, those may predate a write that became durable.)
+    base: dict[int, bytes] = {}
+    for i, w in enumerate(writes):
+        for k in range(0, len(w.new), _UNIT):
+            u = (w.offset + k) // _UNIT
+            if w.wid in durable:
+                base[u] = w.new[k : k + _UNIT]
+            elif u not in base:
+                base[u] = w.old[k : k + _UNIT]
     fd = os.open(data_path, os.O_RDWR | os.O_CLOEXEC)
     try:
-        for i, w in reversed(unsynced):
-            for u in range(0, len(w.old), _UNIT):
-                if live(i, w.offset + u):
-                    os.pwrite(fd, w.old[u : u + _UNIT], w.offset + u)
+        undone: set[int] = set()
+        for _i, w in unsynced:
+            for k in range(0, len(w.new), _UNIT):
+                u = (w.offset + k) // _UNIT
+                if u not in undone:
+                    undone.add(u)
+                    os.pwrite(fd, base[u], u * _UNIT)
         order = list(unsynced)
         rng.shuffle(order)
         for i, w in order:
