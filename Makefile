@@ -4,6 +4,11 @@
 #   make test    set up everything, then run the test suite
 #   make bench   set up everything (plus fio/redis from apt), then run the benchmarks
 #                (bench/run.py: ringblob vs fio vs Redis; make bench-quick: < 1 min)
+#   make bench-engine   the engine alone vs fio (bench/engine.py)
+#   make torture every reliability suite at full size, and the figures table
+#   make fuzz    the atheris target over the protocol decoder (FUZZ_SECONDS)
+#   make install the package, units, sysusers/tmpfiles and config (DESTDIR-aware)
+#   make doctor  check this host (io_uring, O_DIRECT, memlock)
 #   make clean   remove build outputs (keeps ./var data)
 #
 # Set-up is idempotent: liburing-dev from apt when <liburing.h> is missing,
