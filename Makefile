@@ -101,6 +101,7 @@ bench-engine: setup
 	$(PY) bench/engine.py
 
 torture: setup
+	@$(PY) -c "import atheris" 2>/dev/null || $(PIP) install -q atheris
 	$(PY) tests/torture.py
 
 doctor: setup

@@ -31,6 +31,7 @@ SUITES = [
     ("killloop", []),
     ("fuzzwire", []),
     ("soak", []),
+    ("fuzz/fuzz_protocol", ["--seconds", "60"]),  # atheris (make torture installs it)
 ]
 
 
