@@ -37,19 +37,7 @@ class Allocator:
 
         Raises ``ValueError`` when two used extents overlap or one lies outside the range.
         """
-        self = cls(first, count, free_all=False)
-        pos = first
-        end_all = first + count
-        for start, n in sorted(e for e in used if e[1] > 0):
-            if start < pos or start + n > end_all:
-                raise ValueError(f"allocator: used extent ({start}, {n}) overlaps another or lies outside "
-                                 f"pages [{first}, {end_all})")
-            if start > pos:
-                self._insert(pos, start - pos)
-            pos = start + n
-        if pos < end_all:
-            self._insert(pos, end_all - pos)
-        return self
+        return cls.from_used_packed(first, count, [start << 32 | n for start, n in used if n > 0])
 
     @classmethod
     def from_used_packed(cls, first: int, count: int, used: list[int]) -> "Allocator":
