@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import shutil
 import uuid
@@ -169,5 +170,135 @@ def test_misaligned_raises_before_queueing_and_cancel_releases_buffer(dfile, kin
         assert aio.engine.free_buffers == 4
         assert await aio.read(0, 4096) == data[:4096]
         aio.close()
+
+    asyncio.run(main())
+
+
+# -- AsyncEngine.read fast path (one buffer; several buffers within a quarter of the pool) ----------
+
+
+def test_read_fast_path_takes_no_wait_and_returns_the_buffer(dfile, kind):
+    df, data = dfile
+
+    async def main():
+        aio = make(kind, df, buffer_count=8, buffer_size=65536)
+        assert await aio.read(12288, 100) == data[12288:12388]  # one buffer, rounded up to a block
+        assert await aio.read(0, 65536) == data[:65536]  # exactly one buffer
+        assert await aio.read(65536, 2 * 65536 - 4096) == data[65536 : 65536 + 2 * 65536 - 4096]  # two buffers
+        assert aio.buffer_waits == 0 and aio.queue_waits == 0
+        assert aio.engine.free_buffers == 8 and aio.engine.in_flight == 0
+        aio.close()
+
+    asyncio.run(main())
+
+
+def test_read_fast_path_falls_back_to_waiting_when_the_pool_is_short(dfile, kind):
+    df, data = dfile
+
+    async def main():
+        aio = make(kind, df, buffer_count=4, buffer_size=65536)
+        held = await aio.lease(4)
+        t = asyncio.ensure_future(aio.read(4096, 4096))
+        await asyncio.sleep(0)
+        assert not t.done() and aio.buffer_waits == 1
+        aio.release(held[0])
+        assert await t == data[4096:8192]
+        aio.release(*held[1:])
+        assert aio.engine.free_buffers == 4
+        aio.close()
+
+    asyncio.run(main())
+
+
+def test_read_fast_path_misaligned_offset_raises_and_keeps_the_pool(dfile, kind):
+    df, _ = dfile
+
+    async def main():
+        aio = make(kind, df, buffer_count=8, buffer_size=65536)
+        with pytest.raises(Misaligned):
+            await aio.read(100, 4096)
+        with pytest.raises(Misaligned):
+            await aio.read(100, 3 * 65536)
+        assert aio.engine.pending == 0 and aio.engine.free_buffers == 8
+        aio.close()
+
+    asyncio.run(main())
+
+
+def test_read_fast_path_short_read_past_eof_is_eio(dfile, kind):
+    df, data = dfile
+
+    async def main():
+        aio = make(kind, df, buffer_count=8, buffer_size=65536)
+        end = len(data)
+        with pytest.raises(OSError) as ei:
+            await aio.read(end - 4096, 8192)  # one buffer, half of it past the end of the file
+        assert ei.value.errno == errno.EIO and "short" in str(ei.value)
+        with pytest.raises(OSError) as ei:
+            await aio.read(end - 65536, 3 * 65536)  # several buffers, the last two past the end
+        assert ei.value.errno == errno.EIO
+        assert aio.engine.free_buffers == 8 and aio.engine.in_flight == 0
+        assert await aio.read(end - 4096, 4096) == data[-4096:]
+        aio.close()
+
+    asyncio.run(main())
+
+
+def test_read_fast_path_failed_cqe_raises_its_oserror(dfile, kind):
+    from ringblob.engine.faulty import FaultyEngine
+
+    df, data = dfile
+
+    async def main():
+        eng = FaultyEngine(open_engine(kind, [df.fd], block_size=df.block_size, buffer_count=8, buffer_size=65536))
+        aio = AsyncEngine(eng)
+        eng.fail_next("read")
+        with pytest.raises(OSError) as ei:
+            await aio.read(8192, 4096)
+        assert ei.value.errno == errno.EIO
+        eng.fail_next("read", 2)  # the second buffer's op of a two-buffer read
+        with pytest.raises(OSError) as ei:
+            await aio.read(0, 2 * 65536)
+        assert ei.value.errno == errno.EIO
+        assert await aio.read(8192, 4096) == data[8192:12288]
+        assert eng.free_buffers >= 7  # the wrapper keeps one scratch buffer after injecting
+        aio.close()
+
+    asyncio.run(main())
+
+
+def test_read_fast_path_cancelled_read_returns_its_buffer_after_the_cqe(dfile, kind):
+    df, data = dfile
+
+    async def main():
+        aio = make(kind, df, buffer_count=4, buffer_size=65536)
+        t = asyncio.ensure_future(aio.read(0, 4096))
+        await asyncio.sleep(0)  # queued (and submitted at the end of this turn)
+        t.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await t
+        for _ in range(200):
+            if aio.engine.free_buffers == 4 and aio.engine.in_flight == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert aio.engine.free_buffers == 4
+        assert await aio.read(4096, 4096) == data[4096:8192]
+        aio.close()
+
+    asyncio.run(main())
+
+
+def test_read_after_close_raises_engine_closed(dfile, kind):
+    from ringblob.errors import EngineClosed
+
+    df, _ = dfile
+
+    async def main():
+        aio = make(kind, df)
+        aio.close()
+        with pytest.raises(EngineClosed):
+            await aio.read(0, 4096)
+        with pytest.raises(EngineClosed):
+            await aio.read(0, 3 * aio.buffer_size)
 
     asyncio.run(main())

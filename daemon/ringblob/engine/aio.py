@@ -272,7 +272,21 @@ class AsyncEngine:
         await self._reserve(len(ops))
         self._check_open("run")
         futs = self._queue(ops, link)
-        return list(await asyncio.gather(*futs))
+        return await self._gather(futs)
+
+    @staticmethod
+    async def _gather(futs: list) -> list:
+        """Await ``futs`` in order (cheaper than ``asyncio.gather``: no wrapper future, no
+        callback per op); on cancellation the rest are cancelled too, as gather would."""
+        out = []
+        try:
+            for fut in futs:
+                out.append(await fut)
+        except BaseException:
+            for fut in futs:
+                fut.cancel()  # no-op for those already done; _on_ready skips cancelled ones
+            raise
+        return out
 
     # -- helpers ----------------------------------------------------------------
 
@@ -280,37 +294,119 @@ class AsyncEngine:
         """Buffers (and ops) one helper call uses at a time: a quarter of the pool, below the queue depth."""
         return max(1, min(self.buffer_count // 4, self.queue_depth - 1))
 
+    def _try_lease(self, n: int) -> list | None:
+        """``n`` buffers now when the pool has them, nobody waits for buffers and the queue
+        depth has room for ``n`` more ops; else ``None`` (take the awaiting path)."""
+        eng = self.engine
+        if (self._buf_waiters or self._slot_waiters or self._closed or eng.free_buffers < n
+                or eng.in_flight + eng.pending + n > self.queue_depth):
+            return None
+        if n == 1:
+            return [eng.lease()]
+        return [eng.lease() for _ in range(n)]
+
+    def _queue_reads(self, bufs: list, offset: int, alen: int) -> list:
+        """Queue one READ_FIXED per buffer for ``alen`` bytes at ``offset`` (block multiples, as
+        the caller computed them: the engine itself refuses a misaligned op with
+        :class:`Misaligned` before queueing it); returns one future per op, in order."""
+        eng = self.engine
+        loop = self.loop
+        futs = []
+        bsz = self.buffer_size
+        pos = 0
+        for b in bufs:
+            cl = alen - pos if alen - pos < bsz else bsz
+            tag = next(self._tags)
+            eng.read_fixed(b, offset + pos, cl, tag)
+            fut = loop.create_future()
+            self._futs[tag] = fut
+            self._unsubmitted.append(tag)
+            futs.append(fut)
+            pos += cl
+        self.ops += len(bufs)
+        if self._flush_handle is None:
+            self._flush_handle = loop.call_soon(self._flush)
+        return futs
+
+    def _release_now(self, bufs: list) -> None:
+        """:meth:`release` for buffers whose ops completed (the common case), deferring any still in flight."""
+        eng = self.engine
+        if self._closed:
+            return
+        for b in bufs:
+            if b.in_flight:
+                self._deferred.append(b)
+            else:
+                eng.release(b)
+        if self._buf_waiters:
+            self._wake_buffers()
+
     async def read(self, offset: int, length: int) -> bytes:
         """Read ``length`` bytes at ``offset`` (a multiple of the block size) into new ``bytes``.
 
-        The read is rounded up to whole blocks. Raises ``OSError`` (EIO for a
-        read past the end of the file).
+        The read is rounded up to whole blocks. A read that fits a quarter of
+        the pool takes the fast path: its buffers are leased without waiting
+        when the pool has them, one READ_FIXED per buffer is queued for this
+        loop turn's submit and its future awaited directly, and the buffers
+        are copied once into the returned ``bytes``. Larger reads go window by
+        window through a ``bytearray``. Raises ``OSError`` (EIO for a read
+        past the end of the file or a short read), :class:`Misaligned` for an
+        ``offset`` that is not a block multiple, :class:`EngineClosed` after
+        :meth:`close`.
         """
-        if length == 0:
-            return b""
+        if length <= 0:
+            if length == 0:
+                return b""
+            raise ValueError(f"read: negative length {length}")
         bs, bsz = self.block_size, self.buffer_size
         alen = -(-length // bs) * bs
+        if alen <= bsz:  # one buffer: the 4 KiB GET
+            bufs = self._try_lease(1)
+            if bufs is None:
+                self._check_open("read")
+                bufs = await self.lease(1)
+                try:
+                    await self._reserve(1)
+                    self._check_open("read")
+                except BaseException:
+                    self.release(*bufs)
+                    raise
+            try:
+                (fut,) = self._queue_reads(bufs, offset, alen)
+                res = await fut
+                if res != alen:
+                    check_result(res, alen, f"read_fixed at offset {offset}")
+                with bufs[0].view[:length] as v:
+                    return bytes(v)
+            finally:
+                self._release_now(bufs)
         n = -(-alen // bsz)
         if n <= self._window():
-            bufs = await self.lease(n)
+            bufs = self._try_lease(n)
+            if bufs is None:
+                self._check_open("read")
+                bufs = await self.lease(n)
+                try:
+                    await self._reserve(n)
+                    self._check_open("read")
+                except BaseException:
+                    self.release(*bufs)
+                    raise
             try:
-                ops = []
-                for i, b in enumerate(bufs):
+                futs = self._queue_reads(bufs, offset, alen)
+                res = await self._gather(futs)
+                for i, r in enumerate(res):
                     cl = min(bsz, alen - i * bsz)
-                    ops.append((READ, b, offset + i * bsz, cl, 0))
-                res = await self.run(ops)
-                for op, r in zip(ops, res):
-                    check_result(r, op[3], f"read_fixed at offset {op[2]}")
-                if n == 1:
-                    return bytes(bufs[0].view[:length])
+                    if r != cl:
+                        check_result(r, cl, f"read_fixed at offset {offset + i * bsz}")
                 views = [b.view[: min(bsz, length - i * bsz)] for i, b in enumerate(bufs)]
                 try:
-                    return b"".join(views)
+                    return b"".join(views)  # the one copy out of the fixed buffers
                 finally:
                     for v in views:
                         v.release()
             finally:
-                self.release(*bufs)
+                self._release_now(bufs)
         out = bytearray(length)
         w = self._window()
         pos = 0
