@@ -178,7 +178,8 @@ def test_put_many_sync_is_one_ring_turn_and_get_many(tdir, engine):
         await s.put_many(items, sync=True)
         after = s.stat()["engine_counters"]
         assert after["fdatasyncs"] - before["fdatasyncs"] == 1
-        assert after["enters"] - before["enters"] == 1  # data writes, journal write, fdatasync: one submit
+        # the data writes and the journal write in one submit, the fdatasync in a second
+        assert after["enters"] - before["enters"] == 2
         assert not s.needs_flush
         got = await s.get_many([k for k, _ in items] + [b"missing"])
         assert got[:-1] == [v for _, v in items] and got[-1] is None
@@ -713,6 +714,108 @@ def test_eio_turns_store_read_only_and_reopen_recovers(tdir, engine, kind):
         for i in range(5):  # failed requests: absent or their full value, never anything else
             if s.has(b"s%d" % i):
                 assert await s.get(b"s%d" % i) == b"v"
+        await s.close()
+
+    run(main())
+
+
+class _OrderRecorder:
+    """Engine wrapper that records, per op, its kind, link flag and which writes had completed
+    (been reaped) when it was queued."""
+
+    def __init__(self, inner):
+        self._inner = inner
+        self.log = []  # ("write"|"fdatasync", link, tag, frozenset of reaped write tags)
+        self._queued = set()
+        self._reaped = set()
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+    def write_fixed(self, buf, offset, length, tag, **kw):
+        self.log.append(("write", kw.get("link", False), tag, frozenset(self._reaped)))
+        self._queued.add(tag)
+        return self._inner.write_fixed(buf, offset, length, tag, **kw)
+
+    def fdatasync(self, tag, **kw):
+        self.log.append(("fdatasync", kw.get("link", False), tag, frozenset(self._reaped)))
+        return self._inner.fdatasync(tag, **kw)
+
+    def _seen(self, cqes):
+        for tag, res in cqes:
+            if tag in self._queued and not isinstance(res, BaseException):
+                self._reaped.add(tag)
+        return cqes
+
+    def reap(self, max_cqes=256):
+        return self._seen(self._inner.reap(max_cqes))
+
+    def wait(self, min_complete=1, timeout=None):
+        return self._seen(self._inner.wait(min_complete, timeout))
+
+
+def test_group_commit_writes_unlinked_then_fdatasync_after_all_completed(tdir, engine):
+    """The round's data and journal writes go out unlinked (they may run in parallel); its
+    fdatasync is queued only after every one of them completed."""
+    holder = {}
+
+    def wrap(e):
+        holder["e"] = _OrderRecorder(e)
+        return holder["e"]
+
+    async def main():
+        p = os.path.join(tdir, "d")
+        s = await BlobStore.create(p, 16 * MiB, engine=engine, wrap_engine=wrap)
+        rec = holder["e"]
+        rec.log.clear()
+        await asyncio.gather(*(s.put(b"k%03d" % i, os.urandom(5000 + 3 * i), sync=True) for i in range(24)))
+        await s.put_many([(b"m%d" % i, os.urandom(200)) for i in range(10)], sync=True)
+        await s.put(b"lazy", b"x")
+        await s.flush()
+        writes = [e for e in rec.log if e[0] == "write"]
+        syncs = [e for e in rec.log if e[0] == "fdatasync"]
+        assert len(writes) >= 3 and syncs
+        assert not any(e[1] for e in rec.log), "no op of a commit is linked"
+        for i, e in enumerate(rec.log):
+            if e[0] == "fdatasync":
+                before = {w[2] for w in rec.log[:i] if w[0] == "write"}
+                assert before <= e[3], "an fdatasync went out before every earlier write completed"
+        await s.close()
+        s = await BlobStore.open(p, engine=engine)
+        assert len(await s.get(b"k023")) == 5000 + 3 * 23 and await s.get(b"lazy") == b"x"
+        await s.close()
+
+    run(main())
+
+
+def test_failed_data_write_issues_no_fdatasync(tdir, engine):
+    """A write of the round fails: the fdatasync is never issued, every request of the round
+    fails with IOFailed and the store turns read-only; reopening drops the round's records
+    (their data did not land) and keeps everything durable before it."""
+
+    async def main():
+        p = os.path.join(tdir, "d")
+        s = await BlobStore.create(p, 8 * MiB, engine=engine)
+        await s.put(b"kept", b"durable", sync=True)
+        await s.close()
+        holder, wrap = _faulty_open(p, engine)
+        s = await BlobStore.open(p, engine=engine, wrap_engine=wrap)
+        fe = holder["e"]
+        syncs = fe.fdatasyncs
+        fe.fail_next("write")  # the first write of the round: a data write (the journal write comes last)
+        results = await asyncio.gather(*(s.put(b"s%d" % i, b"v%d" % i * 700, sync=True) for i in range(4)),
+                                       return_exceptions=True)
+        assert all(isinstance(r, (IOFailed, ReadOnly)) for r in results)
+        assert any(isinstance(r, IOFailed) and r.errno == errno.EIO for r in results)
+        assert fe.fdatasyncs == syncs, "an fdatasync was issued after a failed write"
+        assert s.read_only
+        await s.close()
+        s = await BlobStore.open(p, engine=engine)
+        assert await s.get(b"kept") == b"durable"
+        for i in range(4):  # absent, or (a value that landed after all) its full bytes
+            if s.has(b"s%d" % i):
+                assert await s.get(b"s%d" % i) == b"v%d" % i * 700
+        await s.put(b"after", b"x", sync=True)
         await s.close()
 
     run(main())

@@ -15,7 +15,11 @@ turns the data file into one state the medium could hold after a power cut,
 in the manner of SQLite's crash VFS: every write not covered by a completed
 fdatasync is first undone, then a random subset of them is applied again in a
 random order, each 4 KiB sector of each write independently written, dropped
-or filled with garbage. The same seed gives the same image.
+or filled with garbage. The same seed gives the same image. No order among
+unsynced writes is assumed — not queue order, not link order, not completion
+order: a journal batch may survive a power cut without the data writes
+queued (or linked) before it, which is why recovery verifies every record
+above the durable point.
 
 Used by the power-loss suite (tests/test_powerloss.py and ``make torture``);
 it is test machinery, not part of the daemon's I/O path.
