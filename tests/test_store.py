@@ -1154,3 +1154,86 @@ def test_extents_freed_by_replay_are_reused_only_after_the_durable_point_is_reco
         await s.close()
 
     run(main())
+
+
+# -- zero fill at format time -------------------------------------------------------------
+
+
+def _unwritten_extents(path: str) -> int | None:
+    """Extents of ``path`` flagged unwritten (FIEMAP), or None when the file system has no FIEMAP."""
+    import fcntl
+    import struct
+
+    fs_ioc_fiemap = 0xC020660B
+    count = 4096
+    hdr = struct.Struct("=QQIIII")
+    ext = struct.Struct("=QQQQQIIII")
+    buf = bytearray(hdr.size + count * ext.size)
+    hdr.pack_into(buf, 0, 0, 0xFFFFFFFFFFFFFFFF, 1, 0, count, 0)  # FIEMAP_FLAG_SYNC
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.ioctl(fd, fs_ioc_fiemap, buf)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    mapped = hdr.unpack_from(buf, 0)[3]
+    return sum(1 for i in range(mapped) if ext.unpack_from(buf, hdr.size + i * ext.size)[5] & 0x800)
+
+
+@pytest.mark.parametrize("zero_fill", [True, False])
+def test_format_zero_fills_a_regular_file(tdir, engine, zero_fill, caplog):
+    """A new regular data file is written with zeros in full at format time (no unwritten extent
+    left, one log line with the time); zero_fill=False leaves the fallocated extents as they are."""
+    import logging
+
+    async def main():
+        p = os.path.join(tdir, "d")
+        with caplog.at_level(logging.INFO, logger="ringblob.store"):
+            s = await BlobStore.create(p, 32 * MiB, engine=engine, zero_fill=zero_fill)
+        await s.put(b"a", os.urandom(10000), sync=True)
+        await s.close()
+        logged = [r.getMessage() for r in caplog.records if "zero-filled" in r.getMessage()]
+        unwritten = _unwritten_extents(p)
+        if zero_fill:
+            assert len(logged) == 1 and "32 MiB in" in logged[0]
+            if unwritten is not None:
+                assert unwritten == 0
+            with open(p, "rb") as f:
+                f.seek(20 * MiB)
+                assert f.read(MiB) == bytes(MiB)  # the data area reads as zeros
+        else:
+            assert not logged
+            if unwritten is not None and _fs_type(p) == "ext4":
+                assert unwritten > 0  # the check above can fail: fallocate leaves unwritten extents
+        s = await BlobStore.open(p, engine=engine)
+        assert len(await s.get(b"a")) == 10000
+        await s.close()
+
+    run(main())
+
+
+def _fs_type(path: str) -> str:
+    out = subprocess.run(["stat", "-f", "-c", "%T", path], capture_output=True, text=True).stdout.strip()
+    return "ext4" if out in ("ext2/ext3", "ext4") else out
+
+
+def test_failed_zero_fill_fails_create_and_the_next_open_formats_again(tdir):
+    """A write error while zero-filling: create raises IOFailed and writes no superblock, so the
+    next open(create_size=...) formats the file again."""
+
+    async def main():
+        p = os.path.join(tdir, "d")
+        holder, wrap = _faulty_open(p, "psync", fail_write=5)
+        with pytest.raises(IOFailed):
+            await BlobStore.create(p, 16 * MiB, engine="psync", wrap_engine=wrap)
+        with open(p, "rb") as f:
+            assert not any(f.read(8192))  # no superblock in either slot
+        s = await BlobStore.open(p, engine="psync", create_size=16 * MiB)
+        await s.put(b"k", b"v", sync=True)
+        await s.close()
+        s = await BlobStore.open(p, engine="psync")
+        assert await s.get(b"k") == b"v"
+        await s.close()
+
+    run(main())

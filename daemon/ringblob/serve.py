@@ -149,6 +149,7 @@ def run(args: argparse.Namespace) -> int:
             buffer_size=settings.buffer_size,
             buffer_count=settings.buffer_count,
             queue_depth=settings.queue_depth,
+            zero_fill=settings.zero_fill,
             observer=metrics,
         )
         engine[0] = _engine_name(store)
