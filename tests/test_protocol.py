@@ -275,3 +275,44 @@ def test_fuzz_mutated_valid_frames(ops, data):
             assert exc.request_id == frame.request_id
         else:
             assert req.op == frame.opcode
+
+
+def _same_request(a: p.Request, b: p.Request) -> bool:
+    fields = ("op", "request_id", "flags", "key", "prefix", "start_after", "limit", "items", "keys")
+    return all(getattr(a, f) == getattr(b, f) for f in fields) and bytes(a.value) == bytes(b.value)
+
+
+@given(
+    st.sampled_from([int(o) for o in p.Op] + [0, 12, 200]),
+    st.sampled_from([0, p.FLAG_SYNC, p.FLAG_VERIFY, p.FLAG_SYNC | p.FLAG_VERIFY, 0x8000]),
+    st.one_of(
+        st.binary(max_size=40),
+        st.builds(lambda k, v: bytes([len(k)]) + k + v, st.binary(max_size=20), st.binary(max_size=20)),
+    ),
+    st.booleans(),
+)
+@settings(max_examples=600, deadline=None)
+def test_parse_request_fast_paths_agree_with_the_checked_parser(opcode, flags, body, as_view):
+    # the server's large frames arrive as read-only memoryviews; the fast paths must give the same request
+    frame = p.Frame(opcode, flags, 9, memoryview(body).toreadonly() if as_view else body)
+    try:
+        got = p.parse_request(frame)
+    except errors.ProtocolError as exc:
+        got = exc
+    try:
+        want = p._parse_checked(frame, p.Op(opcode)) if opcode in p._OP_BY_CODE else None
+    except errors.ProtocolError as exc:
+        want = exc
+    if want is None:
+        assert isinstance(got, errors.ProtocolError) and "unknown opcode" in str(got)
+    elif isinstance(want, Exception):
+        assert type(got) is type(want) and str(got) == str(want)
+    else:
+        assert _same_request(got, want)
+        assert type(got.key) is bytes
+
+
+def test_put_value_of_a_view_body_stays_a_view():
+    body = memoryview(b"\x01k" + b"v" * 100000).toreadonly()
+    req = p.parse_request(p.Frame(p.Op.PUT, p.FLAG_SYNC, 3, body))
+    assert req.key == b"k" and isinstance(req.value, memoryview) and bytes(req.value) == b"v" * 100000

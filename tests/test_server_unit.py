@@ -742,3 +742,29 @@ def test_list_pages_are_capped_by_the_server(sockdir):
         await srv.shutdown()
 
     run(main())
+
+
+def test_served_requests_leave_the_task_set_and_counters_at_zero(sockdir):
+    # request tasks remove themselves from Server._tasks when they end (no done callback per request)
+    async def main():
+        store = FakeStore()
+        srv = await start(sockdir, store)
+        c = await Conn.open(srv.socket_path)
+        c.send(*(P.encode_put(i, b"k%d" % i, b"v%d" % i) for i in range(1, 21)))
+        c.send(*(P.encode_get(100 + i, b"k%d" % i) for i in range(1, 21)))
+        c.send(P.encode_get(200, b"missing"), P.encode_frame(P.Op.GET, 201, b"\x00"))  # empty key
+        got = {}
+        for _ in range(42):
+            f = await c.recv()
+            got[f.request_id] = f
+        assert all(got[i].status == 0 for i in range(1, 21))
+        assert all(got[100 + i].body == b"v%d" % i for i in range(1, 21))
+        assert got[200].status == errors.NotFound.code and got[201].status == errors.InvalidKey.code
+        await asyncio.sleep(0)
+        assert not srv._tasks and srv.in_flight == 0
+        conn = next(iter(srv.connections))
+        assert conn.in_flight == 0 and conn.reply_reserved == 0 and conn.out_total == 0
+        await c.close()
+        await srv.shutdown()
+
+    run(main())

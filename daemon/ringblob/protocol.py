@@ -114,6 +114,8 @@ class Op(IntEnum):
 
 
 _KNOWN_OPS = frozenset(int(o) for o in Op)
+_OP_BY_CODE = {int(o): o for o in Op}  # opcode byte -> Op without Op()'s enum machinery
+_KEY_OPS = frozenset((Op.GET, Op.HAS, Op.DELETE))
 _FLAGS_ALLOWED = {
     Op.PUT: FLAG_SYNC | FLAG_VERIFY,
     Op.DELETE: FLAG_SYNC,
@@ -488,7 +490,8 @@ class _Reader:
         return _U32.unpack(self.take(4, what))[0]
 
     def short(self, what: str) -> bytes:
-        return self.take(self.u8(what + " length"), what)
+        out = self.take(self.u8(what + " length"), what)
+        return out if type(out) is bytes else bytes(out)  # keys are bytes even from a memoryview body
 
     def rest(self) -> bytes:
         out = self.data[self.pos :] if self.pos else self.data
@@ -509,11 +512,32 @@ def parse_request(frame: Frame) -> Request:
     is left to the store, which answers :class:`~ringblob.errors.InvalidKey`.
     """
     opcode = frame.opcode
-    if opcode not in _KNOWN_OPS:
+    op = _OP_BY_CODE.get(opcode)
+    if op is None:
         raise _protocol_error(
             ProtocolError, f"unknown opcode {opcode} in request {frame.request_id}", frame.request_id, opcode
         )
-    op = Op(opcode)
+    body = frame.body
+    if not frame.flags:  # fast paths of the hot requests; anything unusual takes the checked path below
+        if op in _KEY_OPS:
+            n = len(body)
+            if n > 1 and body[0] == n - 1:
+                key = body[1:]
+                return Request(op, frame.request_id, 0, key if type(key) is bytes else bytes(key))
+        elif op is Op.PING:
+            return Request(op, frame.request_id, 0, value=body)
+    if op is Op.PUT and body and len(body) > body[0] and not frame.flags & ~_FLAGS_ALLOWED[op]:
+        k = body[0] + 1
+        key = body[1:k]
+        # a large body arrives as a read-only memoryview (see FrameDecoder): the value stays a view
+        return Request(op, frame.request_id, frame.flags, key if type(key) is bytes else bytes(key), body[k:])
+    return _parse_checked(frame, op)
+
+
+def _parse_checked(frame: Frame, op: Op) -> Request:
+    """The general request parser (every op, every error); :func:`parse_request` takes
+    shortcuts for well-formed GET/HAS/DELETE/PING/PUT bodies that give the same result."""
+    opcode = frame.opcode
     if frame.flags & ~_FLAGS_ALLOWED.get(op, 0):
         raise _protocol_error(
             ProtocolError,

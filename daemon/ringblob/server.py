@@ -91,6 +91,12 @@ def _sd_watchdog_interval() -> float | None:
 
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 _OP_NAMES = {op: P.op_name(op) for op in P.Op}
+_GET = P.Op.GET
+_MGET = P.Op.MGET
+_HEADER_PACK = P.HEADER.pack
+_MAGIC, _VERSION, _HEADER_SIZE = P.MAGIC, P.VERSION, P.HEADER_SIZE
+_perf_counter = time.perf_counter
+_current_task = asyncio.current_task
 
 
 @dataclass
@@ -317,7 +323,8 @@ class _Connection(asyncio.Protocol):
         self.reply_reserved = 0  # bytes of GET/MGET replies dispatched and not yet queued for writing
         self.held: P.Request | None = None  # decoded, waiting for the reply-byte budget
         self.out: list = []
-        self.out_bytes = 0  # reply bytes queued this loop turn, not yet handed to the transport
+        self.out_bytes = 0  # reply body bytes queued this loop turn, not yet handed to the transport
+        self.out_total = 0  # the same with the frame headers: what the next writelines sends
         self.stalled = False
         self.flush_scheduled = False
         self.paused = 0
@@ -394,6 +401,7 @@ class _Connection(asyncio.Protocol):
         self.closed = True
         self.closing = True
         self.out.clear()
+        self.out_bytes = self.out_total = 0
         if self.idle_handle is not None:
             self.idle_handle.cancel()
             self.idle_handle = None
@@ -413,6 +421,7 @@ class _Connection(asyncio.Protocol):
         """Dispatch every complete buffered frame, up to the in-flight limits."""
         srv = self.server
         cfg = srv.config
+        value_size = srv._value_size
         while not self.closing:
             if self.paused & _P_WRITE:
                 return  # replies pile up unsent: dispatch nothing more until the client reads
@@ -438,7 +447,18 @@ class _Connection(asyncio.Protocol):
                 except ProtocolError as exc:
                     self._protocol_error(exc)
                     return
-            cost = srv._reply_cost(req) if not srv.stopping else 0
+            op = req.op
+            if srv.stopping:
+                cost = 0
+            elif op is _GET and value_size is not None:  # Server._reply_cost of a GET, inline
+                try:
+                    cost = (value_size(req.key) or 0) + _HEADER_SIZE
+                except Exception:
+                    cost = _HEADER_SIZE
+            elif op is _MGET:
+                cost = srv._reply_cost(req)
+            else:
+                cost = 0
             if cost and self.reply_reserved and self.reply_reserved + cost > cfg.write_high_water:
                 # the values being read for this client would pass its budget: wait for them
                 self.held = req
@@ -450,7 +470,7 @@ class _Connection(asyncio.Protocol):
                                   ServerShuttingDown.code)
                 srv.metrics.observe_request(_OP_NAMES[req.op], ServerShuttingDown.code, 0.0)
                 continue
-            inline = srv._inline.get(req.op)
+            inline = srv._inline.get(op)
             if inline is not None:  # answered without touching the ring: no task needed
                 self._serve_inline(inline, req)
                 continue
@@ -458,9 +478,8 @@ class _Connection(asyncio.Protocol):
             srv.in_flight += 1
             srv.metrics.in_flight.inc()
             self.reply_reserved += cost
-            task = self.loop.create_task(self._serve(req, cost))
-            srv._tasks.add(task)
-            task.add_done_callback(srv._tasks.discard)
+            # the task leaves srv._tasks itself when _serve ends (no done callback per request)
+            srv._tasks.add(self.loop.create_task(self._serve(req, cost)))
         self._unpause(_P_CONN | _P_TOTAL)
         if self.eof:
             self._maybe_close()
@@ -492,11 +511,15 @@ class _Connection(asyncio.Protocol):
 
     async def _serve(self, req: P.Request, cost: int = 0) -> None:
         srv = self.server
-        t0 = time.perf_counter()
+        t0 = _perf_counter()
         try:
-            parts = await srv._handlers[req.op](req)
+            if req.op is _GET:  # the hot path: Server._op_get without its own coroutine
+                parts = [await srv.store.get(req.key)]
+            else:
+                parts = await srv._handlers[req.op](req)
             status = 0
         except asyncio.CancelledError:
+            srv._tasks.discard(_current_task())
             parts, status = [b"request cancelled: the daemon is shutting down"], ServerShuttingDown.code
             self._finish(req, parts, status, t0, cost)
             raise
@@ -505,6 +528,7 @@ class _Connection(asyncio.Protocol):
             if status == 1:
                 log.exception("internal error serving %s request %d", req.op.name, req.request_id)
             parts = [message.encode("utf-8", "replace")]
+        srv._tasks.discard(_current_task())
         self._finish(req, parts, status, t0, cost)
 
     def _finish(self, req: P.Request, parts: list, status: int, t0: float, cost: int = 0) -> None:
@@ -516,7 +540,7 @@ class _Connection(asyncio.Protocol):
             message = (f"the {req.op.name} reply cannot be sent: {exc}; ask for fewer keys per request "
                        "(or GET the large values one by one)")
             self._queue_reply(req.op, req.request_id, [message.encode()], status)
-        srv.metrics.observe_request(_OP_NAMES[req.op], status, time.perf_counter() - t0)
+        srv.metrics.observe_request(_OP_NAMES[req.op], status, _perf_counter() - t0)
         self.in_flight -= 1
         self.reply_reserved -= cost
         srv.in_flight -= 1
@@ -531,12 +555,21 @@ class _Connection(asyncio.Protocol):
     # -- writing --
 
     def _queue_reply(self, opcode: int, request_id: int, parts: list, status: int) -> None:
+        """Queue a reply frame (header + ``parts``, no copy of the parts) for this turn's writelines.
+
+        Raises :class:`FrameTooLarge` when the body is over the u32 body_length."""
         if self.closed:
             return
-        frame = P.encode_reply_parts(opcode, request_id, parts, status)
-        self.out.extend(frame)
+        n = 0
         for b in parts:
-            self.out_bytes += len(b)
+            n += len(b)
+        if n > 0xFFFFFFFF:
+            raise FrameTooLarge(f"frame body of {n} bytes cannot be encoded (the limit is 4 GiB - 1)")
+        out = self.out
+        out.append(_HEADER_PACK(_MAGIC, _VERSION, opcode, status, request_id, n))
+        out += parts
+        self.out_bytes += n
+        self.out_total += n + _HEADER_SIZE
         if not self.flush_scheduled:
             self.flush_scheduled = True
             self.loop.call_soon(self._flush_out)
@@ -546,13 +579,12 @@ class _Connection(asyncio.Protocol):
         self.flush_scheduled = False
         if self.closed or self.transport is None:
             self.out.clear()
+            self.out_bytes = self.out_total = 0
             return
         out, self.out = self.out, []
-        self.out_bytes = 0
+        n = self.out_total
+        self.out_bytes = self.out_total = 0
         if out:
-            n = 0
-            for b in out:
-                n += len(b)
             self.transport.writelines(out)
             self.server.metrics.sent_bytes.inc(n)
             self.last_activity = self.loop.time()
