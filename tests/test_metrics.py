@@ -159,3 +159,56 @@ def test_http_endpoint_serves_metrics_and_404():
         await srv.wait_closed()
 
     asyncio.run(main())
+
+
+def test_hot_path_series_match_what_prometheus_client_objects_would_export():
+    # the per-request series are plain ints handed over at scrape time; the exposition must be the
+    # one the Counter/Histogram/Gauge they replace would give: names, types, labels, buckets, values
+    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+    from ringblob.metrics import _LATENCY_BUCKETS, _OPS
+
+    ref = CollectorRegistry()
+    rq = Counter("ringblob_requests", "Requests answered, by operation and status", ["op", "status"], registry=ref)
+    rd = Histogram("ringblob_request_duration_seconds",
+                   "Request latency (frame decoded to reply queued) in seconds, by operation", ["op"],
+                   buckets=_LATENCY_BUCKETS, registry=ref)
+    inf = Gauge("ringblob_requests_in_flight", "Requests being served now", registry=ref)
+    rb = Counter("ringblob_received_bytes", "Bytes read from client sockets", registry=ref)
+    sb = Counter("ringblob_sent_bytes", "Bytes written to client sockets", registry=ref)
+    for op in _OPS:
+        rq.labels(op, "ok")
+        rd.labels(op)
+    m = Metrics()
+    events = [("get", 0, 0.00005), ("get", 0, 0.0000501), ("get", errors.NotFound.code, 0.0001),
+              ("put", 0, 0.3), ("put", errors.NoSpace.code, 11.0), ("mget", 0, 0.0), ("ping", 0, 2.5),
+              ("get", 0, 1e-9), ("op42", 1, 0.002)]
+    for op, code, sec in events:
+        m.observe_request(op, code, sec)
+        rq.labels(op, status_label(code)).inc()
+        rd.labels(op).observe(sec)
+    m.requests_in_flight += 3
+    m.requests_in_flight -= 1
+    inf.inc(3)
+    inf.dec()
+    m.bytes_received += 12345
+    rb.inc(12345)
+    m.bytes_sent += 678
+    sb.inc(678)
+
+    def fams(text):
+        out = {}
+        for fam in text_string_to_metric_families(text):
+            out[fam.name] = (fam.type, fam.documentation,
+                             {(s.name, tuple(sorted(s.labels.items()))): (None if s.name.endswith("_created") else s.value)
+                              for s in fam.samples})
+        return out
+
+    from prometheus_client.exposition import generate_latest
+
+    want = fams(generate_latest(ref).decode())
+    got = fams(m.render().decode())
+    for name, fam in want.items():
+        assert got[name] == fam, name
+    assert m.request_count("get") == 3 and m.request_count("get", "not_found") == 1
+    assert m.request_count("put", "no_space") == 1 and m.request_count("has") == 0

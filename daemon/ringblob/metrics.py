@@ -16,7 +16,14 @@ process). It plays two roles:
   :func:`serve_metrics`), so ``stat()`` is never called from another thread.
 
 The server records requests (:meth:`observe_request`), connections, frames
-rejected and bytes on the socket.
+rejected and bytes on the socket. The per-request series (requests, their
+latency, requests in flight, bytes received and sent) are counted in plain
+Python ints and lists on the hot path — no lock per request, as a
+``prometheus_client`` ``Counter.inc`` takes — and handed to
+``prometheus_client`` at scrape time by a collector; their names, types,
+labels and values are those of the ``Counter``/``Histogram``/``Gauge`` they
+replace (``_created`` samples included). The rest are ``prometheus_client``
+objects (they change rarely).
 
 Every series (all names ``ringblob_``-prefixed, base units)::
 
@@ -55,12 +62,16 @@ Every series (all names ``ringblob_``-prefixed, base units)::
 from __future__ import annotations
 
 import asyncio
+import bisect
 import logging
 import re
+import time
 from typing import Any, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.samples import Sample
+from prometheus_client.utils import floatToGoString
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 __all__ = ["Metrics", "serve_metrics", "status_label"]
@@ -71,6 +82,11 @@ _LATENCY_BUCKETS = (
     0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
 )
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+_LATENCY_BOUNDS = _LATENCY_BUCKETS + (float("inf"),)  # a request's bucket: bisect_left (le is inclusive)
+_LATENCY_LE = tuple(floatToGoString(b) for b in _LATENCY_BOUNDS)
+_NBUCKETS = len(_LATENCY_BOUNDS)
+_OPS = ("put", "get", "has", "delete", "list", "flush", "stat", "ping", "mput", "mget", "needs_flush")
+_bisect_left = bisect.bisect_left
 _CAMEL = re.compile(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])")
 
 
@@ -104,16 +120,33 @@ def _num(*candidates: Any, default: float | None = None) -> float | None:
 
 
 class Metrics:
-    """The daemon's metrics in a private registry (``self.registry``); also the store observer."""
+    """The daemon's metrics in a private registry (``self.registry``); also the store observer.
+
+    Hot-path counters, plain ints the server updates directly (exported at
+    scrape time): ``requests_in_flight`` (``ringblob_requests_in_flight``),
+    ``bytes_received`` (``ringblob_received_bytes_total``, bytes),
+    ``bytes_sent`` (``ringblob_sent_bytes_total``, bytes); requests and their
+    latency go through :meth:`observe_request` (read back with
+    :meth:`request_count`). Use them from the event loop's thread only.
+    """
 
     def __init__(self, registry: CollectorRegistry | None = None):
         self.registry = r = registry if registry is not None else CollectorRegistry()
-        self.requests = Counter("ringblob_requests", "Requests answered, by operation and status", ["op", "status"], registry=r)
-        self.request_duration = Histogram(
-            "ringblob_request_duration_seconds", "Request latency (frame decoded to reply queued) in seconds, by operation",
-            ["op"], buckets=_LATENCY_BUCKETS, registry=r,
-        )
-        self.in_flight = Gauge("ringblob_requests_in_flight", "Requests being served now", registry=r)
+        self.requests_in_flight = 0
+        self.bytes_received = 0
+        self.bytes_sent = 0
+        now = time.time()
+        self._created = now  # of the unlabelled hot counters
+        self._req_counts: dict[tuple[str, int], int] = {}  # (op, status code) -> requests answered
+        self._req_created: dict[tuple[str, str], float] = {}  # (op, status label) -> first seen (unix time)
+        self._durations: dict[str, list] = {}  # op -> [count per bucket (non-cumulative)..., sum of seconds]
+        self._dur_created: dict[str, float] = {}
+        for op in _OPS:
+            self._req_counts[(op, 0)] = 0
+            self._req_created[(op, "ok")] = now
+            self._durations[op] = [0] * _NBUCKETS + [0.0]
+            self._dur_created[op] = now
+        r.register(_RequestCollector(self))
         self.connections = Gauge("ringblob_connections", "Client connections open", registry=r)
         self.connections_accepted = Counter("ringblob_connections_accepted", "Client connections accepted", registry=r)
         self.connections_rejected = Counter(
@@ -122,8 +155,6 @@ class Metrics:
         self.rejected_frames = Counter(
             "ringblob_rejected_frames", "Frames refused (connection closed), by reason (malformed, too_large)", ["reason"], registry=r
         )
-        self.received_bytes = Counter("ringblob_received_bytes", "Bytes read from client sockets", registry=r)
-        self.sent_bytes = Counter("ringblob_sent_bytes", "Bytes written to client sockets", registry=r)
         self.fdatasync_duration = Histogram(
             "ringblob_fdatasync_duration_seconds", "fdatasync latency in seconds", buckets=_LATENCY_BUCKETS, registry=r
         )
@@ -134,10 +165,6 @@ class Metrics:
         self.checkpoint_duration = Histogram(
             "ringblob_checkpoint_duration_seconds", "Checkpoint duration in seconds", buckets=_LATENCY_BUCKETS, registry=r
         )
-        for label in ("ok",):
-            for op in ("put", "get", "has", "delete", "list", "flush", "stat", "ping", "mput", "mget", "needs_flush"):
-                self.requests.labels(op, label)
-                self.request_duration.labels(op)
         for reason in ("malformed", "too_large"):
             self.rejected_frames.labels(reason)
         for reason in ("busy", "access_denied"):
@@ -145,7 +172,6 @@ class Metrics:
         # event counts, used where store.stat() does not carry the counter
         self.events = {"fdatasyncs": 0, "group_commits": 0, "flushes_skipped": 0, "checksum_failures": 0, "checkpoints": 0}
         self.read_only_reason: str | None = None
-        self._children: dict[tuple[str, int], tuple[Any, Any]] = {}
         self._store: Any = None
         self._stat_error_logged = False
         r.register(_StoreCollector(self))
@@ -163,16 +189,25 @@ class Metrics:
     # -- server events ---------------------------------------------------------------
 
     def observe_request(self, op: str, status: int, seconds: float) -> None:
-        """Count one answered request and its latency (seconds)."""
+        """Count one answered request (``op``: lower-case name, ``status``: 0 or an error code)
+        and its latency (seconds) in ``ringblob_requests_total`` / ``ringblob_request_duration_seconds``."""
         key = (op, status)
-        children = self._children.get(key)
-        if children is None:
-            children = self._children[key] = (
-                self.requests.labels(op, status_label(status)),
-                self.request_duration.labels(op),
-            )
-        children[0].inc()
-        children[1].observe(seconds)
+        counts = self._req_counts
+        if key in counts:
+            counts[key] += 1
+        else:
+            counts[key] = 1
+            self._req_created.setdefault((op, status_label(status)), time.time())
+        h = self._durations.get(op)
+        if h is None:
+            h = self._durations[op] = [0] * _NBUCKETS + [0.0]
+            self._dur_created[op] = time.time()
+        h[_bisect_left(_LATENCY_BOUNDS, seconds)] += 1
+        h[_NBUCKETS] += seconds
+
+    def request_count(self, op: str, status: str = "ok") -> int:
+        """Requests answered so far with ``op`` (``"get"``) and ``status`` label (``"ok"``, ``"not_found"``)."""
+        return sum(n for (o, code), n in self._req_counts.items() if o == op and status_label(code) == status)
 
     # -- store observer hooks -----------------------------------------------------------
 
@@ -222,6 +257,50 @@ class Metrics:
                 self._stat_error_logged = True
             return None
         return st if isinstance(st, dict) else None
+
+
+class _RequestCollector:
+    """Hands the per-request counters, kept in plain Python by :class:`Metrics`, to
+    ``prometheus_client`` at scrape time, as the ``Counter``/``Histogram``/``Gauge`` they replace."""
+
+    def __init__(self, metrics: Metrics):
+        self.m = metrics
+
+    def describe(self) -> Iterable:
+        return []
+
+    def collect(self) -> Iterable:
+        m = self.m
+        req = CounterMetricFamily("ringblob_requests", "Requests answered, by operation and status",
+                                  labels=["op", "status"])
+        by_label: dict[tuple[str, str], int] = {}
+        for (op, code), n in list(m._req_counts.items()):
+            k = (op, status_label(code))
+            by_label[k] = by_label.get(k, 0) + n
+        for (op, label), n in by_label.items():
+            req.add_metric([op, label], float(n), created=m._req_created.get((op, label), m._created))
+        yield req
+        dur = HistogramMetricFamily(
+            "ringblob_request_duration_seconds",
+            "Request latency (frame decoded to reply queued) in seconds, by operation", labels=["op"],
+        )
+        for op, h in list(m._durations.items()):
+            acc = 0
+            buckets = []
+            for le, n in zip(_LATENCY_LE, h):
+                acc += n
+                buckets.append((le, float(acc)))
+            dur.add_metric([op], buckets, float(h[_NBUCKETS]))
+            dur.samples.append(Sample("ringblob_request_duration_seconds_created", {"op": op},
+                                      m._dur_created.get(op, m._created)))
+        yield dur
+        g = GaugeMetricFamily("ringblob_requests_in_flight", "Requests being served now")
+        g.add_metric([], float(m.requests_in_flight))
+        yield g
+        yield CounterMetricFamily("ringblob_received_bytes", "Bytes read from client sockets",
+                                  value=float(m.bytes_received), created=m._created)
+        yield CounterMetricFamily("ringblob_sent_bytes", "Bytes written to client sockets",
+                                  value=float(m.bytes_sent), created=m._created)
 
 
 class _StoreCollector:

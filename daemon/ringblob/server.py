@@ -380,7 +380,7 @@ class _Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.closing:
             return
-        self.server.metrics.received_bytes.inc(len(data))
+        self.server.metrics.bytes_received += len(data)
         self.last_activity = self.loop.time()
         self.decoder.feed(data)
         self._pump()
@@ -476,7 +476,7 @@ class _Connection(asyncio.Protocol):
                 continue
             self.in_flight += 1
             srv.in_flight += 1
-            srv.metrics.in_flight.inc()
+            srv.metrics.requests_in_flight += 1
             self.reply_reserved += cost
             # the task leaves srv._tasks itself when _serve ends (no done callback per request)
             srv._tasks.add(self.loop.create_task(self._serve(req, cost)))
@@ -544,7 +544,7 @@ class _Connection(asyncio.Protocol):
         self.in_flight -= 1
         self.reply_reserved -= cost
         srv.in_flight -= 1
-        srv.metrics.in_flight.dec()
+        srv.metrics.requests_in_flight -= 1
         if srv._waiting and srv.in_flight < srv.config.max_in_flight_total:
             srv._wake_waiting()
         if self.paused & (_P_CONN | _P_BYTES) and not self.closed:
@@ -586,7 +586,7 @@ class _Connection(asyncio.Protocol):
         self.out_bytes = self.out_total = 0
         if out:
             self.transport.writelines(out)
-            self.server.metrics.sent_bytes.inc(n)
+            self.server.metrics.bytes_sent += n
             self.last_activity = self.loop.time()
         if self.stalled:
             self.stalled = False
