@@ -316,3 +316,100 @@ def test_put_value_of_a_view_body_stays_a_view():
     body = memoryview(b"\x01k" + b"v" * 100000).toreadonly()
     req = p.parse_request(p.Frame(p.Op.PUT, p.FLAG_SYNC, 3, body))
     assert req.key == b"k" and isinstance(req.value, memoryview) and bytes(req.value) == b"v" * 100000
+
+
+# -- large bodies: gathered apart from the stream buffer; view_bodies receives them in place -----
+
+_SIZES = [0, 7, p.LARGE_BODY - 1, p.LARGE_BODY, p.LARGE_BODY + 4097, 300_000]
+
+
+def _large_stream(sizes):
+    frames = [p.encode_put(i + 1, b"k%d" % i, bytes([i % 251]) * n, sync=bool(i % 2)) for i, n in enumerate(sizes)]
+    return frames, b"".join(frames)
+
+
+@given(
+    st.lists(st.sampled_from(_SIZES), min_size=1, max_size=5),
+    st.lists(st.integers(1, 200_000), max_size=12),
+    st.sampled_from(["bytes", "bytearray", "memoryview"]),
+    st.booleans(),
+    st.booleans(),
+)
+@settings(max_examples=120, deadline=None)
+def test_large_bodies_any_split_any_input_type(sizes, split, kind, views, in_place):
+    frames, stream = _large_stream(sizes)
+    dec = p.FrameDecoder(view_bodies=views)
+    got, pos, returned = [], 0, 0
+    cuts = iter(split)
+    while pos < len(stream):
+        n = next(cuts, len(stream))  # the given splits, then whatever is left
+        target = dec.recv_target() if in_place else None
+        if target is not None:  # what BufferedProtocol.get_buffer does: the read lands in the body
+            k = min(len(target), n, len(stream) - pos)
+            target[:k] = stream[pos : pos + k]
+            target.release()
+            dec.received_in_place(k)
+            pos += k
+        else:
+            chunk = stream[pos : pos + n]
+            if kind == "bytearray":
+                chunk = bytearray(chunk)
+            elif kind == "memoryview":
+                chunk = memoryview(bytearray(chunk))
+            dec.feed(chunk)
+            if kind != "bytes":  # the caller may reuse its buffer: the decoder copied what it keeps
+                (chunk if kind == "bytearray" else chunk.obj)[:] = b"\xee" * len(chunk)
+            pos += len(chunk)
+        for f in dec:
+            got.append(f)
+            returned += p.HEADER_SIZE + len(f.body)
+        assert dec.buffered == pos - returned
+    assert dec.buffered == 0 and len(got) == len(sizes)
+    for i, (f, n) in enumerate(zip(got, sizes)):
+        req = p.parse_request(f)
+        assert (f.request_id, req.key, req.sync) == (i + 1, b"k%d" % i, bool(i % 2))
+        assert bytes(req.value) == bytes([i % 251]) * n
+        if n + 1 + len(req.key) >= p.LARGE_BODY and views:
+            assert isinstance(f.body, memoryview) and f.body.readonly
+        else:
+            assert type(f.body) is bytes
+
+
+def test_view_bodies_receive_a_large_body_in_place():
+    frame = p.encode_put(5, b"key", b"z" * 1_000_000)
+    dec = p.FrameDecoder(view_bodies=True)
+    dec.feed(frame[:30000])  # the header and the start of the body
+    assert dec.next_frame() is None
+    target = dec.recv_target()
+    assert target is not None and len(target) == len(frame) - 30000  # exactly the rest of the body
+    target[:] = frame[30000:]
+    target.release()
+    dec.received_in_place(len(frame) - 30000)
+    assert dec.recv_target() is None
+    f = dec.next_frame()
+    req = p.parse_request(f)
+    assert req.key == b"key" and isinstance(req.value, memoryview) and req.value.readonly
+    assert req.value == b"z" * 1_000_000
+    with pytest.raises(ValueError):
+        dec.received_in_place(1)  # no body is being received in place now
+
+
+def test_large_frame_over_the_limit_is_refused_from_its_header_in_every_path():
+    for views in (False, True):
+        frame = p.encode_ping(9, b"x" * 200_000)
+        dec = p.FrameDecoder(max_frame_size=100_000, view_bodies=views)
+        dec.feed(frame[:50])
+        with pytest.raises(errors.FrameTooLarge) as ei:
+            dec.next_frame()
+        assert ei.value.request_id == 9 and dec.recv_target() is None
+
+
+def test_view_bodies_over_the_in_place_cap_are_joined_once():
+    value = b"q" * (p._PREALLOC_MAX + 10)
+    frame = p.encode_put(1, b"k", value)
+    dec = p.FrameDecoder(view_bodies=True)
+    dec.feed(frame[:100])
+    assert dec.next_frame() is None and dec.recv_target() is None  # gathered in pieces, not preallocated
+    dec.feed(frame[100:])
+    f = dec.next_frame()
+    assert isinstance(f.body, memoryview) and f.body.readonly and bytes(p.parse_request(f).value) == value

@@ -156,6 +156,10 @@ def _protocol_error(cls, message: str, request_id: int = 0, opcode: int = 0) -> 
     return exc
 
 
+LARGE_BODY = 64 * 1024  # bodies from this size on are gathered apart from the stream buffer
+_PREALLOC_MAX = 4 * 1024 * 1024 + 4096  # view_bodies: bodies up to this size are received in place
+
+
 class FrameDecoder:
     """Incremental frame decoder: feed it bytes, take out complete frames.
 
@@ -166,6 +170,16 @@ class FrameDecoder:
     one, every further ``next_frame`` raises the same error, since the byte
     stream can no longer be framed.
 
+    Large bodies (``LARGE_BODY`` = 64 KiB and more) do not go through the
+    stream buffer: with the default ``view_bodies=False`` their pieces are kept
+    as received (``bytes`` fed in are kept without a copy) and joined once into
+    the frame's ``bytes`` body. With ``view_bodies=True`` (the server) a body
+    of up to ~4 MiB is received into a ``bytearray`` of exactly its size —
+    :meth:`recv_target` hands out the unfilled part so a socket read
+    (``BufferedProtocol.get_buffer``) lands there directly, with no copy at
+    all — and such a frame's ``body`` is a read-only ``memoryview``
+    (slicing it copies nothing; nothing writes to it afterwards).
+
     Usage::
 
         dec = FrameDecoder()
@@ -174,20 +188,31 @@ class FrameDecoder:
             ...
     """
 
-    __slots__ = ("max_frame_size", "_buf", "_pos", "_error")
+    __slots__ = ("max_frame_size", "_buf", "_pos", "_error", "_views", "_big_len", "_big_fill", "_big_head",
+                 "_big", "_big_mv", "_chunks")
 
-    def __init__(self, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE):
+    def __init__(self, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE, *, view_bodies: bool = False):
         if max_frame_size < HEADER_SIZE:
             raise ValueError(f"max_frame_size must be at least {HEADER_SIZE} bytes, got {max_frame_size}")
         self.max_frame_size = max_frame_size
         self._buf = bytearray()
         self._pos = 0
         self._error: ProtocolError | None = None
+        self._views = view_bodies
+        self._big_len: int | None = None  # body length of the large frame being gathered, else None
+        self._big_fill = 0  # its body bytes received so far
+        self._big_head: tuple[int, int, int] = (0, 0, 0)  # its opcode, flags, request id
+        self._big: bytearray | None = None  # view_bodies: the body, filled in place
+        self._big_mv: memoryview | None = None
+        self._chunks: list = []  # otherwise: the body's pieces, joined once at the end
 
     @property
     def buffered(self) -> int:
         """Bytes received and not yet returned as frames."""
-        return len(self._buf) - self._pos
+        n = len(self._buf) - self._pos
+        if self._big_len is not None:
+            n += HEADER_SIZE + self._big_fill
+        return n
 
     @property
     def error(self) -> ProtocolError | None:
@@ -195,11 +220,103 @@ class FrameDecoder:
         return self._error
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
-        """Append received bytes (any split: one byte at a time works)."""
+        """Append received bytes (any split: one byte at a time works).
+
+        ``bytes`` may be kept by reference (they are immutable); a
+        ``bytearray`` or ``memoryview`` is copied, so the caller may reuse it.
+        """
+        if self._big_len is not None or (self._pos == len(self._buf) and len(data) >= HEADER_SIZE
+                                         and self._error is None):
+            owned = type(data) is bytes
+            with memoryview(data) as mv:
+                if mv.format != "B" or mv.ndim != 1:
+                    with mv.cast("B") as flat:
+                        self._feed_view(flat, owned)
+                else:
+                    self._feed_view(mv, owned)
+            return
+        self._append(data)
+
+    def _append(self, data) -> None:
         if self._pos and self._pos >= len(self._buf) // 2:
             del self._buf[: self._pos]
             self._pos = 0
         self._buf += data
+
+    def _feed_view(self, mv: memoryview, owned: bool) -> None:
+        pos = 0
+        n = len(mv)
+        if self._big_len is None:  # nothing buffered: a large frame may start right here
+            head = self._large_header(mv)
+            if head is None:
+                self._append(mv)
+                return
+            self._start_big(*head)
+            pos = HEADER_SIZE
+        take = min(n - pos, self._big_len - self._big_fill)  # type: ignore[operator]
+        if take > 0:
+            with mv[pos : pos + take] as part:
+                self._put_big(part, owned)
+            pos += take
+        if pos < n:
+            with mv[pos:] as rest:
+                self._append(rest)
+
+    def _large_header(self, mv) -> tuple[int, int, int, int] | None:
+        """The header at the start of ``mv`` when it is valid and announces a large body (else None:
+        the ordinary path decides, and raises for a bad header)."""
+        magic, version, opcode, flags, request_id, length = HEADER.unpack_from(mv, 0)
+        if (length < LARGE_BODY or magic != MAGIC or version != VERSION
+                or HEADER_SIZE + length > self.max_frame_size):
+            return None
+        return opcode, flags, request_id, length
+
+    def _start_big(self, opcode: int, flags: int, request_id: int, length: int) -> None:
+        self._big_head = (opcode, flags, request_id)
+        self._big_len = length
+        self._big_fill = 0
+        if self._views and length <= _PREALLOC_MAX:
+            self._big = bytearray(length)
+            self._big_mv = memoryview(self._big)
+
+    def _put_big(self, part: memoryview, owned: bool) -> None:
+        n = len(part)
+        if self._big is not None:
+            self._big_mv[self._big_fill : self._big_fill + n] = part  # type: ignore[index]
+        else:  # a piece of immutable bytes is kept by reference (a view that outlives ``part``)
+            self._chunks.append(part[:] if owned else bytes(part))
+        self._big_fill += n
+
+    def recv_target(self) -> memoryview | None:
+        """Where the next socket read may land directly: the unfilled rest of a large body being
+        received in place (``view_bodies``), or ``None`` (read elsewhere and :meth:`feed`).
+
+        Report the bytes read into it with :meth:`received_in_place`.
+        """
+        if self._big is None or self._big_fill >= len(self._big):
+            return None
+        return self._big_mv[self._big_fill :]  # type: ignore[index]
+
+    def received_in_place(self, nbytes: int) -> None:
+        """``nbytes`` were read into the buffer :meth:`recv_target` returned."""
+        if self._big is None or nbytes < 0 or self._big_fill + nbytes > len(self._big):
+            raise ValueError(f"received_in_place: {nbytes} bytes do not fit the body being received")
+        self._big_fill += nbytes
+
+    def _finish_big(self) -> Frame:
+        opcode, flags, request_id = self._big_head
+        if self._big is not None:
+            body = self._big_mv.toreadonly()  # type: ignore[union-attr]
+            self._big_mv.release()  # type: ignore[union-attr]
+            self._big = self._big_mv = None
+        else:
+            chunks, self._chunks = self._chunks, []
+            body = b"".join(chunks)  # the one copy of the body
+            if self._views:
+                body = memoryview(body)
+        self._big_len = None
+        self._big_fill = 0
+        return Frame(opcode, flags, request_id, body)
 
     def next_frame(self) -> Frame | None:
         """Return the next complete frame, or ``None`` if more bytes are needed.
@@ -209,6 +326,10 @@ class FrameDecoder:
         """
         if self._error is not None:
             raise self._error
+        if self._big_len is not None:
+            if self._big_fill < self._big_len:
+                return None
+            return self._finish_big()
         buf = self._buf
         pos = self._pos
         avail = len(buf) - pos
@@ -234,6 +355,22 @@ class FrameDecoder:
                 request_id,
                 opcode,
             )
+        if length >= LARGE_BODY:  # move what arrived of the body out of the stream buffer
+            self._start_big(opcode, flags, request_id, length)
+            start = pos + HEADER_SIZE
+            take = min(len(buf) - start, length)
+            if take:
+                with memoryview(buf) as mv, mv[start : start + take] as part:
+                    self._put_big(part, False)
+            after = start + take
+            if after >= len(buf):
+                buf.clear()
+            else:
+                del buf[:after]
+            self._pos = 0
+            if self._big_fill < length:
+                return None
+            return self._finish_big()
         end = pos + HEADER_SIZE + length
         if len(buf) < end:
             return None
