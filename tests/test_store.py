@@ -1237,3 +1237,80 @@ def test_failed_zero_fill_fails_create_and_the_next_open_formats_again(tdir):
         await s.close()
 
     run(main())
+
+
+# -- large values and BLAKE3 ------------------------------------------------------------------
+
+
+def test_large_values_round_trip_and_put_cas_hashes_once(tdir, engine, monkeypatch):
+    """Values larger than a fixed buffer (streamed before their record) round-trip through put,
+    put_many and put_cas, before and after a reopen; put_cas hashes its value once."""
+    from ringblob.store import blobstore as B
+
+    hashed = []
+    real = B.blake3.blake3
+
+    def spy(data=b"", *a, **kw):
+        hashed.append(len(data))
+        return real(data, *a, **kw)
+
+    monkeypatch.setattr(B.blake3, "blake3", spy)
+    big, mid, small = os.urandom(3 * MiB + 5), os.urandom(256 * 1024 + 1), os.urandom(4096)
+
+    async def main():
+        p = os.path.join(tdir, "d")
+        s = await BlobStore.create(p, 32 * MiB, engine=engine)
+        await s.put(b"big", big, sync=True)
+        await s.put(blake3.blake3(mid).digest(), mid, verify=True)
+        want = real(big).digest()
+        hashed.clear()
+        d = await s.put_cas(big)
+        assert hashed == [len(big)] and d == want
+        await s.put_many([(b"m1", mid), (b"m2", small), (b"m3", big)], sync=True)
+        assert await s.get(b"big") == big and await s.get(d) == big and await s.get(b"m3") == big
+        assert await s.get(b"m1") == mid and await s.get(b"m2") == small
+        await s.close()
+        s = await BlobStore.open(p, engine=engine)
+        for k, v in ((b"big", big), (b"m1", mid), (b"m3", big), (d, big), (blake3.blake3(mid).digest(), mid)):
+            assert await s.get(k) == v
+        await s.close()
+
+    run(main())
+
+
+def test_large_put_verify_mismatch_writes_nothing(tdir, engine):
+    """verify=True checks the digest of a large value before anything is written."""
+
+    async def main():
+        p = os.path.join(tdir, "d")
+        s = await BlobStore.create(p, 16 * MiB, engine=engine)
+        v = os.urandom(2 * MiB)
+        before = s.stat()
+        with pytest.raises(DigestMismatch):
+            await s.put(b"\x00" * 32, v, verify=True)
+        after = s.stat()
+        assert after["bytes_written"] == before["bytes_written"]
+        assert after["free_bytes"] == before["free_bytes"] and not s.has(b"\x00" * 32)
+        await s.put(blake3.blake3(v).digest(), v, verify=True, sync=True)
+        assert await s.get(blake3.blake3(v).digest()) == v
+        await s.close()
+
+    run(main())
+
+
+def test_large_value_with_a_flipped_bit_is_corrupt(tdir, engine):
+    async def main():
+        p = os.path.join(tdir, "d")
+        s = await BlobStore.create(p, 16 * MiB, engine=engine)
+        v = os.urandom(MiB + 100)
+        await s.put(b"big", v, sync=True)
+        page = s._index.get(b"big")[0]
+        await s.close()
+        flip_bit(p, page * 4096 + 700 * 1024, 3)
+        s = await BlobStore.open(p, engine=engine)
+        with pytest.raises(Corrupt):
+            await s.get(b"big")
+        assert s.stat()["checksum_failures"] == 1
+        await s.close()
+
+    run(main())

@@ -863,20 +863,27 @@ class BlobStore:
         mv = _as_view(value)
         if len(mv) > self.max_blob_size:
             raise TooLarge(f"value of {len(mv)} bytes exceeds max_blob_size {self.max_blob_size}")
+        # BLAKE3 on the loop's thread, for every size: handing large values to a worker thread
+        # measured a net loss on the bench VM (see docs/FORMAT.md, "Data area")
         digest = blake3.blake3(mv).digest()
         if verify and digest != key:
             raise DigestMismatch(f"put: the BLAKE3 digest of the value is {digest.hex()}, not the key "
                                  f"{key.hex()}; nothing was stored")
+        await self._put_hashed(key, mv, digest, sync)
+
+    async def _put_hashed(self, key: bytes, mv: memoryview, digest: bytes, sync: bool) -> None:
         item = await self._prepare_put(key, mv, digest, sync)
         self._enqueue(item)
         await item.fut
 
     async def put_cas(self, value, *, sync: bool = False) -> bytes:
-        """Store ``value`` under its 32-byte BLAKE3 digest; returns the digest."""
+        """Store ``value`` under its 32-byte BLAKE3 digest; returns the digest (the value is hashed once)."""
         self._check_writable()
         mv = _as_view(value)
+        if len(mv) > self.max_blob_size:
+            raise TooLarge(f"value of {len(mv)} bytes exceeds max_blob_size {self.max_blob_size}")
         digest = blake3.blake3(mv).digest()
-        await self.put(digest, mv, sync=sync)
+        await self._put_hashed(digest, mv, digest, sync)
         return digest
 
     async def put_many(self, items: Iterable[tuple[bytes, Any]], *, sync: bool = False) -> None:
