@@ -751,10 +751,13 @@ def test_served_requests_leave_the_task_set_and_counters_at_zero(sockdir):
         srv = await start(sockdir, store)
         c = await Conn.open(srv.socket_path)
         c.send(*(P.encode_put(i, b"k%d" % i, b"v%d" % i) for i in range(1, 21)))
+        got = {}
+        for _ in range(20):  # acknowledged before the GETs go out (replies may overtake each other)
+            f = await c.recv()
+            got[f.request_id] = f
         c.send(*(P.encode_get(100 + i, b"k%d" % i) for i in range(1, 21)))
         c.send(P.encode_get(200, b"missing"), P.encode_frame(P.Op.GET, 201, b"\x00"))  # empty key
-        got = {}
-        for _ in range(42):
+        for _ in range(22):
             f = await c.recv()
             got[f.request_id] = f
         assert all(got[i].status == 0 for i in range(1, 21))
@@ -807,3 +810,101 @@ def test_large_put_bodies_reach_the_store_without_a_copy_and_intact(sockdir, loo
         await srv.shutdown()
 
     run(main(), loop_kind)
+
+
+class _GatedGetStore(FakeStore):
+    """get() waits on a future the test controls (like a read waiting for its CQE)."""
+
+    def __init__(self):
+        super().__init__()
+        self.waiting: list[asyncio.Future] = []
+        self.tasks_seen: list = []
+
+    async def get(self, key):
+        self._check(key)
+        self.tasks_seen.append(asyncio.current_task())
+        fut = asyncio.get_running_loop().create_future()
+        self.waiting.append(fut)
+        await fut
+        return self.data[key]
+
+
+@pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
+def test_get_runs_without_a_task_and_resumes_from_its_future(sockdir, loop_kind):
+    async def main():
+        store = _GatedGetStore()
+        store.data[b"k"] = b"value"
+        srv = await start(sockdir, store)
+        c = await Conn.open(srv.socket_path)
+        c.send(*(P.encode_get(i, b"k") for i in range(1, 6)))
+        for _ in range(100):
+            if len(store.waiting) == 5:
+                break
+            await asyncio.sleep(0.01)
+        assert len(store.waiting) == 5 and not srv._tasks and len(srv._eager) == 5 and srv.in_flight == 5
+        assert store.tasks_seen == [None] * 5  # stepped by hand in the turn that decoded them
+        for fut in store.waiting:
+            fut.set_result(None)
+        got = sorted([await c.recv() for _ in range(5)], key=lambda f: f.request_id)
+        assert [(f.request_id, f.status, f.body) for f in got] == [(i, 0, b"value") for i in range(1, 6)]
+        assert not srv._eager and srv.in_flight == 0 and srv.metrics.request_count("get") == 5
+        store.waiting.clear()
+        c.send(P.encode_get(9, b"k"))  # the awaited future fails: its error is the reply
+        for _ in range(100):
+            if store.waiting:
+                break
+            await asyncio.sleep(0.01)
+        store.waiting[0].set_exception(errors.IOFailed("read failed: EIO"))
+        f = await c.recv()
+        assert (f.request_id, f.status) == (9, errors.IOFailed.code) and b"EIO" in f.body
+        await c.close()
+        await srv.shutdown()
+
+    run(main(), loop_kind)
+
+
+def test_get_awaiting_something_else_than_a_future_is_an_internal_error(sockdir):
+    class Odd:
+        def __await__(self):
+            yield 42  # not a future: a Task would fail it the same way
+
+    class OddStore(FakeStore):
+        async def get(self, key):
+            await Odd()
+
+    async def main():
+        srv = await start(sockdir, OddStore())
+        c = await Conn.open(srv.socket_path)
+        f = await c.call(P.encode_get(1, b"k"))
+        assert f.status == 1 and b"RuntimeError" in f.body
+        assert not srv._eager and srv.in_flight == 0
+        await c.close()
+        await srv.shutdown()
+
+    run(main())
+
+
+def test_shutdown_waits_for_task_less_gets_then_cancels_them(sockdir):
+    async def main():
+        store = _GatedGetStore()
+        store.data[b"k"] = b"v"
+        srv = await start(sockdir, store, shutdown_timeout=0.3)
+        c = await Conn.open(srv.socket_path)
+        c.send(P.encode_get(1, b"k"), P.encode_get(2, b"k"))
+        for _ in range(100):
+            if len(store.waiting) == 2:
+                break
+            await asyncio.sleep(0.01)
+        store.waiting[0].set_result(None)  # one completes, the other never would
+        t0 = asyncio.get_running_loop().time()
+        await srv.shutdown()
+        assert asyncio.get_running_loop().time() - t0 >= 0.25  # it waited for the GET in flight
+        got = {}
+        while (f := await c.recv()) is not None:
+            got[f.request_id] = f
+        assert got[1].status == 0 and got[1].body == b"v"
+        assert got[2].status == errors.ServerShuttingDown.code
+        assert not srv._eager and store.waiting[1].cancelled()
+        await c.close()
+
+    run(main())

@@ -1,11 +1,16 @@
 """The ringblob daemon's server: asyncio over a Unix socket, one event loop, one ring.
 
 Data path: a connection's bytes go to the shared sans-I/O codec
-(:mod:`ringblob.protocol`); every frame decoded from one read is dispatched
-(one task per request) before the loop turns, so the store queues their SQEs
-in the same turn and the engine submits them with one ``io_uring_enter``;
-completions wake the loop through the ring's eventfd. Replies completed in
-the same loop turn are written to their connection with one ``writelines``.
+(:mod:`ringblob.protocol`; the connection is a ``BufferedProtocol``, so a
+large request body is read straight into a buffer of its own size); every
+frame decoded from one read is dispatched before the loop turns: a GET's
+``store.get`` coroutine is started at once and stepped by hand (no Task: its
+read's SQE is queued in the turn that decoded it), other requests get one
+task each, requests answered without I/O (PING, HAS, STAT, NEEDS_FLUSH)
+are answered inline. The engine submits the turn's SQEs with one
+``io_uring_enter``; completions wake the loop through the ring's eventfd.
+Replies completed in the same loop turn are written to their connection with
+one ``writelines`` (headers and values as separate buffers, no join).
 
 Limits and backpressure (see :class:`ServerConfig`): maximum frame size,
 requests in flight per connection and in total (the server stops reading a
@@ -40,6 +45,7 @@ import argparse
 import asyncio
 import contextlib
 import errno
+import functools
 import grp
 import inspect
 import json
@@ -508,6 +514,9 @@ class _Connection(asyncio.BufferedProtocol):
             srv.in_flight += 1
             srv.metrics.requests_in_flight += 1
             self.reply_reserved += cost
+            if op is _GET and srv._eager_get:  # no Task: the read is queued in this very turn
+                self._start_get(req, cost)
+                continue
             # the task leaves srv._tasks itself when _serve ends (no done callback per request)
             srv._tasks.add(self.loop.create_task(self._serve(req, cost)))
         self._unpause(_P_CONN | _P_TOTAL)
@@ -560,6 +569,48 @@ class _Connection(asyncio.BufferedProtocol):
             parts = [message.encode("utf-8", "replace")]
         srv._tasks.discard(_current_task())
         self._finish(req, parts, status, t0, cost)
+
+    # -- GET without a Task: the store's coroutine is stepped by hand --
+
+    def _start_get(self, req: P.Request, cost: int) -> None:
+        """Serve a GET by running ``store.get`` up to its first suspension now (the index lookup
+        and the read's SQE happen in the turn that decoded the request) and resuming it from the
+        done callback of the future it awaits, as a Task would, without a Task's cost."""
+        coro = self.server.store.get(req.key)
+        self.server._eager[coro] = None
+        self._step(coro, req, cost, _perf_counter(), None)
+
+    def _step(self, coro, req: P.Request, cost: int, t0: float, exc: BaseException | None) -> None:
+        srv = self.server
+        try:
+            y = coro.send(None) if exc is None else coro.throw(exc)
+        except StopIteration as stop:
+            del srv._eager[coro]
+            self._finish(req, [stop.value], 0, t0, cost)
+            return
+        except asyncio.CancelledError:
+            del srv._eager[coro]
+            self._finish(req, [b"request cancelled: the daemon is shutting down"], ServerShuttingDown.code, t0, cost)
+            return
+        except Exception as err:
+            del srv._eager[coro]
+            status, message = P._error_status(err)
+            if status == 1:
+                log.exception("internal error serving %s request %d", req.op.name, req.request_id)
+            self._finish(req, [message.encode("utf-8", "replace")], status, t0, cost)
+            return
+        if getattr(y, "_asyncio_future_blocking", None):  # awaiting a future (Task.__step's protocol)
+            y._asyncio_future_blocking = False
+            srv._eager[coro] = y
+            y.add_done_callback(functools.partial(self._resumed, coro, req, cost, t0))
+        elif y is None:  # a bare yield (asyncio.sleep(0)): go on in the next turn
+            srv._eager[coro] = None
+            self.loop.call_soon(self._step, coro, req, cost, t0, None)
+        else:
+            self._step(coro, req, cost, t0, RuntimeError(f"store.get yielded {y!r}, not a future"))
+
+    def _resumed(self, coro, req: P.Request, cost: int, t0: float, fut: asyncio.Future) -> None:
+        self._step(coro, req, cost, t0, None)  # the coroutine's await takes the future's result or error
 
     def _finish(self, req: P.Request, parts: list, status: int, t0: float, cost: int = 0) -> None:
         srv = self.server
@@ -751,6 +802,9 @@ class Server:
         self._server: asyncio.AbstractServer | None = None
         self._metrics_server: asyncio.AbstractServer | None = None
         self._tasks: set[asyncio.Task] = set()
+        # GETs served without a Task (see _Connection._start_get): coroutine -> the future it awaits
+        self._eager: dict = {}
+        self._eager_get = inspect.iscoroutinefunction(getattr(store, "get", None))
         self._waiting: set[_Connection] = set()
         self._stop_requested: asyncio.Event | None = None
         self._conn_closed: asyncio.Event | None = None
@@ -851,6 +905,7 @@ class Server:
         self._unlink_socket()
         for conn in list(self.connections):
             conn.begin_shutdown()
+        deadline = time.monotonic() + self.config.shutdown_timeout
         if self._tasks:
             done, pending = await asyncio.wait(set(self._tasks), timeout=self.config.shutdown_timeout)
             if pending:
@@ -859,6 +914,17 @@ class Server:
                 for t in pending:
                     t.cancel()
                 await asyncio.wait(pending, timeout=5)
+        while self._eager and time.monotonic() < deadline:  # GETs in flight without a Task
+            await asyncio.sleep(0.01)
+        if self._eager:
+            log.warning("%d GETs still in flight after %.0f s; cancelling them", len(self._eager),
+                        self.config.shutdown_timeout)
+            for fut in list(self._eager.values()):
+                if fut is not None:
+                    fut.cancel()
+            end = time.monotonic() + 5
+            while self._eager and time.monotonic() < end:
+                await asyncio.sleep(0.01)
         # let queued replies go out and the transports close
         deadline = time.monotonic() + 5.0
         while self.connections and time.monotonic() < deadline:
