@@ -908,3 +908,38 @@ def test_shutdown_waits_for_task_less_gets_then_cancels_them(sockdir):
         await c.close()
 
     run(main())
+
+
+def test_puts_run_without_a_task_in_decoding_order_and_shutdown_waits_for_them(sockdir):
+    order = []
+
+    class OrderStore(FakeStore):
+        async def put(self, key, value, *, sync=False, verify=False):
+            order.append((key, asyncio.current_task()))
+            await super().put(key, value, sync=sync, verify=verify)
+
+    async def main():
+        store = OrderStore()
+        store.gate = asyncio.Event()
+        srv = await start(sockdir, store)
+        c = await Conn.open(srv.socket_path)
+        c.send(*(P.encode_put(i, b"k%d" % i, b"v") for i in range(1, 9)))
+        for _ in range(100):
+            if store.started == 8:
+                break
+            await asyncio.sleep(0.01)
+        assert order == [(b"k%d" % i, None) for i in range(1, 9)]  # started in order, no Task
+        assert not srv._tasks and len(srv._eager) == 8
+        stopping = asyncio.ensure_future(srv.shutdown())
+        await asyncio.sleep(0.1)
+        assert not stopping.done()  # waits for the PUTs in flight
+        store.gate.set()
+        await stopping
+        got = []
+        while (f := await c.recv()) is not None:
+            got.append(f)
+        assert sorted((f.request_id, f.status) for f in got) == [(i, 0) for i in range(1, 9)]
+        assert set(store.data) == {b"k%d" % i for i in range(1, 9)} and not srv._eager
+        await c.close()
+
+    run(main())

@@ -3,11 +3,11 @@
 Data path: a connection's bytes go to the shared sans-I/O codec
 (:mod:`ringblob.protocol`; the connection is a ``BufferedProtocol``, so a
 large request body is read straight into a buffer of its own size); every
-frame decoded from one read is dispatched before the loop turns: a GET's
-``store.get`` coroutine is started at once and stepped by hand (no Task: its
-read's SQE is queued in the turn that decoded it), other requests get one
-task each, requests answered without I/O (PING, HAS, STAT, NEEDS_FLUSH)
-are answered inline. The engine submits the turn's SQEs with one
+frame decoded from one read is dispatched before the loop turns: its
+coroutine (``store.get`` for a GET, else the server's handler) is started at
+once and stepped by hand — no Task; its SQEs are queued in the turn that
+decoded it — and requests answered without I/O (PING, HAS, STAT,
+NEEDS_FLUSH) are answered inline. The engine submits the turn's SQEs with one
 ``io_uring_enter``; completions wake the loop through the ring's eventfd.
 Replies completed in the same loop turn are written to their connection with
 one ``writelines`` (headers and values as separate buffers, no join).
@@ -514,8 +514,8 @@ class _Connection(asyncio.BufferedProtocol):
             srv.in_flight += 1
             srv.metrics.requests_in_flight += 1
             self.reply_reserved += cost
-            if op is _GET and srv._eager_get:  # no Task: the read is queued in this very turn
-                self._start_get(req, cost)
+            if op is not _GET or srv._eager_get:  # no Task: the request's SQEs are queued in this very turn
+                self._start(req, cost)
                 continue
             # the task leaves srv._tasks itself when _serve ends (no done callback per request)
             srv._tasks.add(self.loop.create_task(self._serve(req, cost)))
@@ -570,15 +570,21 @@ class _Connection(asyncio.BufferedProtocol):
         srv._tasks.discard(_current_task())
         self._finish(req, parts, status, t0, cost)
 
-    # -- GET without a Task: the store's coroutine is stepped by hand --
+    # -- requests without a Task: the handler's coroutine is stepped by hand --
 
-    def _start_get(self, req: P.Request, cost: int) -> None:
-        """Serve a GET by running ``store.get`` up to its first suspension now (the index lookup
-        and the read's SQE happen in the turn that decoded the request) and resuming it from the
-        done callback of the future it awaits, as a Task would, without a Task's cost."""
-        coro = self.server.store.get(req.key)
-        self.server._eager[coro] = None
-        self._step(coro, req, cost, _perf_counter(), None)
+    def _start(self, req: P.Request, cost: int) -> None:
+        """Serve a request by running its coroutine (``store.get`` for a GET, else the Server's
+        handler) up to its first suspension now — the store's work and its SQEs happen in the
+        turn that decoded the request, in decoding order — and resuming it from the done callback
+        of the future it awaits, as a Task would, without a Task's cost."""
+        srv = self.server
+        t0 = _perf_counter()
+        if req.op is _GET:
+            coro = srv.store.get(req.key)
+        else:
+            coro = srv._handlers[req.op](req)
+        srv._eager[coro] = None
+        self._step(coro, req, cost, t0, None)
 
     def _step(self, coro, req: P.Request, cost: int, t0: float, exc: BaseException | None) -> None:
         srv = self.server
@@ -586,7 +592,7 @@ class _Connection(asyncio.BufferedProtocol):
             y = coro.send(None) if exc is None else coro.throw(exc)
         except StopIteration as stop:
             del srv._eager[coro]
-            self._finish(req, [stop.value], 0, t0, cost)
+            self._finish(req, [stop.value] if req.op is _GET else stop.value, 0, t0, cost)
             return
         except asyncio.CancelledError:
             del srv._eager[coro]
@@ -607,7 +613,8 @@ class _Connection(asyncio.BufferedProtocol):
             srv._eager[coro] = None
             self.loop.call_soon(self._step, coro, req, cost, t0, None)
         else:
-            self._step(coro, req, cost, t0, RuntimeError(f"store.get yielded {y!r}, not a future"))
+            self._step(coro, req, cost, t0, RuntimeError(f"serving {req.op.name}: the coroutine yielded {y!r}, "
+                                                          "not a future"))
 
     def _resumed(self, coro, req: P.Request, cost: int, t0: float, fut: asyncio.Future) -> None:
         self._step(coro, req, cost, t0, None)  # the coroutine's await takes the future's result or error
@@ -802,7 +809,7 @@ class Server:
         self._server: asyncio.AbstractServer | None = None
         self._metrics_server: asyncio.AbstractServer | None = None
         self._tasks: set[asyncio.Task] = set()
-        # GETs served without a Task (see _Connection._start_get): coroutine -> the future it awaits
+        # requests served without a Task (see _Connection._start): coroutine -> the future it awaits
         self._eager: dict = {}
         self._eager_get = inspect.iscoroutinefunction(getattr(store, "get", None))
         self._waiting: set[_Connection] = set()
@@ -914,10 +921,10 @@ class Server:
                 for t in pending:
                     t.cancel()
                 await asyncio.wait(pending, timeout=5)
-        while self._eager and time.monotonic() < deadline:  # GETs in flight without a Task
+        while self._eager and time.monotonic() < deadline:  # requests in flight without a Task
             await asyncio.sleep(0.01)
         if self._eager:
-            log.warning("%d GETs still in flight after %.0f s; cancelling them", len(self._eager),
+            log.warning("%d requests still in flight after %.0f s; cancelling them", len(self._eager),
                         self.config.shutdown_timeout)
             for fut in list(self._eager.values()):
                 if fut is not None:
