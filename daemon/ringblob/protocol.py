@@ -92,6 +92,7 @@ FLAG_SYNC = 0x0001  # PUT, DELETE, MPUT: acknowledge only once durable (fdatasyn
 FLAG_VERIFY = 0x0002  # PUT: the key is the BLAKE3 digest of the value; check it
 LIST_MORE = 0x01  # LIST reply flags: more keys follow; ask again with start_after
 
+_HEADER_UNPACK_FROM = HEADER.unpack_from
 _U8 = struct.Struct("<B")
 _U32 = struct.Struct("<I")
 _MGET_ITEM = struct.Struct("<HI")
@@ -332,7 +333,20 @@ class FrameDecoder:
             return self._finish_big()
         buf = self._buf
         pos = self._pos
-        avail = len(buf) - pos
+        n = len(buf)
+        avail = n - pos
+        if avail >= HEADER_SIZE:  # the common case first: a well-formed small frame, all there
+            magic, version, opcode, flags, request_id, length = _HEADER_UNPACK_FROM(buf, pos)
+            end = pos + HEADER_SIZE + length
+            if (end <= n and length < LARGE_BODY and magic == MAGIC and version == VERSION
+                    and HEADER_SIZE + length <= self.max_frame_size):
+                body = bytes(buf[pos + HEADER_SIZE : end])
+                if end == n:
+                    buf.clear()
+                    self._pos = 0
+                else:
+                    self._pos = end
+                return Frame(opcode, flags, request_id, body)
         if avail < HEADER_SIZE:
             if avail and buf[pos : pos + min(avail, 4)] != MAGIC[: min(avail, 4)]:
                 self._fail(ProtocolError, "bad magic: not a ringblob frame (expected b'RBLB')", 0, 0)
