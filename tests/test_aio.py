@@ -302,3 +302,30 @@ def test_read_after_close_raises_engine_closed(dfile, kind):
             await aio.read(0, 3 * aio.buffer_size)
 
     asyncio.run(main())
+
+
+def test_run_cancelled_while_waiting_cancels_its_other_futures_and_the_engine_goes_on(dfile, kind):
+    df, data = dfile
+
+    async def main():
+        aio = make(kind, df, buffer_count=8, buffer_size=65536)
+        bufs = await aio.lease(3)
+        ops = [("read", b, i * 65536, 65536, 0) for i, b in enumerate(bufs)]
+        t = asyncio.ensure_future(aio.run(ops))
+        await asyncio.sleep(0)  # queued
+        futs = [aio._futs[tag] for tag in list(aio._futs)]
+        assert len(futs) == 3
+        t.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await t
+        assert all(f.cancelled() for f in futs)  # as asyncio.gather would leave them
+        aio.release(*bufs)  # in flight: returned when their CQEs arrive
+        for _ in range(200):
+            if aio.engine.in_flight == 0 and aio.engine.free_buffers == 8:
+                break
+            await asyncio.sleep(0.01)
+        assert aio.engine.free_buffers == 8 and not aio._futs
+        assert await aio.read(0, 3 * 65536) == data[: 3 * 65536]
+        aio.close()
+
+    asyncio.run(main())
