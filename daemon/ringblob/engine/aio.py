@@ -337,7 +337,10 @@ class AsyncEngine:
             if b.in_flight:
                 self._deferred.append(b)
             else:
-                eng.release(b)
+                try:
+                    eng.release(b)
+                except BufferBusy:  # a wrapper engine that still counts it busy: at the next CQE
+                    self._deferred.append(b)
         if self._buf_waiters:
             self._wake_buffers()
 
