@@ -1314,3 +1314,38 @@ def test_large_value_with_a_flipped_bit_is_corrupt(tdir, engine):
         await s.close()
 
     run(main())
+
+
+def test_zero_fill_extends_the_systemd_start_timeout(tdir, monkeypatch):
+    """Under systemd (NOTIFY_SOCKET) a zero fill sends EXTEND_TIMEOUT_USEC as it goes, so a large
+    new data file does not hit TimeoutStartSec; without NOTIFY_SOCKET nothing is sent."""
+    import socket
+
+    from ringblob.store import blobstore as B
+
+    sock_path = os.path.join(tdir, "notify.sock")
+    rx = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    rx.bind(sock_path)
+    rx.setblocking(False)
+    monkeypatch.setattr(B, "_EXTEND_EVERY", 0.0)
+    monkeypatch.setenv("NOTIFY_SOCKET", sock_path)
+
+    async def main(name):
+        s = await BlobStore.create(os.path.join(tdir, name), 8 * MiB, engine="psync")
+        await s.close()
+
+    try:
+        run(main("d1"))
+        got = []
+        while True:
+            try:
+                got.append(rx.recv(4096).decode())
+            except BlockingIOError:
+                break
+        assert got and all(m == "EXTEND_TIMEOUT_USEC=60000000" for m in got)
+        monkeypatch.delenv("NOTIFY_SOCKET")
+        run(main("d2"))
+        with pytest.raises(BlockingIOError):
+            rx.recv(4096)
+    finally:
+        rx.close()
