@@ -538,6 +538,106 @@ def test_error_status_carries_class_and_message():
         peer.close()
 
 
+# -- a daemon whose disk fails: the errno reaches the client ------------------------
+
+
+def serve_faulty_store(data: str, sock: str) -> int:
+    """Run the real server (``run_server``) over the real store, its engine wrapped by
+    :class:`~ringblob.engine.faulty.FaultyEngine` (a dying disk, not a mock). For
+    :func:`test_io_errors_reach_both_clients_with_their_errno`, in a subprocess.
+
+    SIGUSR2 fails the next read with EBADMSG, SIGUSR1 the next fdatasync with EIO.
+    Prints ``READY`` once serving; SIGTERM stops it (exit status 0).
+    """
+    import errno
+
+    from ringblob.engine.faulty import FaultyEngine
+    from ringblob.metrics import Metrics
+    from ringblob.server import ServerConfig, run_server
+    from ringblob.store import BlobStore
+
+    async def amain() -> int:
+        holder = {}
+
+        def wrap(e):
+            holder["e"] = FaultyEngine(e)
+            return holder["e"]
+
+        def arm(kind: str, err: int) -> None:
+            holder["e"].err = err
+            holder["e"].fail_next(kind)
+
+        metrics = Metrics()
+        store = await BlobStore.open(data, create_size=16 << 20, observer=metrics, wrap_engine=wrap)
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGUSR1, arm, "fdatasync", errno.EIO)
+        loop.add_signal_handler(signal.SIGUSR2, arm, "read", errno.EBADMSG)
+        cfg = ServerConfig(socket_path=sock, metrics_addr="", socket_activation=False)
+        return await run_server(store, cfg, metrics=metrics, on_ready=lambda srv: print("READY", flush=True))
+
+    return asyncio.run(amain())
+
+
+def test_io_errors_reach_both_clients_with_their_errno():
+    """IOFailed raised by the store in a daemon process arrives with ``.errno`` set (the errno
+    trailer of docs/PROTOCOL.md), for a GET, a get_many item and a sync PUT, on both clients."""
+    import errno
+
+    workdir = make_tmp("eio-")
+    sock = str(workdir / "rb.sock")
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import test_client; "
+            "sys.exit(test_client.serve_faulty_store(sys.argv[2], sys.argv[3]))")
+    log = open(workdir / "daemon.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(ROOT / "tests"), str(workdir / "d.data"), sock],
+                            stdout=subprocess.PIPE, stderr=log, cwd=ROOT)
+    try:
+        line = proc.stdout.readline()
+        assert line == b"READY\n", f"the daemon did not start: {line!r}\n{(workdir / 'daemon.log').read_text()}"
+        with ringblob.Client(sock, timeout=20) as c:
+            c.put(b"k", b"v" * 9000, sync=True)
+            proc.send_signal(signal.SIGUSR2)  # the next read fails with EBADMSG
+            assert c.ping(b"x") == b"x"  # the signal is handled before the next request
+            with pytest.raises(ringblob.errors.IOFailed) as ei:
+                c.get(b"k")
+            assert ei.value.errno == errno.EBADMSG
+            assert "EBADMSG" in str(ei.value) and "[errno=" not in str(ei.value)
+            proc.send_signal(signal.SIGUSR2)
+            assert c.ping(b"x") == b"x"
+            with pytest.raises(ringblob.errors.IOFailed) as ei:  # MGET: the item's error is raised
+                c.get_many([b"k"])
+            assert ei.value.errno == errno.EBADMSG
+            assert c.get(b"k") == b"v" * 9000  # one read failed, not the disk
+
+            async def on_async_client():
+                async with ringblob.AsyncClient(sock, timeout=20) as ac:
+                    proc.send_signal(signal.SIGUSR2)
+                    assert await ac.ping(b"x") == b"x"
+                    with pytest.raises(ringblob.errors.IOFailed) as ei:
+                        await ac.get(b"k")
+                    assert ei.value.errno == errno.EBADMSG
+                    proc.send_signal(signal.SIGUSR1)  # the next fdatasync fails with EIO
+                    assert await ac.ping(b"x") == b"x"
+                    with pytest.raises(ringblob.errors.IOFailed) as ei:
+                        await ac.put(b"doomed", b"x", sync=True)
+                    assert ei.value.errno == errno.EIO
+                    assert "fdatasync" in str(ei.value) and "[errno=" not in str(ei.value)
+                    with pytest.raises(ringblob.errors.ReadOnly) as ro:  # no errno of its own
+                        await ac.put(b"later", b"y")
+                    assert getattr(ro.value, "errno", None) is None
+
+            run(on_async_client())
+            assert c.get(b"k") == b"v" * 9000  # reads go on
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0, (workdir / "daemon.log").read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+        log.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
 # -- properties and lifecycle -------------------------------------------------------
 
 

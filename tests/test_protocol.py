@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import struct
 
@@ -143,6 +144,75 @@ def test_every_error_class_survives_the_wire():
         (frame,) = decode_all(p.encode_error_reply(p.Op.GET, 1, exc))
         got = p.reply_error(frame)
         assert type(got) is cls and str(got) == "boom"
+
+
+def test_errno_crosses_the_wire_as_a_message_trailer():
+    eio = errors.IOFailed("d.data: the commit failed: fdatasync: EIO; the store is now read-only", errno.EIO)
+    (frame,) = decode_all(p.encode_error_reply(p.Op.PUT, 3, eio))
+    assert frame.status == errors.IOFailed.code
+    # the body stays a readable UTF-8 message for a client that does not know the trailer
+    assert frame.body == b"d.data: the commit failed: fdatasync: EIO; the store is now read-only [errno=5]"
+    got = p.reply_error(frame)
+    assert type(got) is errors.IOFailed and got.errno == errno.EIO and str(got) == str(eio)
+    # a bare OSError (mapped to IOFailed) keeps its errno too
+    (frame,) = decode_all(p.encode_error_reply(p.Op.GET, 4, OSError(errno.ENOSPC, "No space left on device")))
+    got = p.reply_error(frame)
+    assert type(got) is errors.IOFailed and got.errno == errno.ENOSPC
+    assert str(got) == "I/O error: [Errno 28] No space left on device"
+    # no errno: no trailer, IOFailed.errno is None
+    (frame,) = decode_all(p.encode_error_reply(p.Op.GET, 5, errors.IOFailed("unknown cause")))
+    assert frame.body == b"unknown cause"
+    assert p.reply_error(frame).errno is None
+    # an errno that does not fit (0, negative, over 65535, not an int) is not sent
+    for bad in (0, -5, 70000, "5", 5.0):
+        exc = errors.IOFailed("odd", bad)
+        (frame,) = decode_all(p.encode_error_reply(p.Op.GET, 6, exc))
+        assert frame.body == b"odd" and p.reply_error(frame).errno is None
+
+
+def test_errno_trailer_is_never_read_from_a_message_without_one():
+    # a message that happens to end like the trailer is sent with a "." so it is not taken for one
+    (frame,) = decode_all(p.encode_error_reply(p.Op.GET, 1, errors.NotFound("no blob under key b'[errno=5]' [errno=5]")))
+    got = p.reply_error(frame)
+    assert type(got) is errors.NotFound and str(got) == "no blob under key b'[errno=5]' [errno=5]."
+    assert not hasattr(got, "errno")
+    (frame,) = decode_all(p.encode_error_reply(p.Op.GET, 1, errors.IOFailed("x [errno=7]")))
+    assert p.reply_error(frame).errno is None
+    # forms that are not the trailer stay in the message
+    for body in ("x [errno=05]", "x [errno=]", "x[errno=5]", "x [errno=5] ", "x [errno=123456]", "[errno=5]"):
+        assert p.split_errno(body) == (body, None)
+    assert p.split_errno("x [errno=5]") == ("x", 5)
+    assert p.split_errno(" [errno=65535]") == ("", 65535)
+
+
+@settings(max_examples=300, deadline=None)
+@given(message=st.text(max_size=60) | st.builds(lambda a, n: f"{a} [errno={n}]", st.text(max_size=20),
+                                                 st.integers(0, 10**6)),
+       en=st.none() | st.integers(1, 65535))
+def test_errno_trailer_round_trips_any_message(message, en):
+    (frame,) = decode_all(p.encode_error_reply(p.Op.GET, 1, errors.IOFailed(message, en)))
+    got = p.reply_error(frame)
+    assert got.errno == en
+    expected = message.encode("utf-8", "replace").decode("utf-8", "replace") or "IOFailed"
+    if en is None:
+        assert str(got) in (expected, expected + ".")
+    else:
+        assert str(got) == expected
+
+
+def test_errno_trailer_on_a_status_of_another_class_sets_errno():
+    # a newer daemon may send an errno with another status: the class is kept, errno is an attribute
+    (frame,) = decode_all(p.encode_reply(p.Op.PUT, 1, b"read-only after EIO [errno=5]", status=errors.ReadOnly.code))
+    got = p.reply_error(frame)
+    assert type(got) is errors.ReadOnly and str(got) == "read-only after EIO" and got.errno == 5
+
+
+def test_mget_items_carry_their_errno():
+    body = b"".join(p.mget_reply_body([errors.IOFailed("reading k failed: EIO", errno.EIO), errors.NotFound("missing"),
+                                       b"v"]))
+    res = p.decode_mget_reply(body)
+    assert type(res[0]) is errors.IOFailed and res[0].errno == errno.EIO and str(res[0]) == "reading k failed: EIO"
+    assert type(res[1]) is errors.NotFound and res[2] == b"v"
 
 
 def test_unknown_status_maps_to_the_base_error():

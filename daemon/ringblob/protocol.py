@@ -12,7 +12,8 @@ is specified in docs/PROTOCOL.md; in short:
 * replies carry the opcode and request id of their request and may arrive in
   any order (requests are pipelined);
 * status 0 is success; any other status is the ``code`` of a
-  :mod:`ringblob.errors` class and the body is its UTF-8 message.
+  :mod:`ringblob.errors` class and the body is its UTF-8 message, ending
+  with ``" [errno=N]"`` when the error carries an errno (``IOFailed``).
 
 Errors: a malformed frame raises :class:`~ringblob.errors.ProtocolError`
 (a frame over the size limit :class:`~ringblob.errors.FrameTooLarge`); the
@@ -23,6 +24,7 @@ itself was unreadable) so the server can address its error reply.
 from __future__ import annotations
 
 import json
+import re
 import struct
 from dataclasses import dataclass
 from enum import IntEnum
@@ -73,6 +75,7 @@ __all__ = [
     "bool_body",
     "parse_request",
     "reply_error",
+    "split_errno",
     "raise_for_status",
     "decode_bool_reply",
     "decode_list_reply",
@@ -532,19 +535,59 @@ def encode_reply(opcode: int, request_id: int, body: bytes = b"", status: int = 
     return encode_frame(opcode, request_id, body, status)
 
 
+# An error message may end with the errno trailer " [errno=N]" (N: 1 to 65535, decimal, no
+# leading zero): the error's operating-system error number (docs/PROTOCOL.md, "Errno").
+_ERRNO_TRAILER = re.compile(r" \[errno=([1-9][0-9]{0,4})\]\Z")
+_MAX_WIRE_ERRNO = 0xFFFF
+
+
+def _wire_errno(exc: BaseException) -> int | None:
+    """The errno an error carries onto the wire (``IOFailed.errno``, ``OSError.errno``), or None."""
+    en = getattr(exc, "errno", None)
+    if type(en) is int and 0 < en <= _MAX_WIRE_ERRNO:
+        return en
+    return None
+
+
 def _error_status(exc: BaseException) -> tuple[int, str]:
+    """``(status, message)`` of an error reply; the message ends with the errno trailer when the
+    error carries an errno. A message without an errno never ends in the trailer's form (a "."
+    is added), so a client never reads an errno that is not there."""
     if isinstance(exc, RingblobError):
-        return exc.code, str(exc) or type(exc).__name__
-    if isinstance(exc, OSError):
-        return IOFailed.code, f"I/O error: {exc}"
-    return RingblobError.code, f"internal error: {type(exc).__name__}: {exc}"
+        status, message = exc.code, str(exc) or type(exc).__name__
+    elif isinstance(exc, OSError):
+        status, message = IOFailed.code, f"I/O error: {exc}"
+    else:
+        status, message = RingblobError.code, f"internal error: {type(exc).__name__}: {exc}"
+    en = _wire_errno(exc)
+    if en is not None:
+        return status, f"{message} [errno={en}]"
+    if message.endswith("]") and _ERRNO_TRAILER.search(message):
+        return status, message + "."
+    return status, message
+
+
+def split_errno(message: str) -> tuple[str, int | None]:
+    """Split an error reply's message into ``(message, errno)``.
+
+    The errno trailer ``" [errno=N]"`` at the end of the message (docs/PROTOCOL.md)
+    is removed and N returned; without it the errno is ``None`` and the message
+    is returned unchanged (a daemon older than the trailer sends none).
+    """
+    if message.endswith("]"):
+        m = _ERRNO_TRAILER.search(message)
+        if m is not None:
+            return message[: m.start()], int(m.group(1))
+    return message, None
 
 
 def encode_error_reply(opcode: int, request_id: int, exc: BaseException) -> bytes:
     """An error reply: status = the error's ``code``, body = its UTF-8 message.
 
     ``OSError`` maps to :class:`~ringblob.errors.IOFailed`, anything else to
-    :class:`~ringblob.errors.RingblobError` (code 1).
+    :class:`~ringblob.errors.RingblobError` (code 1). An error with an
+    ``errno`` (``IOFailed``, ``OSError``; 1 to 65535) ends its message with
+    the errno trailer ``" [errno=N]"`` (see :func:`split_errno`).
     """
     status, message = _error_status(exc)
     return encode_frame(opcode, request_id, message.encode("utf-8", "replace"), status)
@@ -736,16 +779,24 @@ def reply_error(frame: Frame) -> RingblobError | None:
     """The exception a reply frame carries (``None`` for status 0).
 
     The class comes from :func:`ringblob.errors.error_for_code`, so a client
-    raises the same class the store raised; the message is the body.
+    raises the same class the store raised; the message is the body, less
+    the errno trailer, whose number becomes the exception's ``errno``
+    (:class:`~ringblob.errors.IOFailed` takes it as its ``errno`` argument;
+    ``IOFailed.errno`` is ``None`` when the reply carries none).
     """
     if frame.flags == STATUS_OK:
         return None
     cls = error_for_code(frame.flags)
-    message = frame.body.decode("utf-8", "replace")
+    message, en = split_errno(frame.body.decode("utf-8", "replace"))
+    if issubclass(cls, IOFailed):
+        return cls(message, en)
     try:
-        return cls(message)
+        exc = cls(message)
     except TypeError:  # a class with an unusual constructor
-        return RingblobError(message)
+        exc = RingblobError(message)
+    if en is not None:
+        exc.errno = en
+    return exc
 
 
 def raise_for_status(frame: Frame) -> Frame:
