@@ -303,6 +303,61 @@ def test_default_socket_path(monkeypatch):
     assert ringblob.client.default_socket_path() == "./var/ringblob.sock"
 
 
+@pytest.mark.parametrize("cls", ["Client", "AsyncClient"])
+def test_both_clients_check_and_default_their_arguments_alike(cls, monkeypatch):
+    make = getattr(ringblob, cls)
+    bad = [
+        (dict(timeout=0), ValueError, "timeout"),
+        (dict(timeout=-1.5), ValueError, "timeout"),
+        (dict(timeout=float("nan")), ValueError, "timeout"),
+        (dict(timeout="5"), TypeError, None),
+        (dict(max_frame_size=19), ValueError, "max_frame_size must be at least 20"),
+        (dict(max_reply_size=0), ValueError, "max_reply_size must be at least 20"),
+        (dict(max_frame_size=1.5e6), TypeError, "max_frame_size must be an int"),
+        (dict(max_reply_size=True), TypeError, "max_reply_size must be an int"),
+    ]
+    for kwargs, exc, match in bad:
+        with pytest.raises(exc, match=match):  # refused before anything connects
+            make("/nonexistent/ringblob.sock", **kwargs)
+    # defaults: $RINGBLOB_SOCKET, then ./var/ringblob.sock; the protocol's frame limit
+    workdir = make_tmp("df-")
+    listeners = []
+    try:
+        for path in (workdir / "env.sock", workdir / "var" / "ringblob.sock"):  # something to connect to
+            path.parent.mkdir(exist_ok=True)
+            ls = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            ls.bind(str(path))
+            ls.listen()
+            listeners.append(ls)
+        monkeypatch.chdir(workdir)
+        defaults = (None, protocol.DEFAULT_MAX_FRAME_SIZE, ringblob.client.DEFAULT_MAX_REPLY_SIZE)
+
+        def attrs(c):
+            out = (c.socket_path, c.timeout, c.max_frame_size, c.max_reply_size)
+            if cls == "Client":
+                c.close()
+            return out
+
+        monkeypatch.setenv("RINGBLOB_SOCKET", str(workdir / "env.sock"))
+        assert attrs(make()) == (str(workdir / "env.sock"), *defaults)
+        monkeypatch.delenv("RINGBLOB_SOCKET")
+        assert attrs(make()) == ("./var/ringblob.sock", *defaults)
+        assert attrs(make(workdir / "env.sock", timeout=2, max_frame_size=20, max_reply_size=4096)) == (
+            str(workdir / "env.sock"), 2, 20, 4096)
+    finally:
+        for ls in listeners:
+            ls.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def test_client_attributes_after_connecting(daemon):
+    with ringblob.Client(str(daemon.socket), timeout=7.5, max_frame_size=1 << 16, max_reply_size=1 << 20) as c:
+        assert (c.socket_path, c.timeout, c.max_frame_size, c.max_reply_size) == (
+            str(daemon.socket), 7.5, 1 << 16, 1 << 20)
+        c.put_many({b"attr-a": b"1" * 40000, b"attr-b": b"2" * 40000})  # two frames under 64 KiB
+        assert c.get_many([b"attr-a", b"attr-b"]) == [b"1" * 40000, b"2" * 40000]
+
+
 # -- asyncio client -----------------------------------------------------------------
 
 

@@ -124,7 +124,38 @@ def _mget_values(results: list) -> list[bytes | None]:
     return out
 
 
-class Client:
+class _ClientBase:
+    """What :class:`Client` and :class:`AsyncClient` share: the constructor's arguments,
+    checked and defaulted in one place, the request-id counter and the lost-connection reason.
+
+    Raises ``ValueError`` for a ``timeout`` that is not ``None`` or positive
+    (seconds) and for a ``max_frame_size`` / ``max_reply_size`` below the
+    20-byte frame header; ``TypeError`` for arguments of the wrong type.
+    """
+
+    def __init__(
+        self,
+        socket_path: str | os.PathLike | None,
+        timeout: float | None,
+        max_frame_size: int,
+        max_reply_size: int,
+    ):
+        if timeout is not None and not timeout > 0:  # TypeError for a non-number; NaN fails too
+            raise ValueError(f"timeout must be None (wait forever) or a positive number of seconds, got {timeout!r}")
+        for name, size in (("max_frame_size", max_frame_size), ("max_reply_size", max_reply_size)):
+            if not isinstance(size, int) or isinstance(size, bool):
+                raise TypeError(f"{name} must be an int (bytes), not {type(size).__name__}")
+            if size < HEADER_SIZE:
+                raise ValueError(f"{name} must be at least {HEADER_SIZE} bytes (one frame header), got {size}")
+        self.socket_path = os.fspath(socket_path) if socket_path is not None else default_socket_path()
+        self.timeout = timeout
+        self.max_frame_size = max_frame_size
+        self.max_reply_size = max_reply_size
+        self._ids = itertools.count(1)
+        self._lost: str | None = None
+
+
+class Client(_ClientBase):
     """A blocking client over one Unix-socket connection to the daemon.
 
     ``socket_path``: the daemon's socket (default :func:`default_socket_path`).
@@ -134,7 +165,8 @@ class Client:
     ``put_many``/``get_many`` request frames are cut to (bytes; keep it at or
     below the daemon's ``max_frame_size``). ``max_reply_size``: the largest
     reply frame accepted (bytes; a larger one raises FrameTooLarge and drops
-    the connection).
+    the connection). A ``timeout`` that is not ``None`` or positive, or a size
+    below the 20-byte frame header, raises ``ValueError`` (before connecting).
 
     Connects at construction (raising ``OSError`` from ``connect(2)``). Use
     it as a context manager or call :meth:`close`. One request is in flight
@@ -150,12 +182,8 @@ class Client:
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
         max_reply_size: int = DEFAULT_MAX_REPLY_SIZE,
     ):
-        self.socket_path = os.fspath(socket_path) if socket_path is not None else default_socket_path()
-        self.max_frame_size = max_frame_size
-        self.max_reply_size = max_reply_size
-        self._ids = itertools.count(1)
+        super().__init__(socket_path, timeout, max_frame_size, max_reply_size)
         self._decoder = FrameDecoder(max_reply_size)
-        self._lost: str | None = None
         self._lock = threading.Lock()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -401,7 +429,7 @@ class Client:
         return _mget_values(protocol.decode_mget_reply(reply.body))
 
 
-class AsyncClient:
+class AsyncClient(_ClientBase):
     """An asyncio client with pipelining over one Unix-socket connection.
 
     Any number of requests may be in flight at once (``asyncio.gather`` them);
@@ -424,16 +452,11 @@ class AsyncClient:
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
         max_reply_size: int = DEFAULT_MAX_REPLY_SIZE,
     ):
-        self.socket_path = os.fspath(socket_path) if socket_path is not None else default_socket_path()
-        self.max_frame_size = max_frame_size
-        self.max_reply_size = max_reply_size
-        self.timeout = timeout
-        self._ids = itertools.count(1)
+        super().__init__(socket_path, timeout, max_frame_size, max_reply_size)
         self._pending: dict[int, asyncio.Future] = {}
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._task: asyncio.Task | None = None
-        self._lost: str | None = None
 
     async def connect(self) -> "AsyncClient":
         """Open the connection (``OSError`` from ``connect(2)`` if nothing listens); returns ``self``."""
