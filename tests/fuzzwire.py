@@ -64,7 +64,8 @@ _TESTS = os.path.dirname(os.path.abspath(__file__))
 if _TESTS not in sys.path:
     sys.path.insert(0, _TESTS)
 
-from test_server_e2e import ROOT, TMP_ROOT, Daemon, Raw  # noqa: E402  (H4's daemon and raw-socket helpers)
+from conftest import ROOT, TMP_ROOT, Raw  # noqa: E402  (the shared daemon and raw-socket helpers)
+from conftest import NotifyDaemon as Daemon  # noqa: E402
 
 MAX_FRAME = 1 << 20  # the fuzzed daemon's --max-frame-size: lengths past it are FrameTooLarge
 MAX_BLOB = 64 << 10  # its --max-blob-size: values past it are TooLarge
@@ -74,11 +75,11 @@ REPLY_TIMEOUT = 10.0
 CANARY_PREFIX = b"canary/"
 
 
-# -- the daemon: H4's helper, started as `ringblob serve` ------------------------------------
+# -- the daemon: conftest.py's NotifyDaemon, started as `ringblob serve` ---------------------
 
 
 class ServeDaemon(Daemon):
-    """H4's :class:`test_server_e2e.Daemon`, but started with the production command ``ringblob serve``.
+    """:class:`conftest.NotifyDaemon`, but started with the production command ``ringblob serve``.
 
     ``nofile``: if given, the daemon's RLIMIT_NOFILE (file descriptors) is set before
     exec: an int sets the soft limit (the hard one is kept), ``(soft, hard)`` both. Readiness is systemd's READY=1 (with the metrics URL),

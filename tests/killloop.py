@@ -2,7 +2,7 @@
 
 RocksDB's crash test for ringblob. One run:
 
-1. start ``ringblob serve`` (tests/test_client.py's ``Daemon``) on a data file
+1. start ``ringblob serve`` (tests/conftest.py's ``Daemon``) on a data file
    under .test-tmp/ (ext4, O_DIRECT as in production);
 2. start a few client *processes* (multiprocessing, spawn). Each owns its key
    space and runs a seeded mix of sync puts, non-sync puts, deletes, gets and
@@ -495,7 +495,7 @@ def run(rounds: int, *, seed: int = 0, clients: int = 3, min_load: float = 0.2, 
     chooses, so a failure is reproduced statistically, not exactly; the files
     of a failing run are kept and its violations name the round and key.
     """
-    from test_client import Daemon, make_tmp
+    from conftest import Daemon, make_tmp
 
     res = RunResult(seed)
     rng = random.Random(seed)

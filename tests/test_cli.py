@@ -26,7 +26,7 @@ import ringblob
 from ringblob.commands._common import Progress, format_key, parse_key
 from ringblob.errors import InvalidKey
 
-from test_client import ROOT, Daemon, daemon, make_tmp, ringblob_cmd  # noqa: F401  (daemon is a fixture)
+from conftest import ROOT, Daemon, make_tmp, ringblob_cmd  # the daemon fixture is conftest.py's too
 
 
 def rb(*args: str, input: bytes | None = None, env: dict | None = None, cwd=None, timeout: float = 60) -> subprocess.CompletedProcess:

@@ -5,20 +5,18 @@ O_DIRECT behaves as in production) with metrics disabled. A few tests use a
 scripted peer speaking the protocol codec to provoke what a well-behaved
 daemon never does (replies out of order, a connection dropped mid-request).
 
-``Daemon`` and the ``daemon`` fixture are shared with tests/test_cli.py.
+``Daemon``, ``make_tmp`` and the ``daemon`` fixture come from tests/conftest.py.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
-import pathlib
 import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 
@@ -36,93 +34,9 @@ from ringblob.errors import (
     TooLarge,
 )
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-TEST_TMP = ROOT / ".test-tmp"
-
-
-def ringblob_cmd() -> list[str]:
-    """The ``ringblob`` console script of this interpreter's venv (or ``python -m ringblob.cli``)."""
-    script = pathlib.Path(sys.executable).parent / "ringblob"
-    if script.exists():
-        return [str(script)]
-    return [sys.executable, "-m", "ringblob.cli"]
-
-
-def make_tmp(prefix: str) -> pathlib.Path:
-    """A fresh directory under .test-tmp/ (ext4, short enough for a Unix socket path)."""
-    TEST_TMP.mkdir(exist_ok=True)
-    return pathlib.Path(tempfile.mkdtemp(prefix=prefix, dir=TEST_TMP))
-
-
-class Daemon:
-    """A ``ringblob serve`` subprocess; ``start()`` waits until it answers PING."""
-
-    def __init__(self, workdir: pathlib.Path, *extra: str, size: str = "64M", cwd: pathlib.Path | None = None,
-                 data: pathlib.Path | None = None, sock: pathlib.Path | None = None):
-        self.workdir = workdir
-        self.data = data or workdir / "ringblob.data"
-        self.socket = sock or workdir / "rb.sock"
-        self.args = ringblob_cmd() + [
-            "serve", "--data", str(self.data), "--socket", str(self.socket), "--size", size, "--metrics-addr", "",
-            *extra,
-        ]
-        self.cwd = cwd or ROOT
-        self.proc: subprocess.Popen | None = None
-        self.log = workdir / f"daemon-{time.monotonic_ns()}.log"
-
-    def start(self, timeout: float = 30.0) -> "Daemon":
-        self._logfh = open(self.log, "wb")
-        self.proc = subprocess.Popen(self.args, cwd=self.cwd, stdout=self._logfh, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"ringblob serve exited with {self.proc.returncode}:\n{self.output()}")
-            try:
-                with ringblob.Client(self.socket, timeout=5) as c:
-                    c.ping()
-                return self
-            except (OSError, RingblobError):
-                time.sleep(0.05)
-        self.kill()
-        raise AssertionError(f"ringblob serve did not answer within {timeout} s:\n{self.output()}")
-
-    def output(self) -> str:
-        try:
-            return self.log.read_text(errors="replace")
-        except OSError:
-            return ""
-
-    def stop(self, timeout: float = 30.0) -> int:
-        """SIGTERM and wait; returns the exit status."""
-        assert self.proc is not None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            rc = self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            raise AssertionError(f"ringblob serve ignored SIGTERM for {timeout} s:\n{self.output()}")
-        self._logfh.close()
-        return rc
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-
-@pytest.fixture(scope="module")
-def daemon():
-    """One daemon for the test module, stopped with SIGTERM at the end (must exit 0)."""
-    workdir = make_tmp("cl-")
-    d = Daemon(workdir).start()
-    try:
-        yield d
-    finally:
-        rc = d.stop()
-        out = d.output()
-        shutil.rmtree(workdir, ignore_errors=True)
-        assert rc == 0, f"ringblob serve exited with {rc} after SIGTERM:\n{out}"
+# Shared with tests/test_cli.py, killloop.py, soak.py (conftest.py); the names stay importable
+# from here for the modules that import them from test_client (test_access.py, test_killloop.py).
+from conftest import ROOT, Daemon, make_tmp  # noqa: E402,F401
 
 
 def unique(name: str) -> bytes:

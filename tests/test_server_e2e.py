@@ -9,189 +9,22 @@ live under .test-tmp/ in the repository (a real file system, O_DIRECT).
 from __future__ import annotations
 
 import os
-import re
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
-import urllib.request
-import uuid
 
 import blake3
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from ringblob import errors
 from ringblob import protocol as P
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TMP_ROOT = os.path.join(ROOT, ".test-tmp")
-
-
-@pytest.fixture
-def workdir():
-    os.makedirs(TMP_ROOT, exist_ok=True)
-    d = os.path.join(TMP_ROOT, "e2e-" + uuid.uuid4().hex[:8])
-    os.mkdir(d)
-    yield d
-    for name in os.listdir(d):
-        with_path = os.path.join(d, name)
-        try:
-            os.unlink(with_path)
-        except IsADirectoryError:
-            pass
-    os.rmdir(d)
-
-
-class Daemon:
-    """One daemon process on ``workdir``'s data file and socket."""
-
-    def __init__(self, workdir: str, *args: str, size: str = str(32 << 20), env: dict | None = None,
-                 listen_sock: socket.socket | None = None):
-        self.dir = workdir
-        self.data = os.path.join(workdir, "store.data")
-        self.sock = os.path.join(workdir, "d.sock")
-        self.args = list(args)
-        self.size = size
-        self.proc: subprocess.Popen | None = None
-        self.metrics_url: str | None = None
-        self.notify: socket.socket | None = None
-        self.log_path = os.path.join(workdir, "daemon.log")
-        self.messages: list[str] = []
-        self.extra_env = env or {}
-        self.listen_sock = listen_sock  # passed as fd 3 with LISTEN_FDS=1 (socket activation)
-
-    def start(self, wait: bool = True) -> "Daemon":
-        npath = os.path.join(self.dir, "notify.sock")
-        if os.path.exists(npath):
-            os.unlink(npath)
-        self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.notify.bind(npath)
-        env = dict(os.environ, NOTIFY_SOCKET=npath, PYTHONUNBUFFERED="1")
-        env.pop("LISTEN_FDS", None)
-        env.pop("LISTEN_PID", None)
-        env.update(self.extra_env)
-        cmd = [sys.executable, "-m", "ringblob.server", "--data", self.data, "--socket", self.sock,
-               "--size", self.size, "--metrics-addr", "127.0.0.1:0", *self.args]
-        preexec = None
-        if self.listen_sock is not None:
-            # as systemd does: the listener at fd 3, LISTEN_FDS=1, LISTEN_PID = the daemon's pid
-            env["LISTEN_FDS"] = "1"
-            lfd = self.listen_sock.fileno()
-
-            def preexec():
-                os.dup2(lfd, 3)
-
-            cmd = ["/bin/sh", "-c", 'LISTEN_PID=$$ exec "$@"', "sh", *cmd]
-        self.log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT,
-                                     preexec_fn=preexec, pass_fds=(3,) if preexec else ())
-        if wait:
-            msg = self.wait_notify("READY=1", 30)
-            m = re.search(r"metrics on (http://\S+/metrics)", msg)
-            self.metrics_url = m.group(1) if m else None
-        return self
-
-    def wait_notify(self, what: str, timeout: float) -> str:
-        assert self.notify is not None
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"daemon exited with {self.proc.returncode}:\n{self.output()}")
-            self.notify.settimeout(0.2)
-            try:
-                msg = self.notify.recv(4096).decode()
-            except socket.timeout:
-                continue
-            self.messages.append(msg)
-            if what in msg.split("\n"):
-                return msg
-        raise AssertionError(f"no {what} from the daemon within {timeout} s:\n{self.output()}")
-
-    def output(self) -> str:
-        with open(self.log_path, "rb") as fh:
-            return fh.read().decode(errors="replace")
-
-    def stop(self, sig=signal.SIGTERM, timeout: float = 30) -> int:
-        assert self.proc is not None
-        self.proc.send_signal(sig)
-        try:
-            rc = self.proc.wait(timeout)
-        finally:
-            self.log.close()
-            if self.notify is not None:
-                self.notify.close()
-        return rc
-
-    def kill(self):
-        if self.proc and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        if self.proc:
-            self.log.close()
-        if self.notify is not None:
-            self.notify.close()
-
-    def scrape(self) -> dict:
-        with urllib.request.urlopen(self.metrics_url, timeout=10) as r:
-            text = r.read().decode()
-        out = {}
-        for fam in text_string_to_metric_families(text):
-            for s in fam.samples:
-                out[(s.name, tuple(sorted(s.labels.items())))] = s.value
-        return out
-
-
-@pytest.fixture
-def daemons():
-    started: list[Daemon] = []
-    yield started
-    for d in started:
-        d.kill()
-
-
-def spawn(daemons, workdir, *args, **kw) -> Daemon:
-    d = Daemon(workdir, *args, **kw)
-    daemons.append(d)
-    return d.start()
-
-
-class Raw:
-    """A blocking raw-socket client."""
-
-    def __init__(self, path: str, timeout: float = 20):
-        self.s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.s.settimeout(timeout)
-        self.s.connect(path)
-        self.dec = P.FrameDecoder(1 << 30)
-        self.ids = iter(range(1, 1 << 62))
-
-    def send(self, *frames: bytes):
-        self.s.sendall(b"".join(frames))
-
-    def recv(self) -> P.Frame | None:
-        while True:
-            f = self.dec.next_frame()
-            if f is not None:
-                return f
-            data = self.s.recv(1 << 20)
-            if not data:
-                return None
-            self.dec.feed(data)
-
-    def call(self, frame: bytes) -> P.Frame:
-        self.send(frame)
-        f = self.recv()
-        assert f is not None, "connection closed before the reply"
-        return f
-
-    def ok(self, frame: bytes) -> bytes:
-        return P.raise_for_status(self.call(frame)).body
-
-    def close(self):
-        self.s.close()
+# The daemon helper, raw-socket client and fixtures (workdir, daemons) live in tests/conftest.py.
+from conftest import ROOT, Raw, spawn  # noqa: E402,F401
+from conftest import NotifyDaemon as Daemon  # noqa: E402,F401
 
 
 def test_every_operation_and_error_end_to_end(daemons, workdir):

@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import uuid
-
-import pytest
 
 from ringblob import errors
 from ringblob import protocol as P
@@ -20,18 +17,7 @@ from ringblob.engine.faulty import FaultyEngine
 from ringblob.metrics import Metrics
 from ringblob.store import BlobStore
 
-TMP_ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".test-tmp")
-
-
-@pytest.fixture
-def workdir():
-    os.makedirs(TMP_ROOT, exist_ok=True)
-    d = os.path.join(TMP_ROOT, "srvstore-" + uuid.uuid4().hex[:8])
-    os.mkdir(d)
-    yield d
-    for name in os.listdir(d):
-        os.unlink(os.path.join(d, name))
-    os.rmdir(d)
+# the workdir fixture (a fresh directory under .test-tmp/) is tests/conftest.py's
 
 
 class Conn:
