@@ -197,7 +197,8 @@ def test_daemon_with_a_failing_fdatasync_turns_read_only_and_serves_reads(workdi
             assert c.ping(b"x") == b"x"  # the signal is handled before the next request
             with pytest.raises(IOFailed) as ei:
                 c.put(b"doomed", b"x" * 10, sync=True)
-            # the wire carries the status and the message, not the errno (docs/PROTOCOL.md)
+            # the errno travels in the message's " [errno=N]" trailer (docs/PROTOCOL.md, "Errno")
+            assert ei.value.errno == errno.EIO
             assert "EIO" in str(ei.value) and "fdatasync" in str(ei.value)
             with pytest.raises(ReadOnly):
                 c.put(b"later", b"y")
