@@ -14,8 +14,12 @@ What it runs (``make bench``; ``make bench-quick`` is ``--quick``):
   (concurrency 1 and 32), 4 KiB PUT with ``sync=True`` (1, 32, 128), 4 KiB PUT
   with ``sync=False`` plus a FLUSH every N puts per client process (32),
   1 MiB PUT (``sync=False``) and GET (8). The load comes from several client
-  processes (``multiprocessing``), each with one pipelining
-  :class:`ringblob.AsyncClient` carrying its share of the concurrency.
+  processes, each with one pipelining connection carrying its share of the
+  concurrency: by default the native load generator ``bench/loadgen.c``
+  (compiled with ``cc`` into the work directory; a few µs of CPU per request,
+  as ``redis-benchmark`` is for Redis), or with ``--loadgen python``
+  ``multiprocessing`` children each with one :class:`ringblob.AsyncClient`
+  (~20 µs of CPU per request, taken from the daemon on a small host).
 * **Redis** (``redis-server``, AOF with ``appendfsync always``, Unix socket
   only, ``port 0``) driven by ``redis-benchmark -d 4096`` at the same
   concurrency.
@@ -47,12 +51,14 @@ import os
 import platform
 import random
 import re
+import select
 import shlex
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from array import array
 from dataclasses import dataclass
@@ -636,7 +642,16 @@ async def _fill(client, spec: Spec, value: bytes, ready) -> dict:
 
 
 def run_load(specs: list[Spec], warmup: float, duration: float, pid: int | None) -> dict:
-    """Start one process per spec, release them together, and merge what they measured."""
+    """Start one process per spec, release them together, and merge what they measured.
+
+    The load comes from :data:`LOADGEN`'s generator: ``native`` runs one
+    bench/loadgen.c process per spec, ``python`` one ``multiprocessing`` child
+    per spec (:func:`_child`). Filling the data set (``fill``/``fill_big``
+    specs) always runs in Python: it is not measured.
+    """
+    fill = specs[0].op.startswith("fill")
+    if LOADGEN["kind"] == "native" and not fill:
+        return _run_native(specs, warmup, duration, pid)
     ctx = mp.get_context("fork")
     ready, results = ctx.Queue(), ctx.Queue()
     go = ctx.Event()
@@ -644,7 +659,6 @@ def run_load(specs: list[Spec], warmup: float, duration: float, pid: int | None)
     procs = [ctx.Process(target=_child, args=(s, ready, go, start_at, results), daemon=True) for s in specs]
     for p in procs:
         p.start()
-    fill = specs[0].op.startswith("fill")
     errors: list[str] = []
     if not fill:
         for _ in procs:
@@ -654,20 +668,34 @@ def run_load(specs: list[Spec], warmup: float, duration: float, pid: int | None)
         start_at.value = time.perf_counter() + warmup
         go.set()
         # Sample the daemon and the host over the measured window.
-        time.sleep(max(0.0, start_at.value - time.perf_counter()))
-        d0 = proc_cpu(pid) if pid else 0.0
-        h0 = host_cpu()
-        time.sleep(max(0.0, start_at.value + duration - time.perf_counter()))
-        d1 = proc_cpu(pid) if pid else 0.0
-        h1 = host_cpu()
+        samples = _sample_window(start_at.value, duration, pid, time.perf_counter)
     outs = [results.get(timeout=max(120.0, duration * 4)) for _ in procs]
     for p in procs:
         p.join(10)
     errors += [o["error"] for o in outs if "error" in o]
     if fill:
         return {"errors": errors, "fill_s": max((o.get("fill_s", 0) for o in outs), default=0)}
+    return _merge(specs, outs, errors, duration, pid, samples)
+
+
+def _sample_window(t_meas: float, duration: float, pid: int | None, clock) -> tuple:
+    """Sleep through the measured window [t_meas, t_meas + duration] (times on ``clock``), sampling the
+    daemon's CPU seconds and the host's busy/total jiffies at both ends: (d0, d1, h0, h1)."""
+    time.sleep(max(0.0, t_meas - clock()))
+    d0 = proc_cpu(pid) if pid else 0.0
+    h0 = host_cpu()
+    time.sleep(max(0.0, t_meas + duration - clock()))
+    d1 = proc_cpu(pid) if pid else 0.0
+    h1 = host_cpu()
+    return d0, d1, h0, h1
+
+
+def _merge(specs: list[Spec], outs: list[dict], errors: list[str], duration: float, pid: int | None, samples: tuple) -> dict:
+    """One result from the load processes' outputs (each: ``lat``/``flush_lat`` float64 seconds as bytes,
+    ``errors``, ``first_error``, ``cpu_s``, ``loop``) and the window's CPU samples."""
     import numpy as np
 
+    d0, d1, h0, h1 = samples
     lat = np.concatenate([np.frombuffer(o["lat"], dtype=np.float64) for o in outs if "lat" in o] or [np.zeros(0)])
     flush_lat = np.concatenate([np.frombuffer(o["flush_lat"], dtype=np.float64) for o in outs if "flush_lat" in o] or [np.zeros(0)])
     req_errors = sum(o.get("errors", 0) for o in outs)
@@ -683,6 +711,7 @@ def run_load(specs: list[Spec], warmup: float, duration: float, pid: int | None)
         "block_size": specs[0].size,
         **percentiles(lat),
         "client_processes": len(specs),
+        "load_generator": LOADGEN["kind"],
         "client_loop": next((o.get("loop") for o in outs if o.get("loop")), None),
         "client_cpu_cores": sum(o.get("cpu_s", 0) for o in outs) / duration,
         "request_errors": req_errors,
@@ -702,6 +731,140 @@ def run_load(specs: list[Spec], warmup: float, duration: float, pid: int | None)
         cores = busy / total * (os.cpu_count() or 1)
         out["other_cpu_cores"] = max(0.0, cores - out["client_cpu_cores"] - out.get("daemon_cpu_cores", 0.0))
     return out
+
+
+# -- ringblob: the native load generator (bench/loadgen.c) ------------------------------------------
+
+LOADGEN_SRC = os.path.join(ROOT, "bench", "loadgen.c")
+# which load generator run_load uses: "native" (bench/loadgen.c, built into the work directory) or "python"
+LOADGEN: dict = {"kind": "python", "binary": None, "workdir": None}
+
+
+def build_loadgen(workdir: str) -> str:
+    """Compile bench/loadgen.c to ``workdir``/loadgen with ``cc`` when the binary is missing or older
+    than the source; its path. Raises RuntimeError when there is no ``cc`` or the compile fails."""
+    binary = os.path.join(workdir, "loadgen")
+    if os.path.exists(binary) and os.path.getmtime(binary) >= os.path.getmtime(LOADGEN_SRC):
+        return binary
+    cc = shutil.which("cc")
+    if not cc:
+        raise RuntimeError("no C compiler (cc) on PATH")
+    tmp = f"{binary}.{os.getpid()}.tmp"
+    argv = [cc, "-O2", "-Wall", "-Wextra", "-o", tmp, LOADGEN_SRC]
+    log("loadgen: " + shlex.join(argv))
+    proc = subprocess.run(argv, capture_output=True, text=True)
+    if proc.returncode != 0:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise RuntimeError(f"{shlex.join(argv)} failed ({proc.returncode}): {proc.stderr.strip()[-600:]}")
+    if proc.stderr.strip():
+        log("loadgen: compiler warnings:\n" + proc.stderr.strip())
+    os.replace(tmp, binary)
+    return binary
+
+
+def choose_loadgen(wanted: str | None, workdir: str) -> None:
+    """Set :data:`LOADGEN`: ``wanted`` native or python, or None for native when it can be built
+    (``cc`` on PATH, or a binary in ``workdir`` newer than bench/loadgen.c).
+
+    An explicit ``native`` that cannot be built raises SystemExit; the default
+    falls back to python with one log line saying why.
+    """
+    LOADGEN["workdir"] = workdir
+    if wanted == "python":
+        LOADGEN.update(kind="python", binary=None)
+        return
+    try:
+        LOADGEN.update(kind="native", binary=build_loadgen(workdir))
+    except (RuntimeError, OSError) as exc:
+        if wanted == "native":
+            raise SystemExit(f"bench: --loadgen native: cannot build {LOADGEN_SRC}: {exc}")
+        log(f"loadgen: cannot build {LOADGEN_SRC} ({str(exc).splitlines()[0]}): the ringblob load comes from "
+            "the Python client instead (--loadgen python), which takes CPU from the daemon on a small host")
+        LOADGEN.update(kind="python", binary=None)
+
+
+def loadgen_argv(spec: Spec, lat_path: str, flush_path: str) -> list[str]:
+    """The bench/loadgen.c command line for ``spec``; it waits for 'T_MEAS DURATION' on stdin."""
+    assert LOADGEN["binary"]
+    return [LOADGEN["binary"], "--socket", spec.socket, "--op", spec.op, "--size", str(spec.size),
+            "--share", str(spec.share), "--keys", str(spec.keys), "--seed", str(spec.seed),
+            "--flush-every", str(spec.flush_every), "--out", lat_path, "--flush-out", flush_path, "--go-stdin"]
+
+
+def _run_native(specs: list[Spec], warmup: float, duration: float, pid: int | None) -> dict:
+    """:func:`run_load` with one bench/loadgen.c process per spec.
+
+    Each prints ``ready`` once connected; then every one gets the same absolute
+    CLOCK_MONOTONIC start of the measured window (``time.monotonic()``) and its
+    length on stdin, starts its load at once (warm-up until that start) and
+    writes its latencies (float64 seconds) to a file and a JSON summary to stdout.
+    """
+    tmp = tempfile.mkdtemp(prefix="loadgen-", dir=LOADGEN["workdir"])
+    procs: list[tuple[subprocess.Popen, str, str]] = []
+    errors: list[str] = []
+    try:
+        for i, s in enumerate(specs):
+            lat_path, flush_path = os.path.join(tmp, f"lat-{i}.f64"), os.path.join(tmp, f"flush-{i}.f64")
+            p = subprocess.Popen(loadgen_argv(s, lat_path, flush_path), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True)
+            procs.append((p, lat_path, flush_path))
+        ready: list[subprocess.Popen] = []
+        deadline = time.monotonic() + 60
+        for p, _, _ in procs:
+            line = ""
+            if select.select([p.stdout], [], [], max(0.0, deadline - time.monotonic()))[0]:
+                line = p.stdout.readline()
+            if line.strip() == "ready":
+                ready.append(p)
+            else:
+                errors.append(f"loadgen {p.pid} did not get ready: {line.strip()[-300:] or 'no answer within 60 s'}")
+        t_meas = time.monotonic() + warmup
+        for p in ready:
+            try:
+                p.stdin.write(f"{t_meas!r} {duration!r}\n")
+                p.stdin.flush()
+            except OSError as exc:
+                errors.append(f"loadgen {p.pid}: cannot start it: {exc}")
+        samples = _sample_window(t_meas, duration, pid, time.monotonic)
+        outs = []
+        for p, lat_path, flush_path in procs:
+            try:
+                stdout, stderr = p.communicate(timeout=max(120.0, duration * 4))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                stdout, stderr = p.communicate()
+            doc = None
+            for line in reversed(stdout.splitlines()):
+                if line.startswith("{"):
+                    try:
+                        doc = json.loads(line)
+                    except ValueError:
+                        pass
+                    break
+            if doc is None:
+                outs.append({"error": f"loadgen {p.pid} exited with status {p.returncode} and no result: "
+                                      f"{stderr.strip()[-300:]}"})
+                continue
+            o = {"errors": doc.get("errors", 0), "first_error": doc.get("first_error"), "cpu_s": doc.get("cpu_s", 0.0),
+                 "loop": "native"}
+            for key, path in (("lat", lat_path), ("flush_lat", flush_path)):
+                try:
+                    with open(path, "rb") as f:
+                        o[key] = f.read()
+                except OSError:
+                    pass
+            if doc.get("error") or p.returncode != 0:
+                o["error"] = f"loadgen {p.pid}: {doc.get('error') or f'exit status {p.returncode}'}"
+            outs.append(o)
+    finally:
+        for p, _, _ in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        shutil.rmtree(tmp, ignore_errors=True)
+    errors += [o["error"] for o in outs if "error" in o]
+    return _merge(specs, outs, errors, duration, pid, samples)
 
 
 def split(total: int, parts: int) -> list[int]:
@@ -1112,8 +1275,11 @@ def markdown(doc: dict) -> str:
                   + (f" Each configuration ran {doc['repeat']} times; the table shows the median." if doc.get("repeat", 1) > 1 else ""),
                   ""]
     lines += [
-        f"Load: ringblob from {doc['clients']} client processes (each one pipelining `AsyncClient`, "
-        f"sharing the concurrency), {doc['mode_params']['duration']:.1f} s measured after "
+        f"Load: ringblob from {doc['clients']} client processes ("
+        + ("native C load generator (bench/loadgen.c), one connection per process, each pipelining its share of "
+           "the concurrency" if doc.get("load_generator") == "native"
+           else "each one pipelining `AsyncClient`, sharing the concurrency")
+        + f"), {doc['mode_params']['duration']:.1f} s measured after "
         f"{doc['mode_params']['warmup']:.1f} s warm-up per configuration; 4 KiB GETs read random keys over "
         f"{doc['mode_params']['get_set'] // MIB} MiB of blobs, 1 MiB GETs over {doc['mode_params']['big_set']} blobs. "
         "Every read is O_DIRECT, so the page cache plays no part for fio or ringblob; Redis serves GET from RAM.",
@@ -1437,7 +1603,8 @@ def run_profile(workdir: str, mode: dict, clients: int, data_size: int, outdir: 
     head = (
         "py-spy samples of `ringblob serve --engine uring` (all threads, "
         f"{'with native frames: idle time in epoll_pwait shows too' if native else 'Python frames only, idle samples dropped'}, "
-        f"250 Hz) while each load ran from {clients} client processes on the same CPUs. "
+        f"250 Hz) while each load ran from {clients} client processes ({LOADGEN['kind']} load generator"
+        f"{' bench/loadgen.c' if LOADGEN['kind'] == 'native' else ': AsyncClient'}) on the same CPUs. "
         "Percentages are of the daemon's samples. `run (ringblob/server.py)` own time is time inside the "
         "event loop's C code (uvloop: socket reads/writes, epoll, callbacks' C parts).\n\n"
     )
@@ -1486,6 +1653,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="where run.json/run.md/run.png go (default bench/results; bench/results/quick for --quick, "
                          "so a harness check never overwrites the real results)")
     ap.add_argument("--clients", type=int, default=max(2, os.cpu_count() or 2), help="client processes for ringblob (default: max(2, nproc))")
+    ap.add_argument("--loadgen", choices=("native", "python"), default=None,
+                    help="what drives ringblob: native = bench/loadgen.c (compiled with cc into the work directory, "
+                         "one pipelining connection per client process; the default when cc exists), python = "
+                         "multiprocessing children each with one AsyncClient (the default without cc)")
     ap.add_argument("--only", default="fio,uring,psync,redis", help="comma-separated subset of fio,uring,psync,redis")
     ap.add_argument("--workloads", default="", help="comma-separated subset of the ringblob workloads (default: all)")
     ap.add_argument("--repeat", type=int, default=1, help="rounds over every configuration; the median round is reported")
@@ -1547,6 +1718,7 @@ def main(argv: list[str] | None = None) -> int:
         chart(doc, os.path.join(args.out, "run.png"))
         log(f"rewrote {args.out}/run.md and run.png from run.json")
         return 0
+    choose_loadgen(args.loadgen, workdir)
     if args.profile_only:
         errs = run_profile(workdir, mode, args.clients, data_size, args.out, args.native)
         for e in errs:
@@ -1555,7 +1727,7 @@ def main(argv: list[str] | None = None) -> int:
 
     machine = machine_stamp(workdir)
     log(f"{mode_name} mode on {machine['nproc']} CPUs ({machine['cpu_model']}), kernel {machine['kernel']}, "
-        f"{machine['filesystem']}; ringblob load from {args.clients} client processes")
+        f"{machine['filesystem']}; ringblob load from {args.clients} client processes ({LOADGEN['kind']} load generator)")
     sides: dict = {}
     if "fio" in only:
         sides["fio"] = Fio(workdir, mode, max(mode["get_set"], 256 * MIB))
@@ -1593,6 +1765,7 @@ def main(argv: list[str] | None = None) -> int:
         "mode": mode_name,
         "mode_params": mode,
         "clients": args.clients,
+        "load_generator": LOADGEN["kind"],
         "repeat": args.repeat,
         "quiet_gate": {"max_wait_s": args.quiet_wait, "busy_cores_below": args.quiet_cores},
         "nice": os.getpriority(os.PRIO_PROCESS, 0),
