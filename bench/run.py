@@ -492,10 +492,10 @@ class Daemon:
 
 @dataclass
 class Spec:
-    """What one load-generating process does."""
+    """What one load-generating process does (a :func:`_child` or a bench/loadgen.c process)."""
 
     socket: str
-    op: str  # get | put_sync | put_nosync_flush | get_big | put_big | fill | fill_big
+    op: str  # ping | get | put_sync | put_nosync_flush | get_big | put_big | fill | fill_big (fill: Python only)
     size: int  # value bytes
     share: int  # concurrent requests this process keeps in flight
     keys: int  # key space
