@@ -1349,3 +1349,104 @@ def test_zero_fill_extends_the_systemd_start_timeout(tdir, monkeypatch):
             rx.recv(4096)
     finally:
         rx.close()
+
+
+class _GatedSync:
+    """Engine wrapper that holds every fdatasync back until the test releases it (oldest first),
+    so a test can look at the store while a round's fdatasync is "in flight"."""
+
+    def __init__(self, inner):
+        self._inner = inner
+        self.armed = False  # (formatting and opening pass their fdatasyncs on)
+        self.held = []  # (tag, kw) of fdatasyncs the store queued, not yet passed on
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+    def fdatasync(self, tag, **kw):
+        if not self.armed:
+            return self._inner.fdatasync(tag, **kw)
+        self.held.append((tag, kw))
+
+    def let_go(self):
+        tag, kw = self.held.pop(0)
+        self._inner.fdatasync(tag, **kw)
+        self._inner.submit()
+
+
+async def _until(cond, what: str, timeout: float = 10.0) -> None:
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while not cond():
+        assert loop.time() < end, f"timed out waiting for {what}"
+        await asyncio.sleep(0.001)
+
+
+def _pipelined_rounds(tdir, engine, fail_first_sync: bool):
+    holder = {}
+
+    def wrap(e):
+        holder["f"] = FaultyEngine(e)
+        holder["g"] = _GatedSync(holder["f"])
+        return holder["g"]
+
+    async def main():
+        p = os.path.join(tdir, "d")
+        s = await BlobStore.create(p, 16 * MiB, engine=engine, wrap_engine=wrap)
+        g, fe = holder["g"], holder["f"]
+        g.armed = True
+        batches = s.stat()["journal_batches"]
+        r1 = [asyncio.ensure_future(s.put(b"a%d" % i, b"A%d" % i * 300, sync=True)) for i in range(4)]
+        await _until(lambda: len(g.held) == 1, "round 1's fdatasync")
+        r2 = [asyncio.ensure_future(s.put(b"b%d" % i, b"B%d" % i * 300, sync=True)) for i in range(4)]
+        # round 2's data and journal writes go out while round 1's fdatasync is in flight ...
+        await _until(lambda: s.stat()["journal_batches"] == batches + 2, "round 2's writes")
+        await asyncio.sleep(0.01)
+        # ... but its fdatasync waits for round 1's, and nothing is acknowledged before it is durable
+        assert len(g.held) == 1
+        assert not any(f.done() for f in r1 + r2)
+        assert not s.has(b"a0") and not s.has(b"b0")
+        if fail_first_sync:
+            fe.fail_next("fdatasync")
+        g.let_go()
+        if fail_first_sync:
+            res = await asyncio.gather(*r1, *r2, return_exceptions=True)
+            assert all(isinstance(r, IOFailed) and r.errno == errno.EIO for r in res), res
+            assert not g.held, "a later round issued its fdatasync after an earlier one failed"
+            assert s.read_only
+            with pytest.raises(ReadOnly):
+                await s.flush()
+        else:
+            await asyncio.gather(*r1)  # round 1 acknowledged first, round 2 still waiting for its own
+            await _until(lambda: len(g.held) == 1, "round 2's fdatasync")
+            await asyncio.sleep(0.01)
+            assert not any(f.done() for f in r2)
+            g.let_go()
+            await asyncio.gather(*r2)
+            assert await s.get(b"b3") == b"B3" * 300
+        g.armed = False
+        g.held.clear()
+        await s.abandon()
+        s = await BlobStore.open(p, engine=engine)
+        for i in range(4):
+            for k, v in ((b"a%d" % i, b"A%d" % i * 300), (b"b%d" % i, b"B%d" % i * 300)):
+                if fail_first_sync:  # not acknowledged: absent or whole
+                    assert not s.has(k) or await s.get(k) == v
+                else:
+                    assert await s.get(k) == v
+        await s.put(b"after", b"x", sync=True)
+        await s.close()
+
+    run(main())
+
+
+def test_pipelined_rounds_overlap_and_acknowledge_in_order(tdir, engine):
+    """A round's writes go out while the previous round's fdatasync is in flight; its own
+    fdatasync waits for that one, and each round is acknowledged only once durable, in order."""
+    _pipelined_rounds(tdir, engine, fail_first_sync=False)
+
+
+def test_failed_fdatasync_fails_the_round_in_flight_behind_it(tdir, engine):
+    """Round 1's fdatasync fails while round 2's writes are out: both rounds fail with EIO,
+    round 2 issues no fdatasync (a later success would prove nothing), the store turns read-only."""
+    _pipelined_rounds(tdir, engine, fail_first_sync=True)

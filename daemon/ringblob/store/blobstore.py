@@ -548,6 +548,9 @@ class BlobStore:
         self._ckpt_waiters: list[asyncio.Future] = []
         self._wake: asyncio.Future | None = None
         self._stopping = False
+        # finish tasks of rounds whose writes completed and whose fdatasync/acknowledgement is
+        # pending, oldest first (at most two: see _commit_round)
+        self._finishers: collections.deque = collections.deque()
         self._ckpt_retry_free = 0
         self._threshold = int(checkpoint_threshold) if checkpoint_threshold else max(self._jbytes // 4, P)
         if self._threshold > self._jbytes // 3:
@@ -1020,6 +1023,7 @@ class BlobStore:
             while True:
                 if not self._queue and not self._flush_waiters and not self._ckpt_waiters:
                     if self._stopping:
+                        await self._drain()
                         return
                     self._wake = loop.create_future()
                     await self._wake
@@ -1041,6 +1045,9 @@ class BlobStore:
                     if self._read_only is None and (
                             self._ckpt_waiters or (self._head - self._ckpt_pos >= self._threshold
                                                    and self._alloc.free_pages >= self._ckpt_retry_free)):
+                        await self._drain()  # the checkpoint snapshots an index with every round applied
+                        if self._read_only is not None:
+                            continue
                         waiters, self._ckpt_waiters = self._ckpt_waiters, []
                         try:
                             await self._checkpoint()
@@ -1141,6 +1148,10 @@ class BlobStore:
         del q[:i]
         flushers, self._flush_waiters = self._flush_waiters, []
         if not items:
+            await self._drain()
+            if self._read_only is not None:  # a round in flight failed: its fdatasync error stands
+                self._fail_read_only([], flushers)
+                return
             await self._sync_only(flushers, jbuf)
             return
         try:
@@ -1155,15 +1166,37 @@ class BlobStore:
                     f.set_exception(e2)
             raise
 
+    async def _drain(self) -> None:
+        """Wait until every round in flight was made durable (or failed) and acknowledged."""
+        while self._finishers:
+            t = self._finishers[0]
+            await asyncio.wait([t])
+            if self._finishers and self._finishers[0] is t:
+                self._finishers.popleft()
+
     async def _commit_items(self, jbuf, items, flushers, recs, seq, marker, nbufs) -> None:
+        """Phase one of a round: the data writes and the journal write (unlinked, one ring turn).
+
+        Then the round's finish task (:meth:`_finish_round`: fdatasync,
+        index, acknowledgements) is started and this returns, so the next
+        round's writes go out while this round's fdatasync is in flight
+        (pipelining). Rounds are acknowledged strictly in order: a round's
+        finish task waits for the previous one, and issues its fdatasync only
+        after the previous round's succeeded.
+        """
         P, bs = self.page_size, self._aio.block_size
         bsz = self._aio.buffer_size
         want_sync = bool(flushers) or any(it.sync for it in items)
+        # the durable point as known now: the previous round's fdatasync may still be in flight
         batch_d = self._durable_seq
         batch, hcrc = F.encode_batch(self._store_id, self._next_seq, recs, batch_d, self._chain, P)
         place = self._journal_place(len(batch))
         if place is None:
             # the journal is full: checkpoints move its tail; two may be needed
+            await self._drain()
+            if self._read_only is not None:
+                self._fail_read_only(items, flushers)
+                return
             for _ in range(2):
                 await self._checkpoint(force=True)
                 place = self._journal_place(len(batch))
@@ -1178,6 +1211,16 @@ class BlobStore:
                     self._flush_waiters.append(f)
                 return
         pos, phys = place
+        # two rounds in the ring at most: this round's writes may overlap the previous round's
+        # fdatasync, not the one before it
+        while self._finishers and self._finishers[0].done():
+            self._finishers.popleft()
+        while len(self._finishers) > 1:
+            await asyncio.wait([self._finishers[0]])
+            self._finishers.popleft()
+        if self._read_only is not None:  # an earlier round failed meanwhile
+            self._fail_read_only(items, flushers)
+            return
         # data buffers
         bufs = await self._aio.lease(nbufs) if nbufs else []
         ops: list[tuple] = []
@@ -1212,27 +1255,76 @@ class BlobStore:
         finally:
             self._aio.release(*bufs)
         err = _write_error(ops, results)
-        dt = 0.0
-        if err is None and want_sync:
-            t0 = time.perf_counter()
-            try:
-                await self._aio.fdatasync()
-            except OSError as exc:
-                err = exc
-            dt = time.perf_counter() - t0
         if err is not None:
+            await self._drain()  # earlier rounds are acknowledged (or failed) first
             self._fail_round(items, flushers, err)
             return
-        # committed: make visible
+        # written: the next batch follows this one in the journal
         self._last_batch_pos, self._last_batch_len = pos, len(batch)
         self._head = pos + len(batch)
         self._chain = hcrc
         self._next_seq = seq
         self._written_seq = seq - 1
+        self._last_batch_d = batch_d
         if marker is not None:
             self._ckpt_marker = None
         self._counters["journal_batches"] += 1
         self._counters["journal_bytes_written"] += len(batch)
+        prev = self._finishers[-1] if self._finishers else None
+        self._finishers.append(asyncio.get_running_loop().create_task(
+            self._finish_round(prev, items, flushers, seq - 1, batch_d, want_sync)))
+
+    def _fail_read_only(self, items, flushers) -> None:
+        exc = ReadOnly(f"{self.path}: the store turned read-only after {self._read_only}")
+        for it in items:
+            if not it.fut.done():
+                it.fut.set_exception(exc)
+        for f in flushers:
+            if not f.done():
+                f.set_exception(exc)
+
+    async def _finish_round(self, prev, items, flushers, last_seq: int, batch_d: int, want_sync: bool) -> bool:
+        """Phase two of a round: after the previous round finished, its fdatasync, then make the
+        round visible and acknowledge it. Returns True when the round succeeded.
+
+        A failed fdatasync fails this round and every later round in flight:
+        after an fdatasync error a later fdatasync's success proves nothing.
+        """
+        try:
+            if prev is not None and not await prev:
+                # an earlier round failed: the store is read-only, this round cannot be durable
+                exc = IOFailed(f"{self.path}: the commit failed: an earlier commit failed; the store is now "
+                               "read-only", _errno.EIO)
+                for it in items:
+                    if not it.fut.done():
+                        it.fut.set_exception(exc)
+                for f in flushers:
+                    if not f.done():
+                        f.set_exception(exc)
+                return False
+            dt = 0.0
+            if want_sync:
+                t0 = time.perf_counter()
+                try:
+                    await self._aio.fdatasync()
+                except OSError as exc:
+                    self._fail_round(items, flushers, exc)
+                    return False
+                dt = time.perf_counter() - t0
+        except BaseException as exc:
+            e2 = self._as_error(exc, "the commit")
+            for it in items:
+                if not it.fut.done():
+                    it.fut.set_exception(e2)
+            for f in flushers:
+                if not f.done():
+                    f.set_exception(e2)
+            if isinstance(exc, OSError):
+                self._go_read_only(f"an I/O error ({exc})")
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            return False
+        # committed: make visible
         idx = self._index
         for it in items:
             if it.kind == _PUT:
@@ -1246,9 +1338,8 @@ class BlobStore:
                 self._counters["deletes"] += 1
             if old is not None and old[1]:
                 self._pending_free.append((it.seq, old[0], self._npages(old[1])))
-        self._last_batch_d = batch_d
         if want_sync:
-            self._durable_seq = self._written_seq
+            self._durable_seq = max(self._durable_seq, last_seq)
             self._disk_durable = max(self._disk_durable, batch_d)
             self._counters["fdatasyncs"] += 1
             nsync = sum(1 for it in items if it.sync)
@@ -1265,6 +1356,7 @@ class BlobStore:
         for f in flushers:
             if not f.done():
                 f.set_result(None)
+        return True
 
     async def _sync_only(self, flushers: list, jbuf) -> None:
         if self._written_seq > self._durable_seq:
@@ -1697,6 +1789,12 @@ class BlobStore:
             await task
         except BaseException:
             pass
+        for t in list(getattr(self, "_finishers", ())):
+            t.cancel()
+            try:
+                await t
+            except BaseException:
+                pass
         self._fail_pending(EngineClosed(f"{self.path}: the store was abandoned before this request committed"))
         self._aio.close()
         self._unlock_and_close()
