@@ -1480,8 +1480,8 @@ def commit_probe(path: str, rounds: int = 200, writes: int = 16) -> list[dict]:
             for b in bufs:
                 b.view[:] = os.urandom(len(b.view))
             rnd = random.Random(7)
-            for label in ("linked chain: writes -> journal -> fdatasync (store today)",
-                          "writes + journal unlinked, then fdatasync",
+            for label in ("linked chain: writes -> journal -> fdatasync (the store before 345eb51)",
+                          "writes + journal unlinked, then fdatasync (the store now)",
                           "lone put: 1 write -> journal -> fdatasync linked"):
                 k = 1 if label.startswith("lone") else writes
                 ts = []
