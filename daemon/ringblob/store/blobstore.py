@@ -80,6 +80,16 @@ def _write_error(ops: list, results: list) -> OSError | None:
     return None
 
 
+def _fail_waiters(items, flushers, exc: BaseException) -> None:
+    """Fail the futures of a round's items and flush waiters that are still pending with ``exc``."""
+    for it in items:
+        if not it.fut.done():
+            it.fut.set_exception(exc)
+    for f in flushers:
+        if not f.done():
+            f.set_exception(exc)
+
+
 def _holder_pid(fd: int) -> str:
     """The pid holding a flock on ``fd``'s file, from /proc/locks ('unknown' if not found)."""
     try:
@@ -1158,12 +1168,7 @@ class BlobStore:
             await self._commit_items(jbuf, items, flushers, recs, seq, marker, nbufs)
         except BaseException as exc:
             e2 = self._as_error(exc, "the commit")
-            for it in items:
-                if not it.fut.done():
-                    it.fut.set_exception(e2)
-            for f in flushers:
-                if not f.done():
-                    f.set_exception(e2)
+            _fail_waiters(items, flushers, e2)
             raise
 
     async def _drain(self) -> None:
@@ -1276,12 +1281,7 @@ class BlobStore:
 
     def _fail_read_only(self, items, flushers) -> None:
         exc = ReadOnly(f"{self.path}: the store turned read-only after {self._read_only}")
-        for it in items:
-            if not it.fut.done():
-                it.fut.set_exception(exc)
-        for f in flushers:
-            if not f.done():
-                f.set_exception(exc)
+        _fail_waiters(items, flushers, exc)
 
     async def _finish_round(self, prev, items, flushers, last_seq: int, batch_d: int, want_sync: bool) -> bool:
         """Phase two of a round: after the previous round finished, its fdatasync, then make the
@@ -1295,12 +1295,7 @@ class BlobStore:
                 # an earlier round failed: the store is read-only, this round cannot be durable
                 exc = IOFailed(f"{self.path}: the commit failed: an earlier commit failed; the store is now "
                                "read-only", _errno.EIO)
-                for it in items:
-                    if not it.fut.done():
-                        it.fut.set_exception(exc)
-                for f in flushers:
-                    if not f.done():
-                        f.set_exception(exc)
+                _fail_waiters(items, flushers, exc)
                 return False
             dt = 0.0
             if want_sync:
@@ -1313,12 +1308,7 @@ class BlobStore:
                 dt = time.perf_counter() - t0
         except BaseException as exc:
             e2 = self._as_error(exc, "the commit")
-            for it in items:
-                if not it.fut.done():
-                    it.fut.set_exception(e2)
-            for f in flushers:
-                if not f.done():
-                    f.set_exception(e2)
+            _fail_waiters(items, flushers, e2)
             if isinstance(exc, OSError):
                 self._go_read_only(f"an I/O error ({exc})")
             if isinstance(exc, asyncio.CancelledError):
@@ -1427,12 +1417,7 @@ class BlobStore:
         reason = f"a failed write or fdatasync ({err})"
         exc = IOFailed(f"{self.path}: the commit failed: {err}; the store is now read-only", en)
         exc.__cause__ = err
-        for it in items:
-            if not it.fut.done():
-                it.fut.set_exception(exc)
-        for f in flushers:
-            if not f.done():
-                f.set_exception(exc)
+        _fail_waiters(items, flushers, exc)
         self._go_read_only(reason)
 
     # -- checkpoints ----------------------------------------------------------------
