@@ -576,7 +576,14 @@ class _Connection(asyncio.BufferedProtocol):
         """Serve a request by running its coroutine (``store.get`` for a GET, else the Server's
         handler) up to its first suspension now — the store's work and its SQEs happen in the
         turn that decoded the request, in decoding order — and resuming it from the done callback
-        of the future it awaits, as a Task would, without a Task's cost."""
+        of the future it awaits, as a Task would, without a Task's cost.
+
+        Consequence for the code such a coroutine runs (the Server's handlers, ``store.get``
+        and every store method a handler awaits): ``asyncio.current_task()`` is ``None``
+        there, so it must not use ``asyncio.timeout()``, ``TaskGroup`` or anything else that
+        needs the current Task; awaiting futures, other coroutines, ``gather`` and
+        ``sleep(0)`` are fine. (A store whose ``get`` is not a coroutine function is served
+        with a Task per GET instead.)"""
         srv = self.server
         t0 = _perf_counter()
         if req.op is _GET:

@@ -148,6 +148,9 @@ class BlobStore:
     Open with ``await BlobStore.create(...)`` (format) or ``await
     BlobStore.open(...)`` (recover and open); ``await store.close()`` flushes
     and writes a checkpoint. All methods run on the loop that opened the store.
+    The daemon awaits them from coroutines it steps without a Task
+    (``server._Connection._start``): they must not need
+    ``asyncio.current_task()`` (no ``asyncio.timeout()``, no ``TaskGroup``).
 
     API (keys: bytes of 1..255 bytes, else :class:`InvalidKey`; values:
     bytes-like of 0..``max_blob_size`` bytes, else :class:`TooLarge`):
