@@ -483,3 +483,32 @@ def test_view_bodies_over_the_in_place_cap_are_joined_once():
     dec.feed(frame[100:])
     f = dec.next_frame()
     assert isinstance(f.body, memoryview) and f.body.readonly and bytes(p.parse_request(f).value) == value
+
+
+def test_receive_budget_caps_bodies_allocated_ahead_over_several_decoders():
+    """Decoders sharing a ReceiveBudget allocate a large body's buffer from its header only while
+    the budget has room; over it the body is gathered as it arrives (and decodes the same); a
+    finished body and a discarded stream give their share back."""
+    budget = p.ReceiveBudget(3 * 1024 * 1024)
+    frames = [p.encode_put(i + 1, b"k%d" % i, bytes([i]) * 2_000_000) for i in range(2)]
+    a = p.FrameDecoder(view_bodies=True, budget=budget)
+    b = p.FrameDecoder(view_bodies=True, budget=budget)
+    a.feed(frames[0][:100])
+    assert a.recv_target() is not None and budget.used == len(frames[0]) - p.HEADER_SIZE
+    b.feed(frames[1][:100])  # only headers sent: no second 2 MB buffer
+    assert b.recv_target() is None and budget.used == len(frames[0]) - p.HEADER_SIZE
+    a.feed(frames[0][100:])
+    b.feed(frames[1][100:])
+    for dec, i in ((a, 0), (b, 1)):
+        req = p.parse_request(dec.next_frame())
+        assert bytes(req.value) == bytes([i]) * 2_000_000 and req.value.readonly
+    assert budget.used == 0
+    c = p.FrameDecoder(view_bodies=True, budget=budget)
+    c.feed(frames[0][:5000])  # a client that goes away in the middle of a body
+    assert budget.used > 0
+    c.discard()
+    assert budget.used == 0 and c.recv_target() is None
+    c.discard()  # idempotent
+    assert budget.used == 0
+    with pytest.raises(ValueError):
+        p.ReceiveBudget(-1)

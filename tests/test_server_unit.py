@@ -943,3 +943,37 @@ def test_puts_run_without_a_task_in_decoding_order_and_shutdown_waits_for_them(s
         await c.close()
 
     run(main())
+
+
+def test_headers_of_large_bodies_cannot_make_the_server_allocate_past_its_receive_budget(sockdir, monkeypatch):
+    # a large body's buffer is allocated when its header arrives; clients sending only headers
+    # hold at most the server's receive budget, their bodies still arrive intact past it, and a
+    # client that goes away mid-body gives its share back
+    monkeypatch.setattr(S, "RECEIVE_BUDGET", 3 * (1 << 20))
+
+    async def main():
+        store = FakeStore()
+        srv = await start(sockdir, store)
+        assert srv._recv_budget.limit == 3 * (1 << 20)
+        value = b"w" * (2 << 20)
+        frames = [P.encode_put(1, b"k%d" % i, value) for i in range(4)]
+        conns = [await Conn.open(srv.socket_path) for _ in range(4)]
+        for c, f in zip(conns, frames):
+            c.writer.write(f[:100])  # the header and a little of the body
+            await c.writer.drain()
+        await asyncio.sleep(0.1)
+        assert 0 < srv._recv_budget.used <= srv._recv_budget.limit
+        for c, f in zip(conns[:3], frames[:3]):
+            c.writer.write(f[100:])
+            await c.writer.drain()
+        for c in conns[:3]:
+            assert P.raise_for_status(await c.recv()).status == 0
+        await conns[3].close()  # leaves mid-body
+        await asyncio.sleep(0.1)
+        assert srv._recv_budget.used == 0
+        assert [store.data.get(b"k%d" % i) == value for i in range(4)] == [True, True, True, False]
+        for c in conns[:3]:
+            await c.close()
+        await srv.shutdown()
+
+    run(main())

@@ -164,6 +164,36 @@ LARGE_BODY = 64 * 1024  # bodies from this size on are gathered apart from the s
 _PREALLOC_MAX = 4 * 1024 * 1024 + 4096  # view_bodies: bodies up to this size are received in place
 
 
+class ReceiveBudget:
+    """Bytes that decoders may hold in body buffers allocated ahead of the body (shared by all of
+    a server's connections).
+
+    A ``FrameDecoder(view_bodies=True)`` allocates a large body's whole buffer when its header
+    arrives; without a shared cap, clients sending only headers could make the daemon allocate
+    ~4 MiB per connection. Over the budget a decoder gathers the body as it arrives instead
+    (memory then grows only with bytes actually received). ``limit`` and ``used`` are bytes.
+    """
+
+    __slots__ = ("limit", "used")
+
+    def __init__(self, limit: int):
+        if limit < 0:
+            raise ValueError(f"ReceiveBudget: limit must be >= 0 bytes, got {limit}")
+        self.limit = limit
+        self.used = 0
+
+    def take(self, n: int) -> bool:
+        """Reserve ``n`` bytes; False (nothing reserved) when that would pass the limit."""
+        if self.used + n > self.limit:
+            return False
+        self.used += n
+        return True
+
+    def give(self, n: int) -> None:
+        """Return ``n`` bytes reserved by :meth:`take`."""
+        self.used -= n
+
+
 class FrameDecoder:
     """Incremental frame decoder: feed it bytes, take out complete frames.
 
@@ -182,7 +212,10 @@ class FrameDecoder:
     :meth:`recv_target` hands out the unfilled part so a socket read
     (``BufferedProtocol.get_buffer``) lands there directly, with no copy at
     all — and such a frame's ``body`` is a read-only ``memoryview``
-    (slicing it copies nothing; nothing writes to it afterwards).
+    (slicing it copies nothing; nothing writes to it afterwards). ``budget``
+    (a :class:`ReceiveBudget` shared by several decoders) caps the bytes held
+    in such buffers before their bodies arrived; call :meth:`discard` when the
+    stream ends so a body left unfinished gives its share back.
 
     Usage::
 
@@ -193,9 +226,10 @@ class FrameDecoder:
     """
 
     __slots__ = ("max_frame_size", "_buf", "_pos", "_error", "_views", "_big_len", "_big_fill", "_big_head",
-                 "_big", "_big_mv", "_chunks")
+                 "_big", "_big_mv", "_chunks", "_budget", "_held")
 
-    def __init__(self, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE, *, view_bodies: bool = False):
+    def __init__(self, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE, *, view_bodies: bool = False,
+                 budget: ReceiveBudget | None = None):
         if max_frame_size < HEADER_SIZE:
             raise ValueError(f"max_frame_size must be at least {HEADER_SIZE} bytes, got {max_frame_size}")
         self.max_frame_size = max_frame_size
@@ -209,6 +243,8 @@ class FrameDecoder:
         self._big: bytearray | None = None  # view_bodies: the body, filled in place
         self._big_mv: memoryview | None = None
         self._chunks: list = []  # otherwise: the body's pieces, joined once at the end
+        self._budget = budget
+        self._held = 0  # bytes of ``budget`` that ``_big`` holds
 
     @property
     def buffered(self) -> int:
@@ -280,8 +316,27 @@ class FrameDecoder:
         self._big_len = length
         self._big_fill = 0
         if self._views and length <= _PREALLOC_MAX:
+            if self._budget is not None:
+                if not self._budget.take(length):
+                    return  # over the shared budget: gather the body as it arrives
+                self._held = length
             self._big = bytearray(length)
             self._big_mv = memoryview(self._big)
+
+    def _give_back(self) -> None:
+        if self._held:
+            self._budget.give(self._held)  # type: ignore[union-attr]
+            self._held = 0
+
+    def discard(self) -> None:
+        """The stream ended: drop a body being received and return its share of the budget."""
+        self._give_back()
+        if self._big_mv is not None:
+            self._big_mv.release()
+        self._big = self._big_mv = None
+        self._chunks = []
+        self._big_len = None
+        self._big_fill = 0
 
     def _put_big(self, part: memoryview, owned: bool) -> None:
         n = len(part)
@@ -313,6 +368,7 @@ class FrameDecoder:
             body = self._big_mv.toreadonly()  # type: ignore[union-attr]
             self._big_mv.release()  # type: ignore[union-attr]
             self._big = self._big_mv = None
+            self._give_back()
         else:
             chunks, self._chunks = self._chunks, []
             body = b"".join(chunks)  # the one copy of the body

@@ -104,6 +104,10 @@ _MAGIC, _VERSION, _HEADER_SIZE = P.MAGIC, P.VERSION, P.HEADER_SIZE
 _perf_counter = time.perf_counter
 _current_task = asyncio.current_task
 
+# cap on the bytes all connections together hold in large request-body buffers allocated from a
+# frame header before the body arrived (protocol.ReceiveBudget); 64 bodies of 4 MiB
+RECEIVE_BUDGET = 256 * 1024 * 1024
+
 
 @dataclass
 class ServerConfig:
@@ -330,7 +334,8 @@ class _Connection(asyncio.BufferedProtocol):
     def __init__(self, server: "Server"):
         self.server = server
         self.loop = server._loop
-        self.decoder = P.FrameDecoder(server.config.max_frame_size, view_bodies=True)
+        self.decoder = P.FrameDecoder(server.config.max_frame_size, view_bodies=True,
+                                      budget=server._recv_budget)
         self._in_place = False  # the buffer get_buffer handed out is the decoder's large body
         self.transport: asyncio.Transport | None = None
         self.in_flight = 0
@@ -436,6 +441,7 @@ class _Connection(asyncio.BufferedProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.closing = True
+        self.decoder.discard()  # a body cut short gives its share of the receive budget back
         self.out.clear()
         self.out_bytes = self.out_total = 0
         if self.idle_handle is not None:
@@ -806,6 +812,9 @@ class Server:
         self.listen_sock = listen_sock
         # where socket reads land (one read is decoded before the next starts, on any connection)
         self._scratch = memoryview(bytearray(256 * 1024))
+        # bytes all connections may hold in large-body buffers allocated when a header arrives,
+        # before the body did (over it, bodies are gathered as they arrive)
+        self._recv_budget = P.ReceiveBudget(RECEIVE_BUDGET)
         self.connections: set[_Connection] = set()
         self.in_flight = 0
         self.stopping = False
