@@ -49,6 +49,18 @@ TEST_TMP = ROOT / ".test-tmp"  # ext4 (gitignored): O_DIRECT behaves as in produ
 TMP_ROOT = str(TEST_TMP)
 
 
+def _engines() -> list[str]:
+    try:
+        from ringblob._uring import Ring  # noqa: F401
+
+        return ["psync", "uring"]
+    except ImportError:
+        return ["psync"]
+
+
+ENGINES = _engines()  # the engines the store and engine tests run on (uring where the extension is built)
+
+
 def ringblob_cmd() -> list[str]:
     """The ``ringblob`` console script of this interpreter's venv (or ``python -m ringblob.cli``)."""
     script = pathlib.Path(sys.executable).parent / "ringblob"
@@ -86,14 +98,22 @@ class Daemon:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise AssertionError(f"ringblob serve exited with {self.proc.returncode}:\n{self.output()}")
-            try:
-                with ringblob.Client(self.socket, timeout=5) as c:
-                    c.ping()
+            if self.ready():
                 return self
-            except (OSError, RingblobError):
-                time.sleep(0.05)
+            time.sleep(0.05)
         self.kill()
-        raise AssertionError(f"ringblob serve did not answer within {timeout} s:\n{self.output()}")
+        raise AssertionError(f"ringblob serve did not {self.ready_means} within {timeout} s:\n{self.output()}")
+
+    ready_means = "answer"  # what ready() checks, for the timeout message
+
+    def ready(self) -> bool:
+        """Whether the started daemon counts as up: it answers PING."""
+        try:
+            with ringblob.Client(self.socket, timeout=5) as c:
+                c.ping()
+            return True
+        except (OSError, RingblobError):
+            return False
 
     def output(self) -> str:
         try:
@@ -239,13 +259,7 @@ class NotifyDaemon:
             self.notify.close()
 
     def scrape(self) -> dict:
-        with urllib.request.urlopen(self.metrics_url, timeout=10) as r:
-            text = r.read().decode()
-        out = {}
-        for fam in text_string_to_metric_families(text):
-            for s in fam.samples:
-                out[(s.name, tuple(sorted(s.labels.items())))] = s.value
-        return out
+        return scrape(self.metrics_url)
 
 
 @pytest.fixture
@@ -298,3 +312,14 @@ class Raw:
 
     def close(self):
         self.s.close()
+
+
+def scrape(url: str) -> dict:
+    """The daemon's /metrics as ``{(sample name, ((label, value), ...)): value}`` (prometheus_client's parser)."""
+    with urllib.request.urlopen(url, timeout=10) as r:
+        text = r.read().decode()
+    out = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out

@@ -38,7 +38,6 @@ import re
 import shutil
 import sys
 import time
-import urllib.request
 from dataclasses import dataclass, field
 
 import blake3
@@ -46,6 +45,8 @@ import blake3
 HERE = os.path.dirname(os.path.abspath(__file__))
 if HERE not in sys.path:
     sys.path.insert(0, HERE)
+
+from conftest import scrape  # noqa: E402  (the daemon's /metrics as a dict)
 
 KEYS_PER_TASK = 6
 TASKS_PER_CONN = 2
@@ -180,19 +181,6 @@ def fd_count(pid: int) -> int:
 def _sleep_then(seconds: float, fn, *args):
     time.sleep(seconds)
     return fn(*args)
-
-
-def scrape(url: str) -> dict:
-    """The daemon's /metrics as ``{(sample name, ((label, value), ...)): value}`` (prometheus_client's parser)."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    with urllib.request.urlopen(url, timeout=10) as r:
-        text = r.read().decode()
-    out = {}
-    for fam in text_string_to_metric_families(text):
-        for s in fam.samples:
-            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
-    return out
 
 
 def _metrics_url(daemon, timeout: float = 10.0) -> str:

@@ -30,8 +30,6 @@ import re
 import shutil
 import socket
 import stat
-import subprocess
-import time
 import uuid
 
 import pytest
@@ -39,8 +37,7 @@ import pytest
 import ringblob
 from ringblob import protocol as P
 from ringblob.errors import AccessDenied, ProtocolError
-from soak import scrape
-from test_client import ROOT, Daemon, make_tmp
+from conftest import ROOT, Daemon, make_tmp, scrape
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run peers under other uids (setuid children)")
 
@@ -86,18 +83,10 @@ def as_user(fn, uid: int = NOBODY, gid: int = NOBODY, groups: tuple = ()) -> lis
 class QuietDaemon(Daemon):
     """A ``ringblob serve`` that counts as started once it prints its banner (root may be refused)."""
 
-    def start(self, timeout: float = 30.0) -> "QuietDaemon":
-        self._logfh = open(self.log, "wb")
-        self.proc = subprocess.Popen(self.args, cwd=self.cwd, stdout=self._logfh, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"ringblob serve exited with {self.proc.returncode}:\n{self.output()}")
-            if "ringblob: stop it with" in self.output():
-                return self
-            time.sleep(0.05)
-        self.kill()
-        raise AssertionError(f"ringblob serve did not start within {timeout} s:\n{self.output()}")
+    ready_means = "start"
+
+    def ready(self) -> bool:
+        return "ringblob: stop it with" in self.output()
 
     def metrics_url(self) -> str:
         m = re.search(r"metrics\s+(http://\S+/metrics)", self.output())

@@ -15,22 +15,10 @@ from ringblob.engine import open_engine
 from ringblob.engine.aio import AsyncEngine
 from ringblob.errors import Misaligned
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TMP_ROOT = os.path.join(REPO, ".test-tmp")
+from conftest import ENGINES, TMP_ROOT
 
 
-def _engines():
-    out = ["psync"]
-    try:
-        from ringblob._uring import Ring  # noqa: F401
-
-        out.append("uring")
-    except ImportError:
-        pass
-    return out
-
-
-@pytest.fixture(params=_engines())
+@pytest.fixture(params=ENGINES)
 def kind(request):
     return request.param
 

@@ -34,9 +34,7 @@ from ringblob.errors import (
     TooLarge,
 )
 
-# Shared with tests/test_cli.py, killloop.py, soak.py (conftest.py); the names stay importable
-# from here for the modules that import them from test_client (test_access.py, test_killloop.py).
-from conftest import ROOT, Daemon, make_tmp  # noqa: E402,F401
+from conftest import ROOT, Daemon, make_tmp  # noqa: E402  (shared with the other daemon tests)
 
 
 def unique(name: str) -> bytes:

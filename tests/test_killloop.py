@@ -14,7 +14,7 @@ import pytest
 
 import killloop
 from killloop import ABSENT, KeyModel, decode_value, make_value, read_log
-from test_client import Daemon, make_tmp
+from conftest import Daemon, make_tmp
 
 ROUNDS = int(os.environ.get("RINGBLOB_KILLLOOP_ROUNDS", "20"))
 

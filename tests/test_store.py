@@ -35,22 +35,8 @@ from ringblob.store import BlobStore
 from ringblob.store import format as F
 from ringblob.store.alloc import Allocator
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TMP_ROOT = os.path.join(REPO, ".test-tmp")
+from conftest import ENGINES, TMP_ROOT
 
-
-def _engines():
-    out = ["psync"]
-    try:
-        from ringblob._uring import Ring  # noqa: F401
-
-        out.append("uring")
-    except ImportError:
-        pass
-    return out
-
-
-ENGINES = _engines()
 MiB = 1 << 20
 
 

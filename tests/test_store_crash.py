@@ -38,7 +38,7 @@ from ringblob.engine.crashsim import simulate_power_loss
 from ringblob.store import BlobStore
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TMP_ROOT = os.path.join(REPO, ".test-tmp")
+from conftest import ENGINES, TMP_ROOT  # noqa: E402
 ROUNDS = int(os.environ.get("RINGBLOB_CRASH_ROUNDS", "30"))
 NKEYS = 48
 NWORKERS = 4
@@ -98,15 +98,6 @@ asyncio.run(main())
 
 def value(seed: int, ver: int, length: int) -> bytes:
     return blake3.blake3(b"%d:%d" % (seed, ver)).digest(length=length) if length else b""
-
-
-def _engines():
-    try:
-        from ringblob._uring import Ring  # noqa: F401
-
-        return ["psync", "uring"]
-    except ImportError:
-        return ["psync"]
 
 
 @pytest.fixture
@@ -213,7 +204,7 @@ def test_sigkill_rounds_lose_no_acknowledged_write(tdir):
     seed0 = int(os.environ.get("RINGBLOB_CRASH_SEED", "0")) or random.randrange(1 << 30)
     print(f"crash test seed {seed0} (reproduce with RINGBLOB_CRASH_SEED={seed0})")
     rnd = random.Random(seed0)
-    engines = _engines()
+    engines = ENGINES
     model: dict[int, tuple | None] = {}
     seeds: dict[int, int] = {}
     total_acked = 0

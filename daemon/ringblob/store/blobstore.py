@@ -80,14 +80,15 @@ def _write_error(ops: list, results: list) -> OSError | None:
     return None
 
 
-def _fail_waiters(items, flushers, exc: BaseException) -> None:
-    """Fail the futures of a round's items and flush waiters that are still pending with ``exc``."""
-    for it in items:
-        if not it.fut.done():
-            it.fut.set_exception(exc)
-    for f in flushers:
-        if not f.done():
-            f.set_exception(exc)
+def _settle(items, flushers, exc: BaseException | None = None) -> None:
+    """Resolve the futures of a round's items and flush waiters that are still pending: with
+    ``None`` (committed) or, given ``exc``, with that exception."""
+    for fut in [it.fut for it in items] + list(flushers):
+        if not fut.done():
+            if exc is None:
+                fut.set_result(None)
+            else:
+                fut.set_exception(exc)
 
 
 def _holder_pid(fd: int) -> str:
@@ -1171,7 +1172,7 @@ class BlobStore:
             await self._commit_items(jbuf, items, flushers, recs, seq, marker, nbufs)
         except BaseException as exc:
             e2 = self._as_error(exc, "the commit")
-            _fail_waiters(items, flushers, e2)
+            _settle(items, flushers, e2)
             raise
 
     async def _drain(self) -> None:
@@ -1284,7 +1285,7 @@ class BlobStore:
 
     def _fail_read_only(self, items, flushers) -> None:
         exc = ReadOnly(f"{self.path}: the store turned read-only after {self._read_only}")
-        _fail_waiters(items, flushers, exc)
+        _settle(items, flushers, exc)
 
     async def _finish_round(self, prev, items, flushers, last_seq: int, batch_d: int, want_sync: bool) -> bool:
         """Phase two of a round: after the previous round finished, its fdatasync, then make the
@@ -1298,7 +1299,7 @@ class BlobStore:
                 # an earlier round failed: the store is read-only, this round cannot be durable
                 exc = IOFailed(f"{self.path}: the commit failed: an earlier commit failed; the store is now "
                                "read-only", _errno.EIO)
-                _fail_waiters(items, flushers, exc)
+                _settle(items, flushers, exc)
                 return False
             dt = 0.0
             if want_sync:
@@ -1311,7 +1312,7 @@ class BlobStore:
                 dt = time.perf_counter() - t0
         except BaseException as exc:
             e2 = self._as_error(exc, "the commit")
-            _fail_waiters(items, flushers, e2)
+            _settle(items, flushers, e2)
             if isinstance(exc, OSError):
                 self._go_read_only(f"an I/O error ({exc})")
             if isinstance(exc, asyncio.CancelledError):
@@ -1343,12 +1344,7 @@ class BlobStore:
             self._obs("on_fdatasync", dt)
             self._counters["flushes"] += len(flushers)
         self._process_frees()
-        for it in items:
-            if not it.fut.done():
-                it.fut.set_result(None)
-        for f in flushers:
-            if not f.done():
-                f.set_result(None)
+        _settle(items, flushers)
         return True
 
     async def _sync_only(self, flushers: list, jbuf) -> None:
@@ -1400,9 +1396,7 @@ class BlobStore:
             self._process_frees()
         self._want_marker = False
         self._counters["flushes"] += len(flushers)
-        for f in flushers:
-            if not f.done():
-                f.set_result(None)
+        _settle([], flushers)
 
     def _as_error(self, exc: BaseException, what: str) -> BaseException:
         """The exception a caller gets: an engine ``OSError`` becomes :class:`IOFailed` (``errno`` set,
@@ -1420,7 +1414,7 @@ class BlobStore:
         reason = f"a failed write or fdatasync ({err})"
         exc = IOFailed(f"{self.path}: the commit failed: {err}; the store is now read-only", en)
         exc.__cause__ = err
-        _fail_waiters(items, flushers, exc)
+        _settle(items, flushers, exc)
         self._go_read_only(reason)
 
     # -- checkpoints ----------------------------------------------------------------
