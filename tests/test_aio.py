@@ -317,3 +317,129 @@ def test_run_cancelled_while_waiting_cancels_its_other_futures_and_the_engine_go
         aio.close()
 
     asyncio.run(main())
+
+
+# -- read_nowait: a read completed by a call, not a future ----------------------------------------
+
+
+def _collector(loop):
+    """A ``done(data, error)`` that records its calls and resolves a future on the first."""
+    calls = []
+    fut = loop.create_future()
+
+    def done(data, err):
+        calls.append((data, err))
+        if not fut.done():
+            fut.set_result(None)
+
+    return done, calls, fut
+
+
+def test_read_nowait_calls_done_once_with_the_bytes_and_returns_the_buffer(dfile, kind):
+    df, data = dfile
+
+    async def main():
+        aio = make(kind, df, buffer_count=8, buffer_size=65536)
+        loop = asyncio.get_running_loop()
+        dones = [_collector(loop) for _ in range(5)]
+        for i, (done, _calls, _f) in enumerate(dones):
+            assert aio.read_nowait(i * 8192, 5000, done) is True
+        assert aio.engine.free_buffers == 3  # leased now, queued for this turn's one submit
+        await asyncio.gather(*(f for _d, _c, f in dones))
+        for i, (_d, calls, _f) in enumerate(dones):
+            assert calls == [(data[i * 8192 : i * 8192 + 5000], None)]
+        assert aio.submits == 1
+        assert aio.engine.free_buffers == 8 and aio.engine.in_flight == 0
+        await asyncio.sleep(0.01)
+        assert all(len(c) == 1 for _d, c, _f in dones)  # never called twice
+        aio.close()
+
+    asyncio.run(main())
+
+
+def test_read_nowait_declines_what_it_cannot_do_at_once(dfile, kind):
+    df, data = dfile
+
+    async def main():
+        aio = make(kind, df, buffer_count=2, buffer_size=65536)
+        loop = asyncio.get_running_loop()
+        done, calls, _f = _collector(loop)
+        assert aio.read_nowait(0, 65536 + 1, done) is False  # more than one buffer
+        assert aio.read_nowait(0, 0, done) is False
+        held = await aio.lease(2)
+        assert aio.read_nowait(0, 4096, done) is False  # no free buffer: the caller awaits read()
+        aio.release(*held)
+        assert aio.read_nowait(0, 4096, done) is True
+        await _f
+        assert calls == [(data[:4096], None)]
+        assert aio.engine.pending == 0 and aio.engine.free_buffers == 2
+        aio.close()
+
+    asyncio.run(main())
+
+
+def test_read_nowait_misaligned_raises_and_short_read_is_eio(dfile, kind):
+    df, data = dfile
+
+    async def main():
+        aio = make(kind, df, buffer_count=4, buffer_size=65536)
+        loop = asyncio.get_running_loop()
+        done, calls, fut = _collector(loop)
+        with pytest.raises(Misaligned):
+            aio.read_nowait(100, 4096, done)
+        assert aio.engine.free_buffers == 4 and aio.engine.pending == 0 and calls == []
+        assert aio.read_nowait(len(data) - 4096, 8192, done) is True  # half of it past the end of the file
+        await fut
+        ((got, err),) = calls
+        assert got is None and isinstance(err, OSError) and err.errno == errno.EIO and "short" in str(err)
+        assert aio.engine.free_buffers == 4
+        aio.close()
+
+    asyncio.run(main())
+
+
+def test_read_nowait_failed_cqe_and_a_raising_callback_spare_the_other_ops(dfile, kind):
+    from ringblob.engine.faulty import FaultyEngine
+
+    df, data = dfile
+
+    async def main():
+        eng = FaultyEngine(open_engine(kind, [df.fd], block_size=df.block_size, buffer_count=8, buffer_size=65536))
+        aio = AsyncEngine(eng)
+        loop = asyncio.get_running_loop()
+        reported = []
+        loop.set_exception_handler(lambda _loop, ctx: reported.append(ctx))
+        eng.fail_next("read")
+        d1, c1, f1 = _collector(loop)
+
+        def bad(data, err):
+            raise RuntimeError("a buggy callback")
+
+        d3, c3, f3 = _collector(loop)
+        assert aio.read_nowait(0, 4096, d1) and aio.read_nowait(4096, 4096, bad) and aio.read_nowait(8192, 4096, d3)
+        await asyncio.gather(f1, f3)
+        assert c1[0][0] is None and c1[0][1].errno == errno.EIO
+        assert c3 == [(data[8192:12288], None)]
+        assert [str(r["exception"]) for r in reported] == ["a buggy callback"]
+        assert eng.free_buffers >= 7
+        aio.close()
+
+    asyncio.run(main())
+
+
+def test_read_nowait_in_flight_at_close_gets_engine_closed(dfile, kind):
+    from ringblob.errors import EngineClosed
+
+    df, _ = dfile
+
+    async def main():
+        aio = make(kind, df, buffer_count=4, buffer_size=65536)
+        loop = asyncio.get_running_loop()
+        done, calls, _f = _collector(loop)
+        assert aio.read_nowait(0, 4096, done) is True
+        aio.close()  # before the turn's submit: the op never reached the kernel
+        assert len(calls) == 1 and calls[0][0] is None and isinstance(calls[0][1], EngineClosed)
+        with pytest.raises(EngineClosed):
+            aio.read_nowait(0, 4096, done)
+
+    asyncio.run(main())

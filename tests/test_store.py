@@ -1436,3 +1436,74 @@ def test_failed_fdatasync_fails_the_round_in_flight_behind_it(tdir, engine):
     """Round 1's fdatasync fails while round 2's writes are out: both rounds fail with EIO,
     round 2 issues no fdatasync (a later success would prove nothing), the store turns read-only."""
     _pipelined_rounds(tdir, engine, fail_first_sync=True)
+
+
+# -- get_nowait: the request path's GET, completed by a call ------------------------------------
+
+
+def _get_nowait(s, key):
+    """``s.get_nowait(key, done)`` as an awaitable of ``(queued, value, error)``."""
+    loop = asyncio.get_running_loop()
+    fut = loop.create_future()
+    calls = []
+
+    def done(value, err):
+        calls.append((value, err))
+        fut.set_result((value, err))
+
+    queued = s.get_nowait(key, done)
+    return queued, fut, calls
+
+
+def test_get_nowait_verifies_pins_and_answers_once(tdir, engine):
+    async def main():
+        p = os.path.join(tdir, "d")
+        s = await BlobStore.create(p, 8 * MiB, engine=engine)
+        await s.put(b"a", b"x" * 5000, sync=True)
+        await s.put(b"bad", b"b" * 4096, sync=True)
+        await s.put(b"empty", b"", sync=True)
+        await s.put(b"big", os.urandom(3 * s._aio.buffer_size), sync=True)
+        gets0 = s.stat()["gets"]
+        queued, fut, calls = _get_nowait(s, b"a")
+        assert queued is True
+        assert s._index.get(b"a")[0] in s._pins  # pinned while the read is in flight
+        assert await fut == (b"x" * 5000, None)
+        assert not s._pins and calls == [(b"x" * 5000, None)]
+        assert s.stat()["gets"] == gets0 + 1
+        with pytest.raises(NotFound):
+            s.get_nowait(b"nope", lambda v, e: None)
+        with pytest.raises(InvalidKey):
+            s.get_nowait(b"", lambda v, e: None)
+        # what it does not take: the caller awaits get()
+        assert s.get_nowait(b"empty", lambda v, e: None) is False
+        assert s.get_nowait(b"big", lambda v, e: None) is False
+        assert not s._pins
+        page = s._index.get(b"bad")[0]
+        await s.close()
+        flip_bit(p, page * 4096 + 17, 3)
+        s = await BlobStore.open(p, engine=engine)
+        queued, fut, calls = _get_nowait(s, b"bad")
+        value, err = await fut
+        assert queued and value is None and isinstance(err, Corrupt) and err.keys == [b"bad"]
+        assert s.stat()["checksum_failures"] == 1 and not s._pins
+        await s.close()
+
+    run(main())
+
+
+def test_get_nowait_failed_read_is_ioerror(tdir):
+    async def main():
+        p = os.path.join(tdir, "d")
+        holder, wrap = _faulty_open(p, "psync")
+        s = await BlobStore.create(p, 8 * MiB, engine="psync", wrap_engine=wrap)
+        await s.put(b"k", b"v" * 3000, sync=True)
+        holder["e"].fail_next("read")
+        queued, fut, _calls = _get_nowait(s, b"k")
+        value, err = await fut
+        assert queued and value is None and isinstance(err, IOFailed) and err.errno == errno.EIO
+        assert not s.read_only and not s._pins
+        queued, fut, _calls = _get_nowait(s, b"k")
+        assert await fut == (b"v" * 3000, None)
+        await s.close()
+
+    run(main())

@@ -321,6 +321,28 @@ _P_WRITE = 4  # too many unsent reply bytes (transport pause_writing)
 _P_BYTES = 8  # the replies being produced would pass the connection's reply-byte budget
 
 
+class _GetDone:
+    """The completion of one GET the store reads with ``get_nowait`` (see
+    :meth:`_Connection._start`): called once with ``(value, error)``; it is also the
+    request's entry in ``Server._eager`` while the read is in flight."""
+
+    __slots__ = ("conn", "req", "cost", "t0")
+
+    def __init__(self, conn: "_Connection", req: P.Request, cost: int, t0: float) -> None:
+        self.conn = conn
+        self.req = req
+        self.cost = cost
+        self.t0 = t0
+
+    def __call__(self, value: bytes | None, err: BaseException | None) -> None:
+        conn = self.conn
+        del conn.server._eager[self]
+        if err is None:
+            conn._finish(self.req, [value], 0, self.t0, self.cost)
+        else:
+            conn._failed(self.req, err, self.t0, self.cost)
+
+
 class _Connection(asyncio.BufferedProtocol):
     """asyncio protocol of one client: decode, dispatch, coalesce replies.
 
@@ -579,8 +601,10 @@ class _Connection(asyncio.BufferedProtocol):
     # -- requests without a Task: the handler's coroutine is stepped by hand --
 
     def _start(self, req: P.Request, cost: int) -> None:
-        """Serve a request by running its coroutine (``store.get`` for a GET, else the Server's
-        handler) up to its first suspension now — the store's work and its SQEs happen in the
+        """Serve a request. A GET whose value fits one fixed buffer goes to the store's
+        ``get_nowait`` (the read is queued now and a :class:`_GetDone` answers it from the
+        CQE: no coroutine, no future). Anything else runs its coroutine (``store.get`` for a
+        GET, else the Server's handler) up to its first suspension now — the store's work and its SQEs happen in the
         turn that decoded the request, in decoding order — and resuming it from the done callback
         of the future it awaits, as a Task would, without a Task's cost.
 
@@ -593,6 +617,17 @@ class _Connection(asyncio.BufferedProtocol):
         srv = self.server
         t0 = _perf_counter()
         if req.op is _GET:
+            get_nowait = srv._get_nowait
+            if get_nowait is not None:  # the read goes out with no coroutine at all, if it can
+                done = _GetDone(self, req, cost, t0)
+                try:
+                    queued = get_nowait(req.key, done)
+                except Exception as err:
+                    self._failed(req, err, t0, cost)
+                    return
+                if queued:
+                    srv._eager[done] = None  # in flight (shutdown waits for it); done() removes it
+                    return
             coro = srv.store.get(req.key)
         else:
             coro = srv._handlers[req.op](req)
@@ -613,10 +648,7 @@ class _Connection(asyncio.BufferedProtocol):
             return
         except Exception as err:
             del srv._eager[coro]
-            status, message = P._error_status(err)
-            if status == 1:
-                log.exception("internal error serving %s request %d", req.op.name, req.request_id)
-            self._finish(req, [message.encode("utf-8", "replace")], status, t0, cost)
+            self._failed(req, err, t0, cost)
             return
         if getattr(y, "_asyncio_future_blocking", None):  # awaiting a future (Task.__step's protocol)
             y._asyncio_future_blocking = False
@@ -628,6 +660,13 @@ class _Connection(asyncio.BufferedProtocol):
         else:
             self._step(coro, req, cost, t0, RuntimeError(f"serving {req.op.name}: the coroutine yielded {y!r}, "
                                                           "not a future"))
+
+    def _failed(self, req: P.Request, err: BaseException, t0: float, cost: int) -> None:
+        """Answer ``req`` with the status and message of the error serving it raised."""
+        status, message = P._error_status(err)
+        if status == 1:
+            log.error("internal error serving %s request %d", req.op.name, req.request_id, exc_info=err)
+        self._finish(req, [message.encode("utf-8", "replace")], status, t0, cost)
 
     def _resumed(self, coro, req: P.Request, cost: int, t0: float, fut: asyncio.Future) -> None:
         self._step(coro, req, cost, t0, None)  # the coroutine's await takes the future's result or error
@@ -828,6 +867,8 @@ class Server:
         # requests served without a Task (see _Connection._start): coroutine -> the future it awaits
         self._eager: dict = {}
         self._eager_get = inspect.iscoroutinefunction(getattr(store, "get", None))
+        # the store's GET without a coroutine (BlobStore.get_nowait), when it has one
+        self._get_nowait = getattr(store, "get_nowait", None) if self._eager_get else None
         self._waiting: set[_Connection] = set()
         self._stop_requested: asyncio.Event | None = None
         self._conn_closed: asyncio.Event | None = None

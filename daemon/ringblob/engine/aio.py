@@ -53,6 +53,19 @@ def check_result(res: Any, want: int | None = None, what: str = "io") -> int:
     return res
 
 
+class _ReadOp:
+    """A read queued by :meth:`AsyncEngine.read_nowait`: completed by a call, not a future."""
+
+    __slots__ = ("buf", "offset", "alen", "length", "done")
+
+    def __init__(self, buf, offset: int, alen: int, length: int, done) -> None:
+        self.buf = buf
+        self.offset = offset
+        self.alen = alen
+        self.length = length
+        self.done = done
+
+
 class AsyncEngine:
     """Drive ``engine`` from the running asyncio loop (see the module docstring).
 
@@ -223,8 +236,11 @@ class AsyncEngine:
         except Exception as exc:  # the batch did not reach the kernel: fail its ops
             for t in tags:
                 fut = self._futs.pop(t, None)
-                if fut is not None and not fut.done():
-                    fut.set_result(OSError(getattr(exc, "errno", None) or _errno.EIO, f"submit: {exc}"))
+                err = OSError(getattr(exc, "errno", None) or _errno.EIO, f"submit: {exc}")
+                if fut.__class__ is _ReadOp:
+                    self._complete_read(fut, err)
+                elif fut is not None and not fut.done():
+                    fut.set_result(err)
 
     def _on_ready(self) -> None:
         if self._closed:
@@ -234,7 +250,9 @@ class AsyncEngine:
                 cqes = self.engine.reap(256)
                 for tag, res in cqes:
                     fut = self._futs.pop(tag, None)
-                    if fut is not None and not fut.done():
+                    if fut.__class__ is _ReadOp:
+                        self._complete_read(fut, res)
+                    elif fut is not None and not fut.done():
                         fut.set_result(res)
                 if len(cqes) < 256:
                     break
@@ -343,6 +361,66 @@ class AsyncEngine:
                     self._deferred.append(b)
         if self._buf_waiters:
             self._wake_buffers()
+
+    def read_nowait(self, offset: int, length: int, done) -> bool:
+        """Queue a read of ``length`` bytes (1 to ``buffer_size``) at ``offset`` for this loop
+        turn's submit, completed by a call instead of a future: the cheapest way to read a
+        small value (no future, no coroutine, no callback scheduled through the loop).
+
+        ``done(data, error)`` is called exactly once, on the loop's thread, from the CQE reap
+        (or from :meth:`close`): ``data`` is the ``bytes`` read and ``error`` None, or ``data``
+        is None and ``error`` the ``OSError`` (EIO for a short read, :class:`EngineClosed`
+        after close). An exception ``done`` raises is reported to the loop's exception
+        handler, never to other ops. Returns False, having queued nothing (``done`` is never
+        called), when the read does not fit one fixed buffer or a buffer or a queue slot is
+        not free at once, or others already wait for them (fair to :meth:`read`'s waiters):
+        the caller takes the awaiting path, :meth:`read`. Raises :class:`Misaligned` for an
+        ``offset`` that is not a block multiple, :class:`EngineClosed` after :meth:`close`.
+        """
+        if length <= 0 or length > self.buffer_size:
+            return False
+        self._check_open("read")
+        bufs = self._try_lease(1)
+        if bufs is None:
+            return False
+        buf = bufs[0]
+        bs = self.block_size
+        alen = -(-length // bs) * bs
+        tag = next(self._tags)
+        try:
+            self.engine.read_fixed(buf, offset, alen, tag)
+        except BaseException:
+            self._release_now(bufs)
+            raise
+        self._futs[tag] = _ReadOp(buf, offset, alen, length, done)
+        self._unsubmitted.append(tag)
+        self.ops += 1
+        if self._flush_handle is None:
+            self._flush_handle = self.loop.call_soon(self._flush)
+        return True
+
+    def _complete_read(self, op: _ReadOp, res) -> None:
+        """Finish a :meth:`read_nowait` op with its CQE result (or an exception): copy the
+        bytes out, give the buffer back, then call its ``done``."""
+        data = err = None
+        try:
+            if res.__class__ is int and res == op.alen:
+                with op.buf.view[: op.length] as v:
+                    data = bytes(v)
+            elif isinstance(res, BaseException):
+                err = res
+            else:
+                try:
+                    check_result(res, op.alen, f"read_fixed at offset {op.offset}")
+                except OSError as exc:
+                    err = exc
+        finally:
+            self._release_now([op.buf])
+        try:
+            op.done(data, err)
+        except Exception as exc:  # the caller's bug must not stop the reap of other ops
+            self.loop.call_exception_handler({
+                "message": "AsyncEngine.read_nowait: the completion callback raised", "exception": exc})
 
     async def read(self, offset: int, length: int) -> bytes:
         """Read ``length`` bytes at ``offset`` (a multiple of the block size) into new ``bytes``.
@@ -536,10 +614,12 @@ class AsyncEngine:
             self._flush_handle.cancel()
             self._flush_handle = None
         err = EngineClosed("the async engine was closed with this operation in flight")
-        for fut in self._futs.values():
-            if not fut.done():
+        futs, self._futs = self._futs, {}
+        for fut in futs.values():
+            if fut.__class__ is _ReadOp:
+                self._complete_read(fut, err)
+            elif not fut.done():
                 fut.set_exception(err)
-        self._futs.clear()
         for _n, fut in self._buf_waiters:
             if not fut.done():
                 fut.set_exception(err)

@@ -9,6 +9,7 @@ import asyncio
 import collections
 import errno as _errno
 import fcntl
+import functools
 import logging
 import os
 import random
@@ -1541,10 +1542,61 @@ class BlobStore:
             try:
                 data = await self._aio.read(page * self.page_size, length)
             except OSError as exc:
-                raise IOFailed(f"{self.path}: reading {length} bytes of key {key!r} at page {page} failed: {exc}",
-                               exc.errno) from exc
+                raise self._read_failed(key, page, length, exc) from exc
             finally:
                 self._unpin(page)
+        return self._verified(key, page, length, digest, data)
+
+    def get_nowait(self, key, done) -> bool:
+        """Start reading ``key``'s value with no coroutine and no future: the request path's
+        GET (the server calls it for every GET; :meth:`get` is the awaitable form).
+
+        Returns True when the read is queued for this loop turn's submit; then
+        ``done(value, error)`` is called exactly once, later, on the loop's thread, with the
+        value (``bytes``, verified against its BLAKE3 digest exactly as :meth:`get` does) and
+        None, or None and the error :meth:`get` would raise (:class:`Corrupt`,
+        :class:`IOFailed`, :class:`EngineClosed`). Returns False, having done nothing, when
+        the value cannot be read this way right now (it is empty, larger than one fixed
+        buffer, or the buffer pool or queue depth is short): await :meth:`get` instead.
+        Raises :class:`NotFound`, :class:`InvalidKey`, :class:`EngineClosed` at once.
+        """
+        key = _check_key(key)
+        self._check_open()
+        e = self._index.get(key)
+        if e is None:
+            raise NotFound(f"no blob under key {key!r}")
+        page, length, digest = e
+        if length == 0:
+            return False
+        self._pin(page)  # the extent is not reused while the read is in flight
+        try:
+            queued = self._aio.read_nowait(page * self.page_size, length,
+                                           functools.partial(self._got, key, page, length, digest, done))
+        except BaseException:
+            self._unpin(page)
+            raise
+        if not queued:
+            self._unpin(page)
+        return queued
+
+    def _got(self, key: bytes, page: int, length: int, digest: bytes, done, data, err) -> None:
+        """The completion of a :meth:`get_nowait` read: verify, count, hand the value to ``done``."""
+        self._unpin(page)
+        if err is not None:
+            done(None, self._read_failed(key, page, length, err) if isinstance(err, OSError) else err)
+            return
+        try:
+            data = self._verified(key, page, length, digest, data)
+        except Corrupt as exc:
+            done(None, exc)
+            return
+        done(data, None)
+
+    def _read_failed(self, key: bytes, page: int, length: int, exc: OSError) -> IOFailed:
+        return IOFailed(f"{self.path}: reading {length} bytes of key {key!r} at page {page} failed: {exc}", exc.errno)
+
+    def _verified(self, key: bytes, page: int, length: int, digest: bytes, data: bytes) -> bytes:
+        """``data`` when its BLAKE3 digest is ``digest`` (counted as a get); else raises :class:`Corrupt`."""
         self._counters["gets"] += 1
         if blake3.blake3(data).digest() != digest:
             self._counters["checksum_failures"] += 1
