@@ -1507,3 +1507,97 @@ def test_get_nowait_failed_read_is_ioerror(tdir):
         await s.close()
 
     run(main())
+
+
+# -- put_nowait: the request path's PUT, completed by a call -------------------------------------
+
+
+def _put_nowait(s, key, value, **kw):
+    """``s.put_nowait(key, value, done, **kw)`` -> ``(queued, future of the error, calls)``."""
+    fut = asyncio.get_running_loop().create_future()
+    calls = []
+
+    def done(value, err):
+        calls.append((value, err))
+        fut.set_result(err)
+
+    return s.put_nowait(key, value, done, **kw), fut, calls
+
+
+def test_put_nowait_commits_like_put_and_answers_once(tdir, engine):
+    async def main():
+        p = os.path.join(tdir, "d")
+        s = await BlobStore.create(p, 8 * MiB, engine=engine)
+        syncs0 = s.stat()["fdatasyncs"]
+        pending = [_put_nowait(s, b"k%d" % i, b"v%d" % i * 500, sync=True) for i in range(6)]
+        assert all(q is True for q, _f, _c in pending)
+        assert [await f for _q, f, _c in pending] == [None] * 6  # acknowledged: durable
+        assert all(c == [(None, None)] for _q, _f, c in pending)
+        assert 1 <= s.stat()["fdatasyncs"] - syncs0 <= 2  # one group commit (two with a pipelined round)
+        assert s.stat()["puts"] >= 6
+        q, f, _c = _put_nowait(s, b"empty", b"")
+        assert q and await f is None
+        digest = blake3.blake3(b"content").digest()
+        q, f, _c = _put_nowait(s, digest, b"content", verify=True)
+        assert q and await f is None
+        with pytest.raises(DigestMismatch):
+            s.put_nowait(b"x" * 32, b"content", lambda v, e: None, verify=True)
+        with pytest.raises(InvalidKey):
+            s.put_nowait(b"", b"v", lambda v, e: None)
+        # what only put() does: values written before they are queued
+        assert s.put_nowait(b"big", os.urandom(s._aio.buffer_size + 1), lambda v, e: None) is False
+        assert not s.has(b"big")
+        await asyncio.sleep(0.01)
+        assert all(len(c) == 1 for _q, _f, c in pending)
+        await s.close()  # a crash after the acknowledgement loses nothing: reopen and read
+        s = await BlobStore.open(p, engine=engine)
+        for i in range(6):
+            assert await s.get(b"k%d" % i) == b"v%d" % i * 500
+        assert await s.get(b"empty") == b"" and await s.get(digest) == b"content"
+        await s.close()
+
+    run(main())
+
+
+def test_put_nowait_nospace_and_read_only_raise_at_once(tdir):
+    async def main():
+        p = os.path.join(tdir, "d")
+        s = await BlobStore.create(p, 2 * MiB, engine="psync")
+        with pytest.raises(NoSpace):
+            for i in range(10_000):
+                assert s.put_nowait(b"f%d" % i, b"z" * 4096, lambda v, e: None, sync=False) in (True, False)
+                await asyncio.sleep(0)
+        await s.flush()
+        await s.close()
+        s = await BlobStore.open(p, engine="psync", read_only=True)
+        with pytest.raises(ReadOnly):
+            s.put_nowait(b"k", b"v", lambda v, e: None)
+        await s.close()
+
+    run(main())
+
+
+def test_put_nowait_failed_fdatasync_fails_the_round_and_a_raising_callback_spares_it(tdir, engine):
+    async def main():
+        p = os.path.join(tdir, "d")
+        holder, wrap = _faulty_open(p, engine)
+        s = await BlobStore.create(p, 8 * MiB, engine=engine, wrap_engine=wrap)
+        await s.put(b"kept", b"durable", sync=True)
+        holder["e"].fail_next("fdatasync")
+
+        def bad(value, err):
+            raise RuntimeError("a buggy callback")
+
+        assert s.put_nowait(b"b", b"bbb", bad, sync=True)
+        pending = [_put_nowait(s, b"s%d" % i, b"v" * 700, sync=True) for i in range(3)]
+        errs = [await f for _q, f, _c in pending]
+        assert all(isinstance(e, (IOFailed, ReadOnly)) for e in errs), errs
+        assert s.read_only
+        with pytest.raises(ReadOnly):
+            s.put_nowait(b"late", b"v", lambda v, e: None)
+        await s.close()
+        s = await BlobStore.open(p, engine=engine)
+        assert await s.get(b"kept") == b"durable"
+        await s.close()
+
+    run(main())

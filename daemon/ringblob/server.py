@@ -98,6 +98,7 @@ def _sd_watchdog_interval() -> float | None:
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 _OP_NAMES = {op: P.op_name(op) for op in P.Op}
 _GET = P.Op.GET
+_PUT = P.Op.PUT
 _MGET = P.Op.MGET
 _HEADER_PACK = P.HEADER.pack
 _MAGIC, _VERSION, _HEADER_SIZE = P.MAGIC, P.VERSION, P.HEADER_SIZE
@@ -321,10 +322,11 @@ _P_WRITE = 4  # too many unsent reply bytes (transport pause_writing)
 _P_BYTES = 8  # the replies being produced would pass the connection's reply-byte budget
 
 
-class _GetDone:
-    """The completion of one GET the store reads with ``get_nowait`` (see
-    :meth:`_Connection._start`): called once with ``(value, error)``; it is also the
-    request's entry in ``Server._eager`` while the read is in flight."""
+class _Done:
+    """The completion of one GET or PUT the store serves with ``get_nowait`` / ``put_nowait``
+    (see :meth:`_Connection._start`): called once with ``(value, error)`` (``value`` is the GET's
+    bytes, None for a PUT); it is also the request's entry in ``Server._eager`` while it is in
+    flight."""
 
     __slots__ = ("conn", "req", "cost", "t0")
 
@@ -338,7 +340,7 @@ class _GetDone:
         conn = self.conn
         del conn.server._eager[self]
         if err is None:
-            conn._finish(self.req, [value], 0, self.t0, self.cost)
+            conn._finish(self.req, [] if value is None else [value], 0, self.t0, self.cost)
         else:
             conn._failed(self.req, err, self.t0, self.cost)
 
@@ -601,9 +603,9 @@ class _Connection(asyncio.BufferedProtocol):
     # -- requests without a Task: the handler's coroutine is stepped by hand --
 
     def _start(self, req: P.Request, cost: int) -> None:
-        """Serve a request. A GET whose value fits one fixed buffer goes to the store's
-        ``get_nowait`` (the read is queued now and a :class:`_GetDone` answers it from the
-        CQE: no coroutine, no future). Anything else runs its coroutine (``store.get`` for a
+        """Serve a request. A GET or PUT whose value fits one fixed buffer goes to the store's
+        ``get_nowait`` / ``put_nowait`` (the read or the group-commit item is queued now and a
+        :class:`_Done` answers it: no coroutine, no future). Anything else runs its coroutine (``store.get`` for a
         GET, else the Server's handler) up to its first suspension now — the store's work and its SQEs happen in the
         turn that decoded the request, in decoding order — and resuming it from the done callback
         of the future it awaits, as a Task would, without a Task's cost.
@@ -616,21 +618,23 @@ class _Connection(asyncio.BufferedProtocol):
         with a Task per GET instead.)"""
         srv = self.server
         t0 = _perf_counter()
-        if req.op is _GET:
-            get_nowait = srv._get_nowait
-            if get_nowait is not None:  # the read goes out with no coroutine at all, if it can
-                done = _GetDone(self, req, cost, t0)
+        op = req.op
+        if op is _GET or op is _PUT:
+            nowait = srv._get_nowait if op is _GET else srv._put_nowait
+            if nowait is not None:  # the store takes it with no coroutine at all, if it can
+                done = _Done(self, req, cost, t0)
                 try:
-                    queued = get_nowait(req.key, done)
+                    if op is _GET:
+                        queued = nowait(req.key, done)
+                    else:
+                        queued = nowait(req.key, req.value, done, sync=req.sync, verify=req.verify)
                 except Exception as err:
                     self._failed(req, err, t0, cost)
                     return
                 if queued:
                     srv._eager[done] = None  # in flight (shutdown waits for it); done() removes it
                     return
-            coro = srv.store.get(req.key)
-        else:
-            coro = srv._handlers[req.op](req)
+        coro = srv.store.get(req.key) if op is _GET else srv._handlers[op](req)
         srv._eager[coro] = None
         self._step(coro, req, cost, t0, None)
 
@@ -869,6 +873,7 @@ class Server:
         self._eager_get = inspect.iscoroutinefunction(getattr(store, "get", None))
         # the store's GET without a coroutine (BlobStore.get_nowait), when it has one
         self._get_nowait = getattr(store, "get_nowait", None) if self._eager_get else None
+        self._put_nowait = getattr(store, "put_nowait", None)
         self._waiting: set[_Connection] = set()
         self._stop_requested: asyncio.Event | None = None
         self._conn_closed: asyncio.Event | None = None

@@ -70,6 +70,34 @@ class _Item:
         self.seq = 0
 
 
+class _Done:
+    """An item's completion for :meth:`BlobStore.put_nowait`: it offers the three methods of a
+    future the committer uses (``done``, ``set_result``, ``set_exception``) and answers by
+    calling ``fn(None, error)`` once (``error`` None: committed)."""
+
+    __slots__ = ("fn", "_called")
+
+    def __init__(self, fn) -> None:
+        self.fn = fn
+        self._called = False
+
+    def done(self) -> bool:
+        return self._called
+
+    def set_result(self, _result) -> None:
+        self._call(None)
+
+    def set_exception(self, exc: BaseException) -> None:
+        self._call(exc)
+
+    def _call(self, exc: BaseException | None) -> None:
+        self._called = True
+        try:
+            self.fn(None, exc)
+        except Exception:  # the caller's bug must not stop the committer settling the others
+            log.exception("store: a put_nowait completion callback failed")
+
+
 def _write_error(ops: list, results: list) -> OSError | None:
     """The first failure among the results of ``ops`` (an ``OSError``, or ``OSError(EIO)`` for a
     short write), or None when every write transferred all its bytes."""
@@ -899,6 +927,41 @@ class BlobStore:
             raise DigestMismatch(f"put: the BLAKE3 digest of the value is {digest.hex()}, not the key "
                                  f"{key.hex()}; nothing was stored")
         await self._put_hashed(key, mv, digest, sync)
+
+    def put_nowait(self, key, value, done, *, sync: bool = False, verify: bool = False) -> bool:
+        """Start a put of a small value with no coroutine and no future: the request path's
+        PUT (the server calls it for every PUT; :meth:`put` is the awaitable form, with the
+        same checks and the same group commit).
+
+        Returns True when the value is hashed, its extent allocated and the item queued for
+        the committer; then ``done(None, error)`` is called exactly once, later, on the loop's
+        thread: ``error`` None once the put is acknowledged (durable first with ``sync=True``),
+        else what :meth:`put` would raise (:class:`ReadOnly`, :class:`IOFailed`). Returns
+        False, having changed nothing, for what only :meth:`put` does: a value larger than one
+        fixed buffer (written before it is queued), or no room until pending frees are
+        reclaimed. Raises at once, changing nothing, what :meth:`put` raises before it
+        queues: :class:`InvalidKey`, :class:`TooLarge`, :class:`DigestMismatch`
+        (``verify=True``), :class:`NoSpace`, :class:`ReadOnly`.
+        """
+        key = _check_key(key)
+        self._check_writable()
+        mv = _as_view(value)
+        length = len(mv)
+        if length > self._aio.buffer_size or length > self.max_blob_size:
+            return False
+        digest = blake3.blake3(mv).digest()
+        if verify and digest != key:
+            raise DigestMismatch(f"put: the BLAKE3 digest of the value is {digest.hex()}, not the key "
+                                 f"{key.hex()}; nothing was stored")
+        n = self._npages(length)
+        try:
+            page = self._take_pages(n, 1 + len(key) + F.ENTRY.size)
+        except NoSpace:
+            if not self._pending_free and not self._queue:
+                raise
+            return False  # put() waits for the reclaim
+        self._enqueue(_Item(_PUT, key, page, n, length, digest, mv if length else None, sync, _Done(done)))
+        return True
 
     async def _put_hashed(self, key: bytes, mv: memoryview, digest: bytes, sync: bool) -> None:
         item = await self._prepare_put(key, mv, digest, sync)
