@@ -647,6 +647,53 @@ def test_allocator_best_fit_prefers_smallest_hole():
         Allocator.from_used(0, 50, [(10, 5), (12, 5)])
 
 
+
+def test_allocator_run_keeps_small_allocations_side_by_side():
+    a = Allocator(0, 1000)
+    a.RUN_MIN = 64
+    filler = a.allocate(100)  # [0, 100) used, free: [100, 1000)
+    a.free(40, 10)  # a 10-page hole at 40: best fit would take it first
+    assert filler == 0
+    pages = [a.allocate_run(1) for _ in range(5)] + [a.allocate_run(3), a.allocate_run(1)]
+    assert pages == [100, 101, 102, 103, 104, 105, 108]  # consecutive, not the hole
+    assert a.free_pages == 900 + 10 - 9
+    # freeing the page before the cursor merges into its extent: the next run starts at the largest
+    a.free(108, 1)
+    assert a.allocate_run(2) == 108
+    # the cursor's extent runs out: a new run in the largest extent (>= RUN_MIN pages)
+    b = Allocator(0, 300)
+    b.RUN_MIN = 64
+    b.allocate(100)
+    b.free(0, 70)  # free: [0, 70) and [100, 300)
+    assert b.allocate_run(150) == 100 and b.allocate_run(50) == 250
+    assert b.allocate_run(10) == 0  # [0, 70) is now the largest
+    # no extent of RUN_MIN pages: best fit fills the smallest hole that holds it
+    c = Allocator(0, 100)
+    c.RUN_MIN = 64
+    used = [c.allocate(10) for _ in range(10)]
+    c.free(used[3], 10)
+    c.free(used[7], 10)
+    c.free(used[8], 10)
+    assert c.allocate_run(5) == 30
+    with pytest.raises(NoSpace):
+        c.allocate_run(30)
+    assert c.free_pages == 25
+    with pytest.raises(ValueError):
+        c.allocate_run(0)
+    # every page handed out once, free space intact: allocate everything by runs and give it back
+    d = Allocator(0, 500)
+    d.RUN_MIN = 64
+    got = []
+    with pytest.raises(NoSpace):
+        while True:
+            got.append((d.allocate_run(3), 3))
+    assert d.free_pages == 500 - 3 * len(got) < 3
+    assert len({p for p, _ in got}) == len(got)
+    for p, n in got:
+        d.free(p, n)
+    assert list(d.free_extents()) == [(0, 500)]
+
+
 # -- I/O errors ------------------------------------------------------------------------------
 
 
@@ -1114,11 +1161,12 @@ def test_failed_checkpoint_is_IOFailed_and_close_logs_it(tdir):
     run(main())
 
 
-def test_extents_freed_by_replay_are_reused_only_after_the_durable_point_is_recorded(tdir):
+def test_extents_freed_by_replay_are_reused_only_after_the_durable_point_is_recorded(tdir, monkeypatch):
     """Replay frees the extents of records it superseded. If a put reused one before the
     recovered durable point was on disk, a crash that lost that put's journal batch would make
     the next recovery verify the superseded record against the reused pages and end the
     journal there, dropping later acknowledged writes."""
+    monkeypatch.setattr(Allocator, "RUN_MIN", 1 << 40)  # no write cursor: best fit reuses the freed hole
 
     async def main():
         p = os.path.join(tdir, "d")

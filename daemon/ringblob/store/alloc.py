@@ -1,4 +1,5 @@
-"""The page allocator: free extents of contiguous pages, best fit, neighbours merged."""
+"""The page allocator: free extents of contiguous pages, neighbours merged; best fit, and a
+write cursor for small values so that the values of one group commit lie side by side."""
 
 from __future__ import annotations
 
@@ -20,9 +21,13 @@ class Allocator:
     starts at byte ``p * page_size`` of the data file).
     """
 
+    #: :meth:`allocate_run` starts a new run only in a free extent of at least this many pages
+    RUN_MIN = 64
+
     def __init__(self, first: int, count: int, *, free_all: bool = True):
         self.first = first
         self.count = count
+        self._run: int | None = None  # the write cursor: the first page of the free extent being carved
         self._by_start: dict[int, int] = {}
         self._by_end: dict[int, int] = {}
         self._by_size: dict[int, set[int]] = {}
@@ -103,6 +108,37 @@ class Allocator:
         self._remove(start, size)
         if size > n:
             self._insert(start + n, size - n)
+        return start
+
+    def allocate_run(self, n: int) -> int:
+        """Take ``n`` contiguous pages at the write cursor; returns the first page.
+
+        Consecutive calls get consecutive pages (each carved from the front of the
+        free extent the cursor is in), so small values allocated together — the
+        items of one group commit — are neighbours in the file and go out as one
+        write. When the cursor's extent has fewer than ``n`` pages left, a new run
+        starts at the largest free extent if it has at least :attr:`RUN_MIN` (and
+        ``n``) pages; otherwise this is :meth:`allocate` (best fit, filling holes).
+        Raises :class:`~ringblob.errors.NoSpace` (changing nothing) like :meth:`allocate`.
+        """
+        if n <= 0:
+            raise ValueError(f"allocate_run: {n} pages")
+        start = self._run
+        size = self._by_start.get(start) if start is not None else None
+        if size is None or size < n:
+            big = self._sizes[-1] if self._sizes else 0
+            if big < n or big < self.RUN_MIN:
+                self._run = None
+                return self.allocate(n)
+            starts = self._by_size[big]
+            start = min(starts) if len(starts) < 8 else next(iter(starts))
+            size = big
+        self._remove(start, size)
+        if size > n:
+            self._insert(start + n, size - n)
+            self._run = start + n
+        else:
+            self._run = None
         return start
 
     def free(self, start: int, n: int) -> None:

@@ -850,6 +850,10 @@ class BlobStore:
                 f"no room for {npages} pages: {free} pages free, {reserve} of them are kept for the next "
                 "checkpoint; delete blobs or create a larger data file"
             )
+        if npages * self.page_size <= self._aio.buffer_size:
+            # a value the group commit stages in a fixed buffer: at the write cursor, so the
+            # values of one round are neighbours in the file and merge into one write
+            return self._alloc.allocate_run(npages)
         return self._alloc.allocate(npages)
 
     async def _reclaim(self) -> None:
