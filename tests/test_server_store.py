@@ -33,12 +33,12 @@ class Conn:
         return f
 
 
-async def serve(workdir, wrap=None):
+async def serve(workdir, wrap=None, **config):
     metrics = Metrics()
     store = await BlobStore.open(os.path.join(workdir, "d.data"), create_size=16 << 20, observer=metrics,
                                  wrap_engine=wrap)
     srv = S.Server(store, S.ServerConfig(socket_path=os.path.join(workdir, "s.sock"), metrics_addr="",
-                                         socket_activation=False), metrics=metrics)
+                                         socket_activation=False, **config), metrics=metrics)
     await srv.start()
     r, w = await asyncio.open_unix_connection(srv.socket_path)
     return srv, store, Conn(r, w)
@@ -103,6 +103,51 @@ def test_corrupt_blob_is_reported_never_served(workdir):
         assert isinstance(res[0], errors.Corrupt) and res[1] == b"b" * 100
         assert value_of(srv.metrics, "ringblob_checksum_failures_total") == 2
         assert srv.metrics.request_count("get", "corrupt") == 1
+        c.w.close()
+        await srv.shutdown()
+
+    asyncio.run(main())
+
+
+def test_gets_read_without_a_coroutine_keep_to_the_reply_byte_budget(workdir):
+    """GETs of values that fit a fixed buffer go through the store's get_nowait, which is told
+    how many reply bytes the connection may still reserve (reads in flight count against the
+    write high-water mark): a client that sends many GETs and reads nothing makes the daemon
+    stop, not read every value into memory."""
+    value = os.urandom(200 * 1024)  # under one fixed buffer (256 KiB): the get_nowait path
+    n = 200  # 40 MiB of replies if the daemon read them all
+
+    async def main():
+        srv, store, c = await serve(workdir, write_high_water=512 * 1024, max_in_flight_per_conn=64)
+        P.raise_for_status(await c.call(P.encode_put(1, b"v", value, sync=True)))
+        told = []
+        real = store.get_nowait
+
+        def spy(key, done, max_size=None):
+            told.append(max_size)
+            return real(key, done, max_size)
+
+        srv._get_nowait = spy
+        c.w.write(b"".join(P.encode_get(10 + i, b"v") for i in range(n)))
+        peak = 0
+        for _ in range(40):
+            await asyncio.sleep(0.01)
+            (conn,) = srv.connections
+            peak = max(peak, conn.reply_reserved + conn.transport.get_write_buffer_size())
+        assert srv.metrics.request_count("get", "ok") < n  # it stopped reading the client
+        assert peak < (1 << 20) + 3 * (len(value) + 64), peak
+        assert told[0] is None  # nothing reserved yet: no limit
+        assert any(m is not None and m < 512 * 1024 for m in told)  # reads in flight shrink the room
+        got = []
+        while len(got) < n:
+            while (f := c.dec.next_frame()) is None:
+                c.dec.feed(await asyncio.wait_for(c.r.read(1 << 20), 10))
+            got.append(f)
+        assert sorted(f.request_id for f in got) == list(range(10, 10 + n))
+        assert all(f.status == 0 and bytes(f.body) == value for f in got)
+        (conn,) = srv.connections
+        assert conn.reply_reserved == 0 and conn.in_flight == 0 and not store._pins
+        assert srv.metrics.request_count("get", "ok") == n
         c.w.close()
         await srv.shutdown()
 

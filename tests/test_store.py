@@ -1512,8 +1512,10 @@ def test_get_nowait_verifies_pins_and_answers_once(tdir, engine):
         await s.put(b"empty", b"", sync=True)
         await s.put(b"big", os.urandom(3 * s._aio.buffer_size), sync=True)
         gets0 = s.stat()["gets"]
+        assert s.get_nowait(b"a", lambda v, e: None, 4999) == 0  # over max_size: nothing done
+        assert not s._pins
         queued, fut, calls = _get_nowait(s, b"a")
-        assert queued is True
+        assert queued == 5000  # the value's length
         assert s._index.get(b"a")[0] in s._pins  # pinned while the read is in flight
         assert await fut == (b"x" * 5000, None)
         assert not s._pins and calls == [(b"x" * 5000, None)]
@@ -1523,8 +1525,8 @@ def test_get_nowait_verifies_pins_and_answers_once(tdir, engine):
         with pytest.raises(InvalidKey):
             s.get_nowait(b"", lambda v, e: None)
         # what it does not take: the caller awaits get()
-        assert s.get_nowait(b"empty", lambda v, e: None) is False
-        assert s.get_nowait(b"big", lambda v, e: None) is False
+        assert s.get_nowait(b"empty", lambda v, e: None) == 0
+        assert s.get_nowait(b"big", lambda v, e: None) == 0
         assert not s._pins
         page = s._index.get(b"bad")[0]
         await s.close()
@@ -1532,7 +1534,7 @@ def test_get_nowait_verifies_pins_and_answers_once(tdir, engine):
         s = await BlobStore.open(p, engine=engine)
         queued, fut, calls = _get_nowait(s, b"bad")
         value, err = await fut
-        assert queued and value is None and isinstance(err, Corrupt) and err.keys == [b"bad"]
+        assert queued == 4096 and value is None and isinstance(err, Corrupt) and err.keys == [b"bad"]
         assert s.stat()["checksum_failures"] == 1 and not s._pins
         await s.close()
 

@@ -488,6 +488,7 @@ class _Connection(asyncio.BufferedProtocol):
         srv = self.server
         cfg = srv.config
         value_size = srv._value_size
+        get_nowait = srv._get_nowait
         while not self.closing:
             if self.paused & _P_WRITE:
                 return  # replies pile up unsent: dispatch nothing more until the client reads
@@ -514,6 +515,9 @@ class _Connection(asyncio.BufferedProtocol):
                     self._protocol_error(exc)
                     return
             op = req.op
+            if op is _GET and get_nowait is not None and not srv.stopping and self._get_now(req, get_nowait):
+                self.paused &= ~_P_BYTES
+                continue
             if srv.stopping:
                 cost = 0
             elif op is _GET and value_size is not None:  # Server._reply_cost of a GET, inline
@@ -565,6 +569,34 @@ class _Connection(asyncio.BufferedProtocol):
         status, message = P._error_status(exc)
         self._queue_reply(op if 0 <= op <= 255 else 0, rid, [message.encode("utf-8", "replace")], status)
 
+    def _get_now(self, req: P.Request, get_nowait) -> bool:
+        """Serve a GET with the store's ``get_nowait``: the read is queued now and a
+        :class:`_Done` answers it (no coroutine, no future, one index lookup). The value's
+        length comes back from the store, so the reply-byte budget needs no lookup of its
+        own: the store declines a value that would pass it. Returns False, having changed
+        nothing, when the store declines (the general path takes the GET)."""
+        srv = self.server
+        t0 = _perf_counter()
+        room = srv.config.write_high_water - self.reply_reserved - _HEADER_SIZE if self.reply_reserved else None
+        done = _Done(self, req, 0, t0)
+        self.in_flight += 1
+        srv.in_flight += 1
+        srv.metrics.requests_in_flight += 1
+        try:
+            n = get_nowait(req.key, done, room)
+        except Exception as err:
+            self._failed(req, err, t0, 0)
+            return True
+        if not n:
+            self.in_flight -= 1
+            srv.in_flight -= 1
+            srv.metrics.requests_in_flight -= 1
+            return False
+        done.cost = n + _HEADER_SIZE
+        self.reply_reserved += done.cost
+        srv._eager[done] = None  # in flight (shutdown waits for it); done() removes it
+        return True
+
     def _serve_inline(self, handler: Callable[[P.Request], list], req: P.Request) -> None:
         t0 = time.perf_counter()
         try:
@@ -603,9 +635,9 @@ class _Connection(asyncio.BufferedProtocol):
     # -- requests without a Task: the handler's coroutine is stepped by hand --
 
     def _start(self, req: P.Request, cost: int) -> None:
-        """Serve a request. A GET or PUT whose value fits one fixed buffer goes to the store's
-        ``get_nowait`` / ``put_nowait`` (the read or the group-commit item is queued now and a
-        :class:`_Done` answers it: no coroutine, no future). Anything else runs its coroutine (``store.get`` for a
+        """Serve a request. A PUT whose value fits one fixed buffer goes to the store's
+        ``put_nowait`` (the group-commit item is queued now and a :class:`_Done` answers it: no
+        coroutine, no future; GETs take the same way earlier, in :meth:`_get_now`). Anything else runs its coroutine (``store.get`` for a
         GET, else the Server's handler) up to its first suspension now — the store's work and its SQEs happen in the
         turn that decoded the request, in decoding order — and resuming it from the done callback
         of the future it awaits, as a Task would, without a Task's cost.
@@ -619,21 +651,16 @@ class _Connection(asyncio.BufferedProtocol):
         srv = self.server
         t0 = _perf_counter()
         op = req.op
-        if op is _GET or op is _PUT:
-            nowait = srv._get_nowait if op is _GET else srv._put_nowait
-            if nowait is not None:  # the store takes it with no coroutine at all, if it can
-                done = _Done(self, req, cost, t0)
-                try:
-                    if op is _GET:
-                        queued = nowait(req.key, done)
-                    else:
-                        queued = nowait(req.key, req.value, done, sync=req.sync, verify=req.verify)
-                except Exception as err:
-                    self._failed(req, err, t0, cost)
-                    return
-                if queued:
-                    srv._eager[done] = None  # in flight (shutdown waits for it); done() removes it
-                    return
+        if op is _PUT and srv._put_nowait is not None:  # the store takes it with no coroutine, if it can
+            done = _Done(self, req, cost, t0)
+            try:
+                queued = srv._put_nowait(req.key, req.value, done, sync=req.sync, verify=req.verify)
+            except Exception as err:
+                self._failed(req, err, t0, cost)
+                return
+            if queued:
+                srv._eager[done] = None  # in flight (shutdown waits for it); done() removes it
+                return
         coro = srv.store.get(req.key) if op is _GET else srv._handlers[op](req)
         srv._eager[coro] = None
         self._step(coro, req, cost, t0, None)

@@ -1614,18 +1614,19 @@ class BlobStore:
                 self._unpin(page)
         return self._verified(key, page, length, digest, data)
 
-    def get_nowait(self, key, done) -> bool:
+    def get_nowait(self, key, done, max_size: int | None = None) -> int:
         """Start reading ``key``'s value with no coroutine and no future: the request path's
         GET (the server calls it for every GET; :meth:`get` is the awaitable form).
 
-        Returns True when the read is queued for this loop turn's submit; then
-        ``done(value, error)`` is called exactly once, later, on the loop's thread, with the
-        value (``bytes``, verified against its BLAKE3 digest exactly as :meth:`get` does) and
-        None, or None and the error :meth:`get` would raise (:class:`Corrupt`,
-        :class:`IOFailed`, :class:`EngineClosed`). Returns False, having done nothing, when
-        the value cannot be read this way right now (it is empty, larger than one fixed
-        buffer, or the buffer pool or queue depth is short): await :meth:`get` instead.
-        Raises :class:`NotFound`, :class:`InvalidKey`, :class:`EngineClosed` at once.
+        Returns the value's length in bytes (> 0) when the read is queued for this loop
+        turn's submit; then ``done(value, error)`` is called exactly once, later, on the
+        loop's thread, with the value (``bytes``, verified against its BLAKE3 digest exactly
+        as :meth:`get` does) and None, or None and the error :meth:`get` would raise
+        (:class:`Corrupt`, :class:`IOFailed`, :class:`EngineClosed`). Returns 0, having done
+        nothing, when the value cannot be read this way right now (it is empty, larger than
+        one fixed buffer or than ``max_size`` bytes, or the buffer pool or queue depth is
+        short): await :meth:`get` instead. Raises :class:`NotFound`, :class:`InvalidKey`,
+        :class:`EngineClosed` at once.
         """
         key = _check_key(key)
         self._check_open()
@@ -1633,8 +1634,8 @@ class BlobStore:
         if e is None:
             raise NotFound(f"no blob under key {key!r}")
         page, length, digest = e
-        if length == 0:
-            return False
+        if length == 0 or (max_size is not None and length > max_size):
+            return 0
         self._pin(page)  # the extent is not reused while the read is in flight
         try:
             queued = self._aio.read_nowait(page * self.page_size, length,
@@ -1644,7 +1645,8 @@ class BlobStore:
             raise
         if not queued:
             self._unpin(page)
-        return queued
+            return 0
+        return length
 
     def _got(self, key: bytes, page: int, length: int, digest: bytes, done, data, err) -> None:
         """The completion of a :meth:`get_nowait` read: verify, count, hand the value to ``done``."""
