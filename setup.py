@@ -1,7 +1,8 @@
-"""Build step for the Cython engine ``ringblob._uring``.
+"""Build step for the Cython extensions: the engine ``ringblob._uring`` and the store's index ``ringblob._index``.
 
 Everything declarative lives in pyproject.toml; this file only declares the
-extension, which links against the system liburing (Debian 12: 2.3).
+extensions. The engine links against the system liburing (Debian 12: 2.3); the
+index needs nothing beyond libc.
 """
 from Cython.Build import cythonize
 from setuptools import Extension, setup
@@ -12,7 +13,12 @@ extensions = [
         sources=["cython/_uring.pyx"],
         include_dirs=["cython"],
         libraries=["uring"],
-    )
+    ),
+    Extension(
+        "ringblob._index",
+        sources=["cython/_index.pyx"],
+        include_dirs=["cython"],
+    ),
 ]
 
 setup(

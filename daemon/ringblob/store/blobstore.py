@@ -1705,8 +1705,7 @@ class BlobStore:
         """
         key = _check_key(key)
         self._check_open()
-        ent = self._index.get(key)
-        return None if ent is None else ent[1]
+        return self._index.value_length(key)
 
     async def list(self, prefix: bytes = b"", start_after: bytes | None = None,
                    limit: int | None = None) -> AsyncIterator[bytes]:
