@@ -28,7 +28,7 @@ from ringblob.direct import fs_type, open_direct
 ROOT = Path(__file__).resolve().parent.parent
 RINGBLOB = str(Path(sys.executable).parent / "ringblob")
 DENY = str(ROOT / "tests" / "deny_io_uring.py")
-NAMES = ["kernel", "liburing", "io_uring", "opcodes", "extension", "data", "memlock", "engine"]
+NAMES = ["kernel", "liburing", "io_uring", "opcodes", "extension", "index", "data", "memlock", "engine"]
 LINE = re.compile(r"^(OK|WARN|FAIL) +([a-z_]+) +\S")
 NOBODY = 65534
 
@@ -129,6 +129,7 @@ def test_json_report_fields(repo_tmp):
     assert c["memlock"]["details"]["pool_bytes"] == 8 << 20
     assert c["memlock"]["details"]["ring_memory_accounting"] == "memory cgroup"  # kernel >= 5.12
     assert c["extension"]["details"]["importable"] is _ring_importable()
+    assert c["index"]["status"] == "OK" and c["index"]["details"]["importable"] is True
     assert d["engine"] == c["engine"]["details"]["chosen"] == ("uring" if _ring_importable() else "psync")
     assert not data.exists() and list(repo_tmp.iterdir()) == []
 

@@ -14,6 +14,8 @@ The checks:
   a ring be set up here (else the real errno and what it means), and does the
   kernel support READ_FIXED, WRITE_FIXED and FSYNC;
 * ``extension`` — whether the Cython engine ``ringblob._uring`` imports;
+* ``index`` — whether the store's Cython key index ``ringblob._index`` imports
+  (FAIL without it, whatever the engine);
 * ``data`` — O_DIRECT at the data path: an existing data file (or block
   device) is opened read-only with O_DIRECT and its first block read; for a
   path that does not exist yet, a temporary probe file in its directory is
@@ -474,6 +476,16 @@ def diagnose(data: str = DEFAULT_DATA, engine: str = "auto", buffer_size: int = 
     else:
         checks.append(Check("extension", sev, f"{ext_reason}{fallback}", {"importable": False, "error": ext_reason}))
         uring_reason = uring_reason or ext_reason
+
+    try:  # the store's key index is a Cython extension too, needed by either engine
+        from . import _index
+    except ImportError as exc:
+        checks.append(Check("index", FAIL, f"the store's index extension ringblob._index cannot be imported "
+                                           f"({exc}); rebuild it with `make setup`",
+                            {"importable": False, "error": str(exc)}))
+    else:
+        checks.append(Check("index", OK, f"ringblob._index imports ({getattr(_index, '__file__', '?')})",
+                            {"importable": True, "file": getattr(_index, "__file__", None)}))
 
     data_probe = _check_data(data)
     try:
