@@ -37,6 +37,7 @@ Design notes
 
 cimport cython
 from cpython.buffer cimport PyBuffer_FillInfo
+from cpython.bytes cimport PyBytes_FromStringAndSize
 from cpython.exc cimport PyErr_CheckSignals
 from cpython.pythread cimport PyThread_get_thread_ident
 from libc.stdint cimport uint8_t, uint32_t, int32_t, uint64_t
@@ -156,6 +157,18 @@ cdef class Buffer:
 
     def __repr__(self):
         return f"<ringblob._uring.Buffer {self.index} size={self.size} in_flight={self.in_flight}>"
+
+    def tobytes(self, Py_ssize_t length):
+        """The first ``length`` bytes of the buffer as new ``bytes`` (one copy, no memoryview).
+
+        Raises ``ValueError`` for a length outside ``0..size``, :class:`EngineClosed`
+        once the ring is closed (the pool is gone).
+        """
+        if length < 0 or length > self.size:
+            raise ValueError(f"tobytes: {length} bytes of a {self.size}-byte buffer")
+        if self._ring._closed or self._ring.base == NULL:
+            raise EngineClosed("tobytes: the ring is closed")
+        return PyBytes_FromStringAndSize(self._ring.base + <Py_ssize_t>self.index * self.size, length)
 
 
 # no_gc_clear: when a forgotten ring is collected as part of a cycle (it and its

@@ -887,3 +887,23 @@ def test_fixed_buffers_over_memlock_limit_raise_enomem_and_auto_falls_back(tmpdi
     assert out["small"] == "uring"
     assert out["auto"] == "psync"
     assert "RLIMIT_MEMLOCK" in p.stderr and "using psync" in p.stderr
+
+
+def test_buffer_tobytes_copies_the_first_bytes(kind, datafile):
+    eng = make_engine(kind, [datafile.fd], buffer_size=64 * 1024, buffer_count=4, queue_depth=8)
+    b = eng.lease()
+    data = os.urandom(64 * 1024)
+    b.view[:] = data
+    assert b.tobytes(5000) == data[:5000] and type(b.tobytes(1)) is bytes
+    assert b.tobytes(0) == b"" and b.tobytes(b.size) == data
+    out = b.tobytes(4096)
+    b.view[:4096] = bytes(4096)
+    assert out == data[:4096]  # a copy, not a view
+    for bad in (-1, b.size + 1):
+        with pytest.raises(ValueError):
+            b.tobytes(bad)
+    eng.release(b)
+    eng.close()
+    if kind == "uring":
+        with pytest.raises(EngineClosed):
+            b.tobytes(10)

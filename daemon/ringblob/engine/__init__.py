@@ -40,6 +40,7 @@ Buffers::
 
     buf = engine.lease()      # -> Buffer; NoBuffers when all are leased
     buf.view                  # writable memoryview of buffer_size bytes (no copy)
+    buf.tobytes(n)            # its first n bytes as new bytes (one copy)
     buf.index, buf.size, buf.in_flight
     engine.release(buf)       # BufferBusy while an op on it is in flight
 

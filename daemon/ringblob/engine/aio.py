@@ -405,8 +405,7 @@ class AsyncEngine:
         data = err = None
         try:
             if res.__class__ is int and res == op.alen:
-                with op.buf.view[: op.length] as v:
-                    data = bytes(v)
+                data = op.buf.tobytes(op.length)
             elif isinstance(res, BaseException):
                 err = res
             else:
@@ -415,7 +414,14 @@ class AsyncEngine:
                 except OSError as exc:
                     err = exc
         finally:
-            self._release_now([op.buf])
+            buf = op.buf
+            if buf.in_flight or self._closed or self._buf_waiters:
+                self._release_now([buf])
+            else:  # the common case, inline
+                try:
+                    self.engine.release(buf)
+                except BufferBusy:
+                    self._deferred.append(buf)
         try:
             op.done(data, err)
         except Exception as exc:  # the caller's bug must not stop the reap of other ops

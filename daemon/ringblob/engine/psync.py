@@ -55,6 +55,13 @@ class PsyncBuffer:
     def __repr__(self) -> str:
         return f"<PsyncBuffer {self.index} size={self.size} in_flight={self.in_flight}>"
 
+    def tobytes(self, length: int) -> bytes:
+        """The first ``length`` bytes as new ``bytes``; ``ValueError`` outside ``0..size``."""
+        if length < 0 or length > self.size:
+            raise ValueError(f"tobytes: {length} bytes of a {self.size}-byte buffer")
+        with self.view[:length] as v:
+            return bytes(v)
+
 
 class _Op:
     __slots__ = ("kind", "buf", "offset", "length", "tag", "buf_offset", "file_index", "link")
