@@ -273,9 +273,10 @@ def render(res: dict, args) -> str:
         )
     lines += [
         "",
-        "Notes: the index holds no Python object per blob (an arena of `klen|key|page|length|blake3` "
-        "entries, an open-addressing `array` hash table and sorted offset chunks), so its size is about "
-        "45 bytes of entry + 4-8 bytes of hash slot + ~5 bytes of order per blob. Recovery after a clean "
+        "Notes: the index (Cython, ringblob._index) holds no Python object per blob (an arena of "
+        "`klen|key|page|length|blake3` entries, an open-addressing table of 8-byte slots, each a hash tag "
+        "and an arena offset, and sorted chunks of 8-byte offsets), so its size is about 45 bytes of entry "
+        "+ 8-16 bytes of hash slot + ~10 bytes of order per blob. Recovery after a clean "
         "close reads one checkpoint (the entries load straight into the arena) and rebuilds the hash "
         "table and the allocator in one pass each. Every get hashes the value with BLAKE3 and every put "
         "hashes it too; both run on the event loop thread.",
