@@ -1,8 +1,9 @@
-"""Build step for the Cython extensions: the engine ``ringblob._uring`` and the store's index ``ringblob._index``.
+"""Build step for the Cython extensions: the engine ``ringblob._uring``, the store's index ``ringblob._index``,
+page allocator ``ringblob._alloc`` and journal encoders ``ringblob._format``.
 
 Everything declarative lives in pyproject.toml; this file only declares the
 extensions. The engine links against the system liburing (Debian 12: 2.3); the
-index needs nothing beyond libc.
+others need nothing beyond libc.
 """
 from Cython.Build import cythonize
 from setuptools import Extension, setup
@@ -17,6 +18,16 @@ extensions = [
     Extension(
         "ringblob._index",
         sources=["cython/_index.pyx"],
+        include_dirs=["cython"],
+    ),
+    Extension(
+        "ringblob._alloc",
+        sources=["cython/_alloc.pyx"],
+        include_dirs=["cython"],
+    ),
+    Extension(
+        "ringblob._format",
+        sources=["cython/_format.pyx"],
         include_dirs=["cython"],
     ),
 ]

@@ -2,7 +2,10 @@
 
 Pure encoding and decoding (no I/O). The layout is documented in docs/FORMAT.md;
 every multi-byte integer is little-endian and every checksum is CRC32C
-(Castagnoli) from the ``crc32c`` package.
+(Castagnoli) from the ``crc32c`` package. The journal's hot encoders
+(:func:`encode_put`, :func:`encode_delete`, :func:`encode_checkpoint`,
+:func:`encode_batch`) are C, from ``ringblob._format`` (``cython/_format.pyx``,
+same bytes, its own CRC32C: the SSE 4.2 instruction or a table).
 """
 
 from __future__ import annotations
@@ -11,6 +14,14 @@ import struct
 from dataclasses import dataclass, field
 
 import crc32c as _crc32c
+
+try:
+    from .._format import encode_batch, encode_checkpoint, encode_delete, encode_put
+except ImportError as exc:  # pragma: no cover - a source checkout without the build step
+    raise ImportError(
+        f"ringblob's compiled journal encoders (ringblob._format) do not import ({exc}); build the extensions "
+        "with `make setup` or `python setup.py build_ext --inplace` from the source tree"
+    ) from exc
 
 __all__ = [
     "crc32c",
@@ -120,6 +131,7 @@ class Superblock:
 
 
 # -- journal ------------------------------------------------------------------
+# (encode_put / encode_delete / encode_checkpoint / encode_batch: ringblob._format, same layout)
 # A batch: a header at the start of a journal block, then its records, padded
 # to whole journal blocks (page_size). One batch is written by one write.
 #   magic 4s, hdr_crc I, store_id Q, first_seq Q, nrec I, payload_len I,
@@ -150,45 +162,6 @@ class BatchHeader:
     durable_seq: int
     prev_crc: int
     hdr_crc: int = 0
-
-
-def _record(rtype: int, seq: int, body: bytes) -> bytes:
-    length = REC_HEADER_SIZE + len(body)
-    rest = _RH.pack(0, length, rtype, 0, seq)[4:] + body
-    return struct.pack("<I", crc32c(rest)) + rest
-
-
-def encode_put(seq: int, key: bytes, page: int, length: int, digest: bytes) -> bytes:
-    """A PUT record: ``key`` now maps to ``length`` bytes at ``page`` with BLAKE3 ``digest``."""
-    return _record(REC_PUT, seq, bytes((len(key),)) + key + _PUT_TAIL.pack(page, length, digest))
-
-
-def encode_delete(seq: int, key: bytes) -> bytes:
-    """A DELETE record for ``key``."""
-    return _record(REC_DELETE, seq, bytes((len(key),)) + key)
-
-
-def encode_checkpoint(seq: int, number: int, ckpt_seq: int) -> bytes:
-    """A CHECKPOINT marker: checkpoint ``number`` holds every record up to ``ckpt_seq``."""
-    return _record(REC_CHECKPOINT, seq, _CKPT_BODY.pack(number, ckpt_seq))
-
-
-def encode_batch(store_id: int, first_seq: int, records: list[bytes], durable_seq: int,
-                 prev_crc: int, block: int) -> tuple[bytes, int]:
-    """Frame ``records`` as one batch padded to whole ``block``-byte journal blocks.
-
-    Returns ``(bytes, hdr_crc)``; ``hdr_crc`` chains into the next batch's ``prev_crc``.
-    """
-    payload = b"".join(records)
-    total = BATCH_HEADER_SIZE + len(payload)
-    nblocks = -(-total // block)
-    pcrc = crc32c(payload)
-    hdr0 = _BH.pack(BATCH_MAGIC, 0, store_id, first_seq, len(records), len(payload), nblocks,
-                    pcrc, durable_seq, prev_crc, 0)
-    hcrc = crc32c(hdr0)
-    hdr = hdr0[:4] + struct.pack("<I", hcrc) + hdr0[8:]
-    out = hdr + payload
-    return out + bytes(nblocks * block - len(out)), hcrc
 
 
 def decode_batch_header(buf) -> BatchHeader | None:
