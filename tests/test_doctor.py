@@ -28,7 +28,7 @@ from ringblob.direct import fs_type, open_direct
 ROOT = Path(__file__).resolve().parent.parent
 RINGBLOB = str(Path(sys.executable).parent / "ringblob")
 DENY = str(ROOT / "tests" / "deny_io_uring.py")
-NAMES = ["kernel", "liburing", "io_uring", "opcodes", "extension", "index", "data", "memlock", "engine"]
+NAMES = ["kernel", "liburing", "io_uring", "opcodes", "extension", "store", "data", "memlock", "engine"]
 LINE = re.compile(r"^(OK|WARN|FAIL) +([a-z_]+) +\S")
 NOBODY = 65534
 
@@ -129,7 +129,7 @@ def test_json_report_fields(repo_tmp):
     assert c["memlock"]["details"]["pool_bytes"] == 8 << 20
     assert c["memlock"]["details"]["ring_memory_accounting"] == "memory cgroup"  # kernel >= 5.12
     assert c["extension"]["details"]["importable"] is _ring_importable()
-    assert c["index"]["status"] == "OK" and c["index"]["details"]["importable"] is True
+    assert c["store"]["status"] == "OK" and c["store"]["details"]["importable"] is True
     assert d["engine"] == c["engine"]["details"]["chosen"] == ("uring" if _ring_importable() else "psync")
     assert not data.exists() and list(repo_tmp.iterdir()) == []
 
@@ -279,3 +279,18 @@ def test_example_config_of_the_unit_passes_doctor_checks_except_location(repo_tm
     rc, d = doctor_json("--config", str(ROOT / "systemd" / "ringblob.toml"), "--data", str(repo_tmp / "x.data"))
     assert rc == 0 and d["ok"] is True
     assert (d["buffer_size"], d["buffer_count"], d["engine_requested"]) == (256 << 10, 64, "auto")
+
+
+def test_a_missing_store_extension_fails(repo_tmp):
+    """The store cannot run without its Cython key index, allocator and journal encoders: the
+    doctor says which one does not import and how to rebuild it, whatever the engine."""
+    code = ("import sys; sys.modules['ringblob._alloc'] = None\n"
+            "from ringblob.cli import main\n"
+            "sys.argv = ['ringblob', 'doctor', '--json', '--data', sys.argv[1]]\n"
+            "sys.exit(main())\n")
+    p = subprocess.run([sys.executable, "-c", code, str(repo_tmp / "d.data")], capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode != 0
+    c = checks(json.loads(p.stdout))
+    assert c["store"]["status"] == "FAIL" and "ringblob._alloc" in c["store"]["message"]
+    assert "make setup" in c["store"]["message"] and c["extension"]["status"] == "OK"

@@ -14,8 +14,9 @@ The checks:
   a ring be set up here (else the real errno and what it means), and does the
   kernel support READ_FIXED, WRITE_FIXED and FSYNC;
 * ``extension`` — whether the Cython engine ``ringblob._uring`` imports;
-* ``index`` — whether the store's Cython key index ``ringblob._index`` imports
-  (FAIL without it, whatever the engine);
+* ``store`` — whether the store's Cython extensions import (``ringblob._index``,
+  ``_alloc``, ``_format``: key index, page allocator, journal encoders; FAIL
+  without them, whatever the engine);
 * ``data`` — O_DIRECT at the data path: an existing data file (or block
   device) is opened read-only with O_DIRECT and its first block read; for a
   path that does not exist yet, a temporary probe file in its directory is
@@ -58,6 +59,8 @@ __all__ = ["add_arguments", "run", "diagnose", "Check", "Report", "DEFAULT_DATA"
 
 DEFAULT_DATA = "./var/ringblob.data"
 OK, WARN, FAIL = "OK", "WARN", "FAIL"
+#: the Cython modules the store imports (the key index, the page allocator, the journal encoders)
+STORE_EXTENSIONS = ("_index", "_alloc", "_format")
 CAP_IPC_LOCK = 14
 
 
@@ -477,15 +480,22 @@ def diagnose(data: str = DEFAULT_DATA, engine: str = "auto", buffer_size: int = 
         checks.append(Check("extension", sev, f"{ext_reason}{fallback}", {"importable": False, "error": ext_reason}))
         uring_reason = uring_reason or ext_reason
 
-    try:  # the store's key index is a Cython extension too, needed by either engine
-        from . import _index
-    except ImportError as exc:
-        checks.append(Check("index", FAIL, f"the store's index extension ringblob._index cannot be imported "
-                                           f"({exc}); rebuild it with `make setup`",
-                            {"importable": False, "error": str(exc)}))
+    # the store's Cython extensions (key index, page allocator, journal encoders): either engine needs them
+    import importlib
+
+    missing = []
+    for name in STORE_EXTENSIONS:
+        try:
+            importlib.import_module(f"ringblob.{name}")
+        except ImportError as exc:
+            missing.append(f"ringblob.{name} ({exc})")
+    if missing:
+        checks.append(Check("store", FAIL, f"the store's extensions cannot be imported: {'; '.join(missing)}; "
+                                           "rebuild them with `make setup`",
+                            {"importable": False, "missing": missing}))
     else:
-        checks.append(Check("index", OK, f"ringblob._index imports ({getattr(_index, '__file__', '?')})",
-                            {"importable": True, "file": getattr(_index, "__file__", None)}))
+        checks.append(Check("store", OK, f"the store's extensions import ({', '.join(STORE_EXTENSIONS)})",
+                            {"importable": True}))
 
     data_probe = _check_data(data)
     try:
