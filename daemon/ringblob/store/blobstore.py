@@ -1597,11 +1597,7 @@ class BlobStore:
         the bytes are never returned), :class:`IOFailed` for a failed read.
         """
         key = _check_key(key)
-        self._check_open()
-        e = self._index.get(key)
-        if e is None:
-            raise NotFound(f"no blob under key {key!r}")
-        page, length, digest = e
+        page, length, digest = self._lookup(key)
         if length == 0:
             data = b""
         else:
@@ -1629,11 +1625,7 @@ class BlobStore:
         :class:`EngineClosed` at once.
         """
         key = _check_key(key)
-        self._check_open()
-        e = self._index.get(key)
-        if e is None:
-            raise NotFound(f"no blob under key {key!r}")
-        page, length, digest = e
+        page, length, digest = self._lookup(key)
         if length == 0 or (max_size is not None and length > max_size):
             return 0
         self._pin(page)  # the extent is not reused while the read is in flight
@@ -1647,6 +1639,14 @@ class BlobStore:
             self._unpin(page)
             return 0
         return length
+
+    def _lookup(self, key: bytes) -> tuple[int, int, bytes]:
+        """``(page, length, digest)`` of ``key``; raises :class:`NotFound`, :class:`EngineClosed`."""
+        self._check_open()
+        e = self._index.get(key)
+        if e is None:
+            raise NotFound(f"no blob under key {key!r}")
+        return e
 
     def _got(self, key: bytes, page: int, length: int, digest: bytes, done, data, err) -> None:
         """The completion of a :meth:`get_nowait` read: verify, count, hand the value to ``done``."""
