@@ -118,6 +118,68 @@ def test_write_chunks_large_and_padding_and_read_back(dfile, kind):
     asyncio.run(main())
 
 
+@pytest.mark.parametrize("length", [1, 4095, 4096, 65536, 65537, 3 * 65536 - 4096, 3 * 65536 - 1, 3 * 65536,
+                                    5 * 65536 + 4097])
+def test_write_leased_writes_buffers_filled_in_place_without_a_copy(dfile, kind, length):
+    """Bytes put straight into leased buffers (as the daemon receives a PUT value) go to the file
+    as they lie there: every buffer full but the last, whose tail is zero-padded to a block inside
+    it (the garbage past the value in that block is overwritten); the caller keeps the buffers."""
+    df, data = dfile
+
+    async def main():
+        aio = make(kind, df, buffer_count=8, buffer_size=65536)  # window of 2 buffers: several submits
+        payload = os.urandom(length)
+        bufs = aio.try_lease(-(-length // 65536))
+        assert bufs is not None
+        for i, b in enumerate(bufs):
+            b.view[:] = b"\xee" * 65536  # garbage the padding must overwrite
+            piece = payload[i * 65536 : (i + 1) * 65536]
+            b.view[: len(piece)] = piece
+        s0 = aio.submits
+        n = await aio.write_leased(8192, bufs, length, sync=True)
+        alen = -(-length // df.block_size) * df.block_size
+        assert n == alen and aio.submits - s0 == -(-len(bufs) // 2)
+        assert [b.view[0] for b in bufs] == [payload[i * 65536] for i in range(len(bufs))]  # still ours
+        aio.release(*bufs)
+        assert aio.engine.free_buffers == 8
+        with open(df.path, "rb") as f:
+            f.seek(8192)
+            on_disk = f.read(alen + 4096)
+        assert on_disk[:length] == payload
+        assert on_disk[length:alen] == bytes(alen - length)
+        assert on_disk[alen:] == data[8192 + alen : 8192 + alen + 4096]  # nothing written past the last block
+        with pytest.raises(ValueError):
+            await aio.write_leased(0, bufs[:1], 65537)  # one buffer cannot hold 65537 bytes
+        aio.close()
+
+    asyncio.run(main())
+
+
+def test_try_lease_never_waits_nor_jumps_the_queue(dfile, kind):
+    df, _ = dfile
+
+    async def main():
+        aio = make(kind, df, buffer_count=4)
+        held = aio.try_lease(3)
+        assert held is not None and len(held) == 3 and aio.engine.free_buffers == 1
+        assert aio.try_lease(2) is None  # only one free: no partial lease, no wait
+        waiter = asyncio.ensure_future(aio.lease(2))
+        await asyncio.sleep(0)
+        assert not waiter.done()
+        assert aio.try_lease(1) is None  # the free buffer is owed to the waiter, first come first served
+        aio.release(held[0])
+        got = await waiter
+        assert len(got) == 2 and aio.engine.free_buffers == 0
+        aio.release(*got, *held[1:])
+        assert aio.engine.free_buffers == 4
+        with pytest.raises(ValueError):
+            aio.try_lease(0)
+        aio.close()
+        assert aio.try_lease(1) is None  # closed
+
+    asyncio.run(main())
+
+
 def test_write_batch_with_data_sync_is_one_linked_submit(dfile, kind):
     df, _ = dfile
 

@@ -9,16 +9,20 @@ schedules a single ``call_soon`` flush, which makes ONE ``engine.submit()``
 It knows nothing of keys. It adds what the engine leaves to its caller:
 
 * buffer leasing with async waiting (FIFO) when the fixed-buffer pool is
-  exhausted (``NoBuffers`` becomes a wait for a release);
+  exhausted (``NoBuffers`` becomes a wait for a release), or
+  :meth:`try_lease` without waiting, for holders that must not queue;
 * queue-depth backpressure (``Busy`` becomes a wait for completions);
 * release of a buffer whose op is still in flight (its awaiting task was
   cancelled) is deferred until the CQE arrives, so the kernel never writes
   into a buffer that was handed to someone else;
 * helpers that lease, copy and release: :meth:`read`, :meth:`write_chunks`,
-  :meth:`write_batch_with_data_sync`, :meth:`fdatasync`.
+  :meth:`write_batch_with_data_sync`, :meth:`fdatasync`; and
+  :meth:`write_leased` for bytes that already lie in leased buffers.
 
-Copies: a write copies the value once into fixed buffers (unavoidable with
-O_DIRECT) and pads the tail with zeros to whole blocks; a read copies once out
+Copies: :meth:`write_chunks` copies the value once into fixed buffers
+(O_DIRECT needs aligned memory) and pads the tail with zeros to whole blocks;
+:meth:`write_leased` writes buffers that were filled in place (the daemon
+receives a large PUT value straight into them) and copies nothing; a read copies once out
 of the fixed buffers into the returned ``bytes`` (values larger than a quarter
 of the pool take a second copy through a ``bytearray``).
 
@@ -519,21 +523,53 @@ class AsyncEngine:
                 self.release(*bufs)
         return bytes(out)
 
+    def _pad(self, buf, end: int) -> int:
+        """Zero ``buf`` from ``end`` up to the next block boundary (O_DIRECT writes whole blocks);
+        returns that boundary (``end`` rounded up to a block multiple)."""
+        pad = -end % self.block_size
+        if pad:
+            buf.view[end : end + pad] = bytes(pad)
+        return end + pad
+
     def _fill(self, buf, boff: int, data, start: int, n: int) -> int:
         """Copy ``data[start:start+n]`` into ``buf`` at ``boff``, zero-pad to a block; returns padded length."""
-        bs = self.block_size
         buf.view[boff : boff + n] = data[start : start + n]
-        pad = -n % bs
-        if pad:
-            buf.view[boff + n : boff + n + pad] = bytes(pad)
-        return n + pad
+        return self._pad(buf, boff + n) - boff
+
+    async def _write_filled(self, offset: int, bufs: list, lengths: list, sync: bool) -> int:
+        """Write ``bufs[i][:lengths[i]]`` (block multiples, each buffer from its start) back to back
+        at ``offset``, in one submit; with ``sync`` an fdatasync linked after the last write.
+
+        The per-buffer submit and check shared by :meth:`write_chunks` and
+        :meth:`write_leased`; the caller owns (and releases) the buffers.
+        Returns the bytes written; raises the ``OSError`` of the first failed
+        op (``EIO`` for a short write).
+        """
+        ops = []
+        pos = offset
+        for b, n in zip(bufs, lengths):
+            ops.append((WRITE, b, pos, n, 0))
+            pos += n
+        if sync:
+            ops.append((FSYNC,))
+        res = await self.run(ops, link=sync)
+        written = 0
+        for op, r in zip(ops, res):
+            if op[0] == WRITE:
+                check_result(r, op[3], f"write_fixed at offset {op[2]}")
+                written += r
+            else:
+                check_result(r, None, "fdatasync")
+        return written
 
     async def write_chunks(self, offset: int, data, *, sync: bool = False) -> int:
         """Write ``data`` (bytes-like) at ``offset``, split across fixed buffers and ops.
 
-        The tail is zero-padded to a whole block. With ``sync=True`` an
-        fdatasync is linked after the last window's writes. Returns the bytes
-        written (padded). Raises ``OSError`` from the first failed op.
+        Copies ``data`` into leased fixed buffers, a window (a quarter of the
+        pool) at a time. The tail is zero-padded to a whole block. With
+        ``sync=True`` an fdatasync is linked after the last window's writes.
+        Returns the bytes written (padded). Raises ``OSError`` from the first
+        failed op.
         """
         mv = memoryview(data).cast("B") if not isinstance(data, memoryview) or data.format != "B" else data
         total = len(mv)
@@ -549,22 +585,60 @@ class AsyncEngine:
             nbuf = min(w, -(-(total - pos) // bsz))
             bufs = await self.lease(nbuf)
             try:
-                ops = []
+                start = pos
+                lengths = []
                 for b in bufs:
                     n = min(bsz, total - pos)
-                    plen = self._fill(b, 0, mv, pos, n)
-                    ops.append((WRITE, b, offset + pos, plen, 0))
+                    lengths.append(self._fill(b, 0, mv, pos, n))
                     pos += n
-                last = pos >= total
-                if sync and last:
-                    ops.append((FSYNC,))
-                res = await self.run(ops, link=sync and last)
-                for op, r in zip(ops, res):
-                    check_result(r, op[3] if op[0] == WRITE else None, f"{op[0]} at offset {op[2] if op[0] == WRITE else '-'}")
-                    if op[0] == WRITE:
-                        written += r
+                written += await self._write_filled(offset + start, bufs, lengths, sync and pos >= total)
             finally:
                 self.release(*bufs)
+        return written
+
+    def try_lease(self, n: int) -> list | None:
+        """``n`` fixed buffers now, without waiting, or ``None`` when the pool has fewer free or
+        a caller already waits for buffers (a newcomer never jumps that FIFO queue).
+
+        For callers that hold buffers for an unbounded time (a value being
+        received from a client) and must not wait for nor starve the others:
+        they cap how many they hold and fall back to other memory on ``None``.
+        Give the buffers back with :meth:`release`. Raises ``ValueError`` for
+        ``n < 1``.
+        """
+        if n < 1:
+            raise ValueError(f"try_lease: {n} buffers asked; ask for at least one")
+        eng = self.engine
+        if self._closed or self._buf_waiters or eng.free_buffers < n:
+            return None
+        return [eng.lease() for _ in range(n)]
+
+    async def write_leased(self, offset: int, bufs: Sequence, length: int, *, sync: bool = False) -> int:
+        """Write ``length`` bytes already held in the leased ``bufs`` at ``offset``, without a copy.
+
+        The bytes lie in order: every buffer full (``buffer_size`` bytes)
+        but the last, which holds the rest from its start (so
+        ``len(bufs) == ceil(length / buffer_size)``, else ``ValueError``).
+        The tail is zero-padded to a whole block inside the last buffer. The
+        buffers go out a window (a quarter of the pool) per submit, one
+        WRITE_FIXED each; with ``sync=True`` an fdatasync is linked after the
+        last window's writes. The caller keeps the buffers (release them with
+        :meth:`release`; one still in flight after a cancellation is returned
+        when its CQE arrives). Returns the bytes written (padded); raises the
+        ``OSError`` of the first failed op, :class:`EngineClosed` after close.
+        """
+        bsz = self.buffer_size
+        if length <= 0 or len(bufs) != -(-length // bsz):
+            raise ValueError(f"write_leased: {len(bufs)} buffers cannot hold exactly {length} bytes "
+                             f"({bsz} bytes each, all full but the last)")
+        lengths = [bsz] * (len(bufs) - 1)
+        lengths.append(self._pad(bufs[-1], length - bsz * (len(bufs) - 1)))
+        w = self._window()
+        written = 0
+        for i in range(0, len(bufs), w):
+            last = i + w >= len(bufs)
+            written += await self._write_filled(offset + i * bsz, list(bufs[i : i + w]), lengths[i : i + w],
+                                                sync and last)
         return written
 
     async def write_batch_with_data_sync(self, items: Sequence[tuple[int, Any]]) -> int:
