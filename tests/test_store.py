@@ -1651,3 +1651,168 @@ def test_put_nowait_failed_fdatasync_fails_the_round_and_a_raising_callback_spar
         await s.close()
 
     run(main())
+
+
+# -- values received into leased fixed buffers (lease_value / put_leased) ------------------
+
+BSZ = 256 * 1024  # the default fixed-buffer size
+
+
+def _receive(lv, data: bytes, piece: int = 100_003) -> None:
+    """Fill ``lv`` as the daemon's decoder does: socket reads of up to ``piece`` bytes land in
+    its target() views (never past a buffer's end), each reported with advance()."""
+    pos = 0
+    while pos < len(data):
+        t = lv.target()
+        k = min(len(t), piece, len(data) - pos)
+        t[:k] = data[pos : pos + k]
+        t.release()
+        lv.advance(k)
+        pos += k
+    assert lv.target() is None and lv.complete
+
+
+@pytest.mark.parametrize("length", [BSZ + 1, BSZ + 4095, BSZ + 4096, BSZ + 4097, 2 * BSZ - 1, 2 * BSZ,
+                                    2 * BSZ + 1, 4 * BSZ - 4096, 4 * BSZ])
+def test_put_leased_round_trips_values_around_buffer_and_block_boundaries(tdir, engine, length):
+    """A value received straight into leased buffers is written from them (no copy), hashed as
+    it arrived, and reads back identical, before and after a crash (sync=True) and after a
+    reopen; every buffer goes back to the pool."""
+
+    async def main():
+        p = os.path.join(tdir, "d")
+        s = await BlobStore.create(p, 16 * MiB, engine=engine)
+        await s.put(b"first", b"1")  # the committer holds its journal buffer from here on
+        free0 = s._aio.engine.free_buffers
+        v = os.urandom(length)
+        for key, sync in ((b"k", True), (b"K" * 255, False)):
+            lv = s.lease_value(length)
+            assert lv is not None and len(lv.buffers) == -(-length // BSZ)
+            assert s.stat()["receive_buffers_held"] == len(lv.buffers)
+            _receive(lv, v)
+            assert lv.digest() == blake3.blake3(v).digest()
+            await s.put_leased(key, lv, sync=sync)
+            assert lv.released and s._aio.engine.free_buffers == free0
+            assert await s.get(key) == v and s.value_size(key) == length
+        st = s.stat()
+        assert st["values_leased"] == 2 and st["receive_buffers_held"] == 0 and st["puts"] == 3
+        assert s.needs_flush  # the second one was sync=False
+        await s.abandon()  # crash: the sync=True put must be there
+        s = await BlobStore.open(p, engine=engine)
+        assert await s.get(b"k") == v
+        await s.put(b"k2", v)  # the copying path still agrees
+        await s.close()
+        s = await BlobStore.open(p, engine=engine)
+        assert await s.get(b"k") == v and await s.get(b"k2") == v
+        await s.close()
+
+    run(main())
+
+
+def test_put_leased_errors_write_nothing_and_return_every_buffer(tdir, engine):
+    """verify=True with a wrong key (DigestMismatch), a bad key (InvalidKey), an incomplete value
+    (ValueError) and a full store (NoSpace) store nothing, write nothing and release the buffers;
+    the right digest with verify=True is stored."""
+
+    async def main():
+        p = os.path.join(tdir, "d")
+        s = await BlobStore.create(p, 8 * MiB, journal_size=256 * 1024, engine=engine)
+        await s.put(b"first", b"1")  # the committer holds its journal buffer from here on
+        free0 = s._aio.engine.free_buffers
+        v = os.urandom(MiB + 1)
+
+        async def refused(exc, key, value=v, **kw):
+            before = s.stat()
+            lv = s.lease_value(len(value))
+            _receive(lv, value)
+            with pytest.raises(exc):
+                await s.put_leased(key, lv, **kw)
+            after = s.stat()
+            assert lv.released and s._aio.engine.free_buffers == free0 and after["receive_buffers_held"] == 0
+            assert after["bytes_written"] == before["bytes_written"] and after["free_bytes"] == before["free_bytes"]
+            assert not key or not s.has(key)
+
+        await refused(DigestMismatch, b"\x00" * 32, verify=True)
+        await refused(InvalidKey, b"")
+        lv = s.lease_value(len(v))
+        lv.write(v[:1000])
+        with pytest.raises(ValueError):
+            await s.put_leased(b"short", lv)
+        assert lv.released and s._aio.engine.free_buffers == free0 and not s.has(b"short")
+        digest = blake3.blake3(v).digest()
+        lv = s.lease_value(len(v))
+        assert lv.write(v + b"extra") == len(v)  # write() takes no more than the value
+        await s.put_leased(digest, lv, verify=True, sync=True)
+        assert await s.get(digest) == v
+        free = s.stat()["free_bytes"]
+        await refused(NoSpace, b"huge", os.urandom(free + 4096))
+        assert not s.stat()["read_only"]
+        await s.put(b"after", b"still writable", sync=True)
+        await s.close()
+
+    run(main())
+
+
+def test_lease_value_declines_small_values_past_the_cap_and_when_not_writable(tdir):
+    """lease_value never waits: None for a value that fits one buffer (it rides with the journal
+    write), past max_blob_size, past receive_buffers, with the pool short, or when the store is not
+    writable; the caller then takes put(). Declines over the buffer size are counted."""
+
+    async def main():
+        p = os.path.join(tdir, "d")
+        s = await BlobStore.create(p, 16 * MiB, engine="psync", buffer_count=16, receive_buffers=6,
+                                   max_blob_size=4 * MiB)
+        await s.put(b"first", b"1")  # the committer holds its journal buffer from here on
+        assert s.lease_value(BSZ) is None and s.lease_value(100) is None
+        assert s.lease_value(4 * MiB + 1) is None
+        a = s.lease_value(3 * BSZ)
+        b = s.lease_value(2 * BSZ + 1)
+        assert a is not None and b is not None and s.stat()["receive_buffers_held"] == 6
+        assert s.lease_value(BSZ + 1) is None  # 2 more would pass receive_buffers=6
+        st = s.stat()
+        assert st["values_leased"] == 2 and st["lease_value_refused"] == 1
+        a.release()
+        a.release()  # idempotent
+        assert s.stat()["receive_buffers_held"] == 3
+        held = await s._aio.lease(s._aio.engine.free_buffers - 1)  # the pool nearly drained by others
+        assert s.lease_value(BSZ + 1) is None
+        s._aio.release(*held)
+        c = s.lease_value(BSZ + 1)
+        assert c is not None
+        b.release()
+        c.release()
+        assert s.stat()["receive_buffers_held"] == 0 and s._aio.engine.free_buffers == 16 - 1  # the journal's
+        await s.close()
+        s = await BlobStore.open(p, engine="psync", read_only=True)
+        assert s.lease_value(MiB) is None
+        await s.close()
+        s = await BlobStore.open(p, engine="psync", receive_buffers=0)
+        assert s.lease_value(MiB) is None
+        await s.close()
+        with pytest.raises(ConfigError):
+            await BlobStore.open(p, engine="psync", receive_buffers=-1)
+
+    run(main())
+
+
+def test_put_leased_write_error_turns_read_only_and_releases(tdir, engine):
+    async def main():
+        p = os.path.join(tdir, "d")
+        holder, wrap = _faulty_open(p, engine)
+        s = await BlobStore.create(p, 8 * MiB, engine=engine, wrap_engine=wrap)
+        await s.put(b"a", b"1", sync=True)
+        free0 = s._aio.engine.free_buffers
+        v = os.urandom(MiB)
+        lv = s.lease_value(len(v))
+        _receive(lv, v)
+        holder["e"].fail_next("write")
+        with pytest.raises(IOFailed):
+            await s.put_leased(b"big", lv, sync=True)
+        stand_in = 1 if holder["e"]._scratch is not None else 0  # the wrapper's buffer for the failed op
+        assert s.read_only and lv.released and s._aio.engine.free_buffers == free0 - stand_in
+        assert s.stat()["receive_buffers_held"] == 0
+        assert s.lease_value(len(v)) is None  # read-only: the daemon takes put(), which answers ReadOnly
+        assert await s.get(b"a") == b"1" and not s.has(b"big")
+        await s.close()
+
+    run(main())

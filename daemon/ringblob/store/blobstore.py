@@ -39,8 +39,9 @@ from ..errors import (
 from . import format as F
 from .alloc import Allocator
 from .index import Index
+from .leased import LeasedValue
 
-__all__ = ["BlobStore", "DEFAULT_MAX_BLOB_SIZE"]
+__all__ = ["BlobStore", "DEFAULT_MAX_BLOB_SIZE", "LeasedValue"]
 
 log = logging.getLogger("ringblob.store")
 
@@ -188,6 +189,10 @@ class BlobStore:
     * ``await put(key, value, *, sync=False, verify=False)``; ``verify=True``
       requires ``key == blake3(value).digest()`` else :class:`DigestMismatch`
       (nothing stored). ``await put_cas(value, *, sync=False) -> digest``.
+    * ``lease_value(length) -> LeasedValue | None`` and ``await
+      put_leased(key, leased, *, sync=False, verify=False)``: a value larger
+      than one fixed buffer received straight into leased fixed buffers
+      (the daemon's large PUTs) and written from there, without a copy.
     * ``await put_many([(key, value), ...], *, sync=False)``: with
       ``sync=True`` this is write_blobs_with_data_sync (the data writes and the
       journal write in one ring turn where they fit a batch, then one
@@ -222,7 +227,10 @@ class BlobStore:
     fault injection, see :mod:`ringblob.engine.faulty`), ``observer``,
     ``zero_fill`` (default True: when formatting a regular file, write zeros
     over all of it first, so later writes never land in unwritten extents —
-    about 0.5 s per GiB at 2 GB/s; block devices are never zero-filled).
+    about 0.5 s per GiB at 2 GB/s; block devices are never zero-filled),
+    ``receive_buffers`` (fixed buffers that values being received through
+    :meth:`lease_value` may hold at once, until written; default half of
+    ``buffer_count``, 0 turns it off).
 
     ``observer``: an object whose optional methods are called (exceptions
     are logged and ignored): ``on_fdatasync(seconds: float)``,
@@ -273,7 +281,8 @@ class BlobStore:
                     max_blob_size: int = DEFAULT_MAX_BLOB_SIZE, buffer_size: int = DEFAULT_BUFFER_SIZE,
                     buffer_count: int = DEFAULT_BUFFER_COUNT, queue_depth: int = DEFAULT_QUEUE_DEPTH,
                     checkpoint_threshold: int | None = None, read_only: bool = False,
-                    wrap_engine=None, observer=None, zero_fill: bool = True) -> "BlobStore":
+                    wrap_engine=None, observer=None, zero_fill: bool = True,
+                    receive_buffers: int | None = None) -> "BlobStore":
         self = cls(_OPEN_TOKEN)
         self.path = path
         self._zero_fill_on_format = bool(zero_fill)
@@ -285,6 +294,12 @@ class BlobStore:
         if queue_depth < 4:
             raise ConfigError(f"queue_depth {queue_depth}: the store needs at least 4 (data write, journal "
                               "write, fdatasync and a read)")
+        if receive_buffers is not None and receive_buffers < 0:
+            raise ConfigError(f"receive_buffers {receive_buffers}: must be >= 0 (0 turns lease_value off)")
+        # fixed buffers that values being received (lease_value) may hold at once, until written:
+        # half the pool (with a quarter, many 1 MiB PUTs at concurrency 8 took the copying path)
+        self._recv_cap = buffer_count // 2 if receive_buffers is None else int(receive_buffers)
+        self._recv_held = 0
         self._observer = observer
         self._opened_read_only = bool(read_only)
         self._read_only: str | None = None
@@ -604,7 +619,8 @@ class BlobStore:
         self._counters = dict.fromkeys(
             ("puts", "gets", "deletes", "fdatasyncs", "group_commits", "group_commit_writes", "flushes",
              "flushes_skipped", "checksum_failures", "bytes_read", "bytes_written", "journal_batches",
-             "journal_bytes_written", "recovered_records", "recovery_dropped_records"), 0)
+             "journal_bytes_written", "recovered_records", "recovery_dropped_records", "values_leased",
+             "lease_value_refused"), 0)
         self._counters["recovered_records"] = applied
         self._counters["recovery_dropped_records"] = dropped
         if recs and recs[-1][1] > max_durable and not self._opened_read_only:
@@ -885,26 +901,36 @@ class BlobStore:
 
     # -- the write path -------------------------------------------------------------
 
-    async def _prepare_put(self, key: bytes, mv: memoryview, digest: bytes, sync: bool) -> _Item:
-        length = len(mv)
+    async def _new_put(self, key: bytes, length: int, digest: bytes, sync: bool) -> _Item:
+        """Allocate the extent of a put of ``length`` bytes (:class:`NoSpace` before anything is
+        written) and return its item, not yet queued."""
         n = self._npages(length)
         page = await self._allocate(n, 1 + len(key) + F.ENTRY.size)
         self._check_writable()
-        item = _Item(_PUT, key, page, n, length, digest, None, sync, asyncio.get_running_loop().create_future())
+        return _Item(_PUT, key, page, n, length, digest, None, sync, asyncio.get_running_loop().create_future())
+
+    async def _write_value(self, item: _Item, write) -> None:
+        """Await ``write`` (the engine coroutine writing ``item``'s value into its extent); a failed
+        write turns the store read-only and raises :class:`IOFailed`."""
+        try:
+            await write
+        except asyncio.CancelledError:
+            raise  # the extent leaks until the next open (a write may still be in flight into it)
+        except OSError as exc:
+            self._go_read_only(f"a failed data write ({exc})")
+            raise IOFailed(f"{self.path}: writing {item.length} bytes for a put failed: {exc}",
+                           exc.errno) from exc
+        self._counters["bytes_written"] += item.length
+
+    async def _prepare_put(self, key: bytes, mv: memoryview, digest: bytes, sync: bool) -> _Item:
+        length = len(mv)
+        item = await self._new_put(key, length, digest, sync)
         if length == 0:
             return item
         if length <= self._aio.buffer_size:
             item.data = mv  # the committer copies it into a fixed buffer and writes it with the journal batch
             return item
-        try:
-            await self._aio.write_chunks(page * self.page_size, mv)
-        except asyncio.CancelledError:
-            raise  # the extent leaks until the next open (a write may still be in flight into it)
-        except OSError as exc:
-            self._go_read_only(f"a failed data write ({exc})")
-            raise IOFailed(f"{self.path}: writing {length} bytes for a put failed: {exc}",
-                           exc.errno) from exc
-        self._counters["bytes_written"] += length
+        await self._write_value(item, self._aio.write_chunks(item.page * self.page_size, mv))
         return item
 
     def _enqueue(self, item: _Item) -> None:
@@ -969,6 +995,70 @@ class BlobStore:
 
     async def _put_hashed(self, key: bytes, mv: memoryview, digest: bytes, sync: bool) -> None:
         item = await self._prepare_put(key, mv, digest, sync)
+        self._enqueue(item)
+        await item.fut
+
+    def lease_value(self, length: int) -> LeasedValue | None:
+        """Fixed buffers of the engine to receive a value of ``length`` bytes into, or ``None``.
+
+        For a value about to arrive from elsewhere (the daemon's socket): fill
+        the returned :class:`LeasedValue` in place (it hashes the bytes as they
+        arrive) and hand it to :meth:`put_leased`, which writes it without a
+        copy. The buffers are leased now, never waited for: ``None`` (take
+        :meth:`put` with a value of your own) when ``length`` fits one fixed
+        buffer (such values ride along with the journal write, see
+        :meth:`put`) or passes ``max_blob_size``, when the store is not
+        writable, when the buffers held by values being received would pass
+        ``receive_buffers`` (half the pool by default: reads and commits keep
+        the other half, and slow senders hold at most that), or when
+        the pool is short or others wait for it. Release the value
+        (:meth:`LeasedValue.release`) if it is not handed to :meth:`put_leased`.
+        """
+        aio = self._aio
+        bsz = aio.buffer_size
+        if (length <= bsz or length > self.max_blob_size or self._closed or self._read_only is not None
+                or self._opened_read_only):
+            return None
+        n = -(-length // bsz)
+        bufs = aio.try_lease(n) if self._recv_held + n <= self._recv_cap else None
+        if bufs is None:
+            self._counters["lease_value_refused"] += 1
+            return None
+        self._recv_held += n
+        self._counters["values_leased"] += 1
+        return LeasedValue(bufs, length, bsz, self._return_leased)
+
+    def _return_leased(self, bufs: list) -> None:
+        self._recv_held -= len(bufs)
+        self._aio.release(*bufs)  # one still in flight (a cancelled write) goes back at its CQE
+
+    async def put_leased(self, key, value: LeasedValue, *, sync: bool = False, verify: bool = False) -> None:
+        """Store ``value`` — received in full into the fixed buffers :meth:`lease_value` leased —
+        under ``key``, as :meth:`put` would, without copying it: each buffer is written from
+        where it was filled (the tail zero-padded to a block inside the last one) and the digest
+        is the one computed as the bytes arrived.
+
+        The buffers are released in every case: once the data write completed (before the
+        commit is awaited), or at the first error. Same durability and errors as :meth:`put`:
+        :class:`InvalidKey`, :class:`TooLarge`, :class:`DigestMismatch` (``verify=True``;
+        nothing written), :class:`NoSpace` (nothing written), :class:`ReadOnly`,
+        :class:`IOFailed`; ``ValueError`` when ``value`` is not complete.
+        """
+        try:
+            key = _check_key(key)
+            self._check_writable()
+            length = value.length
+            if length > self.max_blob_size:
+                raise TooLarge(f"value of {length} bytes exceeds max_blob_size {self.max_blob_size}")
+            digest = value.digest()
+            if verify and digest != key:
+                raise DigestMismatch(f"put: the BLAKE3 digest of the value is {digest.hex()}, not the key "
+                                     f"{key.hex()}; nothing was stored")
+            item = await self._new_put(key, length, digest, sync)
+            await self._write_value(item, self._aio.write_leased(item.page * self.page_size, value.buffers,
+                                                                  length))
+        finally:
+            value.release()
         self._enqueue(item)
         await item.fut
 
@@ -1776,8 +1866,12 @@ class BlobStore:
         engine, sequence, durable_sequence, recovery_seconds, index_bytes; cumulative
         counters: puts, gets, deletes, fdatasyncs, group_commits, group_commit_writes,
         flushes, flushes_skipped, checksum_failures, bytes_read, bytes_written,
-        journal_batches, journal_bytes_written, recovered_records, recovery_dropped_records;
-        and ``engine_counters`` (the engine's ``counters()``).
+        journal_batches, journal_bytes_written, recovered_records, recovery_dropped_records,
+        values_leased (values :meth:`lease_value` leased fixed buffers for),
+        lease_value_refused (values over the buffer size that :meth:`lease_value` turned
+        away: over ``receive_buffers`` or the pool short; they took the copying path);
+        receive_buffers_held (a gauge: buffers such values hold now); and
+        ``engine_counters`` (the engine's ``counters()``).
         """
         P = self.page_size
         data_pages = self._total_pages - self._data_page
@@ -1805,6 +1899,7 @@ class BlobStore:
             "durable_sequence": self._durable_seq,
             "recovery_seconds": self.recovery_seconds,
             "index_bytes": self._index.memory_bytes(),
+            "receive_buffers_held": self._recv_held,
         }
         d.update(self._counters)
         try:
