@@ -512,3 +512,161 @@ def test_receive_budget_caps_bodies_allocated_ahead_over_several_decoders():
     assert budget.used == 0
     with pytest.raises(ValueError):
         p.ReceiveBudget(-1)
+
+
+# -- value_sink: a large PUT's value received into memory the consumer provides --------------
+
+
+class ChunkSink:
+    """A test sink over buffers of ``chunk`` bytes (as the store's LeasedValue over fixed
+    buffers): target() never crosses a buffer end, advance() checks the view it was given."""
+
+    def __init__(self, length: int, chunk: int, log: list):
+        self.length, self.chunk = length, chunk
+        self.bufs = [bytearray(chunk) for _ in range(-(-length // chunk))]
+        self.received = 0
+        self.released = False
+        log.append(self)
+
+    def _span(self):
+        i, off = divmod(self.received, self.chunk)
+        return i, off, min(self.chunk, self.length - i * self.chunk)
+
+    def target(self):
+        if self.received >= self.length:
+            return None
+        i, off, end = self._span()
+        return memoryview(self.bufs[i])[off:end]
+
+    def advance(self, n):
+        i, off, end = self._span()
+        if n < 0 or off + n > end:
+            raise ValueError("past the view")
+        self.received += n
+
+    def write(self, data):
+        taken = 0
+        while taken < len(data) and (t := self.target()) is not None:
+            k = min(len(t), len(data) - taken)
+            t[:k] = data[taken : taken + k]
+            self.advance(k)
+            taken += k
+        return taken
+
+    def release(self):
+        self.released = True
+
+    def value(self) -> bytes:
+        return b"".join(self.bufs)[: self.length]
+
+
+_SINK_SIZES = [7, p.LARGE_BODY - 300, p.LARGE_BODY + 4097, 200_000, 3 * 65536]
+
+
+@given(
+    st.lists(st.tuples(st.sampled_from(_SINK_SIZES), st.sampled_from([0, 1, 2, 255]), st.booleans()),
+             min_size=1, max_size=4),
+    st.lists(st.one_of(st.integers(1, 30), st.integers(1, 150_000)), max_size=16),
+    st.booleans(),
+    st.booleans(),
+)
+@settings(max_examples=150, deadline=None)
+def test_value_sink_receives_large_put_values_any_split(reqs, split, in_place, views):
+    """With value_sink, a large PUT's key is received first, then its value goes into the sink
+    (in place through recv_target or copied from fed bytes), whatever the split; a None from
+    value_sink (here: every third value) and the other frames take the ordinary path."""
+    asked, sinks = [], []
+
+    def value_sink(length):
+        asked.append(length)
+        return None if len(asked) % 3 == 0 else ChunkSink(length, 65536, sinks)
+
+    frames = []
+    for i, (n, klen, sync) in enumerate(reqs):
+        value = bytes([i + 1]) * n
+        body = bytes([klen]) + b"k" * klen + value
+        frames.append(p.encode_frame(p.Op.PUT, i + 1, body, p.FLAG_SYNC if sync else 0))
+    frames.append(p.encode_ping(99, b"x" * 70_000))  # a large body of another op: never a sink
+    stream = b"".join(frames)
+    dec = p.FrameDecoder(view_bodies=views, value_sink=value_sink)
+    got, pos = [], 0
+    cuts = iter(split)
+    while pos < len(stream):
+        n = next(cuts, len(stream))
+        target = dec.recv_target() if in_place else None
+        if target is not None:
+            k = min(len(target), n, len(stream) - pos)
+            target[:k] = stream[pos : pos + k]
+            target.release()
+            done = dec.received_in_place(k)
+            pos += k
+            if done:  # the large body is complete: its frame is ready
+                assert dec.recv_target() is None and dec.buffered > 0
+        else:
+            dec.feed(stream[pos : pos + n])
+            pos += n
+        got += list(dec)
+    assert dec.buffered == 0 and [f.request_id for f in got] == [i + 1 for i in range(len(reqs))] + [99]
+    large = [1 + klen + n >= p.LARGE_BODY for n, klen, _ in reqs]
+    assert len(asked) == sum(large) and all(not s.released for s in sinks)
+    for i, (f, (n, klen, sync)) in enumerate(zip(got, reqs)):
+        req = p.parse_request(f)
+        assert (req.op, req.key, req.sync) == (p.Op.PUT, b"k" * klen, sync)
+        if f.sink is not None:
+            assert req.sink is f.sink and req.value == b"" and bytes(f.body) == bytes([klen]) + b"k" * klen
+            assert f.sink.value() == bytes([i + 1]) * n and f.sink.length == n
+        else:
+            assert req.sink is None and bytes(req.value) == bytes([i + 1]) * n
+    assert bytes(got[-1].body) == b"x" * 70_000 and got[-1].sink is None
+
+
+def test_value_sink_is_asked_only_for_puts_with_defined_flags_and_released_by_discard():
+    asked, sinks = [], []
+
+    def value_sink(length):
+        asked.append(length)
+        return ChunkSink(length, 65536, sinks)
+
+    dec = p.FrameDecoder(view_bodies=True, value_sink=value_sink)
+    bad = p.encode_frame(p.Op.PUT, 1, b"\x01k" + b"v" * 100_000, 0x80)  # undefined flag: the checked path
+    dec.feed(bad)
+    with pytest.raises(errors.ProtocolError):
+        p.parse_request(dec.next_frame())
+    assert asked == []
+    frame = p.encode_put(2, b"key", b"w" * 300_000)
+    dec.feed(frame[:22])  # the header, the key length and one byte of the key
+    assert asked == [] and bytes(dec.recv_target()) == b"\x00\x00"  # exactly the rest of the key
+    dec.feed(frame[22:1000])
+    assert asked == [300_000] and len(dec.recv_target()) == 65536 - (1000 - 24)
+    dec.discard()  # the client went away mid-value: the sink goes back
+    assert sinks[0].released and dec.recv_target() is None and dec.buffered == 0
+    dec.discard()
+    # a finished frame not yet taken out is released by discard too
+    dec2 = p.FrameDecoder(view_bodies=True, value_sink=value_sink)
+    dec2.feed(frame)
+    assert not sinks[1].released
+    dec2.discard()
+    assert sinks[1].released and dec2.next_frame() is None
+    # the key received in place, byte by byte where the client sends it so
+    dec3 = p.FrameDecoder(view_bodies=True, value_sink=value_sink)
+    dec3.feed(frame[:20])
+    for i in range(20, 24):
+        t = dec3.recv_target()
+        assert len(t) == (1 if i == 20 else 24 - i)
+        t[:1] = frame[i : i + 1]
+        assert dec3.received_in_place(1) is False
+    with pytest.raises(ValueError):
+        dec3.received_in_place(65537)  # more than the sink's current buffer
+    dec3.feed(frame[24:])
+    f = dec3.next_frame()
+    assert f.sink is sinks[2] and f.sink.value() == b"w" * 300_000 and p.parse_request(f).key == b"key"
+
+
+def test_a_sink_frame_with_bytes_after_the_key_is_malformed():
+    sink = ChunkSink(10, 65536, [])
+    with pytest.raises(errors.ProtocolError):
+        p.parse_request(p.Frame(p.Op.PUT, 0, 5, b"\x01kX", sink))
+    with pytest.raises(errors.ProtocolError):
+        p.parse_request(p.Frame(p.Op.PUT, 0x80, 5, b"\x01k", sink))
+    req = p.parse_request(p.Frame(p.Op.PUT, p.FLAG_VERIFY, 5, b"\x01k", sink))
+    assert req.sink is sink and req.verify and req.value == b""

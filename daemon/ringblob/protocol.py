@@ -28,7 +28,7 @@ import re
 import struct
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
 
 from .errors import (
     FrameTooLarge,
@@ -54,6 +54,8 @@ __all__ = [
     "Frame",
     "Request",
     "FrameDecoder",
+    "ReceiveBudget",
+    "ValueSink",
     "encode_frame",
     "encode_frame_parts",
     "encode_put",
@@ -140,13 +142,17 @@ class Frame:
     """One decoded frame.
 
     ``flags`` is the header's u16: request flags in a request, the status in
-    a reply (also readable as ``status``). ``body`` is ``body_length`` bytes.
+    a reply (also readable as ``status``). ``body`` is ``body_length`` bytes,
+    except for a large PUT whose value was received into a :class:`ValueSink`
+    (``FrameDecoder(value_sink=...)``): then ``sink`` holds the value and
+    ``body`` only the key_len byte and the key.
     """
 
     opcode: int
     flags: int
     request_id: int
     body: bytes
+    sink: Any = None
 
     @property
     def status(self) -> int:
@@ -162,6 +168,28 @@ def _protocol_error(cls, message: str, request_id: int = 0, opcode: int = 0) -> 
 
 LARGE_BODY = 64 * 1024  # bodies from this size on are gathered apart from the stream buffer
 _PREALLOC_MAX = 4 * 1024 * 1024 + 4096  # view_bodies: bodies up to this size are received in place
+_PUT_CODE = 1  # Op.PUT (defined below)
+_PUT_FLAGS = FLAG_SYNC | FLAG_VERIFY
+
+
+class ValueSink(Protocol):
+    """Where a large PUT's value is received, handed out by ``FrameDecoder(value_sink=...)``
+    (the daemon's: fixed buffers of the store's engine, ``ringblob.store.LeasedValue``).
+
+    The decoder fills it in order, either in place — :meth:`target` is the writable view
+    the next socket read may land in, :meth:`advance` says how many bytes were read into it —
+    or by copying received bytes with :meth:`write`. :meth:`release` gives its memory back
+    (idempotent); the decoder calls it when the stream ends mid-value (``discard``), the
+    consumer of the finished frame otherwise.
+    """
+
+    def target(self) -> memoryview | None: ...
+
+    def advance(self, nbytes: int) -> None: ...
+
+    def write(self, data: memoryview) -> int: ...
+
+    def release(self) -> None: ...
 
 
 class ReceiveBudget:
@@ -217,6 +245,17 @@ class FrameDecoder:
     in such buffers before their bodies arrived; call :meth:`discard` when the
     stream ends so a body left unfinished gives its share back.
 
+    ``value_sink`` (the server passes the store's ``lease_value``): a callable
+    taking a value length in bytes and returning a :class:`ValueSink` or
+    ``None``. For a large PUT (allowed flags only) the decoder then first
+    receives the key_len byte and the key (:meth:`recv_target` hands out just
+    those bytes), asks ``value_sink(len(value))`` and receives the value into
+    the sink, piece by piece (in place through :meth:`recv_target`, else
+    copied); the frame comes out with ``body`` = key_len + key and ``sink`` =
+    the filled sink, which its consumer must release. ``None`` from the
+    callable means the ordinary path above. :meth:`discard` releases a sink
+    being filled (or filled and not yet taken out).
+
     Usage::
 
         dec = FrameDecoder()
@@ -226,10 +265,12 @@ class FrameDecoder:
     """
 
     __slots__ = ("max_frame_size", "_buf", "_pos", "_error", "_views", "_big_len", "_big_fill", "_big_head",
-                 "_big", "_big_mv", "_chunks", "_budget", "_held")
+                 "_big", "_big_mv", "_chunks", "_budget", "_held", "_sinks", "_sink", "_pre", "_pre_len",
+                 "_pre_body")
 
     def __init__(self, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE, *, view_bodies: bool = False,
-                 budget: ReceiveBudget | None = None):
+                 budget: ReceiveBudget | None = None,
+                 value_sink: Callable[[int], ValueSink | None] | None = None):
         if max_frame_size < HEADER_SIZE:
             raise ValueError(f"max_frame_size must be at least {HEADER_SIZE} bytes, got {max_frame_size}")
         self.max_frame_size = max_frame_size
@@ -245,6 +286,11 @@ class FrameDecoder:
         self._chunks: list = []  # otherwise: the body's pieces, joined once at the end
         self._budget = budget
         self._held = 0  # bytes of ``budget`` that ``_big`` holds
+        self._sinks = value_sink
+        self._sink: ValueSink | None = None  # the large PUT's value is being received into it
+        self._pre: bytearray | None = None  # a large PUT's key_len + key while they arrive (then None)
+        self._pre_len = 0
+        self._pre_body: bytes | None = None  # key_len + key of the PUT whose value goes to _sink
 
     @property
     def buffered(self) -> int:
@@ -315,6 +361,14 @@ class FrameDecoder:
         self._big_head = (opcode, flags, request_id)
         self._big_len = length
         self._big_fill = 0
+        if self._sinks is not None and opcode == _PUT_CODE and not flags & ~_PUT_FLAGS:
+            # the key first: the value must start at offset 0 of the sink's (aligned) buffers
+            self._pre = bytearray(1 + MAX_KEY_SIZE)
+            self._pre_len = 0
+            return
+        self._alloc_big(length)
+
+    def _alloc_big(self, length: int) -> None:
         if self._views and length <= _PREALLOC_MAX:
             if self._budget is not None:
                 if not self._budget.take(length):
@@ -323,47 +377,128 @@ class FrameDecoder:
             self._big = bytearray(length)
             self._big_mv = memoryview(self._big)
 
+    def _pre_need(self) -> int:
+        """Bytes of key_len + key: 1 until the key_len byte is in."""
+        return 1 + self._pre[0] if self._pre_len else 1  # type: ignore[index]
+
+    def _take_pre(self, part: memoryview) -> int:
+        """Take what ``part`` holds of the PUT's key_len + key; returns the bytes taken."""
+        n = len(part)
+        k = 0
+        while k < n and self._pre is not None:
+            need = self._pre_need()
+            t = min(need - self._pre_len, n - k)
+            self._pre[self._pre_len : self._pre_len + t] = part[k : k + t]
+            self._pre_len += t
+            self._big_fill += t
+            k += t
+            if self._pre_len == self._pre_need():
+                self._pre_done()
+        return k
+
+    def _pre_done(self) -> None:
+        """The PUT's key is in: ask for a sink for its value, else take the ordinary path."""
+        pre = bytes(self._pre[: self._pre_len])  # type: ignore[index]
+        self._pre = None
+        sink = self._sinks(self._big_len - len(pre))  # type: ignore[misc, operator]
+        if sink is not None:
+            self._sink = sink
+            self._pre_body = pre
+            return
+        self._alloc_big(self._big_len)  # type: ignore[arg-type]
+        self._big_fill = 0
+        with memoryview(pre) as mv:
+            self._store(mv, True)
+
     def _give_back(self) -> None:
         if self._held:
             self._budget.give(self._held)  # type: ignore[union-attr]
             self._held = 0
 
     def discard(self) -> None:
-        """The stream ended: drop a body being received and return its share of the budget."""
+        """The stream ended: drop a body being received, return its share of the budget and
+        release its value sink (idempotent)."""
         self._give_back()
         if self._big_mv is not None:
             self._big_mv.release()
         self._big = self._big_mv = None
         self._chunks = []
+        sink, self._sink = self._sink, None
+        self._pre = self._pre_body = None
         self._big_len = None
         self._big_fill = 0
+        if sink is not None:
+            sink.release()
 
     def _put_big(self, part: memoryview, owned: bool) -> None:
+        if self._pre is not None:
+            k = self._take_pre(part)
+            if k < len(part):
+                with part[k:] as rest:
+                    self._store(rest, owned)
+            return
+        self._store(part, owned)
+
+    def _store(self, part: memoryview, owned: bool) -> None:
         n = len(part)
-        if self._big is not None:
+        if self._sink is not None:
+            self._sink.write(part)
+        elif self._big is not None:
             self._big_mv[self._big_fill : self._big_fill + n] = part  # type: ignore[index]
         else:  # a piece of immutable bytes is kept by reference (a view that outlives ``part``)
             self._chunks.append(part[:] if owned else bytes(part))
         self._big_fill += n
 
     def recv_target(self) -> memoryview | None:
-        """Where the next socket read may land directly: the unfilled rest of a large body being
-        received in place (``view_bodies``), or ``None`` (read elsewhere and :meth:`feed`).
+        """Where the next socket read may land directly, or ``None`` (read elsewhere and
+        :meth:`feed`): the unfilled rest of a large body being received in place
+        (``view_bodies``), the missing bytes of a large PUT's key_len + key, or the unfilled rest
+        of the current buffer of its value sink (``value_sink``).
 
         Report the bytes read into it with :meth:`received_in_place`.
         """
+        if self._sink is not None:
+            return self._sink.target()
+        if self._pre is not None:
+            with memoryview(self._pre) as mv:
+                return mv[self._pre_len : self._pre_need()]
         if self._big is None or self._big_fill >= len(self._big):
             return None
         return self._big_mv[self._big_fill :]  # type: ignore[index]
 
-    def received_in_place(self, nbytes: int) -> None:
-        """``nbytes`` were read into the buffer :meth:`recv_target` returned."""
+    def received_in_place(self, nbytes: int) -> bool:
+        """``nbytes`` were read into the buffer :meth:`recv_target` returned; returns True when
+        they completed the large body (its frame is ready for :meth:`next_frame`).
+
+        Raises ``ValueError`` when they cannot have fit it (nothing is changed then).
+        """
+        if self._sink is not None:
+            if nbytes < 0 or self._big_fill + nbytes > self._big_len:  # type: ignore[operator]
+                raise ValueError(f"received_in_place: {nbytes} bytes do not fit the value being received")
+            self._sink.advance(nbytes)
+            self._big_fill += nbytes
+            return self._big_fill == self._big_len
+        if self._pre is not None:
+            if nbytes < 0 or self._pre_len + nbytes > self._pre_need():
+                raise ValueError(f"received_in_place: {nbytes} bytes do not fit the key being received")
+            self._pre_len += nbytes
+            self._big_fill += nbytes
+            if nbytes and self._pre_len == self._pre_need():
+                self._pre_done()
+            return False  # the value follows (at least LARGE_BODY - 256 bytes of it)
         if self._big is None or nbytes < 0 or self._big_fill + nbytes > len(self._big):
             raise ValueError(f"received_in_place: {nbytes} bytes do not fit the body being received")
         self._big_fill += nbytes
+        return self._big_fill == self._big_len
 
     def _finish_big(self) -> Frame:
         opcode, flags, request_id = self._big_head
+        if self._sink is not None:
+            frame = Frame(opcode, flags, request_id, self._pre_body, self._sink)  # type: ignore[arg-type]
+            self._sink = self._pre_body = None
+            self._big_len = None
+            self._big_fill = 0
+            return frame
         if self._big is not None:
             body = self._big_mv.toreadonly()  # type: ignore[union-attr]
             self._big_mv.release()  # type: ignore[union-attr]
@@ -686,9 +821,11 @@ def mget_reply_body(results: Sequence) -> list:
 class Request:
     """A parsed request. Which fields are set depends on ``op``:
 
-    PUT: key, value; GET/HAS/DELETE: key; LIST: prefix, start_after (None
-    when absent), limit; PING: value (the payload); MPUT: items (list of
-    ``(key, value)``); MGET: keys. ``sync``/``verify`` come from the flags.
+    PUT: key, value (or, for a value received into a :class:`ValueSink`,
+    ``sink``, with ``value`` empty: the consumer must release it); GET/HAS/DELETE:
+    key; LIST: prefix, start_after (None when absent), limit; PING: value (the
+    payload); MPUT: items (list of ``(key, value)``); MGET: keys.
+    ``sync``/``verify`` come from the flags.
     """
 
     op: Op
@@ -701,6 +838,7 @@ class Request:
     limit: int = 0
     items: list | None = None
     keys: list | None = None
+    sink: Any = None
 
     @property
     def sync(self) -> bool:
@@ -760,6 +898,8 @@ def parse_request(frame: Frame) -> Request:
     ``opcode``) for an unknown opcode, flags the opcode does not define, or a
     body that is truncated or has trailing bytes. Key *validity* (empty keys)
     is left to the store, which answers :class:`~ringblob.errors.InvalidKey`.
+    A frame's ``sink`` (a PUT value received apart) becomes the request's
+    ``sink``; when this raises, the caller still owns (and releases) it.
     """
     opcode = frame.opcode
     op = _OP_BY_CODE.get(opcode)
@@ -779,8 +919,14 @@ def parse_request(frame: Frame) -> Request:
     if op is Op.PUT and body and len(body) > body[0] and not frame.flags & ~_FLAGS_ALLOWED[op]:
         k = body[0] + 1
         key = body[1:k]
+        key = key if type(key) is bytes else bytes(key)
+        if frame.sink is not None:  # the value went to a sink; the body is key_len + key
+            if len(body) != k:
+                _Reader(frame).fail(f"{len(body) - k} unexpected bytes after the key of a PUT whose value "
+                                    "was received apart")
+            return Request(op, frame.request_id, frame.flags, key, b"", sink=frame.sink)
         # a large body arrives as a read-only memoryview (see FrameDecoder): the value stays a view
-        return Request(op, frame.request_id, frame.flags, key if type(key) is bytes else bytes(key), body[k:])
+        return Request(op, frame.request_id, frame.flags, key, body[k:])
     return _parse_checked(frame, op)
 
 
@@ -799,7 +945,10 @@ def _parse_checked(frame: Frame, op: Op) -> Request:
     r = _Reader(frame)
     if op is Op.PUT:
         req.key = r.short("key")
-        req.value = r.rest()
+        if frame.sink is not None:
+            req.sink = frame.sink  # the value was received apart: nothing may follow the key
+        else:
+            req.value = r.rest()
     elif op in (Op.GET, Op.HAS, Op.DELETE):
         req.key = r.short("key")
     elif op is Op.LIST:
