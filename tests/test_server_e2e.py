@@ -450,3 +450,72 @@ def test_socket_activation_uses_the_inherited_listener(daemons, workdir):
     assert d.stop() == 0
     assert os.path.exists(path)  # the unit's socket file belongs to systemd, not to the daemon
     os.unlink(path)
+
+
+def test_large_puts_into_fixed_buffers_survive_sigkill_and_clients_leaving(daemons, workdir):
+    """Large PUTs (received into the store's fixed buffers) from clients that pipeline them, one
+    client leaving mid-value: no buffer stays held (STAT), and after a SIGKILL during sync puts
+    every acknowledged value reads back intact from the restarted daemon."""
+    d = spawn(daemons, workdir, size=str(96 << 20))
+    gone = Raw(d.sock)
+    frame = P.encode_put(1, b"gone", os.urandom(3 << 20))
+    gone.send(frame[: len(frame) // 2])
+    c = Raw(d.sock)
+    deadline = time.monotonic() + 10
+    while P.decode_stat_reply(c.ok(P.encode_stat(1)))["receive_buffers_held"] == 0:
+        assert time.monotonic() < deadline, "the value was never received into fixed buffers"
+        time.sleep(0.01)
+    gone.close()
+    while (st := P.decode_stat_reply(c.ok(P.encode_stat(2))))["receive_buffers_held"]:
+        assert time.monotonic() < deadline, "a client that left mid-value kept its buffers"
+        time.sleep(0.01)
+    assert st["values_leased"] == 1 and st["blob_count"] == 0
+    acked: dict[bytes, bytes] = {}
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def writer(w):
+        try:
+            cl = Raw(d.sock, timeout=10)
+        except OSError:
+            return
+        i = 0
+        try:
+            while not stop.is_set() and i < 60:  # unique keys: an unacknowledged put never shadows an acked one
+                batch = [(b"b%d/%03d" % (w, i + j), os.urandom(300_000 + (i + j) * 4097 % 65536))
+                         for j in range(4)]
+                cl.send(*(P.encode_put(i + j + 1, k, v, sync=True) for j, (k, v) in enumerate(batch)))
+                for _ in batch:
+                    f = cl.recv()
+                    if f is None:
+                        return
+                    if f.status == 0:
+                        with lock:
+                            acked[batch[f.request_id - i - 1][0]] = batch[f.request_id - i - 1][1]
+                i += len(batch)
+        except OSError:
+            return
+        finally:
+            cl.close()
+
+    threads = [threading.Thread(target=writer, args=(w,)) for w in range(2)]
+    for t in threads:
+        t.start()
+    while len(acked) < 24 and time.monotonic() < deadline + 20:
+        time.sleep(0.02)
+    d.proc.kill()  # SIGKILL in the middle of sync puts
+    d.proc.wait()
+    stop.set()
+    for t in threads:
+        t.join(10)
+    d.log.close()
+    d.notify.close()
+    assert len(acked) >= 24
+    d2 = spawn(daemons, workdir, size=str(96 << 20))
+    c = Raw(d2.sock)
+    with lock:
+        snapshot = dict(acked)
+    for k, v in snapshot.items():
+        assert c.ok(P.encode_get(1, k)) == v, k
+    c.close()
+    assert d2.stop() == 0

@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import os
 
+import blake3
+
 from ringblob import errors
 from ringblob import protocol as P
 from ringblob import server as S
@@ -148,6 +150,166 @@ def test_gets_read_without_a_coroutine_keep_to_the_reply_byte_budget(workdir):
         (conn,) = srv.connections
         assert conn.reply_reserved == 0 and conn.in_flight == 0 and not store._pins
         assert srv.metrics.request_count("get", "ok") == n
+        c.w.close()
+        await srv.shutdown()
+
+    asyncio.run(main())
+
+
+# -- large PUT values received straight into the store's fixed buffers ----------------------
+
+BSZ = 256 * 1024  # the store's default fixed-buffer size
+MiB = 1 << 20
+
+
+async def serve_opts(workdir, size=32 << 20, **opts):
+    metrics = Metrics()
+    store = await BlobStore.open(os.path.join(workdir, "d.data"), create_size=size, observer=metrics,
+                                 zero_fill=False, **opts)
+    srv = S.Server(store, S.ServerConfig(socket_path=os.path.join(workdir, "s.sock"), metrics_addr="",
+                                         socket_activation=False), metrics=metrics)
+    await srv.start()
+    r, w = await asyncio.open_unix_connection(srv.socket_path)
+    c = Conn(r, w)
+    P.raise_for_status(await c.call(P.encode_put(1, b"first", b"1")))  # the committer holds its buffer now
+    return srv, store, c
+
+
+async def settle(store, free0) -> None:
+    """Wait (briefly) until every fixed buffer but the committer's is back in the pool."""
+    for _ in range(100):
+        if store._aio.engine.free_buffers == free0 and store.stat()["receive_buffers_held"] == 0:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"buffers leaked: {store._aio.engine.free_buffers} free of {free0}, "
+                         f"{store.stat()['receive_buffers_held']} held by values being received")
+
+
+def test_large_puts_are_received_into_fixed_buffers_and_round_trip(workdir):
+    """Values around buffer boundaries (buffer_size ± 1 block, ± 1 byte, exactly n buffers), key
+    lengths 1 and 255, sync and not, verify with the right and a wrong key: received into leased
+    buffers (values_leased counts them), stored, read back intact; no buffer left behind."""
+
+    async def main():
+        srv, store, c = await serve_opts(workdir)
+        free0 = store._aio.engine.free_buffers
+        sizes = [BSZ + 1, BSZ + 4095, BSZ + 4096, BSZ + 4097, 2 * BSZ - 4096, 2 * BSZ - 1, 2 * BSZ,
+                 2 * BSZ + 1, 3 * BSZ, 4 * BSZ, 4 * BSZ + 4096]
+        rid = 10
+        for i, n in enumerate(sizes):
+            v = os.urandom(n)
+            key = (b"K" * 255) if i % 2 else bytes([65 + i])
+            P.raise_for_status(await c.call(P.encode_put(rid, key, v, sync=bool(i % 3))))
+            f = P.raise_for_status(await c.call(P.encode_get(rid + 1, key)))
+            assert f.body == v, n
+            rid += 2
+        assert store.stat()["values_leased"] == len(sizes)
+        v = os.urandom(MiB)
+        digest = blake3.blake3(v).digest()
+        P.raise_for_status(await c.call(P.encode_put(rid, digest, v, verify=True, sync=True)))
+        f = await c.call(P.encode_put(rid + 1, b"\x01" * 32, v, verify=True))
+        assert isinstance(P.reply_error(f), errors.DigestMismatch)
+        assert (await c.call(P.encode_get(rid + 2, digest))).body == v
+        assert isinstance(P.reply_error(await c.call(P.encode_get(rid + 3, b"\x01" * 32))), errors.NotFound)
+        st = store.stat()
+        assert st["values_leased"] == len(sizes) + 2 and st["lease_value_refused"] == 0
+        await settle(store, free0)
+        c.w.close()
+        await srv.shutdown()
+        # durable across a restart (the close checkpoints; the journal records are the same)
+        store = await BlobStore.open(os.path.join(workdir, "d.data"))
+        assert await store.get(digest) == v
+        await store.close()
+
+    asyncio.run(main())
+
+
+def test_client_leaving_mid_body_gives_every_buffer_back(workdir):
+    """A client that disconnects while its PUT's key or value is arriving (in the key, in the
+    first buffer, on a buffer boundary, in the last buffer) leaves no buffer leased."""
+
+    async def main():
+        srv, store, c = await serve_opts(workdir)
+        free0 = store._aio.engine.free_buffers
+        frame = P.encode_put(1, b"gone", os.urandom(3 * BSZ + 5))
+        head = P.HEADER_SIZE + 1 + 4
+        for cut in (P.HEADER_SIZE + 1, head + 1, head + BSZ, head + 2 * BSZ + 100, len(frame) - 1):
+            r, w = await asyncio.open_unix_connection(srv.socket_path)
+            w.write(frame[:cut])
+            await w.drain()
+            for _ in range(100):  # until the daemon has read it all
+                if srv.metrics.bytes_received >= cut and (cut <= head or store.stat()["receive_buffers_held"]):
+                    break
+                await asyncio.sleep(0.01)
+            w.close()
+            await settle(store, free0)
+            srv.metrics.bytes_received = 0
+        assert not store.has(b"gone")
+        P.raise_for_status(await c.call(P.encode_put(9, b"after", b"a" * (2 * BSZ), sync=True)))
+        assert (await c.call(P.encode_get(10, b"after"))).body == b"a" * (2 * BSZ)
+        await settle(store, free0)
+        c.w.close()
+        await srv.shutdown()
+
+    asyncio.run(main())
+
+
+def test_large_puts_over_the_receive_cap_take_the_copying_path_and_succeed(workdir):
+    """With receive_buffers=8 (two 1 MiB values), six clients half-way through their bodies: two
+    values sit in leased buffers, the other four were declined (never waited for) and are
+    gathered the ordinary way; every PUT succeeds and every buffer comes back."""
+
+    async def main():
+        srv, store, c = await serve_opts(workdir, receive_buffers=8)
+        free0 = store._aio.engine.free_buffers
+        values = [os.urandom(MiB) for _ in range(6)]
+        frames = [P.encode_put(i + 1, b"c%d" % i, v, sync=bool(i % 2)) for i, v in enumerate(values)]
+        conns = []
+        for f in frames:
+            r, w = await asyncio.open_unix_connection(srv.socket_path)
+            w.write(f[: len(f) // 2])
+            await w.drain()
+            conns.append(Conn(r, w))
+        for _ in range(200):
+            st = store.stat()
+            if st["values_leased"] + st["lease_value_refused"] == 6:
+                break
+            await asyncio.sleep(0.01)
+        st = store.stat()
+        assert st["values_leased"] == 2 and st["lease_value_refused"] == 4 and st["receive_buffers_held"] == 8
+        for cn, f in zip(conns, frames):
+            cn.w.write(f[len(f) // 2 :])
+        for cn in conns:
+            while (reply := cn.dec.next_frame()) is None:
+                data = await asyncio.wait_for(cn.r.read(1 << 20), 10)
+                assert data
+                cn.dec.feed(data)
+            P.raise_for_status(reply)
+        for i, v in enumerate(values):
+            assert (await c.call(P.encode_get(100 + i, b"c%d" % i))).body == v
+        await settle(store, free0)
+        for cn in conns:
+            cn.w.close()
+        c.w.close()
+        await srv.shutdown()
+
+    asyncio.run(main())
+
+
+def test_a_full_store_answers_nospace_for_a_received_value_and_leaks_nothing(workdir):
+    async def main():
+        srv, store, c = await serve_opts(workdir, size=8 << 20)
+        free0 = store._aio.engine.free_buffers
+        st0 = store.stat()
+        f = await c.call(P.encode_put(2, b"huge", os.urandom(st0["free_bytes"] + 4 * 4096)))
+        assert isinstance(P.reply_error(f), errors.NoSpace), f
+        st = store.stat()
+        assert st["values_leased"] == 1 and st["free_bytes"] == st0["free_bytes"]
+        assert st["bytes_written"] == st0["bytes_written"] and not st["read_only"]
+        await settle(store, free0)
+        P.raise_for_status(await c.call(P.encode_put(3, b"fits", b"f" * (2 * BSZ), sync=True)))
+        assert (await c.call(P.encode_get(4, b"fits"))).body == b"f" * (2 * BSZ)
+        await settle(store, free0)
         c.w.close()
         await srv.shutdown()
 

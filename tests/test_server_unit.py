@@ -977,3 +977,125 @@ def test_headers_of_large_bodies_cannot_make_the_server_allocate_past_its_receiv
         await srv.shutdown()
 
     run(main())
+
+
+class SinkValue:
+    """Test stand-in for the store's LeasedValue: a bytearray filled in place."""
+
+    def __init__(self, store, length):
+        self.store, self.length = store, length
+        self.buf = bytearray(length)
+        self.received = 0
+        self.released = False
+        store.outstanding += 1
+
+    def target(self):
+        return memoryview(self.buf)[self.received :] if self.received < self.length else None
+
+    def advance(self, n):
+        assert 0 <= n <= self.length - self.received and not self.released
+        self.received += n
+
+    def write(self, data):
+        k = min(len(data), self.length - self.received)
+        self.buf[self.received : self.received + k] = data[:k]
+        self.received += k
+        return k
+
+    def release(self):
+        if not self.released:
+            self.released = True
+            self.store.outstanding -= 1
+
+
+class LeasingStore(FakeStore):
+    """FakeStore with the store's lease_value / put_leased pair (declines while ``decline``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.outstanding = 0
+        self.leased = 0
+        self.decline = False
+        self.sinks: list[SinkValue] = []
+
+    def lease_value(self, length):
+        if self.decline:
+            return None
+        self.leased += 1
+        self.sinks.append(SinkValue(self, length))
+        return self.sinks[-1]
+
+    async def put_leased(self, key, value, *, sync=False, verify=False):
+        try:
+            assert value.received == value.length
+            await self.put(key, bytes(value.buf), sync=sync, verify=verify)
+        finally:
+            value.release()
+
+
+@pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
+def test_large_put_values_go_to_the_store_sink_and_every_sink_is_released(sockdir, loop_kind):
+    """The server hands large PUT values to the store's lease_value sink (read in place on either
+    loop); sinks of requests never started at shutdown and of a client gone mid-value are released."""
+
+    async def main():
+        store = LeasingStore()
+        srv = await start(sockdir, store, max_in_flight_total=1)
+        c = await Conn.open(srv.socket_path)
+        v = os.urandom(300_000)
+        assert (await c.call(P.encode_put(1, b"big", v, sync=True))).status == 0
+        assert (await c.call(P.encode_get(2, b"big"))).body == v and store.leased == 1
+        store.decline = True
+        assert (await c.call(P.encode_put(3, b"declined", v))).status == 0  # received into a bytearray
+        assert store.leased == 1 and store.data[b"declined"] == v
+        store.decline = False
+        gone = await Conn.open(srv.socket_path)
+        frame = P.encode_put(4, b"gone", v)
+        gone.send(frame[:200_000])
+        await gone.writer.drain()
+        for _ in range(100):
+            if store.outstanding:
+                break
+            await asyncio.sleep(0.01)
+        assert store.outstanding == 1
+        await gone.close()
+        for _ in range(100):
+            if not store.outstanding:
+                break
+            await asyncio.sleep(0.01)
+        assert store.outstanding == 0 and b"gone" not in store.data
+        # a large PUT received whole while the daemon's in-flight limit (1) is taken by another
+        # connection's put: it waits in the decoder with its sink, and shutdown answers and releases it
+        a = await Conn.open(srv.socket_path)
+        v = v[:70_000]  # the rest after the first 1000 bytes arrives in one socket read
+        frame = P.encode_put(6, b"queued", v)
+        a.send(frame[:1000])
+        await a.writer.drain()
+        for _ in range(100):
+            if store.outstanding:
+                break
+            await asyncio.sleep(0.01)
+        store.gate = asyncio.Event()
+        c.send(P.encode_put(5, b"held", b"h"))
+        for _ in range(100):
+            if store.active:
+                break
+            await asyncio.sleep(0.01)
+        a.send(frame[1000:])
+        for _ in range(100):
+            if store.sinks[-1].received == len(v):
+                break
+            await asyncio.sleep(0.01)
+        assert store.sinks[-1].received == len(v) and not store.sinks[-1].released and srv.in_flight == 1
+        stop = asyncio.ensure_future(srv.shutdown())
+        f = await a.recv()
+        assert (f.request_id, f.status) == (6, errors.ServerShuttingDown.code)
+        assert store.outstanding == 0 and b"queued" not in store.data
+        store.gate.set()
+        f = await c.recv()
+        assert (f.request_id, f.status) == (5, 0)
+        await stop
+        await c.close()
+        await a.close()
+
+    run(main(), loop_kind)

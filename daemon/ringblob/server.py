@@ -2,7 +2,9 @@
 
 Data path: a connection's bytes go to the shared sans-I/O codec
 (:mod:`ringblob.protocol`; the connection is a ``BufferedProtocol``, so a
-large request body is read straight into a buffer of its own size); every
+large request body is read straight into a buffer of its own size, and a
+large PUT's value straight into fixed buffers of the store's engine, see
+:class:`_Connection`); every
 frame decoded from one read is dispatched before the loop turns: its
 coroutine (``store.get`` for a GET, else the server's handler) is started at
 once and stepped by hand — no Task; its SQEs are queued in the turn that
@@ -108,6 +110,9 @@ _current_task = asyncio.current_task
 # cap on the bytes all connections together hold in large request-body buffers allocated from a
 # frame header before the body arrived (protocol.ReceiveBudget); 64 bodies of 4 MiB
 RECEIVE_BUDGET = 256 * 1024 * 1024
+# the read that follows a large body received in place: a frame header and a PUT's key with room
+# to spare, so the next large value is read in place rather than copied from the scratch buffer
+SCRATCH_HEAD = 4096
 
 
 @dataclass
@@ -350,17 +355,26 @@ class _Connection(asyncio.BufferedProtocol):
 
     A ``BufferedProtocol``: socket reads land in the server's shared scratch
     buffer (consumed before the next read of any connection), except while
-    a large request body is being received, when they land directly in that
-    body's buffer (``FrameDecoder(view_bodies=True).recv_target``): a 1 MiB
-    PUT value is not copied between the socket and the store.
+    a large request body is being received, when they land directly where
+    the decoder says (``FrameDecoder.recv_target``). A PUT value larger than
+    one fixed buffer of the store's engine is received into fixed buffers the
+    store leases for it (``FrameDecoder(value_sink=store.lease_value)``; the
+    key first, then the value buffer by buffer, hashed with BLAKE3 piece by
+    piece as it arrives) and written from there by ``store.put_leased``: no
+    per-request buffer, no copy between the socket and the disk. When the
+    store declines (values held in buffers at its cap, the pool short) or for
+    other large bodies, the body goes into a ``bytearray`` of its own size
+    (``view_bodies=True``), read in place too. A connection lost mid-body
+    releases what it held (``connection_lost`` → ``decoder.discard()``).
     """
 
     def __init__(self, server: "Server"):
         self.server = server
         self.loop = server._loop
         self.decoder = P.FrameDecoder(server.config.max_frame_size, view_bodies=True,
-                                      budget=server._recv_budget)
+                                      budget=server._recv_budget, value_sink=server._value_sink)
         self._in_place = False  # the buffer get_buffer handed out is the decoder's large body
+        self._head_next = False  # the next read into the scratch buffer reads one frame head only
         self.transport: asyncio.Transport | None = None
         self.in_flight = 0
         self.reply_reserved = 0  # bytes of GET/MGET replies dispatched and not yet queued for writing
@@ -426,6 +440,12 @@ class _Connection(asyncio.BufferedProtocol):
             self._in_place = True
             return target
         self._in_place = False
+        if self._head_next:
+            # the last read completed a large body received in place; a client sending large
+            # values sends the next one now: read only its header and key, so that its value is
+            # read in place too instead of being copied out of a full scratch read
+            self._head_next = False
+            return self.server._scratch_head
         return self.server._scratch
 
     def buffer_updated(self, nbytes: int) -> None:
@@ -435,7 +455,7 @@ class _Connection(asyncio.BufferedProtocol):
         self.last_activity = self.loop.time()
         if self._in_place:
             self._in_place = False
-            self.decoder.received_in_place(nbytes)
+            self._head_next = self.decoder.received_in_place(nbytes)
         else:
             with self.server._scratch[:nbytes] as chunk:
                 self.decoder.feed(chunk)  # copies: the scratch buffer is reused by the next read
@@ -465,7 +485,7 @@ class _Connection(asyncio.BufferedProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.closing = True
-        self.decoder.discard()  # a body cut short gives its share of the receive budget back
+        self.decoder.discard()  # a body cut short gives its share of the receive budget (its buffers) back
         self.out.clear()
         self.out_bytes = self.out_total = 0
         if self.idle_handle is not None:
@@ -506,12 +526,15 @@ class _Connection(asyncio.BufferedProtocol):
             if self.held is not None:
                 req, self.held = self.held, None
             else:
+                frame = None
                 try:
                     frame = self.decoder.next_frame()
                     if frame is None:
                         break
                     req = P.parse_request(frame)
                 except ProtocolError as exc:
+                    if frame is not None and frame.sink is not None:
+                        frame.sink.release()
                     self._protocol_error(exc)
                     return
             op = req.op
@@ -536,6 +559,8 @@ class _Connection(asyncio.BufferedProtocol):
                 return
             self.paused &= ~_P_BYTES
             if srv.stopping:
+                if req.sink is not None:
+                    req.sink.release()
                 self._queue_reply(req.op, req.request_id, [b"the daemon is shutting down; retry when it is back"],
                                   ServerShuttingDown.code)
                 srv.metrics.observe_request(_OP_NAMES[req.op], ServerShuttingDown.code, 0.0)
@@ -809,6 +834,8 @@ class _Connection(asyncio.BufferedProtocol):
                                   ServerShuttingDown.code)
             try:
                 while (frame := self.decoder.next_frame()) is not None:
+                    if frame.sink is not None:
+                        frame.sink.release()
                     self._queue_reply(frame.opcode, frame.request_id,
                                       [b"the daemon is shutting down; this request was not started"],
                                       ServerShuttingDown.code)
@@ -882,9 +909,14 @@ class Server:
         self.listen_sock = listen_sock
         # where socket reads land (one read is decoded before the next starts, on any connection)
         self._scratch = memoryview(bytearray(256 * 1024))
+        self._scratch_head = self._scratch[:SCRATCH_HEAD]
         # bytes all connections may hold in large-body buffers allocated when a header arrives,
         # before the body did (over it, bodies are gathered as they arrive)
         self._recv_budget = P.ReceiveBudget(RECEIVE_BUDGET)
+        # large PUT values go straight into fixed buffers the store leases (store.lease_value,
+        # capped and never waited for by the store), written by store.put_leased
+        self._value_sink = (getattr(store, "lease_value", None)
+                            if inspect.iscoroutinefunction(getattr(store, "put_leased", None)) else None)
         self.connections: set[_Connection] = set()
         self.in_flight = 0
         self.stopping = False
@@ -1092,7 +1124,10 @@ class Server:
     # -- operations: each returns the reply body as a list of buffers --
 
     async def _op_put(self, req: P.Request) -> list:
-        await self.store.put(req.key, req.value, sync=req.sync, verify=req.verify)
+        if req.sink is not None:  # the value is in fixed buffers; put_leased releases them in every case
+            await self.store.put_leased(req.key, req.sink, sync=req.sync, verify=req.verify)
+        else:
+            await self.store.put(req.key, req.value, sync=req.sync, verify=req.verify)
         return []
 
     async def _op_get(self, req: P.Request) -> list:
