@@ -901,13 +901,13 @@ class BlobStore:
 
     # -- the write path -------------------------------------------------------------
 
-    async def _new_put(self, key: bytes, length: int, digest: bytes, sync: bool) -> _Item:
-        """Allocate the extent of a put of ``length`` bytes (:class:`NoSpace` before anything is
-        written) and return its item, not yet queued."""
-        n = self._npages(length)
-        page = await self._allocate(n, 1 + len(key) + F.ENTRY.size)
+    def _put_item(self, key: bytes, page: int, length: int, digest: bytes, sync: bool) -> _Item:
+        """The (not yet queued) item of a put whose extent starts at ``page`` (allocated with
+        ``_allocate(_npages(length), 1 + len(key) + F.ENTRY.size)``: NoSpace before anything
+        is written)."""
         self._check_writable()
-        return _Item(_PUT, key, page, n, length, digest, None, sync, asyncio.get_running_loop().create_future())
+        return _Item(_PUT, key, page, self._npages(length), length, digest, None, sync,
+                     asyncio.get_running_loop().create_future())
 
     async def _write_value(self, item: _Item, write) -> None:
         """Await ``write`` (the engine coroutine writing ``item``'s value into its extent); a failed
@@ -924,7 +924,8 @@ class BlobStore:
 
     async def _prepare_put(self, key: bytes, mv: memoryview, digest: bytes, sync: bool) -> _Item:
         length = len(mv)
-        item = await self._new_put(key, length, digest, sync)
+        page = await self._allocate(self._npages(length), 1 + len(key) + F.ENTRY.size)
+        item = self._put_item(key, page, length, digest, sync)
         if length == 0:
             return item
         if length <= self._aio.buffer_size:
@@ -1054,7 +1055,8 @@ class BlobStore:
             if verify and digest != key:
                 raise DigestMismatch(f"put: the BLAKE3 digest of the value is {digest.hex()}, not the key "
                                      f"{key.hex()}; nothing was stored")
-            item = await self._new_put(key, length, digest, sync)
+            page = await self._allocate(self._npages(length), 1 + len(key) + F.ENTRY.size)
+            item = self._put_item(key, page, length, digest, sync)
             await self._write_value(item, self._aio.write_leased(item.page * self.page_size, value.buffers,
                                                                   length))
         finally:
