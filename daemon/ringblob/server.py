@@ -662,7 +662,9 @@ class _Connection(asyncio.BufferedProtocol):
     def _start(self, req: P.Request, cost: int) -> None:
         """Serve a request. A PUT whose value fits one fixed buffer goes to the store's
         ``put_nowait`` (the group-commit item is queued now and a :class:`_Done` answers it: no
-        coroutine, no future; GETs take the same way earlier, in :meth:`_get_now`). Anything else runs its coroutine (``store.get`` for a
+        coroutine, no future; GETs take the same way earlier, in :meth:`_get_now`); a PUT whose
+        value was received into fixed buffers (``req.sink``) goes to ``store.put_leased``
+        through the PUT handler. Anything else runs its coroutine (``store.get`` for a
         GET, else the Server's handler) up to its first suspension now — the store's work and its SQEs happen in the
         turn that decoded the request, in decoding order — and resuming it from the done callback
         of the future it awaits, as a Task would, without a Task's cost.
@@ -676,7 +678,8 @@ class _Connection(asyncio.BufferedProtocol):
         srv = self.server
         t0 = _perf_counter()
         op = req.op
-        if op is _PUT and srv._put_nowait is not None:  # the store takes it with no coroutine, if it can
+        # the store takes a PUT with no coroutine if it can; a value received into a sink: put_leased
+        if op is _PUT and req.sink is None and srv._put_nowait is not None:
             done = _Done(self, req, cost, t0)
             try:
                 queued = srv._put_nowait(req.key, req.value, done, sync=req.sync, verify=req.verify)
