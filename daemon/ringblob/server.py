@@ -455,7 +455,10 @@ class _Connection(asyncio.BufferedProtocol):
         self.last_activity = self.loop.time()
         if self._in_place:
             self._in_place = False
-            self._head_next = self.decoder.received_in_place(nbytes)
+            if not self.decoder.received_in_place(nbytes):
+                return  # the large body goes on: no frame to dispatch yet (the in-flight limits are
+                # checked when it is complete)
+            self._head_next = True
         else:
             with self.server._scratch[:nbytes] as chunk:
                 self.decoder.feed(chunk)  # copies: the scratch buffer is reused by the next read
