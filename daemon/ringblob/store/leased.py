@@ -30,16 +30,21 @@ class LeasedValue:
     Attributes: ``length`` and ``received`` (bytes), ``complete``, ``released``.
     """
 
-    __slots__ = ("length", "received", "_bufs", "_bsz", "_hasher", "_on_release")
+    __slots__ = ("length", "received", "_bufs", "_views", "_i", "_off", "_hasher", "_on_release")
 
     def __init__(self, bufs: Sequence, length: int, buffer_size: int, on_release: Callable[[list], None]):
-        if length < 1 or len(bufs) != -(-length // buffer_size):
-            raise ValueError(f"LeasedValue: {len(bufs)} buffers of {buffer_size} bytes cannot hold exactly "
+        n = len(bufs)
+        if length < 1 or n != -(-length // buffer_size):
+            raise ValueError(f"LeasedValue: {n} buffers of {buffer_size} bytes cannot hold exactly "
                              f"{length} bytes")
         self.length = length
         self.received = 0
         self._bufs: list | None = list(bufs)
-        self._bsz = buffer_size
+        # per buffer, the part the value fills: all of it but in the last one
+        self._views = [b.view[:buffer_size] for b in self._bufs[:-1]]
+        self._views.append(self._bufs[-1].view[: length - buffer_size * (n - 1)])
+        self._i = 0  # the buffer being filled
+        self._off = 0  # bytes of it filled
         self._hasher = blake3.blake3()
         self._on_release = on_release
 
@@ -63,30 +68,33 @@ class LeasedValue:
         """A writable view of where the next bytes go: the unfilled rest of the current buffer,
         never past the value's end (at most ``buffer_size`` bytes); ``None`` once complete or
         released. Report what was written into it with :meth:`advance`."""
-        pos = self.received
-        if pos >= self.length or self._bufs is None:
+        if self.received >= self.length or self._bufs is None:
             return None
-        i, off = divmod(pos, self._bsz)
-        end = min(self._bsz, self.length - i * self._bsz)
-        return self._bufs[i].view[off:end]
+        return self._views[self._i][self._off :]
 
     def advance(self, nbytes: int) -> None:
         """``nbytes`` were written into the view :meth:`target` returned; they are hashed now.
 
         Raises ``ValueError`` when they do not fit that view (or the value was released).
         """
-        pos = self.received
-        if self._bufs is None or nbytes < 0:
-            raise ValueError(f"LeasedValue.advance: {nbytes} bytes cannot be taken (released or negative)")
-        i, off = divmod(pos, self._bsz)
-        end = min(self._bsz, self.length - i * self._bsz)
-        if off + nbytes > end or pos >= self.length:
-            raise ValueError(f"LeasedValue.advance: {nbytes} bytes at {pos} pass the current buffer's end "
-                             f"({end - off} bytes left in it)")
+        if self._bufs is None or nbytes < 0 or self.received >= self.length:
+            raise ValueError(f"LeasedValue.advance: {nbytes} bytes cannot be taken (released, complete or "
+                             "negative)")
+        view = self._views[self._i]
+        off = self._off
+        end = off + nbytes
+        if end > len(view):
+            raise ValueError(f"LeasedValue.advance: {nbytes} bytes at {self.received} pass the current "
+                             f"buffer's end ({len(view) - off} bytes left in it)")
         if nbytes:
-            with self._bufs[i].view[off : off + nbytes] as piece:
+            with view[off:end] as piece:
                 self._hasher.update(piece)
-            self.received = pos + nbytes
+            if end == len(view):
+                self._i += 1
+                self._off = 0
+            else:
+                self._off = end
+            self.received += nbytes
 
     def write(self, data) -> int:
         """Copy ``data`` (bytes-like, format ``B``) in, across buffers; returns the bytes taken
@@ -116,6 +124,7 @@ class LeasedValue:
         """Give the buffers back (idempotent). After it, nothing may write into views of them."""
         bufs, self._bufs = self._bufs, None
         if bufs is not None:
+            self._views = []
             self._on_release(bufs)
 
     def __repr__(self) -> str:
