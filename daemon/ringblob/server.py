@@ -5,11 +5,14 @@ Data path: a connection's bytes go to the shared sans-I/O codec
 large request body is read straight into a buffer of its own size, and a
 large PUT's value straight into fixed buffers of the store's engine, see
 :class:`_Connection`); every
-frame decoded from one read is dispatched before the loop turns: its
-coroutine (``store.get`` for a GET, else the server's handler) is started at
-once and stepped by hand — no Task; its SQEs are queued in the turn that
-decoded it — and requests answered without I/O (PING, HAS, STAT,
-NEEDS_FLUSH) are answered inline. The engine submits the turn's SQEs with one
+frame decoded from one read is dispatched before the loop turns. A GET or
+PUT of a value that fits one fixed buffer goes to the store's ``get_nowait``
+/ ``put_nowait``: the read, or the group-commit item, is queued at once and a
+callback answers it (no coroutine, no future, no Task). Anything else runs
+its coroutine (``store.get``, else the server's handler), started at once and
+stepped by hand — no Task; its SQEs are queued in the turn that decoded it.
+Requests answered without I/O (PING, HAS, STAT, NEEDS_FLUSH) are answered
+inline. The engine submits the turn's SQEs with one
 ``io_uring_enter``; completions wake the loop through the ring's eventfd.
 Replies completed in the same loop turn are written to their connection with
 one ``writelines`` (headers and values as separate buffers, no join).
