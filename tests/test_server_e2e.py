@@ -313,8 +313,10 @@ def test_sigterm_shutdown_loses_nothing(daemons, workdir):
     assert d2.stop(signal.SIGINT) == 0  # SIGINT stops it cleanly too
 
 
-def test_sigkill_during_sync_puts_then_restart(daemons, workdir):
-    d = spawn(daemons, workdir)
+def _sigkill_during_sync_puts(d, writers: int, batch_of, want: int, wait_s: float, max_puts: int | None = None):
+    """Run ``writers`` threads sending sync PUT batches (``batch_of(w, i)`` -> [(key, value)])
+    to daemon ``d``, SIGKILL it once ``want`` puts were acknowledged (or ``wait_s`` passed) and
+    return ``{key: value}`` of every acknowledged put (at least ``want``)."""
     acked: dict[bytes, bytes] = {}
     lock = threading.Lock()
     stop = threading.Event()
@@ -326,8 +328,8 @@ def test_sigkill_during_sync_puts_then_restart(daemons, workdir):
             return
         i = 0
         try:
-            while not stop.is_set():
-                batch = [(b"s%d/%05d" % (w, i + j), os.urandom(64 + (i + j) % 3000)) for j in range(8)]
+            while not stop.is_set() and (max_puts is None or i < max_puts):
+                batch = batch_of(w, i)
                 c.send(*(P.encode_put(i + j + 1, k, v, sync=True) for j, (k, v) in enumerate(batch)))
                 for _ in batch:
                     f = c.recv()
@@ -342,12 +344,12 @@ def test_sigkill_during_sync_puts_then_restart(daemons, workdir):
         finally:
             c.close()
 
-    threads = [threading.Thread(target=writer, args=(w,)) for w in range(4)]
+    threads = [threading.Thread(target=writer, args=(w,)) for w in range(writers)]
     for t in threads:
         t.start()
-    deadline = time.monotonic() + 10
-    while len(acked) < 200 and time.monotonic() < deadline:
-        time.sleep(0.05)
+    deadline = time.monotonic() + wait_s
+    while len(acked) < want and time.monotonic() < deadline:
+        time.sleep(0.02)
     d.proc.kill()  # SIGKILL in the middle of sync puts
     d.proc.wait()
     stop.set()
@@ -355,16 +357,27 @@ def test_sigkill_during_sync_puts_then_restart(daemons, workdir):
         t.join(10)
     d.log.close()
     d.notify.close()
-    assert len(acked) >= 200
-    assert os.path.exists(d.sock)  # the dead daemon's stale socket: the restart replaces it
-    d2 = spawn(daemons, workdir)
-    c = Raw(d2.sock)
+    assert len(acked) >= want
     with lock:
-        snapshot = dict(acked)
-    for k, v in snapshot.items():
+        return dict(acked)
+
+
+def _all_there(d2, acked: dict) -> None:
+    """Every acknowledged put reads back from the restarted daemon ``d2``, which then stops cleanly."""
+    c = Raw(d2.sock)
+    for k, v in acked.items():
         assert c.ok(P.encode_get(1, k)) == v, k
     c.close()
     assert d2.stop() == 0
+
+
+def test_sigkill_during_sync_puts_then_restart(daemons, workdir):
+    d = spawn(daemons, workdir)
+    acked = _sigkill_during_sync_puts(
+        d, 4, lambda w, i: [(b"s%d/%05d" % (w, i + j), os.urandom(64 + (i + j) % 3000)) for j in range(8)],
+        want=200, wait_s=10)
+    assert os.path.exists(d.sock)  # the dead daemon's stale socket: the restart replaces it
+    _all_there(spawn(daemons, workdir), acked)
 
 
 def test_second_daemon_on_the_same_data_file_refuses(daemons, workdir):
@@ -470,52 +483,9 @@ def test_large_puts_into_fixed_buffers_survive_sigkill_and_clients_leaving(daemo
         assert time.monotonic() < deadline, "a client that left mid-value kept its buffers"
         time.sleep(0.01)
     assert st["values_leased"] == 1 and st["blob_count"] == 0
-    acked: dict[bytes, bytes] = {}
-    lock = threading.Lock()
-    stop = threading.Event()
-
-    def writer(w):
-        try:
-            cl = Raw(d.sock, timeout=10)
-        except OSError:
-            return
-        i = 0
-        try:
-            while not stop.is_set() and i < 60:  # unique keys: an unacknowledged put never shadows an acked one
-                batch = [(b"b%d/%03d" % (w, i + j), os.urandom(300_000 + (i + j) * 4097 % 65536))
-                         for j in range(4)]
-                cl.send(*(P.encode_put(i + j + 1, k, v, sync=True) for j, (k, v) in enumerate(batch)))
-                for _ in batch:
-                    f = cl.recv()
-                    if f is None:
-                        return
-                    if f.status == 0:
-                        with lock:
-                            acked[batch[f.request_id - i - 1][0]] = batch[f.request_id - i - 1][1]
-                i += len(batch)
-        except OSError:
-            return
-        finally:
-            cl.close()
-
-    threads = [threading.Thread(target=writer, args=(w,)) for w in range(2)]
-    for t in threads:
-        t.start()
-    while len(acked) < 24 and time.monotonic() < deadline + 20:
-        time.sleep(0.02)
-    d.proc.kill()  # SIGKILL in the middle of sync puts
-    d.proc.wait()
-    stop.set()
-    for t in threads:
-        t.join(10)
-    d.log.close()
-    d.notify.close()
-    assert len(acked) >= 24
-    d2 = spawn(daemons, workdir, size=str(96 << 20))
-    c = Raw(d2.sock)
-    with lock:
-        snapshot = dict(acked)
-    for k, v in snapshot.items():
-        assert c.ok(P.encode_get(1, k)) == v, k
-    c.close()
-    assert d2.stop() == 0
+    # unique keys: an unacknowledged put never shadows an acknowledged one
+    acked = _sigkill_during_sync_puts(
+        d, 2, lambda w, i: [(b"b%d/%03d" % (w, i + j), os.urandom(300_000 + (i + j) * 4097 % 65536))
+                            for j in range(4)],
+        want=24, wait_s=max(0.0, deadline - time.monotonic()) + 20, max_puts=60)
+    _all_there(spawn(daemons, workdir, size=str(96 << 20)), acked)
