@@ -1033,6 +1033,15 @@ class LeasingStore(FakeStore):
             value.release()
 
 
+async def until(cond, timeout: float = 1.0) -> None:
+    """Poll ``cond()`` every 10 ms until it is true or ``timeout`` seconds passed (the
+    caller's assertions say what was expected)."""
+    for _ in range(int(timeout / 0.01)):
+        if cond():
+            return
+        await asyncio.sleep(0.01)
+
+
 @pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
 def test_large_put_values_go_to_the_store_sink_and_every_sink_is_released(sockdir, loop_kind):
     """The server hands large PUT values to the store's lease_value sink (read in place on either
@@ -1053,16 +1062,10 @@ def test_large_put_values_go_to_the_store_sink_and_every_sink_is_released(sockdi
         frame = P.encode_put(4, b"gone", v)
         gone.send(frame[:200_000])
         await gone.writer.drain()
-        for _ in range(100):
-            if store.outstanding:
-                break
-            await asyncio.sleep(0.01)
+        await until(lambda: store.outstanding)
         assert store.outstanding == 1
         await gone.close()
-        for _ in range(100):
-            if not store.outstanding:
-                break
-            await asyncio.sleep(0.01)
+        await until(lambda: not store.outstanding)
         assert store.outstanding == 0 and b"gone" not in store.data
         # a large PUT received whole while the daemon's in-flight limit (1) is taken by another
         # connection's put: it waits in the decoder with its sink, and shutdown answers and releases it
@@ -1071,21 +1074,12 @@ def test_large_put_values_go_to_the_store_sink_and_every_sink_is_released(sockdi
         frame = P.encode_put(6, b"queued", v)
         a.send(frame[:1000])
         await a.writer.drain()
-        for _ in range(100):
-            if store.outstanding:
-                break
-            await asyncio.sleep(0.01)
+        await until(lambda: store.outstanding)
         store.gate = asyncio.Event()
         c.send(P.encode_put(5, b"held", b"h"))
-        for _ in range(100):
-            if store.active:
-                break
-            await asyncio.sleep(0.01)
+        await until(lambda: store.active)
         a.send(frame[1000:])
-        for _ in range(100):
-            if store.sinks[-1].received == len(v):
-                break
-            await asyncio.sleep(0.01)
+        await until(lambda: store.sinks[-1].received == len(v))
         assert store.sinks[-1].received == len(v) and not store.sinks[-1].released and srv.in_flight == 1
         stop = asyncio.ensure_future(srv.shutdown())
         f = await a.recv()
