@@ -12,7 +12,7 @@ import pytest
 
 from ringblob.direct import open_direct
 from ringblob.engine import open_engine
-from ringblob.engine.aio import AsyncEngine
+from ringblob.engine.aio import SUBMIT_EARLY, AsyncEngine
 from ringblob.errors import Misaligned
 
 from conftest import ENGINES, TMP_ROOT
@@ -401,17 +401,21 @@ def test_read_nowait_calls_done_once_with_the_bytes_and_returns_the_buffer(dfile
     df, data = dfile
 
     async def main():
-        aio = make(kind, df, buffer_count=8, buffer_size=65536)
+        aio = make(kind, df, buffer_count=16, buffer_size=65536)
         loop = asyncio.get_running_loop()
-        dones = [_collector(loop) for _ in range(5)]
-        for i, (done, _calls, _f) in enumerate(dones):
+        dones = [_collector(loop) for _ in range(SUBMIT_EARLY + 1)]
+        for i, (done, _calls, _f) in enumerate(dones[:-1]):
             assert aio.read_nowait(i * 8192, 5000, done) is True
-        assert aio.engine.free_buffers == 3  # leased now, queued for this turn's one submit
+            # the first SUBMIT_EARLY - 1 wait for the turn's submit; the next one sends the burst at once
+            assert aio.submits == (0 if i < SUBMIT_EARLY - 1 else 1)
+        assert aio.engine.in_flight + aio.engine.pending == SUBMIT_EARLY
+        assert aio.read_nowait(SUBMIT_EARLY * 8192, 5000, dones[-1][0]) is True
+        assert aio.engine.free_buffers == 16 - SUBMIT_EARLY - 1 and aio.submits == 1
         await asyncio.gather(*(f for _d, _c, f in dones))
         for i, (_d, calls, _f) in enumerate(dones):
             assert calls == [(data[i * 8192 : i * 8192 + 5000], None)]
-        assert aio.submits == 1
-        assert aio.engine.free_buffers == 8 and aio.engine.in_flight == 0
+        assert aio.submits == 2  # the early one and the turn's, for the rest
+        assert aio.engine.free_buffers == 16 and aio.engine.in_flight == 0
         await asyncio.sleep(0.01)
         assert all(len(c) == 1 for _d, c, _f in dones)  # never called twice
         aio.close()
@@ -507,5 +511,39 @@ def test_read_nowait_in_flight_at_close_gets_engine_closed(dfile, kind):
         assert len(calls) == 1 and calls[0][0] is None and isinstance(calls[0][1], EngineClosed)
         with pytest.raises(EngineClosed):
             aio.read_nowait(0, 4096, done)
+
+    asyncio.run(main())
+
+
+def test_read_nowait_early_submit_refused_leaves_the_burst_to_the_turn(dfile, kind):
+    """io_uring_enter refusing the early submit fails nothing at once (no callback runs inside
+    read_nowait); the reads stay queued and the turn's submit sends them."""
+    df, data = dfile
+
+    class RefuseOnce:
+        def __init__(self, inner):
+            self._inner, self.refused = inner, 0
+
+        def submit(self):
+            if not self.refused:
+                self.refused += 1
+                raise OSError(errno.EAGAIN, "io_uring_enter: try again")
+            return self._inner.submit()
+
+        def __getattr__(self, name):
+            return getattr(self._inner, name)
+
+    async def main():
+        eng = RefuseOnce(open_engine(kind, [df.fd], block_size=df.block_size, buffer_count=16, buffer_size=65536))
+        aio = AsyncEngine(eng)
+        loop = asyncio.get_running_loop()
+        dones = [_collector(loop) for _ in range(SUBMIT_EARLY)]
+        for i, (done, calls, _f) in enumerate(dones):
+            assert aio.read_nowait(i * 4096, 4096, done) is True
+        assert eng.refused == 1 and aio.submits == 0 and all(c == [] for _d, c, _f in dones)
+        await asyncio.gather(*(f for _d, _c, f in dones))
+        assert [c for _d, c, _f in dones] == [[(data[i * 4096 : (i + 1) * 4096], None)] for i in range(SUBMIT_EARLY)]
+        assert aio.submits == 1 and eng.free_buffers == 16
+        aio.close()
 
     asyncio.run(main())
