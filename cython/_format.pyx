@@ -13,60 +13,25 @@ Byte for byte the layout of docs/FORMAT.md (every integer little-endian):
   number of journal blocks; ``hdr_crc`` is the CRC32C of the header with that
   field zeroed.
 
-CRC32C (Castagnoli, reflected, initial and final XOR ``0xFFFFFFFF``, the
-``crc32c`` package's function) is computed here: with the SSE 4.2 ``crc32``
-instruction when the CPU has it, else byte by byte from a table.
+CRC32C (Castagnoli) comes from the ``crc32c`` package, the same function the
+decoders in :mod:`ringblob.store.format` use: one implementation for
+writing and reading.
 """
 
+from cpython.buffer cimport PyBUF_READ
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.memoryview cimport PyMemoryView_FromMemory
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcpy, memset
 
-__all__ = ["encode_put", "encode_delete", "encode_checkpoint", "encode_batch", "crc32c",
+import crc32c as _crc32c_pkg
+
+__all__ = ["encode_put", "encode_delete", "encode_checkpoint", "encode_batch",
            "REC_HEADER_SIZE", "BATCH_HEADER_SIZE"]
 
 cdef extern from *:
     """
     #include <stdint.h>
-    #include <string.h>
-
-    static uint32_t rb_crc_table[256];
-
-    static void rb_crc_init(void) {
-        for (uint32_t i = 0; i < 256; i++) {
-            uint32_t c = i;
-            for (int k = 0; k < 8; k++) c = (c & 1) ? (c >> 1) ^ 0x82F63B78u : c >> 1;
-            rb_crc_table[i] = c;
-        }
-    }
-
-    static uint32_t rb_crc_sw(uint32_t crc, const uint8_t *p, size_t n) {
-        crc = ~crc;
-        while (n--) crc = rb_crc_table[(crc ^ *p++) & 0xFF] ^ (crc >> 8);
-        return ~crc;
-    }
-
-    #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-    #include <nmmintrin.h>
-    __attribute__((target("sse4.2")))
-    static uint32_t rb_crc_hw(uint32_t crc, const uint8_t *p, size_t n) {
-        uint64_t c = (uint32_t)~crc;
-        while (n >= 8) { uint64_t v; memcpy(&v, p, 8); c = _mm_crc32_u64(c, v); p += 8; n -= 8; }
-        uint32_t c32 = (uint32_t)c;
-        while (n--) c32 = _mm_crc32_u8(c32, *p++);
-        return ~c32;
-    }
-    static int rb_crc_have_hw(void) { return __builtin_cpu_supports("sse4.2"); }
-    #else
-    static uint32_t rb_crc_hw(uint32_t crc, const uint8_t *p, size_t n) { return rb_crc_sw(crc, p, n); }
-    static int rb_crc_have_hw(void) { return 0; }
-    #endif
-
-    static int rb_crc_hw_on = 0;
-    static inline uint32_t rb_crc32c(uint32_t crc, const uint8_t *p, size_t n) {
-        return rb_crc_hw_on ? rb_crc_hw(crc, p, n) : rb_crc_sw(crc, p, n);
-    }
-
     static inline void rb_le16(uint8_t *p, uint16_t v) { p[0] = (uint8_t)v; p[1] = (uint8_t)(v >> 8); }
     static inline void rb_le32(uint8_t *p, uint32_t v) {
         for (int i = 0; i < 4; i++) p[i] = (uint8_t)(v >> (8 * i));
@@ -75,20 +40,18 @@ cdef extern from *:
         for (int i = 0; i < 8; i++) p[i] = (uint8_t)(v >> (8 * i));
     }
     """
-    void rb_crc_init() noexcept nogil
-    int rb_crc_have_hw() noexcept nogil
-    int rb_crc_hw_on
-    uint32_t rb_crc32c(uint32_t crc, const uint8_t *p, size_t n) noexcept nogil
-    uint32_t rb_crc_sw(uint32_t crc, const uint8_t *p, size_t n) noexcept nogil
     void rb_le16(uint8_t *p, uint16_t v) noexcept nogil
     void rb_le32(uint8_t *p, uint32_t v) noexcept nogil
     void rb_le64(uint8_t *p, uint64_t v) noexcept nogil
 
-rb_crc_init()
-rb_crc_hw_on = rb_crc_have_hw()
+# CRC32C from the crc32c package (the same function the decoders and the rest of the store use),
+# over a memoryview of the bytes being built: one implementation for writing and reading
+cdef object _crc32c = _crc32c_pkg.crc32c
 
-#: whether CRC32C uses the CPU's crc32 instruction (SSE 4.2)
-HARDWARE_CRC = bool(rb_crc_hw_on)
+
+cdef inline uint32_t rb_crc32c(const uint8_t *p, size_t n) except? 0xFFFFFFFF:
+    return _crc32c(PyMemoryView_FromMemory(<char *>p, <Py_ssize_t>n, PyBUF_READ))
+
 
 cdef enum:
     _REC_HDR = 16
@@ -98,25 +61,6 @@ cdef enum:
 REC_HEADER_SIZE = _REC_HDR
 BATCH_HEADER_SIZE = _BATCH_HDR
 cdef uint8_t REC_PUT = 1, REC_DELETE = 2, REC_CHECKPOINT = 3
-
-
-def crc32c(data, uint32_t value=0):
-    """CRC32C (Castagnoli) of ``data`` (a bytes-like object), continuing from ``value``; an int < 2**32."""
-    cdef const uint8_t[::1] mv
-    if isinstance(data, bytes):
-        return rb_crc32c(value, <const uint8_t *>PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data))
-    mv = memoryview(data).cast("B")
-    if mv.shape[0] == 0:
-        return value
-    return rb_crc32c(value, &mv[0], mv.shape[0])
-
-
-def _crc32c_table(data, uint32_t value=0):
-    """CRC32C by the table (the fallback when the CPU lacks SSE 4.2), for tests."""
-    cdef const uint8_t[::1] mv = memoryview(bytes(data)).cast("B")
-    if mv.shape[0] == 0:
-        return value
-    return rb_crc_sw(value, &mv[0], mv.shape[0])
 
 
 cdef inline bytes _record(uint8_t rtype, uint64_t seq, bytes key, const uint8_t *tail, size_t tail_len):
@@ -141,7 +85,7 @@ cdef inline bytes _record(uint8_t rtype, uint64_t seq, bytes key, const uint8_t 
         memcpy(q + 1, PyBytes_AS_STRING(key), klen)
         q += 1 + klen
     memcpy(q, tail, tail_len)
-    rb_le32(p, rb_crc32c(0, p + 4, length - 4))
+    rb_le32(p, rb_crc32c(p + 4, length - 4))
     return out
 
 
@@ -219,10 +163,10 @@ def encode_batch(uint64_t store_id, uint64_t first_seq, list records not None, u
     rb_le32(p + 24, <uint32_t>nrec)
     rb_le32(p + 28, <uint32_t>payload)
     rb_le32(p + 32, <uint32_t>nblocks)
-    rb_le32(p + 36, rb_crc32c(0, p + _BATCH_HDR, payload))
+    rb_le32(p + 36, rb_crc32c(p + _BATCH_HDR, payload))
     rb_le64(p + 40, durable_seq)
     rb_le32(p + 48, prev_crc)
     rb_le32(p + 52, 0)
-    cdef uint32_t hcrc = rb_crc32c(0, p, _BATCH_HDR)
+    cdef uint32_t hcrc = rb_crc32c(p, _BATCH_HDR)
     rb_le32(p + 4, hcrc)
     return out, hcrc

@@ -98,16 +98,6 @@ def test_encoded_batch_decodes():
     assert out == [(1, 5, b"key", 99, 1234, d), (2, 6, b"k" * 255, 0, 0, b""), (3, 7, None, 2, 4, b"")]
 
 
-@settings(max_examples=300, deadline=None)
-@given(data=st.binary(max_size=300), start=U32)
-def test_crc32c_matches_the_package_in_hardware_and_table_paths(data, start):
-    want = crc32c_pkg.crc32c(data, start)
-    assert _format.crc32c(data, start) == want
-    assert _format.crc32c(bytearray(data), start) == want
-    assert _format.crc32c(memoryview(data), start) == want
-    assert _format._crc32c_table(data, start) == want
-
-
 def test_encoders_reject_bad_input():
     with pytest.raises(ValueError, match="255"):
         F.encode_put(1, b"k" * 256, 0, 0, b"d" * 32)

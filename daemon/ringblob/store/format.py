@@ -5,7 +5,7 @@ every multi-byte integer is little-endian and every checksum is CRC32C
 (Castagnoli) from the ``crc32c`` package. The journal's hot encoders
 (:func:`encode_put`, :func:`encode_delete`, :func:`encode_checkpoint`,
 :func:`encode_batch`) are C, from ``ringblob._format`` (``cython/_format.pyx``,
-same bytes, its own CRC32C: the SSE 4.2 instruction or a table).
+same bytes, the same ``crc32c`` package for their checksums).
 """
 
 from __future__ import annotations
