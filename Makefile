@@ -20,7 +20,7 @@ PY      := $(VENV)/bin/python
 PIP     := $(VENV)/bin/pip
 STAMP   := $(VENV)/.installed
 EXT_STAMP := $(VENV)/.ext-built
-EXT_SRC := $(wildcard cython/*.pyx cython/*.pxd) setup.py
+EXT_SRC := $(wildcard cython/*.pyx cython/*.pxd cython/*.h) setup.py
 LIBURING_H ?= /usr/include/liburing.h
 PYTEST_ARGS ?=
 

@@ -24,25 +24,12 @@ from cpython.memoryview cimport PyMemoryView_FromMemory
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcpy, memset
 
+from rb_endian cimport rb_put_le16, rb_put_le32, rb_put_le64
+
 import crc32c as _crc32c_pkg
 
 __all__ = ["encode_put", "encode_delete", "encode_checkpoint", "encode_batch",
            "REC_HEADER_SIZE", "BATCH_HEADER_SIZE"]
-
-cdef extern from *:
-    """
-    #include <stdint.h>
-    static inline void rb_le16(uint8_t *p, uint16_t v) { p[0] = (uint8_t)v; p[1] = (uint8_t)(v >> 8); }
-    static inline void rb_le32(uint8_t *p, uint32_t v) {
-        for (int i = 0; i < 4; i++) p[i] = (uint8_t)(v >> (8 * i));
-    }
-    static inline void rb_le64(uint8_t *p, uint64_t v) {
-        for (int i = 0; i < 8; i++) p[i] = (uint8_t)(v >> (8 * i));
-    }
-    """
-    void rb_le16(uint8_t *p, uint16_t v) noexcept nogil
-    void rb_le32(uint8_t *p, uint32_t v) noexcept nogil
-    void rb_le64(uint8_t *p, uint64_t v) noexcept nogil
 
 # CRC32C from the crc32c package (the same function the decoders and the rest of the store use),
 # over a memoryview of the bytes being built: one implementation for writing and reading
@@ -75,17 +62,17 @@ cdef inline bytes _record(uint8_t rtype, uint64_t seq, bytes key, const uint8_t 
     cdef size_t length = _REC_HDR + body
     cdef bytes out = PyBytes_FromStringAndSize(NULL, length)
     cdef uint8_t *p = <uint8_t *>PyBytes_AS_STRING(out)
-    rb_le16(p + 4, <uint16_t>length)
+    rb_put_le16(p + 4, <uint16_t>length)
     p[6] = rtype
     p[7] = 0
-    rb_le64(p + 8, seq)
+    rb_put_le64(p + 8, seq)
     cdef uint8_t *q = p + _REC_HDR
     if key is not None:
         q[0] = <uint8_t>klen
         memcpy(q + 1, PyBytes_AS_STRING(key), klen)
         q += 1 + klen
     memcpy(q, tail, tail_len)
-    rb_le32(p, rb_crc32c(p + 4, length - 4))
+    rb_put_le32(p, rb_crc32c(p + 4, length - 4))
     return out
 
 
@@ -99,8 +86,8 @@ def encode_put(uint64_t seq, bytes key not None, uint64_t page, uint32_t length,
     """
     cdef uint8_t tail[_PUT_TAIL]
     cdef Py_ssize_t dl = PyBytes_GET_SIZE(digest)
-    rb_le64(tail, page)
-    rb_le32(tail + 8, length)
+    rb_put_le64(tail, page)
+    rb_put_le32(tail + 8, length)
     if dl >= 32:
         memcpy(tail + 12, PyBytes_AS_STRING(digest), 32)
     else:
@@ -117,8 +104,8 @@ def encode_delete(uint64_t seq, bytes key not None):
 def encode_checkpoint(uint64_t seq, uint64_t number, uint64_t ckpt_seq):
     """A CHECKPOINT marker: checkpoint ``number`` holds every record up to ``ckpt_seq`` (32 bytes)."""
     cdef uint8_t tail[16]
-    rb_le64(tail, number)
-    rb_le64(tail + 8, ckpt_seq)
+    rb_put_le64(tail, number)
+    rb_put_le64(tail + 8, ckpt_seq)
     return _record(REC_CHECKPOINT, seq, None, tail, 16)
 
 
@@ -157,16 +144,16 @@ def encode_batch(uint64_t store_id, uint64_t first_seq, list records not None, u
         q += n
     memset(q, 0, nblocks * block - total)
     memcpy(p, b"RBJ1", 4)
-    rb_le32(p + 4, 0)
-    rb_le64(p + 8, store_id)
-    rb_le64(p + 16, first_seq)
-    rb_le32(p + 24, <uint32_t>nrec)
-    rb_le32(p + 28, <uint32_t>payload)
-    rb_le32(p + 32, <uint32_t>nblocks)
-    rb_le32(p + 36, rb_crc32c(p + _BATCH_HDR, payload))
-    rb_le64(p + 40, durable_seq)
-    rb_le32(p + 48, prev_crc)
-    rb_le32(p + 52, 0)
+    rb_put_le32(p + 4, 0)
+    rb_put_le64(p + 8, store_id)
+    rb_put_le64(p + 16, first_seq)
+    rb_put_le32(p + 24, <uint32_t>nrec)
+    rb_put_le32(p + 28, <uint32_t>payload)
+    rb_put_le32(p + 32, <uint32_t>nblocks)
+    rb_put_le32(p + 36, rb_crc32c(p + _BATCH_HDR, payload))
+    rb_put_le64(p + 40, durable_seq)
+    rb_put_le32(p + 48, prev_crc)
+    rb_put_le32(p + 52, 0)
     cdef uint32_t hcrc = rb_crc32c(p, _BATCH_HDR)
-    rb_le32(p + 4, hcrc)
+    rb_put_le32(p + 4, hcrc)
     return out, hcrc

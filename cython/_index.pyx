@@ -47,6 +47,8 @@ from cpython.mem cimport PyMem_RawCalloc, PyMem_RawFree, PyMem_RawMalloc, PyMem_
 from libc.stdint cimport uint8_t, uint32_t, uint64_t
 from libc.string cimport memcmp, memcpy, memmove
 
+from rb_endian cimport rb_le32, rb_le64, rb_put_le32, rb_put_le64
+
 import os as _os
 
 cdef extern from *:
@@ -54,32 +56,6 @@ cdef extern from *:
     #include <stdint.h>
     #include <string.h>
 
-    static inline uint64_t rb_le64(const uint8_t *p) {
-        uint64_t v; memcpy(&v, p, 8);
-    #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
-        v = __builtin_bswap64(v);
-    #endif
-        return v;
-    }
-    static inline uint32_t rb_le32(const uint8_t *p) {
-        uint32_t v; memcpy(&v, p, 4);
-    #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
-        v = __builtin_bswap32(v);
-    #endif
-        return v;
-    }
-    static inline void rb_put_le64(uint8_t *p, uint64_t v) {
-    #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
-        v = __builtin_bswap64(v);
-    #endif
-        memcpy(p, &v, 8);
-    }
-    static inline void rb_put_le32(uint8_t *p, uint32_t v) {
-    #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
-        v = __builtin_bswap32(v);
-    #endif
-        memcpy(p, &v, 4);
-    }
     /* the first 8 bytes of a key as a big-endian number, zero-padded: a < b implies key a <= key b,
        and prefix a < prefix b implies key a < key b (byte-wise order, shorter first on ties) */
     static inline uint64_t rb_prefix(const uint8_t *k, size_t n) {
@@ -113,10 +89,6 @@ cdef extern from *:
         return rb_mum(s3 ^ (uint64_t)len, rb_mum(a ^ s2, b ^ h));
     }
     """
-    uint64_t rb_le64(const uint8_t *p) nogil
-    uint32_t rb_le32(const uint8_t *p) nogil
-    void rb_put_le64(uint8_t *p, uint64_t v) nogil
-    void rb_put_le32(uint8_t *p, uint32_t v) nogil
     uint64_t rb_prefix(const uint8_t *k, size_t n) nogil
     uint64_t rb_hash(const uint8_t *p, size_t n, uint64_t seed) nogil
 
