@@ -138,6 +138,28 @@ cdef void _free_order(Chunk *chunks, size_t nchunks) noexcept nogil:
     PyMem_RawFree(chunks)
 
 
+cdef inline void _slot_put(uint64_t *table, uint64_t mask, uint64_t h, uint64_t off) noexcept nogil:
+    """Put arena offset ``off`` with hash ``h`` in the first empty slot of its probe sequence
+    (a table being built: no tombstones, never full)."""
+    cdef uint64_t i = h & mask
+    while table[i]:
+        i = (i + 1) & mask
+    table[i] = (h & TAG_MASK) | (off + 1)
+
+
+cdef bint _order_alloc(Chunk *chunks, size_t nch, size_t n, size_t per) noexcept nogil:
+    """Give each of ``nch`` chunks room for its share of ``n`` offsets, ``per`` per chunk (the
+    last takes the rest); False when an allocation failed (free them with :func:`_free_order`)."""
+    cdef size_t ci, m
+    for ci in range(nch):
+        m = per if (ci + 1) * per <= n else n - ci * per
+        chunks[ci].off = <uint64_t *>PyMem_RawMalloc(m * sizeof(uint64_t))
+        if chunks[ci].off == NULL:
+            return False
+        chunks[ci].cap = <uint32_t>m
+    return True
+
+
 @cython.final
 @cython.auto_pickle(False)
 cdef class Index:
@@ -228,18 +250,14 @@ cdef class Index:
         cdef size_t oldcap = <size_t>self.mask + 1
         cdef uint64_t mask = cap - 1
         cdef size_t s
-        cdef uint64_t v, o, h, i
+        cdef uint64_t v, o
         cdef const uint8_t *a = self.arena
         for s in range(oldcap):
             v = old[s]
             if v == 0 or v == TOMB:
                 continue
             o = (v & OFF_MASK) - 1
-            h = self._hash(a + o + 1, a[o])
-            i = h & mask
-            while nt[i]:
-                i = (i + 1) & mask
-            nt[i] = (h & TAG_MASK) | (o + 1)
+            _slot_put(nt, mask, self._hash(a + o + 1, a[o]), o)
         PyMem_RawFree(old)
         self.table = nt
         self.mask = mask
@@ -462,18 +480,10 @@ cdef class Index:
         cdef Chunk *nc = <Chunk *>PyMem_RawCalloc(nch if nch else 1, sizeof(Chunk))
         cdef uint64_t *nt = <uint64_t *>PyMem_RawCalloc(cap, sizeof(uint64_t))
         cdef size_t c, j, w = 0, ci = 0, m
-        cdef uint64_t o, h, i
+        cdef uint64_t o
         cdef size_t sz
         cdef const uint8_t *a = self.arena
-        cdef bint ok = na != NULL and nc != NULL and nt != NULL
-        if ok:
-            for ci in range(nch):
-                m = half if (ci + 1) * half <= self.n else self.n - ci * half
-                nc[ci].off = <uint64_t *>PyMem_RawMalloc(m * sizeof(uint64_t))
-                if nc[ci].off == NULL:
-                    ok = False
-                    break
-                nc[ci].cap = <uint32_t>m
+        cdef bint ok = na != NULL and nc != NULL and nt != NULL and _order_alloc(nc, nch, self.n, half)
         if not ok:
             _free_order(nc, nch)
             PyMem_RawFree(na)
@@ -490,11 +500,7 @@ cdef class Index:
                     ok = False
                     break
                 memcpy(na + w, a + o, sz)
-                h = self._hash(na + w + 1, na[w])
-                i = h & mask
-                while nt[i]:
-                    i = (i + 1) & mask
-                nt[i] = (h & TAG_MASK) | (w + 1)
+                _slot_put(nt, mask, self._hash(na + w + 1, na[w]), w)
                 nc[ci].off[m] = w
                 m += 1
                 if m == nc[ci].cap:
@@ -781,7 +787,7 @@ cdef class Index:
         cdef Chunk *nc = NULL
         cdef uint8_t *na = NULL
         cdef size_t ci, m, idx, o = 0, ko, kl, prev_o = 0
-        cdef uint64_t mask = cap - 1, h, i, page, npages, ps = <uint64_t>page_size
+        cdef uint64_t mask = cap - 1, page, npages, ps = <uint64_t>page_size
         cdef uint32_t ln
         cdef unsigned long long keybytes = 0, valbytes = 0
         cdef bint ok = False
@@ -791,12 +797,8 @@ cdef class Index:
             na = <uint8_t *>PyMem_RawMalloc(nbytes if nbytes else 1)
             if nt == NULL or nc == NULL or na == NULL:
                 raise MemoryError(f"index: cannot allocate the index for {count} entries ({nbytes} bytes)")
-            for ci in range(nch):
-                m = half if (ci + 1) * half <= <size_t>count else <size_t>count - ci * half
-                nc[ci].off = <uint64_t *>PyMem_RawMalloc(m * sizeof(uint64_t))
-                if nc[ci].off == NULL:
-                    raise MemoryError("index: cannot allocate an order chunk")
-                nc[ci].cap = <uint32_t>m
+            if not _order_alloc(nc, nch, <size_t>count, half):
+                raise MemoryError("index: cannot allocate an order chunk")
             ci = 0
             m = 0
             for idx in range(<size_t>count):
@@ -811,11 +813,7 @@ cdef class Index:
                 if idx and _cmp_keys(b + o + 1, kl, b + prev_o + 1, b[prev_o]) <= 0:
                     raise ValueError("index entries out of order")
                 prev_o = o
-                h = self._hash(b + o + 1, kl)
-                i = h & mask
-                while nt[i]:
-                    i = (i + 1) & mask
-                nt[i] = (h & TAG_MASK) | (o + 1)
+                _slot_put(nt, mask, self._hash(b + o + 1, kl), o)
                 nc[ci].off[m] = o
                 m += 1
                 if m == nc[ci].cap:

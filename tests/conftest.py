@@ -187,15 +187,21 @@ class NotifyDaemon:
         self.extra_env = env or {}
         self.listen_sock = listen_sock  # passed as fd 3 with LISTEN_FDS=1 (socket activation)
 
-    def start(self, wait: bool = True) -> "NotifyDaemon":
+    def _notify_env(self) -> dict:
+        """Bind the sd_notify socket the daemon reports to; returns the daemon's environment
+        (NOTIFY_SOCKET set, no socket activation or watchdog inherited from ours)."""
         npath = os.path.join(self.dir, "notify.sock")
         if os.path.exists(npath):
             os.unlink(npath)
         self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.notify.bind(npath)
         env = dict(os.environ, NOTIFY_SOCKET=npath, PYTHONUNBUFFERED="1")
-        env.pop("LISTEN_FDS", None)
-        env.pop("LISTEN_PID", None)
+        for name in ("LISTEN_FDS", "LISTEN_PID", "WATCHDOG_USEC"):
+            env.pop(name, None)
+        return env
+
+    def start(self, wait: bool = True) -> "NotifyDaemon":
+        env = self._notify_env()
         env.update(self.extra_env)
         cmd = [sys.executable, "-m", "ringblob.server", "--data", self.data, "--socket", self.sock,
                "--size", self.size, "--metrics-addr", "127.0.0.1:0", *self.args]

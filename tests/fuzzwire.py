@@ -93,14 +93,7 @@ class ServeDaemon(Daemon):
         self.nofile = nofile
 
     def start(self, wait: bool = True) -> "ServeDaemon":
-        npath = os.path.join(self.dir, "notify.sock")
-        if os.path.exists(npath):
-            os.unlink(npath)
-        self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.notify.bind(npath)
-        env = dict(os.environ, NOTIFY_SOCKET=npath, PYTHONUNBUFFERED="1")
-        for name in ("LISTEN_FDS", "LISTEN_PID", "WATCHDOG_USEC"):
-            env.pop(name, None)
+        env = self._notify_env()
         cmd = [sys.executable, "-m", "ringblob.cli", "serve", "--data", self.data, "--socket", self.sock,
                "--size", self.size, "--metrics-addr", "127.0.0.1:0", *self.args]
         nofile = self.nofile
