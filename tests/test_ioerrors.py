@@ -247,3 +247,96 @@ def _metric(url: str, name: str) -> float:
             if s.name == name and not s.labels:
                 return s.value
     raise KeyError(name)
+
+
+async def _two_checkpoints(path: str) -> list:
+    """A store whose two superblock slots both name a checkpoint; returns their
+    ``(generation, first byte, end byte)`` (the chunk chain of each is one chunk here)."""
+    from ringblob.store import format as F
+
+    s = await BlobStore.create(path, 8 << 20, engine=_engine())
+    await s.put(b"a", b"1" * 3000, sync=True)
+    await s.close()  # checkpoint 1
+    s = await BlobStore.open(path, engine=_engine())
+    await s.put(b"b", b"2" * 3000, sync=True)
+    await s.close()  # checkpoint 2, in the other slot; the first one's pages are kept
+    with open(path, "rb") as f:
+        raw = f.read(2 * 4096)
+    sbs = [F.Superblock.decode(raw[i * 4096 : (i + 1) * 4096]) for i in (0, 1)]
+    assert all(sb is not None and sb.ckpt_page for sb in sbs)
+    out = sorted(((sb.generation, sb.ckpt_page * sb.page_size, (sb.ckpt_page + sb.ckpt_npages) * sb.page_size)
+                  for sb in sbs), reverse=True)
+    assert out[0][1] != out[1][1], "the two checkpoints share pages"
+    return out
+
+
+def _open_failing_reads(path: str, ranges: list):
+    def wrap(e):
+        f = FaultyEngine(e)
+        for a, b in ranges:
+            f.fail_range("read", a, b)
+        return f
+
+    return BlobStore.open(path, engine=_engine(), wrap_engine=wrap)
+
+
+def test_read_errors_on_both_checkpoints_are_IOFailed_not_Corrupt(workdir):
+    """EIO reading the checkpoint of both superblock slots says 'I/O error, check the device'
+    (IOFailed with the errno), not 'corrupt, restore from a backup': the bytes were never
+    seen, and once the device reads again the store opens with everything in it."""
+    async def main():
+        p = os.path.join(workdir, "d.data")
+        cks = await _two_checkpoints(p)
+        with pytest.raises(IOFailed) as ei:
+            await _open_failing_reads(p, [(a, b) for _g, a, b in cks])
+        assert ei.value.errno == errno.EIO
+        msg = str(ei.value)
+        assert "I/O error" in msg and "check the device" in msg and "restore from a backup" not in msg
+        for gen, _a, _b in cks:
+            assert f"generation {gen}" in msg  # what each slot said
+        s = await BlobStore.open(p, engine=_engine())  # the medium reads again: nothing was lost
+        try:
+            assert await s.get(b"a") == b"1" * 3000 and await s.get(b"b") == b"2" * 3000
+        finally:
+            await s.close()
+
+    asyncio.run(main())
+
+
+def test_newest_checkpoint_unreadable_opens_from_the_older_slot(workdir):
+    """EIO on the newest checkpoint alone: the older slot's checkpoint is loaded and the
+    journal replayed from there; nothing acknowledged is lost."""
+    async def main():
+        p = os.path.join(workdir, "d.data")
+        (_g, a, b), _older = await _two_checkpoints(p)
+        s = await _open_failing_reads(p, [(a, b)])
+        try:
+            assert await s.get(b"a") == b"1" * 3000 and await s.get(b"b") == b"2" * 3000
+        finally:
+            await s.abandon()
+
+    asyncio.run(main())
+
+
+def test_one_checkpoint_damaged_and_the_other_unreadable_is_IOFailed(workdir):
+    """A damaged checkpoint in one slot and a read error on the other: IOFailed (the
+    unreadable one may be intact); with both damaged it is Corrupt."""
+    from ringblob.errors import Corrupt
+
+    async def main():
+        p = os.path.join(workdir, "d.data")
+        (_g1, a1, b1), (_g2, a2, b2) = await _two_checkpoints(p)
+        with open(p, "r+b") as f:  # damage the newest checkpoint's chunk (its CRC32C fails)
+            f.seek(a1 + 100)
+            f.write(b"\xff" * 64)
+        with pytest.raises(IOFailed) as ei:
+            await _open_failing_reads(p, [(a2, b2)])
+        assert "CRC32C" in str(ei.value) and ei.value.errno == errno.EIO
+        with open(p, "r+b") as f:  # now damage the older one too
+            f.seek(a2 + 100)
+            f.write(b"\xff" * 64)
+        with pytest.raises(Corrupt) as ei:
+            await BlobStore.open(p, engine=_engine())
+        assert "restore from a backup" in str(ei.value)
+
+    asyncio.run(main())

@@ -33,6 +33,7 @@ from ..errors import (
     NoSpace,
     NotFound,
     ReadOnly,
+    RingblobError,
     StoreLocked,
     TooLarge,
 )
@@ -513,16 +514,18 @@ class BlobStore:
             raise ConfigError(f"{self.path}: page size {P} is not a multiple of the logical block size {blk}")
         chosen = None
         entries = None
+        failures: list[tuple[int, RingblobError]] = []  # (generation, why its checkpoint was not loaded)
         for sb in valid:
             try:
                 entries, nentries, ck_ext = await self._load_checkpoint(sb)
                 chosen = sb
                 break
-            except Corrupt as exc:
+            except (Corrupt, IOFailed) as exc:
+                failures.append((sb.generation, exc))
                 log.warning("store: %s: checkpoint of superblock generation %d is unreadable (%s); "
                             "trying the other slot", self.path, sb.generation, exc)
         if chosen is None:
-            raise Corrupt(f"{self.path}: no superblock slot has a readable checkpoint; restore from a backup")
+            raise self._no_checkpoint(failures)
         older = [s for s in valid if s.generation < chosen.generation]
         older_sb = older[0] if older else None
         self._sb = chosen
@@ -539,7 +542,9 @@ class BlobStore:
         if older_sb is not None and older_sb.ckpt_page:
             try:
                 self._prev_ckpt_extents = await self._walk_chunks(older_sb)
-            except Corrupt:
+            except (Corrupt, IOFailed) as exc:  # the older slot is no fallback then: nothing to keep
+                log.warning("store: %s: the older checkpoint (superblock generation %d) is unreadable (%s); "
+                            "its pages are not kept", self.path, older_sb.generation, exc)
                 self._prev_ckpt_extents = []
         index = Index()
         try:
@@ -631,8 +636,36 @@ class BlobStore:
                  self.path, self._aio.name, len(index), applied, self.recovery_seconds,
                  f"; journal ends: {stop}" if stop else "")
 
+    def _no_checkpoint(self, failures: list[tuple[int, RingblobError]]) -> RingblobError:
+        """The error for an open where no superblock slot's checkpoint could be loaded.
+
+        ``failures``: ``(superblock generation, error)`` per slot tried, newest first. When any
+        slot failed on a read error (:class:`IOFailed`) the checkpoint may be intact on a
+        medium that is failing or was briefly unavailable, so the answer is :class:`IOFailed`
+        (with the first read error's errno) and the advice is to look at the device, not to
+        restore: only when every slot's checkpoint was read and found damaged is it
+        :class:`Corrupt`."""
+        said = "; ".join(f"generation {gen}: {exc}" for gen, exc in failures)
+        io = [exc for _gen, exc in failures if isinstance(exc, IOFailed)]
+        if io:
+            return IOFailed(f"{self.path}: no superblock slot's checkpoint could be loaded, and reading it failed "
+                            f"with an I/O error ({said}). The data may be intact: check the device (dmesg, SMART) "
+                            "and open the store again, or copy the file off the failing device first; nothing was "
+                            "changed", io[0].errno)
+        return Corrupt(f"{self.path}: no superblock slot has a readable checkpoint ({said}); restore from a backup")
+
+    async def _read_chunk(self, offset: int, length: int, what: str) -> bytes:
+        """Read ``length`` bytes of a checkpoint chunk at byte ``offset``; a read error is
+        :class:`IOFailed` naming ``what`` (not :class:`Corrupt`: the bytes were never seen)."""
+        try:
+            return await self._aio.read(offset, length)
+        except OSError as exc:
+            raise IOFailed(f"{what} cannot be read: {exc}", exc.errno) from exc
+
     async def _walk_chunks(self, sb: F.Superblock) -> list[tuple[int, int]]:
-        """Extents of a checkpoint's chunks, reading only each chunk's first page."""
+        """Extents of a checkpoint's chunks, reading only each chunk's first page.
+
+        Raises :class:`Corrupt` for a broken chain, :class:`IOFailed` for a read error."""
         out = []
         page, n = sb.ckpt_page, sb.ckpt_npages
         P = self.page_size
@@ -640,7 +673,7 @@ class BlobStore:
         while page:
             if page < sb.data_page or page + n > sb.total_pages or seen > 1 << 20:
                 raise Corrupt("checkpoint chunk chain leaves the data area")
-            h = F.decode_chunk_header(await self._aio.read(page * P, P))
+            h = F.decode_chunk_header(await self._read_chunk(page * P, P, f"checkpoint chunk at page {page}"))
             if h is None or h.store_id != sb.store_id or h.ckpt_seq != sb.ckpt_seq:
                 raise Corrupt(f"checkpoint chunk at page {page} has a bad header")
             out.append((page, n))
@@ -649,7 +682,10 @@ class BlobStore:
         return out
 
     async def _load_checkpoint(self, sb: F.Superblock):
-        """Read a checkpoint chain; returns ``(entry bytes, entry count, chunk extents)``."""
+        """Read a checkpoint chain; returns ``(entry bytes, entry count, chunk extents)``.
+
+        Raises :class:`Corrupt` when a chunk fails its checks, :class:`IOFailed` when one
+        cannot be read."""
         parts = []
         count = 0
         extents = []
@@ -659,10 +695,7 @@ class BlobStore:
         while page:
             if page < sb.data_page or page + n > sb.total_pages or n <= 0:
                 raise Corrupt(f"checkpoint chunk {chunk_no} at page {page} (+{n}) lies outside the data area")
-            try:
-                buf = await self._aio.read(page * P, n * P)
-            except OSError as exc:
-                raise Corrupt(f"checkpoint chunk {chunk_no} at page {page} cannot be read: {exc}") from exc
+            buf = await self._read_chunk(page * P, n * P, f"checkpoint chunk {chunk_no} at page {page}")
             h = F.decode_chunk_header(buf)
             if (h is None or h.store_id != sb.store_id or h.ckpt_seq != sb.ckpt_seq or h.chunk_no != chunk_no
                     or not F.chunk_crc_ok(buf, h)):
