@@ -420,6 +420,8 @@ async def _run_round(seed: int, workdir: str, engine: str, nops: int) -> RoundRe
         sc = await store.scrub()
         if set(sc["bad_keys"]) != corrupt:
             res.violations.append(f"scrub reports {sorted(sc['bad_keys'])}, get found {sorted(corrupt)} corrupt")
+        if sc["unreadable_keys"]:  # flipped bits are damage, never read errors
+            res.violations.append(f"scrub reports read errors on {sorted(sc['unreadable_keys'])}")
         # life goes on: repair the damaged blobs, write and delete a few more, checkpoint and reopen;
         # what the damaged store served must survive (a fallback or a dropped tail must not leave the
         # allocator handing out pages that live blobs still use)

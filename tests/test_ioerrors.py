@@ -340,3 +340,31 @@ def test_one_checkpoint_damaged_and_the_other_unreadable_is_IOFailed(workdir):
         assert "restore from a backup" in str(ei.value)
 
     asyncio.run(main())
+
+
+def test_scrub_reports_unreadable_blobs_apart_from_damaged_ones(workdir):
+    """A blob whose read fails (EIO on its extent) is in ``unreadable_keys``, not in
+    ``bad_keys``, and is not counted as a checksum failure; a flipped byte is ``bad_keys``."""
+    async def main():
+        p = os.path.join(workdir, "d.data")
+        s = await BlobStore.create(p, 8 << 20, engine=_engine())
+        for k in (b"ok", b"eio", b"flip"):
+            await s.put(k, k * 2000, sync=True)
+        eio_page = s._index.get(b"eio")[0]  # test-only peek: where the bytes live
+        flip_page = s._index.get(b"flip")[0]
+        P = s.page_size
+        await s.close()
+        with open(p, "r+b") as f:
+            f.seek(flip_page * P + 10)
+            f.write(b"X")
+        s = await _open_failing_reads(p, [(eio_page * P, (eio_page + 1) * P)])
+        try:
+            rep = await s.scrub()
+            assert rep["bad_keys"] == [b"flip"]
+            assert rep["unreadable_keys"] == [b"eio"]
+            assert rep["checked"] == 3 and rep["bytes_checked"] == len(b"ok" * 2000)
+            assert s.stat()["checksum_failures"] == 1
+        finally:
+            await s.close()
+
+    asyncio.run(main())

@@ -205,7 +205,7 @@ class BlobStore:
       (missing keys are fine); ``list(prefix=b"", start_after=None,
       limit=None)``: an async iterator of keys in ascending order.
     * ``await flush()``; ``needs_flush`` (property); ``stat() -> dict``;
-      ``await scrub() -> {"checked", "bytes_checked", "bad_keys"}``;
+      ``await scrub() -> {"checked", "bytes_checked", "bad_keys", "unreadable_keys"}``;
       ``await checkpoint()``; ``read_only`` / ``closed`` (properties);
       ``await close()``; ``await abandon()`` (drop it as a crash would: no
       flush, no checkpoint — for tests and tools).
@@ -1866,11 +1866,17 @@ class BlobStore:
     async def scrub(self) -> dict:
         """Read every blob and check its BLAKE3 digest.
 
-        Returns ``{"checked": int, "bytes_checked": int, "bad_keys": [bytes, ...]}``;
-        each bad key is also counted in ``checksum_failures``.
+        Returns ``{"checked": int, "bytes_checked": int, "bad_keys": [bytes, ...],
+        "unreadable_keys": [bytes, ...]}``: ``bad_keys`` are blobs whose bytes were read and
+        fail their digest (damaged: restore them; each is counted in ``checksum_failures``),
+        ``unreadable_keys`` blobs whose read failed with an I/O error (the bytes were never
+        seen: the device, not the blob, is the first suspect). ``checked`` counts both.
+        Blobs deleted while the scrub runs are skipped. Raises :class:`EngineClosed` when
+        the store is closed.
         """
         self._check_open()
         bad = []
+        unreadable = []
         checked = 0
         nbytes = 0
         async for k in self.list():
@@ -1882,11 +1888,14 @@ class BlobStore:
             except Corrupt:
                 bad.append(k)
             except IOFailed:
-                bad.append(k)
+                unreadable.append(k)
             checked += 1
         if bad:
             log.error("store: %s: scrub found %d damaged blob(s) of %d", self.path, len(bad), checked)
-        return {"checked": checked, "bytes_checked": nbytes, "bad_keys": bad}
+        if unreadable:
+            log.error("store: %s: scrub could not read %d blob(s) of %d (I/O errors; check the device)",
+                      self.path, len(unreadable), checked)
+        return {"checked": checked, "bytes_checked": nbytes, "bad_keys": bad, "unreadable_keys": unreadable}
 
     # -- stats and lifetime -------------------------------------------------------------
 
