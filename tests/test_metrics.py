@@ -37,7 +37,10 @@ FULL_STAT = {
     "fragmentation": 0.25,
     "read_only": True,
     "needs_flush": False,
+    "receive_buffers_held": 5,
     "counters": {
+        "values_leased": 9,
+        "lease_value_refused": 2,
         "fdatasyncs": 7,
         "group_commits": 4,
         "flushes_skipped": 2,
@@ -72,6 +75,9 @@ def test_store_stat_becomes_series_with_prometheus_names():
         "ringblob_cqes_reaped_total": 39,
         "ringblob_ring_enters_total": 11,
         "ringblob_engine_in_flight": 1,
+        "ringblob_values_leased_total": 9,
+        "ringblob_values_lease_refused_total": 2,
+        "ringblob_receive_buffers_held": 5,
         "ringblob_store_up": 1,
     }
     for name, value in expect.items():

@@ -54,6 +54,9 @@ Every series (all names ``ringblob_``-prefixed, base units)::
   ringblob_used_bytes / ringblob_free_bytes     data pages in use / free, in bytes
   ringblob_fragmentation_ratio                  the store's fragmentation estimate (0..1)
   ringblob_checksum_failures_total              blobs whose bytes failed their BLAKE3 digest
+  ringblob_values_leased_total                  large PUT values received straight into fixed buffers
+  ringblob_values_lease_refused_total           large PUT values that took the copying path instead
+  ringblob_receive_buffers_held                 fixed buffers such values hold now
   ringblob_read_only                            1 when the store turned read-only after an I/O error
   ringblob_needs_flush                          1 when acknowledged writes await a flush
   ringblob_store_up                             1 when the last stat() succeeded
@@ -363,6 +366,12 @@ class _StoreCollector:
             gauge("ringblob_fragmentation_ratio", "The store's fragmentation estimate (0..1)", st.get("fragmentation")),
             gauge("ringblob_read_only", "1 when the store turned read-only after an I/O error", st.get("read_only"), 1 if m.read_only_reason else 0),
             gauge("ringblob_needs_flush", "1 when acknowledged writes await a flush", st.get("needs_flush"), 0),
+            counter("ringblob_values_leased", "Large PUT values received straight into fixed buffers (no copy)",
+                    c.get("values_leased")),
+            counter("ringblob_values_lease_refused", "Large PUT values that took the copying receive path "
+                    "(buffers at their cap of half the pool, or the pool short)", c.get("lease_value_refused")),
+            gauge("ringblob_receive_buffers_held", "Fixed buffers that large PUT values being received hold now",
+                  st.get("receive_buffers_held")),
         ]
         for fam in families:
             if fam is not None:
