@@ -242,3 +242,17 @@ def test_zero_fill_boolean_from_flag_and_toml(tmp_path):
         resolve(config=write(tmp_path, 'zero_fill = "false"\n'))  # a string is not a boolean
     off = Settings(zero_fill=False)
     assert resolve(config=write(tmp_path, config.to_toml(off))) == off
+
+
+def test_max_receive_bytes_reaches_the_server_config_and_has_a_floor(tmp_path):
+    from ringblob.serve import server_config
+    from ringblob.server import ServerConfig
+
+    s = resolve(parse(["--max-receive-bytes", "64M"]))
+    assert s.max_receive_bytes == 64 << 20
+    assert server_config(s).max_receive_bytes == 64 << 20
+    assert Settings().max_receive_bytes == 1 << 30
+    with pytest.raises(ConfigError, match="max_receive_bytes"):
+        resolve(parse(["--max-receive-bytes", "512K"]))
+    with pytest.raises(ConfigError, match="max_receive_bytes"):
+        ServerConfig(max_receive_bytes=4096).validate()

@@ -314,3 +314,68 @@ def test_a_full_store_answers_nospace_for_a_received_value_and_leaks_nothing(wor
         await srv.shutdown()
 
     asyncio.run(main())
+
+
+def test_received_bytes_over_max_receive_bytes_are_read_one_connection_at_a_time(workdir):
+    """Three clients each send part of a 1.5 MiB PUT with max_receive_bytes at 1 MiB: the one
+    whose bytes crossed the cap goes on alone, the others stop being read (STAT counts the
+    pauses, the bytes held stay bounded); when its frame is complete the turn passes to the
+    first one waiting, and everyone reads again once the bytes held are under the cap. Every
+    PUT succeeds (the one that went on alone first), nothing is held after."""
+    MiB = 1 << 20
+    size = 3 * MiB // 2
+    cut = 700 * 1024
+
+    async def main():
+        srv, store, c = await serve(workdir, max_receive_bytes=MiB)
+        try:
+            conns, frames = {}, {}
+            for name in "ABC":
+                conns[name] = await asyncio.open_unix_connection(srv.socket_path)
+                frames[name] = P.encode_put(1, name.encode(), name.encode() * size)
+            done: list[str] = []
+
+            async def reply(name):
+                r = conns[name][0]
+                dec = P.FrameDecoder()
+                while (f := dec.next_frame()) is None:
+                    data = await asyncio.wait_for(r.read(1 << 16), 10)
+                    assert data, f"{name}: connection closed"
+                    dec.feed(data)
+                P.raise_for_status(f)
+                done.append(name)
+
+            waiting = [asyncio.create_task(reply(n)) for n in "ABC"]
+
+            async def send(name, part):
+                conns[name][1].write(part)
+                await asyncio.sleep(0.1)  # the server reads what it will
+
+            async def stat():
+                return P.decode_stat_reply((await c.call(P.encode_stat(9))).body)["server"]
+
+            await send("A", frames["A"][:cut])
+            assert (await stat())["receive_pauses"] == 0  # under the cap: nobody waits
+            await send("B", frames["B"][:cut])  # B crosses the cap: B goes on alone
+            await send("C", frames["C"][:cut])  # C takes in more: it waits
+            await send("A", frames["A"][cut:])  # so does A, behind C
+            await send("C", frames["C"][cut:])
+            st = await stat()
+            assert st["receive_pauses"] == 2, st
+            assert MiB < st["received_bytes_held"] <= MiB + len(frames["B"]) + 2 * 256 * 1024, st
+            assert done == []
+            await send("B", frames["B"][cut:])  # B's frame completes: C's turn, then A's
+            await asyncio.wait_for(asyncio.gather(*waiting), 10)
+            assert done[0] == "B" and sorted(done) == ["A", "B", "C"], done
+            for name in "ABC":
+                assert await store.get(name.encode()) == name.encode() * size
+            st = await stat()
+            # (A may wait twice: woken when the bytes held dipped under the cap, it read again
+            # while C was on its turn)
+            assert st["received_bytes_held"] == 0 and st["receive_pauses"] >= 2, st
+            for _r, w in conns.values():
+                w.close()
+        finally:
+            await srv.shutdown()
+
+    asyncio.run(main())

@@ -241,6 +241,7 @@ class Settings:
     allow_uids: list = _setting([], _IDS, "peer uids allowed to connect, checked with SO_PEERCRED (empty: anyone who can open the socket)", group="server", metavar="UID,...")
     allow_gids: list = _setting([], _IDS, "peer gids allowed to connect, checked with SO_PEERCRED (empty: anyone who can open the socket)", group="server", metavar="GID,...")
     max_frame_size: int = _setting(72 << 20, _SIZE, "largest request frame (header + body) accepted; larger ones get FrameTooLarge and the connection closes", group="server", minimum=4096)
+    max_receive_bytes: int = _setting(1 << 30, _SIZE, "bytes all connections together may hold in request frames received and not yet served (partial bodies included); over it, connections holding such bytes are read one at a time until it drops", group="server", minimum=1 << 20)
     max_connections: int = _setting(1024, _INT, "connections open at once; more are refused with Busy", group="server", minimum=1)
     max_in_flight_per_conn: int = _setting(256, _INT, "requests in flight on one connection before the daemon stops reading it", group="server", minimum=1)
     max_in_flight_total: int = _setting(4096, _INT, "requests in flight over all connections before the daemon stops reading", group="server", minimum=1)

@@ -62,6 +62,7 @@ def server_config(settings: config.Settings):
         allow_uids=tuple(settings.allow_uids),
         allow_gids=tuple(settings.allow_gids),
         max_frame_size=settings.max_frame_size,
+        max_receive_bytes=settings.max_receive_bytes,
         max_connections=settings.max_connections,
         max_in_flight_per_conn=settings.max_in_flight_per_conn,
         max_in_flight_total=settings.max_in_flight_total,

@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import errno
 import functools
@@ -132,6 +133,14 @@ class ServerConfig:
                                must match one uid or one gid, else it gets ``AccessDenied``.
     ``max_frame_size``         largest frame (header + body) accepted, default 72 MiB; larger
                                ones get ``FrameTooLarge`` and the connection closes.
+    ``max_receive_bytes``      bytes all connections together may hold in request frames received
+                               and not yet dispatched (partial bodies included), default 1 GiB.
+                               Over it, the connections holding such bytes are read one at a time
+                               (each in turn until its frame is complete), so memory stays bounded
+                               by about this much + one ``max_frame_size`` + one socket read per
+                               connection, whatever the clients send, and every frame still
+                               completes. Large-body buffers allocated ahead of their bodies have a
+                               cap of their own (``RECEIVE_BUDGET``).
     ``max_connections``        connections open at once; more get ``Busy`` and are closed.
     ``max_in_flight_per_conn`` requests in flight on one connection before it stops being read.
     ``max_in_flight_total``    requests in flight over all connections before reading stops.
@@ -158,6 +167,7 @@ class ServerConfig:
     allow_uids: Sequence[int] = field(default_factory=tuple)
     allow_gids: Sequence[int] = field(default_factory=tuple)
     max_frame_size: int = P.DEFAULT_MAX_FRAME_SIZE
+    max_receive_bytes: int = 1 << 30
     max_connections: int = 1024
     max_in_flight_per_conn: int = 256
     max_in_flight_total: int = 4096
@@ -174,6 +184,8 @@ class ServerConfig:
         """Check ranges; return ``self``. Raises :class:`~ringblob.errors.ConfigError` naming the field."""
         if self.max_frame_size < 4096:
             raise ConfigError(f"max_frame_size: {self.max_frame_size} is below the minimum 4096 bytes")
+        if self.max_receive_bytes < 1 << 20:
+            raise ConfigError(f"max_receive_bytes: {self.max_receive_bytes} is below the minimum 1 MiB")
         for name in ("max_connections", "max_in_flight_per_conn", "max_in_flight_total", "list_page_max"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be at least 1, got {getattr(self, name)}")
@@ -328,6 +340,7 @@ _P_CONN = 1  # this connection's in-flight limit
 _P_TOTAL = 2  # the daemon's in-flight limit
 _P_WRITE = 4  # too many unsent reply bytes (transport pause_writing)
 _P_BYTES = 8  # the replies being produced would pass the connection's reply-byte budget
+_P_RECV = 16  # received frames of all connections hold over max_receive_bytes, and it is not this one's turn
 
 
 class _Done:
@@ -382,6 +395,7 @@ class _Connection(asyncio.BufferedProtocol):
         self.in_flight = 0
         self.reply_reserved = 0  # bytes of GET/MGET replies dispatched and not yet queued for writing
         self.held: P.Request | None = None  # decoded, waiting for the reply-byte budget
+        self.recv_held = 0  # bytes of received frames the decoder holds (Server._recv_total counts them)
         self.out: list = []
         self.out_bytes = 0  # reply body bytes queued this loop turn, not yet handed to the transport
         self.out_total = 0  # the same with the frame headers: what the next writelines sends
@@ -459,13 +473,15 @@ class _Connection(asyncio.BufferedProtocol):
         if self._in_place:
             self._in_place = False
             if not self.decoder.received_in_place(nbytes):
-                return  # the large body goes on: no frame to dispatch yet (the in-flight limits are
+                # the large body goes on: no frame to dispatch yet (the in-flight limits are
                 # checked when it is complete)
+                self._account_received()
+                return
             self._head_next = True
         else:
             with self.server._scratch[:nbytes] as chunk:
                 self.decoder.feed(chunk)  # copies: the scratch buffer is reused by the next read
-        self._pump()
+        self._pump()  # (accounts what the decoder holds now)
 
     def data_received(self, data: bytes) -> None:
         """Bytes from a transport that does not use the buffered protocol interface."""
@@ -474,7 +490,7 @@ class _Connection(asyncio.BufferedProtocol):
         self.server.metrics.bytes_received += len(data)
         self.last_activity = self.loop.time()
         self.decoder.feed(data)
-        self._pump()
+        self._pump()  # (accounts what the decoder holds now)
 
     def eof_received(self) -> bool | None:
         # the client will send nothing more: answer every request received, then close
@@ -492,6 +508,7 @@ class _Connection(asyncio.BufferedProtocol):
         self.closed = True
         self.closing = True
         self.decoder.discard()  # a body cut short gives its share of the receive budget (its buffers) back
+        self._account_received()
         self.out.clear()
         self.out_bytes = self.out_total = 0
         if self.idle_handle is not None:
@@ -510,7 +527,22 @@ class _Connection(asyncio.BufferedProtocol):
     # -- reading and dispatch --
 
     def _pump(self) -> None:
-        """Dispatch every complete buffered frame, up to the in-flight limits."""
+        """Dispatch every complete buffered frame, up to the in-flight limits; then account the
+        bytes the decoder still holds (``max_receive_bytes``)."""
+        try:
+            self._dispatch()
+        finally:
+            if self.decoder.buffered != self.recv_held:
+                self._account_received()
+
+    def _account_received(self) -> None:
+        """Tell the server how many bytes of received frames this connection holds now."""
+        n = 0 if self.closed else self.decoder.buffered
+        old, self.recv_held = self.recv_held, n
+        if n != old:
+            self.server._received_changed(self, n - old)
+
+    def _dispatch(self) -> None:
         srv = self.server
         cfg = srv.config
         value_size = srv._value_size
@@ -943,6 +975,13 @@ class Server:
         self._get_nowait = getattr(store, "get_nowait", None) if self._eager_get else None
         self._put_nowait = getattr(store, "put_nowait", None)
         self._waiting: set[_Connection] = set()
+        # max_receive_bytes: bytes of received, undispatched frames over all connections; over the
+        # cap one connection (the owner) goes on reading until its frame is complete, the others
+        # that take in more wait in FIFO order (see _received_changed)
+        self._recv_total = 0
+        self._recv_owner: _Connection | None = None
+        self._recv_waiters: collections.deque[_Connection] = collections.deque()
+        self.receive_pauses = 0  # connections paused because of max_receive_bytes (cumulative)
         self._stop_requested: asyncio.Event | None = None
         self._conn_closed: asyncio.Event | None = None
         self._watchdog: asyncio.Task | None = None
@@ -1123,6 +1162,52 @@ class Server:
         uids, gids = self._allow
         return peer[1] in uids or peer[2] in gids
 
+    def _received_changed(self, conn: _Connection, delta: int) -> None:
+        """``conn`` holds ``delta`` more (or fewer) bytes of received frames: keep the sum over
+        all connections under ``max_receive_bytes``.
+
+        Under the cap everyone reads. Over it, one connection, the owner, goes on reading until
+        its frame is complete (its holding shrinks: a frame came out) or it goes away, then
+        hands the turn to the first waiter; any other connection that takes in more bytes
+        stops being read and queues. Every frame completes (the owner's always can), and
+        memory stays bounded by the cap + one frame + one socket read per connection."""
+        self._recv_total += delta
+        cap = self.config.max_receive_bytes
+        if self._recv_total <= cap:
+            self._recv_owner = None
+            if self._recv_waiters:
+                waiters, self._recv_waiters = self._recv_waiters, collections.deque()
+                for c in waiters:
+                    c._unpause(_P_RECV)
+            return
+        owner = self._recv_owner
+        if conn is owner:
+            if delta < 0 or conn.closed:  # its frame is complete: the next one's turn
+                self._recv_owner = None
+                self._next_receiver()
+            return
+        if delta < 0 or conn.closed:
+            return
+        if owner is None or owner.closed:
+            if owner is None:
+                log.info("received request frames hold %d bytes, over max_receive_bytes (%d): reading the "
+                         "connections that hold them one at a time", self._recv_total, cap)
+            self._recv_owner = conn
+            return
+        if not conn.paused & _P_RECV:
+            self.receive_pauses += 1
+            self._recv_waiters.append(conn)
+            conn._pause(_P_RECV)
+
+    def _next_receiver(self) -> None:
+        """Give the receive turn to the first connection waiting for it (if any still lives)."""
+        while self._recv_waiters:
+            c = self._recv_waiters.popleft()
+            if not c.closed and c.paused & _P_RECV:
+                self._recv_owner = c
+                c._unpause(_P_RECV)
+                return
+
     def _wake_waiting(self) -> None:
         waiting = list(self._waiting)
         self._waiting.clear()
@@ -1184,6 +1269,8 @@ class Server:
             "connections": len(self.connections),
             "in_flight": self.in_flight,
             "loop": type(self._loop).__module__.split(".")[0],
+            "received_bytes_held": self._recv_total,
+            "receive_pauses": self.receive_pauses,
         }
         return [json.dumps(st, default=_json_default, sort_keys=True).encode()]
 
