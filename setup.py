@@ -1,5 +1,6 @@
 """Build step for the Cython extensions: the engine ``ringblob._uring``, the store's index ``ringblob._index``,
-page allocator ``ringblob._alloc`` and journal encoders ``ringblob._format``.
+page allocator ``ringblob._alloc`` and journal encoders ``ringblob._format``, the engine
+adapter's request path ``ringblob._aiocore`` and the store's GET path ``ringblob._storeget``.
 
 Everything declarative lives in pyproject.toml; this file only declares the
 extensions. The engine links against the system liburing (Debian 12: 2.3); the
@@ -23,6 +24,16 @@ extensions = [
     Extension(
         "ringblob._alloc",
         sources=["cython/_alloc.pyx"],
+        include_dirs=["cython"],
+    ),
+    Extension(
+        "ringblob._aiocore",
+        sources=["cython/_aiocore.pyx"],
+        include_dirs=["cython"],
+    ),
+    Extension(
+        "ringblob._storeget",
+        sources=["cython/_storeget.pyx"],
         include_dirs=["cython"],
     ),
     Extension(

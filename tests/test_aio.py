@@ -547,3 +547,51 @@ def test_read_nowait_early_submit_refused_leaves_the_burst_to_the_turn(dfile, ki
         aio.close()
 
     asyncio.run(main())
+
+
+def test_refused_turn_submit_fails_read_ops_by_call_and_futures_by_result(dfile, kind):
+    """When the turn's one submit is refused, every op it carried fails: a read_nowait op through
+    its done (with the errno kept, its buffer back in the pool), a run() op with the OSError as
+    its result; the next turn works again."""
+    df, data = dfile
+
+    class RefuseAll:
+        def __init__(self, inner):
+            self._inner, self.refuse = inner, True
+
+        def submit(self):
+            if self.refuse:
+                raise OSError(errno.ENOMEM, "io_uring_enter: out of memory")
+            return self._inner.submit()
+
+        def __getattr__(self, name):
+            return getattr(self._inner, name)
+
+    async def main():
+        eng = RefuseAll(open_engine(kind, [df.fd], block_size=df.block_size, buffer_count=8, buffer_size=65536))
+        aio = AsyncEngine(eng)
+        loop = asyncio.get_running_loop()
+        done, calls, fut = _collector(loop)
+        assert aio.read_nowait(0, 4096, done) is True
+        (buf,) = await aio.lease(1)
+        res = await aio.run([("read", buf, 4096, 4096, 0)])
+        await fut
+        assert len(calls) == 1 and calls[0][0] is None
+        err = calls[0][1]
+        assert isinstance(err, OSError) and err.errno == errno.ENOMEM and "submit" in str(err)
+        assert isinstance(res[0], OSError) and res[0].errno == errno.ENOMEM
+        assert not aio._futs and aio.submits == 0
+        aio.release(buf)  # (an engine that still holds the refused ops queued keeps it until their CQEs)
+        eng.refuse = False
+        done, calls, fut = _collector(loop)
+        assert aio.read_nowait(8192, 4096, done) is True
+        await fut
+        assert calls == [(data[8192:12288], None)] and aio.submits == 1
+        for _ in range(100):
+            if eng.free_buffers == 8:
+                break
+            await asyncio.sleep(0.001)
+        assert eng.free_buffers == 8 and not aio._deferred
+        aio.close()
+
+    asyncio.run(main())

@@ -23,6 +23,7 @@ from ringblob.errors import (
     ConfigError,
     Corrupt,
     DigestMismatch,
+    EngineClosed,
     InvalidKey,
     IOFailed,
     NoSpace,
@@ -1555,6 +1556,63 @@ def test_get_nowait_failed_read_is_ioerror(tdir):
         queued, fut, _calls = _get_nowait(s, b"k")
         assert await fut == (b"v" * 3000, None)
         await s.close()
+
+    run(main())
+
+
+def test_get_nowait_frees_an_extent_replaced_in_flight_only_after_its_read(tdir, engine):
+    """An extent released while a get_nowait read is in flight goes back to the allocator when
+    that read completes (the completion unpins it), not before; a bytearray key is taken as bytes."""
+    async def main():
+        s = await BlobStore.create(os.path.join(tdir, "d"), 8 * MiB, engine=engine)
+        await s.put(b"k", b"q" * 8192, sync=True)
+        page = s._index.get(b"k")[0]
+        queued, fut, calls = _get_nowait(s, bytearray(b"k"))
+        assert queued == 8192 and s._pins == {page: 1}
+        free0 = s._alloc.free_pages
+        s._release_extent(page, 2)  # what a committed overwrite does once its record is durable
+        assert s._free_on_unpin == {page: 2} and s._alloc.free_pages == free0  # still being read
+        assert await fut == (b"q" * 8192, None)
+        assert not s._pins and not s._free_on_unpin and s._alloc.free_pages == free0 + 2
+        assert calls == [(b"q" * 8192, None)]
+        await s.close()
+
+    run(main())
+
+
+def test_get_nowait_in_flight_at_close_and_a_raising_done(tdir, engine):
+    """A done callback that raises is reported to the loop's exception handler and spares the
+    other reads; a read still in flight when the store closes is answered once, and a get_nowait
+    after close raises EngineClosed."""
+    async def main():
+        loop = asyncio.get_running_loop()
+        reported = []
+        loop.set_exception_handler(lambda _loop, ctx: reported.append(ctx))
+        s = await BlobStore.create(os.path.join(tdir, "d"), 8 * MiB, engine=engine)
+        await s.put(b"a", b"1" * 4096, sync=True)
+        await s.put(b"b", b"2" * 4096, sync=True)
+
+        def bad(value, err):
+            raise RuntimeError("the caller's bug")
+
+        assert s.get_nowait(b"a", bad) == 4096
+        queued, fut, calls = _get_nowait(s, b"b")
+        assert queued and await fut == (b"2" * 4096, None)
+        for _ in range(100):
+            if reported:
+                break
+            await asyncio.sleep(0.001)
+        assert len(reported) == 1 and isinstance(reported[0]["exception"], RuntimeError)
+        assert "completion callback raised" in reported[0]["message"]
+        assert not s._pins and s.stat()["gets"] == 2
+        queued, fut, calls = _get_nowait(s, b"a")
+        assert queued == 4096
+        await s.close()  # answered before the engine closes (close awaits a flush) or with EngineClosed
+        value, err = await fut
+        assert len(calls) == 1 and (value, err) in ((b"1" * 4096, None), (None, err)) and not s._pins
+        assert err is None or isinstance(err, EngineClosed)
+        with pytest.raises(EngineClosed):
+            s.get_nowait(b"a", lambda v, e: None)
 
     run(main())
 

@@ -32,6 +32,11 @@ receives a large PUT value straight into them) and copies nothing; a read copies
 of the fixed buffers into the returned ``bytes`` (values larger than a quarter
 of the pool take a second copy through a ``bytearray``).
 
+The hot paths of a small read — :meth:`AsyncEngine.read_nowait`, the CQE
+reap and dispatch (``_on_ready``) and the turn's submit (``_flush``) — live in
+the base class :class:`ringblob._aiocore.AsyncCore` (``cython/_aiocore.pyx``),
+which also holds the state they share with the methods here as typed fields.
+
 Works on any asyncio loop, uvloop included. All methods must be called from
 the loop's thread.
 """
@@ -40,45 +45,25 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import errno as _errno
 import itertools
 from typing import Any, Sequence
 
 from ..errors import BufferBusy, EngineClosed, Misaligned, NoBuffers
 
-__all__ = ["AsyncEngine", "check_result"]
+try:
+    from .._aiocore import SUBMIT_EARLY, AsyncCore, check_result
+except ImportError as exc:  # pragma: no cover - a source checkout without the build step
+    raise ImportError(
+        f"ringblob's compiled engine adapter core (ringblob._aiocore) does not import ({exc}); build the "
+        "extensions with `make setup` or `python setup.py build_ext --inplace` from the source tree"
+    ) from exc
+
+__all__ = ["AsyncEngine", "check_result", "SUBMIT_EARLY"]
 
 READ, WRITE, FSYNC = "read", "write", "fdatasync"
-#: read_nowait submits at once when this many ops wait for the turn's submit
-SUBMIT_EARLY = 8
 
 
-def check_result(res: Any, want: int | None = None, what: str = "io") -> int:
-    """Raise the ``OSError`` a CQE carried; raise ``OSError(EIO)`` for a short transfer.
-
-    ``want``: the byte count the op asked for (None: any). Returns the result.
-    """
-    if isinstance(res, BaseException):
-        raise res
-    if want is not None and res != want:
-        raise OSError(_errno.EIO, f"{what}: short transfer of {res} of {want} bytes (past the end of the file?)")
-    return res
-
-
-class _ReadOp:
-    """A read queued by :meth:`AsyncEngine.read_nowait`: completed by a call, not a future."""
-
-    __slots__ = ("buf", "offset", "alen", "length", "done")
-
-    def __init__(self, buf, offset: int, alen: int, length: int, done) -> None:
-        self.buf = buf
-        self.offset = offset
-        self.alen = alen
-        self.length = length
-        self.done = done
-
-
-class AsyncEngine:
+class AsyncEngine(AsyncCore):
     """Drive ``engine`` from the running asyncio loop (see the module docstring).
 
     ``engine``: any object with the engine contract of :mod:`ringblob.engine`.
@@ -106,6 +91,7 @@ class AsyncEngine:
         self.ops = 0
         self.buffer_waits = 0
         self.queue_waits = 0
+        self._init_core()
         self.loop.add_reader(self._fd, self._on_ready)
 
     @property
@@ -237,52 +223,6 @@ class AsyncEngine:
             self._flush_handle = self.loop.call_soon(self._flush)
         return futs
 
-    def _flush(self) -> None:
-        self._flush_handle = None
-        if self._closed or not self._unsubmitted:
-            return
-        tags, self._unsubmitted = self._unsubmitted, []
-        try:
-            self.engine.submit()
-            self.submits += 1
-        except Exception as exc:  # the batch did not reach the kernel: fail its ops
-            for t in tags:
-                fut = self._futs.pop(t, None)
-                err = OSError(getattr(exc, "errno", None) or _errno.EIO, f"submit: {exc}")
-                if fut.__class__ is _ReadOp:
-                    self._complete_read(fut, err)
-                elif fut is not None and not fut.done():
-                    fut.set_result(err)
-
-    def _on_ready(self) -> None:
-        if self._closed:
-            return
-        try:
-            while True:
-                cqes = self.engine.reap(256)
-                for tag, res in cqes:
-                    fut = self._futs.pop(tag, None)
-                    if fut.__class__ is _ReadOp:
-                        self._complete_read(fut, res)
-                    elif fut is not None and not fut.done():
-                        fut.set_result(res)
-                if len(cqes) < 256:
-                    break
-        except EngineClosed:
-            return
-        if self._deferred:
-            keep = []
-            for buf in self._deferred:
-                if buf.in_flight:
-                    keep.append(buf)
-                else:
-                    self.engine.release(buf)
-            self._deferred = keep
-            self._wake_buffers()
-        for fut in self._slot_waiters:
-            if not fut.done():
-                fut.set_result(None)
-
     async def run(self, ops: Sequence[tuple], *, link: bool = False) -> list:
         """Queue ``ops`` and wait for all their CQEs; returns one result per op.
 
@@ -357,101 +297,6 @@ class AsyncEngine:
         if self._flush_handle is None:
             self._flush_handle = loop.call_soon(self._flush)
         return futs
-
-    def _release_now(self, bufs: list) -> None:
-        """:meth:`release` for buffers whose ops completed (the common case), deferring any still in flight."""
-        eng = self.engine
-        if self._closed:
-            return
-        for b in bufs:
-            if b.in_flight:
-                self._deferred.append(b)
-            else:
-                try:
-                    eng.release(b)
-                except BufferBusy:  # a wrapper engine that still counts it busy: at the next CQE
-                    self._deferred.append(b)
-        if self._buf_waiters:
-            self._wake_buffers()
-
-    def read_nowait(self, offset: int, length: int, done) -> bool:
-        """Queue a read of ``length`` bytes (1 to ``buffer_size``) at ``offset`` for this loop
-        turn's submit, completed by a call instead of a future: the cheapest way to read a
-        small value (no future, no coroutine, no callback scheduled through the loop).
-
-        ``done(data, error)`` is called exactly once, on the loop's thread, from the CQE reap
-        (or from :meth:`close`): ``data`` is the ``bytes`` read and ``error`` None, or ``data``
-        is None and ``error`` the ``OSError`` (EIO for a short read, :class:`EngineClosed`
-        after close). An exception ``done`` raises is reported to the loop's exception
-        handler, never to other ops. Returns False, having queued nothing (``done`` is never
-        called), when the read does not fit one fixed buffer or a buffer or a queue slot is
-        not free at once, or others already wait for them (fair to :meth:`read`'s waiters):
-        the caller takes the awaiting path, :meth:`read`. Raises :class:`Misaligned` for an
-        ``offset`` that is not a block multiple, :class:`EngineClosed` after :meth:`close`.
-        When ``SUBMIT_EARLY`` ops wait for the turn's submit, they are submitted now (a
-        refused submit fails nothing here: the turn's submit tries again).
-        """
-        if length <= 0 or length > self.buffer_size:
-            return False
-        self._check_open("read")
-        bufs = self._try_lease(1)
-        if bufs is None:
-            return False
-        buf = bufs[0]
-        bs = self.block_size
-        alen = -(-length // bs) * bs
-        tag = next(self._tags)
-        try:
-            self.engine.read_fixed(buf, offset, alen, tag)
-        except BaseException:
-            self._release_now(bufs)
-            raise
-        self._futs[tag] = _ReadOp(buf, offset, alen, length, done)
-        unsubmitted = self._unsubmitted
-        unsubmitted.append(tag)
-        self.ops += 1
-        if self._flush_handle is None:
-            self._flush_handle = self.loop.call_soon(self._flush)
-        elif len(unsubmitted) >= SUBMIT_EARLY:
-            # a burst of reads: the first ones go to the disk now, while the rest of the burst
-            # is still being decoded (the turn's flush submits the remainder)
-            try:
-                self.engine.submit()
-            except Exception:
-                pass  # they stay queued: the turn's _flush tries again and fails them if it must
-            else:
-                self.submits += 1
-                self._unsubmitted = []
-        return True
-
-    def _complete_read(self, op: _ReadOp, res) -> None:
-        """Finish a :meth:`read_nowait` op with its CQE result (or an exception): copy the
-        bytes out, give the buffer back, then call its ``done``."""
-        data = err = None
-        try:
-            if res.__class__ is int and res == op.alen:
-                data = op.buf.tobytes(op.length)
-            elif isinstance(res, BaseException):
-                err = res
-            else:
-                try:
-                    check_result(res, op.alen, f"read_fixed at offset {op.offset}")
-                except OSError as exc:
-                    err = exc
-        finally:
-            buf = op.buf
-            if buf.in_flight or self._closed or self._buf_waiters:
-                self._release_now([buf])
-            else:  # the common case, inline
-                try:
-                    self.engine.release(buf)
-                except BufferBusy:
-                    self._deferred.append(buf)
-        try:
-            op.done(data, err)
-        except Exception as exc:  # the caller's bug must not stop the reap of other ops
-            self.loop.call_exception_handler({
-                "message": "AsyncEngine.read_nowait: the completion callback raised", "exception": exc})
 
     async def read(self, offset: int, length: int) -> bytes:
         """Read ``length`` bytes at ``offset`` (a multiple of the block size) into new ``bytes``.
@@ -715,12 +560,7 @@ class AsyncEngine:
             self._flush_handle.cancel()
             self._flush_handle = None
         err = EngineClosed("the async engine was closed with this operation in flight")
-        futs, self._futs = self._futs, {}
-        for fut in futs.values():
-            if fut.__class__ is _ReadOp:
-                self._complete_read(fut, err)
-            elif not fut.done():
-                fut.set_exception(err)
+        self._fail_ops(err)
         for _n, fut in self._buf_waiters:
             if not fut.done():
                 fut.set_exception(err)

@@ -9,7 +9,6 @@ import asyncio
 import collections
 import errno as _errno
 import fcntl
-import functools
 import logging
 import os
 import random
@@ -41,6 +40,14 @@ from . import format as F
 from .alloc import Allocator
 from .index import Index
 from .leased import LeasedValue
+
+try:
+    from .._storeget import GetPath
+except ImportError as exc:  # pragma: no cover - a source checkout without the build step
+    raise ImportError(
+        f"ringblob's compiled GET path (ringblob._storeget) does not import ({exc}); build the extensions "
+        "with `make setup` or `python setup.py build_ext --inplace` from the source tree"
+    ) from exc
 
 __all__ = ["BlobStore", "DEFAULT_MAX_BLOB_SIZE", "LeasedValue"]
 
@@ -628,6 +635,10 @@ class BlobStore:
              "lease_value_refused"), 0)
         self._counters["recovered_records"] = applied
         self._counters["recovery_dropped_records"] = dropped
+        # the GET request path in C (get_nowait); it shares the index, pins and counters above
+        self._getpath = GetPath(self, self._index, self._aio.read_nowait, self._pins, self._free_on_unpin,
+                                self._alloc.free, self._counters, P, _check_key)
+        self.get_nowait = self._getpath.get_nowait  # the server calls it with no Python frame between
         if recs and recs[-1][1] > max_durable and not self._opened_read_only:
             await self._aio.fdatasync()  # the verified tail is durable from here on
             self._counters["fdatasyncs"] += 1
@@ -1749,21 +1760,7 @@ class BlobStore:
         short): await :meth:`get` instead. Raises :class:`NotFound`, :class:`InvalidKey`,
         :class:`EngineClosed` at once.
         """
-        key = _check_key(key)
-        page, length, digest = self._lookup(key)
-        if length == 0 or (max_size is not None and length > max_size):
-            return 0
-        self._pin(page)  # the extent is not reused while the read is in flight
-        try:
-            queued = self._aio.read_nowait(page * self.page_size, length,
-                                           functools.partial(self._got, key, page, length, digest, done))
-        except BaseException:
-            self._unpin(page)
-            raise
-        if not queued:
-            self._unpin(page)
-            return 0
-        return length
+        return self._getpath.get_nowait(key, done, max_size)
 
     def _lookup(self, key: bytes) -> tuple[int, int, bytes]:
         """``(page, length, digest)`` of ``key``; raises :class:`NotFound`, :class:`EngineClosed`."""
@@ -1773,33 +1770,26 @@ class BlobStore:
             raise NotFound(f"no blob under key {key!r}")
         return e
 
-    def _got(self, key: bytes, page: int, length: int, digest: bytes, done, data, err) -> None:
-        """The completion of a :meth:`get_nowait` read: verify, count, hand the value to ``done``."""
-        self._unpin(page)
-        if err is not None:
-            done(None, self._read_failed(key, page, length, err) if isinstance(err, OSError) else err)
-            return
-        try:
-            data = self._verified(key, page, length, digest, data)
-        except Corrupt as exc:
-            done(None, exc)
-            return
-        done(data, None)
-
     def _read_failed(self, key: bytes, page: int, length: int, exc: OSError) -> IOFailed:
         return IOFailed(f"{self.path}: reading {length} bytes of key {key!r} at page {page} failed: {exc}", exc.errno)
 
     def _verified(self, key: bytes, page: int, length: int, digest: bytes, data: bytes) -> bytes:
         """``data`` when its BLAKE3 digest is ``digest`` (counted as a get); else raises :class:`Corrupt`."""
-        self._counters["gets"] += 1
         if blake3.blake3(data).digest() != digest:
-            self._counters["checksum_failures"] += 1
-            self._obs("on_checksum_failure", key)
-            log.error("store: %s: blob %r at page %d (%d bytes) fails its BLAKE3 digest", self.path, key, page, length)
-            raise Corrupt(f"blob {key!r} at page {page} ({length} bytes) fails its BLAKE3 digest: the stored bytes "
-                          "are damaged; delete it and restore it from a replica or backup", [key])
+            raise self._corrupt(key, page, length)
+        self._counters["gets"] += 1
         self._counters["bytes_read"] += length
         return data
+
+    def _corrupt(self, key: bytes, page: int, length: int) -> Corrupt:
+        """A read of ``key``'s value failed its BLAKE3 digest: count the get and the checksum
+        failure, tell the observer, log it; returns the :class:`Corrupt` to raise or hand on."""
+        self._counters["gets"] += 1
+        self._counters["checksum_failures"] += 1
+        self._obs("on_checksum_failure", key)
+        log.error("store: %s: blob %r at page %d (%d bytes) fails its BLAKE3 digest", self.path, key, page, length)
+        return Corrupt(f"blob {key!r} at page {page} ({length} bytes) fails its BLAKE3 digest: the stored bytes "
+                       "are damaged; delete it and restore it from a replica or backup", [key])
 
     async def get_many(self, keys: Iterable[bytes]) -> list[bytes | None]:
         """Values of ``keys`` in order (None for a missing key); reads go out in one ring turn.
