@@ -1,10 +1,12 @@
 """The page allocator (ringblob._alloc.Allocator) against a pure-Python model, and its edges.
 
 The model keeps the free extents as a sorted list and implements the documented
-semantics directly: best fit = smallest extent that holds ``n`` pages, lowest
-start among equals; the write cursor is a page, valid while a free extent starts
-there; a new run starts at the (lowest) largest extent when it has at least
-``RUN_MIN`` and ``n`` pages, else allocate_run is allocate and drops the cursor.
+semantics directly: best fit = smallest extent that holds ``n`` pages; among
+equals the lowest start when they have at least ``BIN_PAGES`` pages, any of them
+below that (the allocator's bins are newest-first lists); the write cursor is a
+page, valid while a free extent starts there; a new run starts at the largest
+extent (chosen as above) when it has at least ``RUN_MIN`` and ``n`` pages, else
+allocate_run is allocate and drops the cursor.
 """
 
 from __future__ import annotations
@@ -18,9 +20,16 @@ from ringblob import _alloc
 from ringblob.errors import NoSpace
 from ringblob.store.alloc import Allocator
 
+BIN = _alloc.BIN_PAGES
+
 
 class Model:
-    """Free extents as a sorted list of ``[start, n]``; O(n) everything."""
+    """Free extents as a sorted list of ``[start, n]``; O(n) everything.
+
+    Where the documented semantics allow a choice (among free extents of equal size
+    below ``BIN_PAGES`` pages, whichever the allocator's bin holds first), the model
+    returns every admissible start and is told which one the allocator took.
+    """
 
     def __init__(self, first: int, count: int, free: list[tuple[int, int]], run_min: int):
         self.first, self.count, self.run_min = first, count, run_min
@@ -35,24 +44,35 @@ class Model:
             del self.ext[i]
         return s
 
-    def allocate(self, n: int) -> int:
-        fits = [(size, s, i) for i, (s, size) in enumerate(self.ext) if size >= n]
+    def _of_size(self, size: int) -> list[int]:
+        """Admissible starts among the extents of ``size`` pages: any small one, else the lowest."""
+        starts = [s for s, m in self.ext if m == size]
+        return starts if size < BIN else starts[:1]
+
+    def allocate_choices(self, n: int) -> list[int]:
+        fits = [size for _, size in self.ext if size >= n]
         if not fits:
             raise NoSpace("model")
-        return self._take(min(fits)[2], n)
+        return self._of_size(min(fits))
 
-    def allocate_run(self, n: int) -> int:
+    def allocate_run_choices(self, n: int) -> tuple[list[int], bool]:
+        """Admissible starts, and whether the allocation is a run (sets the cursor)."""
         i = next((i for i, (s, _) in enumerate(self.ext) if s == self.run), None)
-        if i is None or self.ext[i][1] < n:
-            big = max((size for _, size in self.ext), default=0)
-            if big < n or big < self.run_min:
-                self.run = None
-                return self.allocate(n)
-            i = next(i for i, (_, size) in enumerate(self.ext) if size == big)
+        if i is not None and self.ext[i][1] >= n:
+            return [self.run], True
+        big = max((size for _, size in self.ext), default=0)
+        if big < n or big < self.run_min:
+            self.run = None
+            return self.allocate_choices(n), False
+        return self._of_size(big), True
+
+    def take(self, start: int, n: int, run: bool = False) -> None:
+        """The allocator took ``n`` pages at ``start`` (the front of a free extent)."""
+        i = next(i for i, (s, _) in enumerate(self.ext) if s == start)
         size = self.ext[i][1]
-        s = self._take(i, n)
-        self.run = s + n if size > n else None
-        return s
+        self._take(i, n)
+        if run:
+            self.run = start + n if size > n else None
 
     def free(self, start: int, n: int) -> None:
         end = start + n
@@ -90,7 +110,10 @@ class AllocatorMachine(RuleBasedStateMachine):
 
     def _check_alloc(self, fn, n):
         try:
-            want = getattr(self.m, fn)(n)
+            if fn == "allocate":
+                want, run = self.m.allocate_choices(n), False
+            else:
+                want, run = self.m.allocate_run_choices(n)
         except NoSpace:
             before = list(self.a.free_extents())
             with pytest.raises(NoSpace):
@@ -98,7 +121,8 @@ class AllocatorMachine(RuleBasedStateMachine):
             assert list(self.a.free_extents()) == before
             return
         got = getattr(self.a, fn)(n)
-        assert got == want, (fn, n)
+        assert got in want, (fn, n, got, want)
+        self.m.take(got, n, run)
         self.used.append((got, n))
 
     @rule(n=st.integers(1, 40))
