@@ -694,6 +694,9 @@ cdef class _Allocator:
         """
         if n <= 0:
             raise ValueError(f"allocate: {n} pages (want at least 1)")
+        return self._allocate(n)
+
+    cdef int64_t _allocate(self, int64_t n) except -1:
         cdef int32_t x = self._fit(n)
         if x == 0:
             raise NoSpace(
@@ -726,7 +729,7 @@ cdef class _Allocator:
             big = self._largest()
             if big < n or big < self.RUN_MIN:
                 self.run = -1
-                return self.allocate(n)
+                return self._allocate(n)
             x = self._zfit(big) if big >= NBIN else self.bin_head[big]
         self._reserve()
         start = self._take(x, n)
@@ -749,9 +752,20 @@ cdef class _Allocator:
             raise ValueError(f"free: extent ({start}, {n}) outside the data area "
                              f"[{self.first}, {self.first + self.count})")
         cdef Node *N
-        cdef int64_t end = start + n, ms = start, me, b
+        cdef int64_t end = start + n, ms = start, me, b = -1
         cdef int32_t p = 0, l = 0, r = 0, x
-        b = self._bfirst(start, end)
+        cdef uint64_t w
+        cdef bint lbit, rbit
+        if start > 0 and (start - 1) >> 6 == end >> 6:  # the pages before and after in one chunk
+            w = self._cget(end >> 6)
+            if w & rb_mask(<int>(start & 63), <int>(end & 63)):
+                b = self._bfirst(start, end)
+            lbit = (w >> ((start - 1) & 63)) & 1
+            rbit = (w >> (end & 63)) & 1
+        else:
+            b = self._bfirst(start, end)
+            lbit = start > self.first and self._bit(start - 1)
+            rbit = end < self.first + self.count and self._bit(end)
         if b >= 0:
             x = self._sfind(self._brun_start(b))
             raise ValueError(f"free: extent ({start}, {n}) overlaps the free extent "
@@ -764,16 +778,15 @@ cdef class _Allocator:
         self._reserve()
         N = self.nodes
         # neighbours: a small one by its page bits, a large one in the address tree
-        if start > self.first:
-            if self._bit(start - 1):
-                l = self._sfind(self._brun_start(start - 1))
-            elif p and N[p].start + N[p].n == start:
-                l = p
-        if end < self.first + self.count:
-            if self._bit(end):
-                r = self._sfind(end)
-            elif self.nlarge:
-                r = self._aat(end)
+        # (no page outside [first, first + count) has its bit set)
+        if lbit:
+            l = self._sfind(self._brun_start(start - 1))
+        elif p and N[p].start + N[p].n == start:
+            l = p
+        if rbit:
+            r = self._sfind(end)
+        elif self.nlarge and end < self.first + self.count:
+            r = self._aat(end)
         if l:
             ms = N[l].start
         me = N[r].start + N[r].n if r else end
