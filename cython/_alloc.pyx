@@ -962,8 +962,9 @@ class Allocator(_Allocator):
 
     ``Allocator(first, count, free_all=True)``: all pages free, or none with
     ``free_all=False``. Pages are absolute page numbers (``0 <= first``,
-    ``first + count < 2**62``; ``ValueError`` otherwise). Allocate and free
-    are O(log n) in the number of free extents (C treaps, see
+    ``first + count < 2**62``; ``ValueError`` otherwise). Free, and allocate
+    from an extent of fewer than :data:`BIN_PAGES` pages, are O(1) expected;
+    work on larger extents is O(log n) in their number (see
     ``cython/_alloc.pyx``). :attr:`RUN_MIN` may be set on the class or on
     one allocator.
     """
