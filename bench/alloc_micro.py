@@ -4,7 +4,10 @@
 Not a test; prints, writes nothing. The store's pattern: values of 1 page taken
 at the write cursor, each freed again ``LIVE`` allocations later (an overwrite
 or a delete), with ``HOLES`` one-page holes scattered over the data area first
-(a fragmented store: many free extents). Figures include the Python call, as the
+(a fragmented store: many free extents); then random overwrites of one-page
+values in a full data area with ``HOLES`` one-page holes (each free leaves a
+hole, each allocation fills one: the store under put_4k_sync_c32 once the tail
+is used up). Figures include the Python call, as the
 store pays it. The package comes from ``PYTHONPATH`` when it is set (so one copy
 of this script can time two checkouts), else from this checkout's ``daemon/``::
 
@@ -65,6 +68,26 @@ def main() -> None:
         free(*live.popleft())
     dt = time.perf_counter() - t
     print(f"allocate(n)+free:     {dt / OPS * 1e6:.3f} µs per pair ({b.extents} free extents)")
+
+    # random overwrites of one-page values in a full, fragmented data area (put_4k_sync_c32 once
+    # the tail is used up): every free leaves a one-page hole, every allocation fills one
+    keys = 262_144
+    c = Allocator(0, keys + holes)
+    where = [c.allocate_run(1) for _ in range(keys + holes)]
+    for i in random.Random(3).sample(range(keys + holes), holes):
+        c.free(where[i], 1)
+        where[i] = -1
+    where = [p for p in where if p >= 0]
+    picks = [rnd.randrange(keys) for _ in range(OPS)]
+    run, free = c.allocate_run, c.free
+    gc.collect()
+    t = time.perf_counter()
+    for i in picks:
+        new = run(1)
+        free(where[i], 1)
+        where[i] = new
+    dt = time.perf_counter() - t
+    print(f"overwrite 1 page:     {dt / OPS * 1e6:.3f} µs per pair ({c.extents} free extents, {keys} live)")
 
     used = [p << 32 | 3 for p in range(0, 4 * holes * 4, 4)]
     gc.collect()

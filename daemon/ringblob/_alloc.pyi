@@ -2,6 +2,8 @@
 
 from collections.abc import Iterable, Iterator
 
+BIN_PAGES: int
+
 class _Allocator:
     @property
     def first(self) -> int: ...

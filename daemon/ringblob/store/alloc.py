@@ -2,9 +2,10 @@
 write cursor for small values so that the values of one group commit lie side by side.
 
 The implementation is :class:`ringblob._alloc.Allocator` (source: ``cython/_alloc.pyx``,
-whose docstring describes the layout: each free extent is a node of two C treaps, one by
-start page, one by ``(npages, start)``; allocate and free are O(log n) descents). This
-module re-exports it.
+whose docstring describes the layout: extents of fewer than ``BIN_PAGES`` (64) pages sit in
+exact-size bins, found by hash maps keyed by start and by 64-page chunk (page bits as
+boundary tags), so free and small allocations are O(1) expected; larger extents sit in two
+C treaps, by start and by ``(npages, start)``). This module re-exports it.
 """
 
 from __future__ import annotations
