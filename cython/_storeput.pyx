@@ -376,11 +376,7 @@ cdef class PutPath:
                         raise RuntimeError("stage: an item's value changed length")
                     memcpy(d + bo, PyBytes_AS_STRING(data), ln)
                 else:
-                    try:
-                        PyObject_GetBuffer(data, &src, PyBUF_SIMPLE)
-                    except BufferError:  # a strided view: one contiguous copy
-                        data = bytes(data)
-                        PyObject_GetBuffer(data, &src, PyBUF_SIMPLE)
+                    PyObject_GetBuffer(data, &src, PyBUF_SIMPLE)  # contiguous: see the store's _as_view
                     try:
                         if src.len != ln:
                             raise RuntimeError("stage: an item's value changed length")

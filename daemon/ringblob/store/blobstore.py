@@ -120,6 +120,10 @@ def _as_view(value) -> memoryview:
         mv = memoryview(value)
     except TypeError:
         raise TypeError(f"value must be bytes-like, not {type(value).__name__}") from None
+    if not mv.c_contiguous:
+        # a strided view (memoryview(b)[::2]): BLAKE3 and the copy into fixed buffers take
+        # contiguous bytes
+        mv = memoryview(mv.tobytes())
     if mv.format != "B" or mv.ndim != 1:
         mv = mv.cast("B")
     if not mv.readonly:
