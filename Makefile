@@ -12,7 +12,7 @@
 #   make clean   remove build outputs (keeps ./var data)
 #
 # Set-up is idempotent: liburing-dev from apt when <liburing.h> is missing,
-# a .venv with the package installed in place and the Cython extensions (engine, index, allocator, journal encoders, engine adapter core, store GET path) built.
+# a .venv with the package installed in place and the Cython extensions (engine, index, allocator, journal encoders, engine adapter core, store GET and PUT paths) built.
 
 PYTHON  ?= python3
 VENV    := .venv
@@ -171,6 +171,6 @@ install-files:
 	fi
 
 clean:
-	rm -rf build dist daemon/*.egg-info daemon/ringblob/_uring*.so daemon/ringblob/_index*.so daemon/ringblob/_alloc*.so daemon/ringblob/_format*.so daemon/ringblob/_aiocore*.so daemon/ringblob/_storeget*.so daemon/ringblob/_uring.c cython/*.c .pytest_cache
+	rm -rf build dist daemon/*.egg-info daemon/ringblob/_uring*.so daemon/ringblob/_index*.so daemon/ringblob/_alloc*.so daemon/ringblob/_format*.so daemon/ringblob/_aiocore*.so daemon/ringblob/_storeget*.so daemon/ringblob/_storeput*.so daemon/ringblob/_uring.c cython/*.c .pytest_cache
 	find . -name __pycache__ -prune -exec rm -rf {} +
 	rm -f $(STAMP) $(EXT_STAMP)

@@ -1711,6 +1711,145 @@ def test_put_nowait_failed_fdatasync_fails_the_round_and_a_raising_callback_spar
     run(main())
 
 
+@pytest.mark.parametrize("page_size", [4096, 16384])
+def test_put_nowait_stages_values_at_buffer_page_and_block_boundaries(tdir, engine, page_size):
+    """Values queued by put_nowait are copied into the fixed buffers by the C committer: empty,
+    one byte, around block and page sizes and exactly one buffer, from bytes, a bytearray (a
+    snapshot: later changes are not stored) and a strided memoryview; more values than one
+    round's buffers take several rounds; every one reads back byte for byte, also after a
+    crash (sync=True)."""
+
+    async def main():
+        p = os.path.join(tdir, "d")
+        bsz = 65536
+        s = await BlobStore.create(p, 32 * MiB, page_size=page_size, engine=engine, buffer_count=8,
+                                   buffer_size=bsz)
+        batches0 = s.stat()["journal_batches"]
+        lengths = [0, 1, 511, 512, 4095, 4096, 4097, page_size - 1, page_size, page_size + 1, bsz - 1, bsz,
+                   bsz, bsz, bsz, bsz, 3, bsz - 4096]
+        vals = {b"b%02d" % i: os.urandom(n) for i, n in enumerate(lengths)}
+        pending = [_put_nowait(s, k, v, sync=True) for k, v in vals.items()]
+        mutable = bytearray(b"m" * 5000)
+        pending.append(_put_nowait(s, b"mutable", mutable, sync=True))
+        mutable[:] = b"X" * 5000  # after the put returned: not what is stored
+        strided = memoryview(bytes(range(200)) * 40)[::3]
+        pending.append(_put_nowait(s, b"strided", strided, sync=True))
+        assert s.put_nowait(b"over", os.urandom(bsz + 1), lambda v, e: None) is False
+        assert all(q is True for q, _f, _c in pending)
+        assert [await f for _q, f, _c in pending] == [None] * len(pending)
+        assert all(len(c) == 1 for _q, _f, c in pending)
+        # 6 values of a whole buffer cannot share one round's (8 - 1) // 2 = 3 data buffers
+        assert s.stat()["journal_batches"] - batches0 >= 2
+        vals[b"mutable"] = b"m" * 5000
+        vals[b"strided"] = bytes(strided)
+        for k, v in vals.items():
+            assert await s.get(k) == v, k
+            assert s.value_size(k) == len(v)
+        assert s.stat()["bytes_written"] >= sum(len(v) for v in vals.values())
+        await s.abandon()  # a crash right after the acknowledgements
+        s = await BlobStore.open(p, engine=engine)
+        for k, v in vals.items():
+            assert await s.get(k) == v, k
+        await s.close()
+
+    run(main())
+
+
+def test_put_nowait_failed_data_write_fails_the_round_and_turns_read_only(tdir, engine):
+    """A data write of a round of put_nowait items fails: every item of it is answered once with
+    IOFailed (errno EIO), the store turns read-only, and after a restart a key reads back its
+    value or is absent, never other bytes."""
+
+    async def main():
+        p = os.path.join(tdir, "d")
+        holder, wrap = _faulty_open(p, engine)
+        s = await BlobStore.create(p, 8 * MiB, engine=engine, wrap_engine=wrap)
+        await s.put(b"kept", b"durable", sync=True)
+        await s.put(b"w0", b"old", sync=True)
+        holder["e"].fail_next("write")
+        vals = {b"w%d" % i: os.urandom(3000 + i) for i in range(5)}
+        pending = [_put_nowait(s, k, v, sync=True) for k, v in vals.items()]
+        errs = [await f for _q, f, _c in pending]
+        assert all(isinstance(e, IOFailed) and e.errno == errno.EIO for e in errs), errs
+        assert all(len(c) == 1 for _q, _f, c in pending)
+        assert s.read_only and s.stat()["read_only"]
+        assert await s.get(b"w0") == b"old"  # reads go on; the failed round never became visible
+        with pytest.raises(ReadOnly):
+            s.put_nowait(b"late", b"v", lambda v, e: None)
+        await s.close()
+        s = await BlobStore.open(p, engine=engine)
+        assert await s.get(b"kept") == b"durable"
+        for k, v in vals.items():
+            try:
+                got = await s.get(k)
+            except NotFound:
+                continue
+            assert got in (v, b"old" if k == b"w0" else v)
+        await s.close()
+
+    run(main())
+
+
+def test_put_nowait_nospace_with_pending_frees_hands_over_to_put(tdir):
+    """No room while replaced extents wait for a durable point: put_nowait returns False having
+    changed nothing (the caller takes put(), which reclaims them); with nothing to reclaim it
+    raises NoSpace; a successful put_nowait right after stores its value."""
+
+    async def main():
+        p = os.path.join(tdir, "d")
+        s = await BlobStore.create(p, 2 * MiB, engine="psync")
+        n = 0
+        with pytest.raises(NoSpace):
+            while True:
+                await s.put(b"f%d" % n, b"z" * 4096, sync=True)
+                n += 1
+        assert n > 10
+        free0 = s.stat()["free_bytes"]
+        with pytest.raises(NoSpace):  # nothing queued, nothing to reclaim
+            s.put_nowait(b"new", b"y" * 4096, lambda v, e: None, sync=True)
+        for i in range(4):
+            await s.delete(b"f%d" % i)  # sync=False: the extents wait for a durable point
+        assert s._pending_free
+        assert s.put_nowait(b"new", b"y" * 4096, lambda v, e: None, sync=True) is False
+        assert not s.has(b"new") and s.stat()["free_bytes"] == free0
+        await s.put(b"new", b"y" * 4096, sync=True)  # reclaims the frees first
+        assert await s.get(b"new") == b"y" * 4096
+        q, f, _c = _put_nowait(s, b"new2", b"x" * 100, sync=True)
+        assert q and await f is None and await s.get(b"new2") == b"x" * 100
+        await s.close()
+
+    run(main())
+
+
+def test_commit_items_answer_once_and_a_raising_done_is_logged(caplog):
+    """The C group-commit item: a put_nowait item is its own completion (done/set_result/
+    set_exception answer its callback once); settle resolves items and flush waiters that are
+    still pending and logs a callback that raises without stopping the others."""
+    from ringblob._storeput import Item, settle
+
+    calls = []
+    it = Item(1, b"k", 0, 0, 0, b"d" * 32, None, True, None)
+    assert it.fut is it and not it.done()
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        fut_item = Item(2, b"k", 0, 0, 0, b"", None, False, loop.create_future())
+        assert fut_item.fut is not fut_item
+        flusher = loop.create_future()
+        done_fl = loop.create_future()
+        done_fl.set_result(None)
+        err = RuntimeError("boom")
+        settle([fut_item], [flusher, done_fl], err)
+        assert fut_item.fut.exception() is err and flusher.exception() is err
+        settle([fut_item], [flusher])  # already answered: nothing changes
+        assert fut_item.fut.exception() is err
+
+    run(main())
+    # an item with no callback set (built from Python) answers nothing, but is marked done
+    it.set_result(None)
+    assert it.done()
+    assert calls == []
+
 # -- values received into leased fixed buffers (lease_value / put_leased) ------------------
 
 BSZ = 256 * 1024  # the default fixed-buffer size

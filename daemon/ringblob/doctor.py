@@ -15,8 +15,8 @@ The checks:
   kernel support READ_FIXED, WRITE_FIXED and FSYNC;
 * ``extension`` — whether the Cython engine ``ringblob._uring`` imports;
 * ``store`` — whether the store's Cython extensions import (``ringblob._index``,
-  ``_alloc``, ``_format``, ``_aiocore``, ``_storeget``: key index, page allocator, journal
-  encoders, the engine adapter's request path, the store's GET path; FAIL
+  ``_alloc``, ``_format``, ``_aiocore``, ``_storeget``, ``_storeput``: key index, page allocator,
+  journal encoders, the engine adapter's request path, the store's GET path, its PUT path; FAIL
   without them, whatever the engine);
 * ``data`` — O_DIRECT at the data path: an existing data file (or block
   device) is opened read-only with O_DIRECT and its first block read; for a
@@ -61,7 +61,7 @@ __all__ = ["add_arguments", "run", "diagnose", "Check", "Report", "DEFAULT_DATA"
 DEFAULT_DATA = "./var/ringblob.data"
 OK, WARN, FAIL = "OK", "WARN", "FAIL"
 #: the Cython modules the store imports (the key index, the page allocator, the journal encoders)
-STORE_EXTENSIONS = ("_index", "_alloc", "_format", "_aiocore", "_storeget")
+STORE_EXTENSIONS = ("_index", "_alloc", "_format", "_aiocore", "_storeget", "_storeput")
 CAP_IPC_LOCK = 14
 
 

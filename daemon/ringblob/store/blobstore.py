@@ -43,10 +43,13 @@ from .leased import LeasedValue
 
 try:
     from .._storeget import GetPath
+    from .._storeput import Item as _Item
+    from .._storeput import PutPath
+    from .._storeput import settle as _settle
 except ImportError as exc:  # pragma: no cover - a source checkout without the build step
     raise ImportError(
-        f"ringblob's compiled GET path (ringblob._storeget) does not import ({exc}); build the extensions "
-        "with `make setup` or `python setup.py build_ext --inplace` from the source tree"
+        f"ringblob's compiled request paths (ringblob._storeget, ringblob._storeput) do not import ({exc}); "
+        "build the extensions with `make setup` or `python setup.py build_ext --inplace` from the source tree"
     ) from exc
 
 __all__ = ["BlobStore", "DEFAULT_MAX_BLOB_SIZE", "LeasedValue"]
@@ -63,50 +66,6 @@ _PUT, _DELETE = 1, 2
 _EXTEND_EVERY, _EXTEND_BY = 5.0, 60.0
 
 
-class _Item:
-    __slots__ = ("kind", "key", "page", "npages", "length", "digest", "data", "sync", "fut", "seq")
-
-    def __init__(self, kind, key, page, npages, length, digest, data, sync, fut):
-        self.kind = kind
-        self.key = key
-        self.page = page
-        self.npages = npages
-        self.length = length
-        self.digest = digest
-        self.data = data  # memoryview still to be written by the committer, or None
-        self.sync = sync
-        self.fut = fut
-        self.seq = 0
-
-
-class _Done:
-    """An item's completion for :meth:`BlobStore.put_nowait`: it offers the three methods of a
-    future the committer uses (``done``, ``set_result``, ``set_exception``) and answers by
-    calling ``fn(None, error)`` once (``error`` None: committed)."""
-
-    __slots__ = ("fn", "_called")
-
-    def __init__(self, fn) -> None:
-        self.fn = fn
-        self._called = False
-
-    def done(self) -> bool:
-        return self._called
-
-    def set_result(self, _result) -> None:
-        self._call(None)
-
-    def set_exception(self, exc: BaseException) -> None:
-        self._call(exc)
-
-    def _call(self, exc: BaseException | None) -> None:
-        self._called = True
-        try:
-            self.fn(None, exc)
-        except Exception:  # the caller's bug must not stop the committer settling the others
-            log.exception("store: a put_nowait completion callback failed")
-
-
 def _write_error(ops: list, results: list) -> OSError | None:
     """The first failure among the results of ``ops`` (an ``OSError``, or ``OSError(EIO)`` for a
     short write), or None when every write transferred all its bytes."""
@@ -116,17 +75,6 @@ def _write_error(ops: list, results: list) -> OSError | None:
         if op[0] == WRITE and r != op[3]:
             return OSError(_errno.EIO, f"write_fixed: short write of {r} of {op[3]} bytes at offset {op[2]}")
     return None
-
-
-def _settle(items, flushers, exc: BaseException | None = None) -> None:
-    """Resolve the futures of a round's items and flush waiters that are still pending: with
-    ``None`` (committed) or, given ``exc``, with that exception."""
-    for fut in [it.fut for it in items] + list(flushers):
-        if not fut.done():
-            if exc is None:
-                fut.set_result(None)
-            else:
-                fut.set_exception(exc)
 
 
 def _holder_pid(fd: int) -> str:
@@ -172,6 +120,10 @@ def _as_view(value) -> memoryview:
         mv = memoryview(value)
     except TypeError:
         raise TypeError(f"value must be bytes-like, not {type(value).__name__}") from None
+    if not mv.c_contiguous:
+        # a strided view (memoryview(b)[::2]): BLAKE3 and the copy into fixed buffers take
+        # contiguous bytes
+        mv = memoryview(mv.tobytes())
     if mv.format != "B" or mv.ndim != 1:
         mv = mv.cast("B")
     if not mv.readonly:
@@ -639,6 +591,11 @@ class BlobStore:
         self._getpath = GetPath(self, self._index, self._aio.read_nowait, self._pins, self._free_on_unpin,
                                 self._alloc.free, self._counters, P, _check_key)
         self.get_nowait = self._getpath.get_nowait  # the server calls it with no Python frame between
+        # the PUT request path and the group commit's per-item loops in C; they share the queue,
+        # pending frees, pins, counters, index and allocator above (never replaced)
+        self._putpath = PutPath(self, P, self._aio.block_size, self._aio.buffer_size, self.max_blob_size,
+                                F.ENTRY.size, F.CHUNK_HEADER_SIZE, _check_key, _as_view)
+        self.put_nowait = self._putpath.put_nowait
         if recs and recs[-1][1] > max_durable and not self._opened_read_only:
             await self._aio.fdatasync()  # the verified tail is durable from here on
             self._counters["fdatasyncs"] += 1
@@ -873,23 +830,15 @@ class BlobStore:
             self._alloc.free(page, n)
 
     def _release_extent(self, page: int, n: int) -> None:
-        if not n:
-            return
-        if page in self._pins:
-            self._free_on_unpin[page] = n
-        else:
-            self._alloc.free(page, n)
+        """Free an extent now, or once its last reader unpins it (C: ``PutPath.release_extent``)."""
+        self._putpath.release_extent(page, n)
 
     def _process_frees(self) -> None:
         # Free an old extent only once a durable journal batch (or checkpoint) says its replacing
         # record is durable: recovery then never verifies the replaced record against pages
         # that were reused since (see docs/FORMAT.md, "never served"). Entries are appended in
         # sequence order, so the ripe ones are at the left.
-        q = self._pending_free
-        d = self._disk_durable
-        while q and q[0][0] <= d:
-            _seq, page, n = q.popleft()
-            self._release_extent(page, n)
+        self._putpath.process_frees()
 
     def _ckpt_reserve_pages(self, extra_bytes: int = 0) -> int:
         """Free pages a put must leave for the next checkpoint (its chunks are written before
@@ -1018,25 +967,7 @@ class BlobStore:
         queues: :class:`InvalidKey`, :class:`TooLarge`, :class:`DigestMismatch`
         (``verify=True``), :class:`NoSpace`, :class:`ReadOnly`.
         """
-        key = _check_key(key)
-        self._check_writable()
-        mv = _as_view(value)
-        length = len(mv)
-        if length > self._aio.buffer_size or length > self.max_blob_size:
-            return False
-        digest = blake3.blake3(mv).digest()
-        if verify and digest != key:
-            raise DigestMismatch(f"put: the BLAKE3 digest of the value is {digest.hex()}, not the key "
-                                 f"{key.hex()}; nothing was stored")
-        n = self._npages(length)
-        try:
-            page = self._take_pages(n, 1 + len(key) + F.ENTRY.size)
-        except NoSpace:
-            if not self._pending_free and not self._queue:
-                raise
-            return False  # put() waits for the reclaim
-        self._enqueue(_Item(_PUT, key, page, n, length, digest, mv if length else None, sync, _Done(done)))
-        return True
+        return self._putpath.put_nowait(key, value, done, sync=sync, verify=verify)
 
     async def _put_hashed(self, key: bytes, mv: memoryview, digest: bytes, sync: bool) -> None:
         item = await self._prepare_put(key, mv, digest, sync)
@@ -1220,7 +1151,8 @@ class BlobStore:
         log.error("store: %s turned read-only after %s; reads go on, writes fail with ReadOnly; restart to "
                   "recover from the medium", self.path, reason)
         self._obs("on_read_only", reason)
-        q, self._queue = self._queue, []
+        q = self._queue[:]
+        self._queue.clear()  # in place: the C put path holds this list
         for it in q:
             if not it.fut.done():
                 it.fut.set_exception(ReadOnly(f"{self.path}: the store turned read-only after {reason}"))
@@ -1295,12 +1227,6 @@ class BlobStore:
             if jbuf is not None and not self._aio.closed:
                 self._aio.release(jbuf)
 
-    def _staged_len(self, it: _Item, bsz: int, bs: int) -> int:
-        """Bytes a small value takes in a fixed buffer: its whole pages (so neighbours in the
-        file merge into one write), or whole blocks where a page does not fit a buffer."""
-        whole = it.npages * self.page_size
-        return whole if whole <= bsz else -(-len(it.data) // bs) * bs
-
     def _journal_place(self, nbytes: int) -> tuple[int, int] | None:
         """(logical pos, physical offset) for a batch of ``nbytes``, or None when the journal is full."""
         J = self._jbytes
@@ -1314,8 +1240,6 @@ class BlobStore:
         return pos, phys
 
     async def _commit_round(self, jbuf) -> None:
-        P, bs = self.page_size, self._aio.block_size
-        bsz = self._aio.buffer_size
         cap = self._batch_cap - F.BATCH_HEADER_SIZE
         max_ops = self._aio.queue_depth - 2
         max_data_bufs = max(1, (self._aio.buffer_count - 1) // 2)
@@ -1330,40 +1254,8 @@ class BlobStore:
             recs.append(marker)
             rec_bytes += len(marker)
             seq += 1
-        # pack small values into fixed buffers (simulated first; leased below)
-        nbufs, boff = 0, bsz
-        n_ops = 0
-        prev_end = -1
-        q = self._queue
-        i = 0
-        while i < len(q):
-            it = q[i]
-            if it.kind == _PUT:
-                r = F.encode_put(seq, it.key, it.page, it.length, it.digest)
-            else:
-                r = F.encode_delete(seq, it.key)
-            if rec_bytes + len(r) > cap and items:
-                break
-            nb, bo, ops, pe = nbufs, boff, n_ops, prev_end
-            if it.data is not None:
-                alen = self._staged_len(it, bsz, bs)
-                if bo + alen > bsz:
-                    nb, bo = nb + 1, 0
-                    pe = -1
-                if pe != it.page:  # else the write merges with the previous item's
-                    ops += 1
-                bo += alen
-                pe = it.page + it.npages if alen == it.npages * P else -1
-                if (nb > max_data_bufs or ops > max_ops) and items:
-                    break
-            nbufs, boff, n_ops, prev_end = nb, bo, ops, pe
-            it.seq = seq
-            seq += 1
-            recs.append(r)
-            rec_bytes += len(r)
-            items.append(it)
-            i += 1
-        del q[:i]
+        # pack small values into fixed buffers (simulated first; leased in _commit_items)
+        seq, nbufs = self._putpath.pack_round(recs, items, seq, rec_bytes, cap, max_ops, max_data_bufs)
         flushers, self._flush_waiters = self._flush_waiters, []
         if not items:
             await self._drain()
@@ -1397,8 +1289,7 @@ class BlobStore:
         finish task waits for the previous one, and issues its fdatasync only
         after the previous round's succeeded.
         """
-        P, bs = self.page_size, self._aio.block_size
-        bsz = self._aio.buffer_size
+        P = self.page_size
         want_sync = bool(flushers) or any(it.sync for it in items)
         # the durable point as known now: the previous round's fdatasync may still be in flight
         batch_d = self._durable_seq
@@ -1438,24 +1329,7 @@ class BlobStore:
         bufs = await self._aio.lease(nbufs) if nbufs else []
         ops: list[tuple] = []
         try:
-            bi, bo = -1, bsz
-            for it in items:
-                if it.data is None:
-                    continue
-                ln = len(it.data)
-                alen = self._staged_len(it, bsz, bs)
-                if bo + alen > bsz:
-                    bi, bo = bi + 1, 0
-                b = bufs[bi]
-                b.view[bo : bo + ln] = it.data
-                if alen > ln:
-                    b.view[bo + ln : bo + alen] = bytes(alen - ln)
-                prev = ops[-1] if ops else None
-                if prev is not None and prev[1] is b and prev[4] + prev[3] == bo and prev[2] + prev[3] == it.page * P:
-                    ops[-1] = (WRITE, b, prev[2], prev[3] + alen, prev[4])  # contiguous in file and buffer
-                else:
-                    ops.append((WRITE, b, it.page * P, alen, bo))
-                bo += alen
+            ops = self._putpath.stage(items, bufs, WRITE)  # values copied in, neighbours merged
             jbuf.view[: len(batch)] = batch
             ops.append((WRITE, jbuf, self._joff + phys, len(batch), 0))
             # The data writes and the journal write go out unlinked, in one ring turn, so the
@@ -1522,25 +1396,12 @@ class BlobStore:
             if isinstance(exc, asyncio.CancelledError):
                 raise
             return False
-        # committed: make visible
-        idx = self._index
-        for it in items:
-            if it.kind == _PUT:
-                old = idx.set(it.key, it.page, it.length, it.digest)
-                self._counters["puts"] += 1
-                if it.data is not None:
-                    self._counters["bytes_written"] += it.length
-                    it.data = None
-            else:
-                old = idx.remove(it.key)
-                self._counters["deletes"] += 1
-            if old is not None and old[1]:
-                self._pending_free.append((it.seq, old[0], self._npages(old[1])))
+        # committed: make visible (index, counters, replaced extents queued for freeing)
+        nsync = self._putpath.apply_round(items)
         if want_sync:
             self._durable_seq = max(self._durable_seq, last_seq)
             self._disk_durable = max(self._disk_durable, batch_d)
             self._counters["fdatasyncs"] += 1
-            nsync = sum(1 for it in items if it.sync)
             if nsync:
                 self._counters["group_commits"] += 1
                 self._counters["group_commit_writes"] += nsync
@@ -1985,7 +1846,8 @@ class BlobStore:
             self._unlock_and_close()
 
     def _fail_pending(self, exc: Exception) -> None:
-        q, self._queue = self._queue, []
+        q = self._queue[:]
+        self._queue.clear()  # in place: the C put path holds this list
         for it in q:
             if not it.fut.done():
                 it.fut.set_exception(exc)
