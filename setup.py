@@ -1,6 +1,7 @@
 """Build step for the Cython extensions: the engine ``ringblob._uring``, the store's index ``ringblob._index``,
 page allocator ``ringblob._alloc`` and journal encoders ``ringblob._format``, the engine
-adapter's request path ``ringblob._aiocore`` and the store's GET path ``ringblob._storeget``.
+adapter's request path ``ringblob._aiocore``, the store's GET path ``ringblob._storeget`` and the
+server's request path ``ringblob._srvcore``.
 
 Everything declarative lives in pyproject.toml; this file only declares the
 extensions. The engine links against the system liburing (Debian 12: 2.3); the
@@ -34,6 +35,11 @@ extensions = [
     Extension(
         "ringblob._storeget",
         sources=["cython/_storeget.pyx"],
+        include_dirs=["cython"],
+    ),
+    Extension(
+        "ringblob._srvcore",
+        sources=["cython/_srvcore.pyx"],
         include_dirs=["cython"],
     ),
     Extension(
