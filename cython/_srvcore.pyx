@@ -178,6 +178,10 @@ cdef class ServerCore:
                 self._counts = counts
                 self._durations = durations
 
+    def _observe_request(self, int opcode, int status, double seconds):
+        """:meth:`_observe` from Python (tests): count one request of ``opcode``."""
+        self._observe(opcode, status, seconds)
+
     cdef int _observe(self, int opcode, int status, double seconds) except -1:
         """``Metrics.observe_request(name of opcode, status, seconds)``, in C for the common case
         (status 0, an op already counted)."""
