@@ -131,6 +131,7 @@ cdef class ServerCore:
     cdef public object _get_nowait
     cdef public object _put_nowait
     cdef public object _scratch
+    cdef public object _scratch_head
     cdef public object config
     cdef object _metrics
     cdef dict _counts  # Metrics._req_counts: (op name, status) -> requests answered
@@ -239,6 +240,26 @@ cdef class ConnCore:
         self.out = []
 
     # -- reading --
+
+    def get_buffer(self, sizehint):
+        """asyncio ``BufferedProtocol``: where the next socket read lands — the decoder's
+        ``recv_target()`` (a large body received in place), else the server's scratch buffer
+        (its first ``SCRATCH_HEAD`` bytes right after a large body completed in place)."""
+        dec = self.decoder
+        # (a decoder with no large frame under way has no target: skip the call)
+        target = dec.recv_target() if dec._big_len is not None else None
+        if target is not None:
+            self._in_place = True
+            return target
+        self._in_place = False
+        srv = self.server
+        if self._head_next:
+            # the last read completed a large body received in place; a client sending large
+            # values sends the next one now: read only its header and key, so that its value is
+            # read in place too instead of being copied out of a full scratch read
+            self._head_next = False
+            return srv._scratch_head
+        return srv._scratch
 
     def buffer_updated(self, Py_ssize_t nbytes):
         """asyncio ``BufferedProtocol``: ``nbytes`` were read into the buffer ``get_buffer``

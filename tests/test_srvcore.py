@@ -149,3 +149,64 @@ def test_the_c_clock_is_perf_counter():
     c = _srvcore.perf_counter()
     t2 = time.perf_counter()
     assert t <= c <= t2
+
+
+def test_the_decoder_fields_the_c_path_reads_mean_what_it_assumes():
+    """_srvcore takes frames out of a read only while the decoder is idle, judged from its fields:
+    idle <=> nothing buffered, and no large frame under way => no recv_target."""
+    budget = P.ReceiveBudget(1 << 20)
+    leased = []
+
+    class Sink:
+        def __init__(self, n):
+            self.buf, self.fill = bytearray(n), 0
+            leased.append(self)
+
+        def target(self):
+            return memoryview(self.buf)[self.fill:] if self.fill < len(self.buf) else None
+
+        def advance(self, n):
+            self.fill += n
+
+        def write(self, data):
+            self.buf[self.fill:self.fill + len(data)] = data
+            self.fill += len(data)
+            return len(data)
+
+        def release(self):
+            pass
+
+    dec = P.FrameDecoder(view_bodies=True, budget=budget, value_sink=Sink)
+    big = os.urandom(P.LARGE_BODY + 100)
+    stream = b"".join([P.encode_get(1, b"k"), P.encode_put(2, b"big", big), P.encode_frame(P.Op.PING, 3, big),
+                       P.encode_put(4, b"s", b"x"), P.encode_get(5, b"k")])
+
+    def check():
+        idle = len(dec._buf) == dec._pos and dec._big_len is None and dec._error is None
+        assert idle == (dec.buffered == 0), (dec.buffered, dec._big_len)
+        if dec._big_len is None:
+            assert dec.recv_target() is None
+
+    ids = []
+    pos = 0
+    for step in (7, 20, 1000, 30000, 70000, 50, 5, 100000, 200000):
+        while True:
+            check()
+            t = dec.recv_target()
+            if t is not None:
+                n = min(len(t), step, len(stream) - pos)
+                t[:n] = stream[pos:pos + n]
+                pos += n
+                dec.received_in_place(n)
+            else:
+                dec.feed(stream[pos:pos + step])
+                pos += step
+            check()
+            while (f := dec.next_frame()) is not None:
+                ids.append(f.request_id)
+                check()
+            if pos >= len(stream) or step < 1000:
+                break
+        if pos >= len(stream):
+            break
+    assert ids == [1, 2, 3, 4, 5] and dec.buffered == 0 and leased

@@ -17,6 +17,7 @@ class ServerCore:
     _get_nowait: Callable[..., int] | None
     _put_nowait: Callable[..., bool] | None
     _scratch: memoryview
+    _scratch_head: memoryview
     config: Any
     metrics: Any
 
@@ -43,6 +44,7 @@ class ConnCore:
     _in_place: bool
     _head_next: bool
     last_activity: float
+    def get_buffer(self, sizehint: int) -> memoryview: ...
     def buffer_updated(self, nbytes: int) -> None: ...
     def _get_now(self, req: Any, get_nowait: Callable[..., int]) -> bool: ...
     def _new_done(self, req: Any, cost: int, t0: float) -> Done: ...

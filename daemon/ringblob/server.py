@@ -12,7 +12,14 @@ callback answers it (no coroutine, no future, no Task). Anything else runs
 its coroutine (``store.get``, else the server's handler), started at once and
 stepped by hand — no Task; its SQEs are queued in the turn that decoded it.
 Requests answered without I/O (PING, HAS, STAT, NEEDS_FLUSH) are answered
-inline. The engine submits the turn's SQEs with one
+inline. The per-request path is in C (``ringblob._srvcore``, the base classes
+of :class:`Server` and :class:`_Connection`): while a connection's decoder
+holds nothing, complete small GET and PUT frames are taken straight out of the
+socket read (no decoder copy, no ``Frame`` or ``Request`` per request) and
+started as above; everything else — other opcodes, partial, large or
+malformed frames, a limit reached — goes through the decoder and
+:meth:`_Connection._dispatch` below, from the first frame C does not take.
+Completions, reply headers, counters and metrics are counted in C too. The engine submits the turn's SQEs with one
 ``io_uring_enter``; completions wake the loop through the ring's eventfd.
 Replies completed in the same loop turn are written to their connection with
 one ``writelines`` (headers and values as separate buffers, no join).
@@ -435,20 +442,6 @@ class _Connection(ConnCore, asyncio.BufferedProtocol):
         assert self.transport is not None
         self.transport.write(P.encode_error_reply(0, 0, exc))
         self.transport.close()
-
-    def get_buffer(self, sizehint: int) -> memoryview:
-        target = self.decoder.recv_target()
-        if target is not None:
-            self._in_place = True
-            return target
-        self._in_place = False
-        if self._head_next:
-            # the last read completed a large body received in place; a client sending large
-            # values sends the next one now: read only its header and key, so that its value is
-            # read in place too instead of being copied out of a full scratch read
-            self._head_next = False
-            return self.server._scratch_head
-        return self.server._scratch
 
     def data_received(self, data: bytes) -> None:
         """Bytes from a transport that does not use the buffered protocol interface."""
