@@ -28,6 +28,10 @@ ordinary attributes. In C:
   and one ``writelines`` per connection per loop turn.
 
 The rare paths (errors, other opcodes, coroutines) stay in ``server.py``.
+Compiling the Python with Cython gained nothing; typed fields, C calls and
+fewer objects and copies per request did: the daemon's CPU per 4 KiB GET at
+32 concurrent went from 14.8 to 10.5 µs and per 4 KiB sync PUT from 30.4 to
+23.5 µs on the 2-CPU bench VM (medians of three A/B rounds).
 """
 
 cimport cython
