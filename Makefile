@@ -171,6 +171,6 @@ install-files:
 	fi
 
 clean:
-	rm -rf build dist daemon/*.egg-info daemon/ringblob/_uring*.so daemon/ringblob/_index*.so daemon/ringblob/_alloc*.so daemon/ringblob/_format*.so daemon/ringblob/_aiocore*.so daemon/ringblob/_storeget*.so daemon/ringblob/_storeput*.so daemon/ringblob/_uring.c cython/*.c .pytest_cache
+	rm -rf build dist daemon/*.egg-info daemon/ringblob/_*.so cython/*.c .pytest_cache
 	find . -name __pycache__ -prune -exec rm -rf {} +
 	rm -f $(STAMP) $(EXT_STAMP)

@@ -14,10 +14,11 @@ The checks:
   a ring be set up here (else the real errno and what it means), and does the
   kernel support READ_FIXED, WRITE_FIXED and FSYNC;
 * ``extension`` — whether the Cython engine ``ringblob._uring`` imports;
-* ``store`` — whether the store's Cython extensions import (``ringblob._index``,
-  ``_alloc``, ``_format``, ``_aiocore``, ``_storeget``, ``_storeput``: key index, page allocator,
-  journal encoders, the engine adapter's request path, the store's GET path, its PUT path; FAIL
-  without them, whatever the engine);
+* ``store`` — whether the store's and the server's Cython extensions import
+  (``ringblob._index``, ``_alloc``, ``_format``, ``_aiocore``, ``_storeget``,
+  ``_storeput``, ``_srvcore``: key index, page allocator, journal encoders, the
+  engine adapter's request path, the store's GET and PUT paths, the server's
+  request path; FAIL without them, whatever the engine);
 * ``data`` — O_DIRECT at the data path: an existing data file (or block
   device) is opened read-only with O_DIRECT and its first block read; for a
   path that does not exist yet, a temporary probe file in its directory is
@@ -60,8 +61,9 @@ __all__ = ["add_arguments", "run", "diagnose", "Check", "Report", "DEFAULT_DATA"
 
 DEFAULT_DATA = "./var/ringblob.data"
 OK, WARN, FAIL = "OK", "WARN", "FAIL"
-#: the Cython modules the store imports (the key index, the page allocator, the journal encoders)
-STORE_EXTENSIONS = ("_index", "_alloc", "_format", "_aiocore", "_storeget", "_storeput")
+#: the Cython modules the store and the server import (the key index, the page allocator, the journal
+#: encoders, the engine adapter's request path, the store's GET and PUT paths, the server's request path)
+STORE_EXTENSIONS = ("_index", "_alloc", "_format", "_aiocore", "_storeget", "_storeput", "_srvcore")
 CAP_IPC_LOCK = 14
 
 

@@ -12,7 +12,14 @@ callback answers it (no coroutine, no future, no Task). Anything else runs
 its coroutine (``store.get``, else the server's handler), started at once and
 stepped by hand — no Task; its SQEs are queued in the turn that decoded it.
 Requests answered without I/O (PING, HAS, STAT, NEEDS_FLUSH) are answered
-inline. The engine submits the turn's SQEs with one
+inline. The per-request path is in C (``ringblob._srvcore``, the base classes
+of :class:`Server` and :class:`_Connection`): while a connection's decoder
+holds nothing, complete small GET and PUT frames are taken straight out of the
+socket read (no decoder copy, no ``Frame`` or ``Request`` per request) and
+started as above; everything else — other opcodes, partial, large or
+malformed frames, a limit reached — goes through the decoder and
+:meth:`_Connection._dispatch` below, from the first frame C does not take.
+Completions, reply headers, counters and metrics are counted in C too. The engine submits the turn's SQEs with one
 ``io_uring_enter``; completions wake the loop through the ring's eventfd.
 Replies completed in the same loop turn are written to their connection with
 one ``writelines`` (headers and values as separate buffers, no join).
@@ -79,6 +86,14 @@ from .errors import (
     TooLarge,
 )
 from .metrics import Metrics, serve_metrics
+
+try:
+    from ._srvcore import ConnCore, ServerCore
+except ImportError as exc:  # pragma: no cover - only in a checkout whose extensions are not built
+    raise ImportError(
+        f"ringblob's compiled request path (ringblob._srvcore) does not import ({exc}); build the extensions "
+        "with `make build` (or `python setup.py build_ext --inplace`)"
+    ) from exc
 
 __all__ = ["ServerConfig", "Server", "run_server", "run", "new_event_loop", "main"]
 
@@ -343,30 +358,7 @@ _P_BYTES = 8  # the replies being produced would pass the connection's reply-byt
 _P_RECV = 16  # received frames of all connections hold over max_receive_bytes, and it is not this one's turn
 
 
-class _Done:
-    """The completion of one GET or PUT the store serves with ``get_nowait`` / ``put_nowait``
-    (see :meth:`_Connection._start`): called once with ``(value, error)`` (``value`` is the GET's
-    bytes, None for a PUT); it is also the request's entry in ``Server._eager`` while it is in
-    flight."""
-
-    __slots__ = ("conn", "req", "cost", "t0")
-
-    def __init__(self, conn: "_Connection", req: P.Request, cost: int, t0: float) -> None:
-        self.conn = conn
-        self.req = req
-        self.cost = cost
-        self.t0 = t0
-
-    def __call__(self, value: bytes | None, err: BaseException | None) -> None:
-        conn = self.conn
-        del conn.server._eager[self]
-        if err is None:
-            conn._finish(self.req, [] if value is None else [value], 0, self.t0, self.cost)
-        else:
-            conn._failed(self.req, err, self.t0, self.cost)
-
-
-class _Connection(asyncio.BufferedProtocol):
+class _Connection(ConnCore, asyncio.BufferedProtocol):
     """asyncio protocol of one client: decode, dispatch, coalesce replies.
 
     A ``BufferedProtocol``: socket reads land in the server's shared scratch
@@ -450,38 +442,6 @@ class _Connection(asyncio.BufferedProtocol):
         assert self.transport is not None
         self.transport.write(P.encode_error_reply(0, 0, exc))
         self.transport.close()
-
-    def get_buffer(self, sizehint: int) -> memoryview:
-        target = self.decoder.recv_target()
-        if target is not None:
-            self._in_place = True
-            return target
-        self._in_place = False
-        if self._head_next:
-            # the last read completed a large body received in place; a client sending large
-            # values sends the next one now: read only its header and key, so that its value is
-            # read in place too instead of being copied out of a full scratch read
-            self._head_next = False
-            return self.server._scratch_head
-        return self.server._scratch
-
-    def buffer_updated(self, nbytes: int) -> None:
-        if self.closing:
-            return
-        self.server.metrics.bytes_received += nbytes
-        self.last_activity = self.loop.time()
-        if self._in_place:
-            self._in_place = False
-            if not self.decoder.received_in_place(nbytes):
-                # the large body goes on: no frame to dispatch yet (the in-flight limits are
-                # checked when it is complete)
-                self._account_received()
-                return
-            self._head_next = True
-        else:
-            with self.server._scratch[:nbytes] as chunk:
-                self.decoder.feed(chunk)  # copies: the scratch buffer is reused by the next read
-        self._pump()  # (accounts what the decoder holds now)
 
     def data_received(self, data: bytes) -> None:
         """Bytes from a transport that does not use the buffered protocol interface."""
@@ -632,34 +592,6 @@ class _Connection(asyncio.BufferedProtocol):
         status, message = P._error_status(exc)
         self._queue_reply(op if 0 <= op <= 255 else 0, rid, [message.encode("utf-8", "replace")], status)
 
-    def _get_now(self, req: P.Request, get_nowait) -> bool:
-        """Serve a GET with the store's ``get_nowait``: the read is queued now and a
-        :class:`_Done` answers it (no coroutine, no future, one index lookup). The value's
-        length comes back from the store, so the reply-byte budget needs no lookup of its
-        own: the store declines a value that would pass it. Returns False, having changed
-        nothing, when the store declines (the general path takes the GET)."""
-        srv = self.server
-        t0 = _perf_counter()
-        room = srv.config.write_high_water - self.reply_reserved - _HEADER_SIZE if self.reply_reserved else None
-        done = _Done(self, req, 0, t0)
-        self.in_flight += 1
-        srv.in_flight += 1
-        srv.metrics.requests_in_flight += 1
-        try:
-            n = get_nowait(req.key, done, room)
-        except Exception as err:
-            self._failed(req, err, t0, 0)
-            return True
-        if not n:
-            self.in_flight -= 1
-            srv.in_flight -= 1
-            srv.metrics.requests_in_flight -= 1
-            return False
-        done.cost = n + _HEADER_SIZE
-        self.reply_reserved += done.cost
-        srv._eager[done] = None  # in flight (shutdown waits for it); done() removes it
-        return True
-
     def _serve_inline(self, handler: Callable[[P.Request], list], req: P.Request) -> None:
         t0 = time.perf_counter()
         try:
@@ -699,7 +631,7 @@ class _Connection(asyncio.BufferedProtocol):
 
     def _start(self, req: P.Request, cost: int) -> None:
         """Serve a request. A PUT whose value fits one fixed buffer goes to the store's
-        ``put_nowait`` (the group-commit item is queued now and a :class:`_Done` answers it: no
+        ``put_nowait`` (the group-commit item is queued now and a ``_srvcore.Done`` answers it: no
         coroutine, no future; GETs take the same way earlier, in :meth:`_get_now`); a PUT whose
         value was received into fixed buffers (``req.sink``) goes to ``store.put_leased``
         through the PUT handler. Anything else runs its coroutine (``store.get`` for a
@@ -718,7 +650,7 @@ class _Connection(asyncio.BufferedProtocol):
         op = req.op
         # the store takes a PUT with no coroutine if it can; a value received into a sink: put_leased
         if op is _PUT and req.sink is None and srv._put_nowait is not None:
-            done = _Done(self, req, cost, t0)
+            done = self._new_done(req, cost, t0)
             try:
                 queued = srv._put_nowait(req.key, req.value, done, sync=req.sync, verify=req.verify)
             except Exception as err:
@@ -727,7 +659,13 @@ class _Connection(asyncio.BufferedProtocol):
             if queued:
                 srv._eager[done] = None  # in flight (shutdown waits for it); done() removes it
                 return
-        coro = srv.store.get(req.key) if op is _GET else srv._handlers[op](req)
+        self._start_coro(req, cost, t0)
+
+    def _start_coro(self, req: P.Request, cost: int, t0: float) -> None:
+        """Run ``req``'s coroutine (``store.get`` for a GET, else the Server's handler) up to its first
+        suspension now (see :meth:`_start`); ``t0``: when the request was started (perf_counter s)."""
+        srv = self.server
+        coro = srv.store.get(req.key) if req.op is _GET else srv._handlers[req.op](req)
         srv._eager[coro] = None
         self._step(coro, req, cost, t0, None)
 
@@ -768,69 +706,6 @@ class _Connection(asyncio.BufferedProtocol):
     def _resumed(self, coro, req: P.Request, cost: int, t0: float, fut: asyncio.Future) -> None:
         self._step(coro, req, cost, t0, None)  # the coroutine's await takes the future's result or error
 
-    def _finish(self, req: P.Request, parts: list, status: int, t0: float, cost: int = 0) -> None:
-        srv = self.server
-        try:
-            self._queue_reply(req.op, req.request_id, parts, status)
-        except FrameTooLarge as exc:  # a reply body over the u32 body_length (an MGET of huge values)
-            status = TooLarge.code
-            message = (f"the {req.op.name} reply cannot be sent: {exc}; ask for fewer keys per request "
-                       "(or GET the large values one by one)")
-            self._queue_reply(req.op, req.request_id, [message.encode()], status)
-        srv.metrics.observe_request(_OP_NAMES[req.op], status, _perf_counter() - t0)
-        self.in_flight -= 1
-        self.reply_reserved -= cost
-        srv.in_flight -= 1
-        srv.metrics.requests_in_flight -= 1
-        if srv._waiting and srv.in_flight < srv.config.max_in_flight_total:
-            srv._wake_waiting()
-        if self.paused & (_P_CONN | _P_BYTES) and not self.closed:
-            self._pump()
-        if self.closing or self.eof:
-            self._maybe_close()
-
-    # -- writing --
-
-    def _queue_reply(self, opcode: int, request_id: int, parts: list, status: int) -> None:
-        """Queue a reply frame (header + ``parts``, no copy of the parts) for this turn's writelines.
-
-        Raises :class:`FrameTooLarge` when the body is over the u32 body_length."""
-        if self.closed:
-            return
-        n = 0
-        for b in parts:
-            n += len(b)
-        if n > 0xFFFFFFFF:
-            raise FrameTooLarge(f"frame body of {n} bytes cannot be encoded (the limit is 4 GiB - 1)")
-        out = self.out
-        out.append(_HEADER_PACK(_MAGIC, _VERSION, opcode, status, request_id, n))
-        out += parts
-        self.out_bytes += n
-        self.out_total += n + _HEADER_SIZE
-        if not self.flush_scheduled:
-            self.flush_scheduled = True
-            self.loop.call_soon(self._flush_out)
-
-    def _flush_out(self) -> None:
-        """Write every reply queued during this loop turn with one writelines."""
-        self.flush_scheduled = False
-        if self.closed or self.transport is None:
-            self.out.clear()
-            self.out_bytes = self.out_total = 0
-            return
-        out, self.out = self.out, []
-        n = self.out_total
-        self.out_bytes = self.out_total = 0
-        if out:
-            self.transport.writelines(out)
-            self.server.metrics.bytes_sent += n
-            self.last_activity = self.loop.time()
-        if self.stalled:
-            self.stalled = False
-            self._pump()
-        if self.closing or self.eof:
-            self._maybe_close()
-
     def _maybe_close(self) -> None:
         if self.closed or self.in_flight or self.out or self.flush_scheduled:
             return
@@ -840,28 +715,6 @@ class _Connection(asyncio.BufferedProtocol):
         self.transport.close()  # flushes what is buffered, then closes
 
     # -- flow control --
-
-    def _pause(self, why: int) -> None:
-        self.paused |= why
-        self._pause_reading_now()
-
-    def _pause_reading_now(self) -> None:
-        if not self.reading_paused and not self.closed and self.transport is not None:
-            self.reading_paused = True
-            with contextlib.suppress(RuntimeError, AttributeError):
-                self.transport.pause_reading()
-
-    def _unpause(self, why: int) -> None:
-        self.paused &= ~why
-        if self.closed or self.closing:
-            return
-        if why & _P_WRITE:
-            self._pump()  # frames may wait in the decoder; _pump resumes reading when all are out
-            return
-        if not self.paused and self.reading_paused:
-            self.reading_paused = False
-            with contextlib.suppress(RuntimeError, AttributeError):
-                self.transport.resume_reading()  # type: ignore[union-attr]
 
     def begin_shutdown(self) -> None:
         """Stop reading; answer frames received but not started with ServerShuttingDown;
@@ -928,7 +781,7 @@ def _json_default(obj: Any) -> Any:
 # -- the server ---------------------------------------------------------------------------
 
 
-class Server:
+class Server(ServerCore):
     """Serves one store over a Unix socket.
 
     ``store`` is an open :class:`ringblob.store.BlobStore` (or anything with

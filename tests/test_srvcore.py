@@ -1,0 +1,212 @@
+"""The server's request path in C (cython/_srvcore.pyx): small GET/PUT frames taken straight out
+of a socket read, the decoder path for everything else, the C completion and metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+
+import blake3
+
+from ringblob import _srvcore
+from ringblob import errors
+from ringblob import protocol as P
+from ringblob import server as S
+from ringblob.metrics import Metrics
+from ringblob.store import BlobStore
+
+# the workdir fixture (a fresh directory under .test-tmp/) is tests/conftest.py's
+
+
+async def _serve(workdir, **config):
+    metrics = Metrics()
+    store = await BlobStore.open(os.path.join(workdir, "d.data"), create_size=16 << 20, observer=metrics)
+    srv = S.Server(store, S.ServerConfig(socket_path=os.path.join(workdir, "s.sock"), metrics_addr="",
+                                         socket_activation=False, **config), metrics=metrics)
+    await srv.start()
+    r, w = await asyncio.open_unix_connection(srv.socket_path)
+    return srv, store, r, w
+
+
+async def _replies(r, n: int, dec: P.FrameDecoder | None = None) -> list[P.Frame]:
+    dec = dec or P.FrameDecoder()
+    got: list[P.Frame] = []
+    while len(got) < n:
+        f = dec.next_frame()
+        if f is None:
+            data = await asyncio.wait_for(r.read(1 << 20), 10)
+            assert data, f"connection closed after {len(got)} of {n} replies"
+            dec.feed(data)
+            continue
+        got.append(f)
+    return got
+
+
+def test_a_read_of_mixed_frames_is_answered_like_the_decoder_path(workdir, monkeypatch):
+    """Fast frames, frames the decoder path takes (PING, a bad digest, a flag GET does not define),
+    and a frame split across reads: every reply, status and count as before."""
+    v = os.urandom(4096)
+    parsed = []
+    real_parse = P.parse_request
+
+    def parse(frame):
+        parsed.append(frame.request_id)
+        return real_parse(frame)
+
+    monkeypatch.setattr(P, "parse_request", parse)
+    digest = blake3.blake3(v).digest()
+
+    async def main():
+        srv, store, r, w = await _serve(workdir)
+        try:
+            first = b"".join([
+                P.encode_put(1, b"a", v, sync=True),
+                P.encode_put(2, digest, v, verify=True),
+                P.encode_put(3, b"\x00" * 32, v, verify=True),  # digest mismatch: raised by put_nowait
+                P.encode_frame(P.Op.PING, 4, b"hi"),  # not taken in C: the decoder path from here
+                P.encode_put(5, b"b", b"xyz"),
+            ])
+            w.write(first)
+            got = {f.request_id: f for f in await _replies(r, 5)}
+            assert [got[i].status for i in (1, 2, 4, 5)] == [0, 0, 0, 0]
+            assert got[3].status == errors.DigestMismatch.code
+            assert bytes(got[4].body) == b"hi"
+            second = b"".join([
+                P.encode_get(6, b"a"),
+                P.encode_get(7, b"missing"),
+                P.encode_get(8, digest),
+            ])
+            tail = P.encode_get(10, b"b")
+            w.write(second + tail[:7])  # the read ends inside a frame: the decoder keeps the tail
+            await w.drain()
+            await asyncio.sleep(0.05)
+            w.write(tail[7:] + P.encode_get(11, b"b")
+                    + P.encode_frame(P.Op.GET, 9, b"\x01a", flags=P.FLAG_SYNC))  # flags GET does not define
+            got = {f.request_id: f for f in await _replies(r, 6)}  # the bad flags close the connection
+            assert bytes(got[6].body) == v and got[6].status == 0
+            assert got[7].status == errors.NotFound.code
+            assert bytes(got[8].body) == v
+            assert bytes(got[10].body) == bytes(got[11].body) == b"xyz"
+            assert got[9].status == errors.ProtocolError.code and b"flags" in bytes(got[9].body)
+            assert await asyncio.wait_for(r.read(), 10) == b""  # closed after the error reply
+            assert 4 in parsed and 9 in parsed and 1 not in parsed  # the C path took what it could
+            m = srv.metrics
+            assert m.request_count("put", "ok") == 3 and m.request_count("get", "ok") == 4
+            assert m.request_count("get", "not_found") == 1 and m.request_count("ping", "ok") == 1
+            assert m.requests_in_flight == 0 and srv.in_flight == 0 and not srv._eager
+        finally:
+            w.close()
+            await srv.shutdown()
+
+    asyncio.run(main())
+
+
+def test_fast_frames_stop_at_the_in_flight_limit_and_go_on_when_answered(workdir):
+    v = os.urandom(4096)
+
+    async def main():
+        srv, store, r, w = await _serve(workdir, max_in_flight_per_conn=2)
+        try:
+            await store.put(b"k", v)
+            n = 64
+            w.write(b"".join(P.encode_get(100 + i, b"k") for i in range(n))
+                    + b"".join(P.encode_put(200 + i, b"p%d" % i, v, sync=True) for i in range(n)))
+            got = await _replies(r, 2 * n)
+            assert sorted(f.request_id for f in got) == [*range(100, 100 + n), *range(200, 200 + n)]
+            assert all(f.status == 0 for f in got)
+            assert all(bytes(f.body) == v for f in got if f.request_id < 200)
+            (conn,) = srv.connections
+            assert conn.in_flight == 0 and conn.reply_reserved == 0 and conn.recv_held == 0
+            assert srv._recv_total == 0 and not srv._eager
+            assert await store.get(b"p63") == v
+        finally:
+            w.close()
+            await srv.shutdown()
+
+    asyncio.run(main())
+
+
+def test_observe_in_c_counts_as_metrics_observe_request():
+    a, b = Metrics(), Metrics()
+    core = _srvcore.ServerCore()
+    core.metrics = a
+    samples = [0.0, 1e-9, 0.00005, 0.0000500001, 0.0001, 0.003, 1.0, 10.0, 99.0]
+    for s in samples:
+        core._observe_request(int(P.Op.GET), 0, s)
+        b.observe_request("get", 0, s)
+    core._observe_request(int(P.Op.GET), errors.NotFound.code, 0.001)  # an error status: the Python method
+    b.observe_request("get", errors.NotFound.code, 0.001)
+    core._observe_request(int(P.Op.PUT), 0, 0.002)
+    b.observe_request("put", 0, 0.002)
+    assert a._req_counts == b._req_counts
+    assert a._durations == b._durations
+
+
+def test_the_c_clock_is_perf_counter():
+    # request latencies mix t0 taken in Python (time.perf_counter) and C (_srvcore.perf_counter)
+    t = time.perf_counter()
+    c = _srvcore.perf_counter()
+    t2 = time.perf_counter()
+    assert t <= c <= t2
+
+
+def test_the_decoder_fields_the_c_path_reads_mean_what_it_assumes():
+    """_srvcore takes frames out of a read only while the decoder is idle, judged from its fields:
+    idle <=> nothing buffered, and no large frame under way => no recv_target."""
+    budget = P.ReceiveBudget(1 << 20)
+    leased = []
+
+    class Sink:
+        def __init__(self, n):
+            self.buf, self.fill = bytearray(n), 0
+            leased.append(self)
+
+        def target(self):
+            return memoryview(self.buf)[self.fill:] if self.fill < len(self.buf) else None
+
+        def advance(self, n):
+            self.fill += n
+
+        def write(self, data):
+            self.buf[self.fill:self.fill + len(data)] = data
+            self.fill += len(data)
+            return len(data)
+
+        def release(self):
+            pass
+
+    dec = P.FrameDecoder(view_bodies=True, budget=budget, value_sink=Sink)
+    big = os.urandom(P.LARGE_BODY + 100)
+    stream = b"".join([P.encode_get(1, b"k"), P.encode_put(2, b"big", big), P.encode_frame(P.Op.PING, 3, big),
+                       P.encode_put(4, b"s", b"x"), P.encode_get(5, b"k")])
+
+    def check():
+        idle = len(dec._buf) == dec._pos and dec._big_len is None and dec._error is None
+        assert idle == (dec.buffered == 0), (dec.buffered, dec._big_len)
+        if dec._big_len is None:
+            assert dec.recv_target() is None
+
+    ids = []
+    pos = 0
+    for step in (7, 20, 1000, 30000, 70000, 50, 5, 100000, 200000):
+        while True:
+            check()
+            t = dec.recv_target()
+            if t is not None:
+                n = min(len(t), step, len(stream) - pos)
+                t[:n] = stream[pos:pos + n]
+                pos += n
+                dec.received_in_place(n)
+            else:
+                dec.feed(stream[pos:pos + step])
+                pos += step
+            check()
+            while (f := dec.next_frame()) is not None:
+                ids.append(f.request_id)
+                check()
+            if pos >= len(stream) or step < 1000:
+                break
+        if pos >= len(stream):
+            break
+    assert ids == [1, 2, 3, 4, 5] and dec.buffered == 0 and leased
