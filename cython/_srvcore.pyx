@@ -286,9 +286,17 @@ cdef class ConnCore:
             return
         self._take_scratch(nbytes)
 
+    def _may_dispatch(self):
+        """The flow-control checks before each frame, for ``_Connection._dispatch`` (the C path
+        makes the same ones through ``_limits_ok``): True when a frame may be dispatched now;
+        else the connection is marked stalled or its reading paused, as the limit says."""
+        cfg = self.server.config
+        return self._limits_ok(cfg.write_high_water, cfg.max_in_flight_per_conn, cfg.max_in_flight_total) == 1
+
     cdef int _limits_ok(self, long long cfg_whw, long long per_conn, long long total) except -1:
-        """The checks ``_Connection._dispatch`` makes before each frame, with their effects:
-        1 when a frame may be dispatched now."""
+        """The checks made before each frame, with their effects: 1 when a frame may be
+        dispatched now (0: closing, replies over the write high water — stalled —, or an
+        in-flight limit reached — reading paused)."""
         srv = self.server
         if self.closing:
             return 0

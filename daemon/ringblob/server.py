@@ -508,19 +508,10 @@ class _Connection(ConnCore, asyncio.BufferedProtocol):
         value_size = srv._value_size
         get_nowait = srv._get_nowait
         while not self.closing:
-            if self.paused & _P_WRITE:
-                return  # replies pile up unsent: dispatch nothing more until the client reads
-            if self.out_bytes >= cfg.write_high_water:
-                self.stalled = True  # this turn's replies are already over the mark: go on after they are written
+            # replies pile up unsent, or over the write high water (stalled: go on once they are
+            # written), or an in-flight limit: dispatch nothing more for now (ConnCore._limits_ok)
+            if not self._may_dispatch():
                 return
-            if self.in_flight >= cfg.max_in_flight_per_conn:
-                self._pause(_P_CONN)
-                return
-            if srv.in_flight >= cfg.max_in_flight_total:
-                self._pause(_P_TOTAL)
-                srv._waiting.add(self)
-                return
-            self.paused &= ~(_P_CONN | _P_TOTAL)  # under both limits again (reading resumes below)
             if self.held is not None:
                 req, self.held = self.held, None
             else:
