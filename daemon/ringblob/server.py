@@ -446,8 +446,10 @@ class _Connection(asyncio.BufferedProtocol):
         if self._head_next:
             # the last read completed a large body received in place; a client sending large
             # values sends the next one now: read only its header and key, so that its value is
-            # read in place too instead of being copied out of a full scratch read
-            self._head_next = False
+            # read in place too instead of being copied out of a full scratch read. It stays set
+            # until bytes arrive (buffer_updated): a read that found the socket empty (EAGAIN,
+            # which the event loop answers with no buffer_updated) must not turn the next one
+            # into a full scratch read that copies 256 KiB of the next value
             return self.server._scratch_head
         return self.server._scratch
 
@@ -463,6 +465,7 @@ class _Connection(asyncio.BufferedProtocol):
                 # checked when it is complete)
             self._head_next = True
         else:
+            self._head_next = False
             with self.server._scratch[:nbytes] as chunk:
                 self.decoder.feed(chunk)  # copies: the scratch buffer is reused by the next read
         self._pump()
