@@ -260,8 +260,10 @@ cdef class ConnCore:
         if self._head_next:
             # the last read completed a large body received in place; a client sending large
             # values sends the next one now: read only its header and key, so that its value is
-            # read in place too instead of being copied out of a full scratch read
-            self._head_next = False
+            # read in place too instead of being copied out of a full scratch read. It stays set
+            # until bytes arrive (buffer_updated): a read that found the socket empty (EAGAIN,
+            # which the event loop answers with no buffer_updated) must not turn the next one
+            # into a full scratch read that copies 256 KiB of the next value
             return srv._scratch_head
         return srv._scratch
 
@@ -284,6 +286,7 @@ cdef class ConnCore:
             self._head_next = True
             self._pump()
             return
+        self._head_next = False
         self._take_scratch(nbytes)
 
     def _may_dispatch(self):

@@ -379,3 +379,44 @@ def test_received_bytes_over_max_receive_bytes_are_read_one_connection_at_a_time
             await srv.shutdown()
 
     asyncio.run(main())
+
+
+def test_a_large_value_after_an_idle_socket_is_received_in_place(workdir, monkeypatch):
+    """After a large PUT completes in place the next read takes only a frame head, so the next
+    value lands in fixed buffers too. uvloop reads until the socket is empty (EAGAIN, with no
+    buffer_updated): that empty read must not turn the next one into a full 256 KiB scratch
+    read whose value bytes are then copied (LeasedValue.write) into the fixed buffers."""
+    uvloop = __import__("pytest").importorskip("uvloop")
+    from ringblob.store import leased
+
+    copied: list[int] = []
+    real_write = leased.LeasedValue.write
+
+    def counting_write(self, data):
+        n = real_write(self, data)
+        copied.append(n)
+        return n
+
+    monkeypatch.setattr(leased.LeasedValue, "write", counting_write)
+
+    async def main():
+        srv, store, c = await serve_opts(workdir)
+        free0 = store._aio.engine.free_buffers
+        values = [os.urandom(MiB + 4096 * i + 7) for i in range(4)]
+        for i, v in enumerate(values):
+            # each PUT is sent alone and answered before the next: the daemon drains the socket
+            # (its last read finds it empty) between two values
+            P.raise_for_status(await c.call(P.encode_put(1 + i, b"idle-%d" % i, v)))
+            if i == 0:
+                copied.clear()  # a connection's first read is a full scratch read: not the point here
+        st = store.stat()
+        assert st["values_leased"] == 4
+        # what shared a head read is at most a 4 KiB head's tail, never a scratch buffer's worth
+        assert len(copied) <= 3 and sum(copied) < 3 * 4096, copied
+        for i, v in enumerate(values):
+            assert (await c.call(P.encode_get(10 + i, b"idle-%d" % i))).body == v
+        await settle(store, free0)
+        c.w.close()
+        await srv.shutdown()
+
+    uvloop.run(main())
