@@ -493,11 +493,11 @@ def diagnose(data: str = DEFAULT_DATA, engine: str = "auto", buffer_size: int = 
         except ImportError as exc:
             missing.append(f"ringblob.{name} ({exc})")
     if missing:
-        checks.append(Check("store", FAIL, f"the store's extensions cannot be imported: {'; '.join(missing)}; "
+        checks.append(Check("store", FAIL, f"the store's and the server's extensions cannot be imported: {'; '.join(missing)}; "
                                            "rebuild them with `make setup`",
                             {"importable": False, "missing": missing}))
     else:
-        checks.append(Check("store", OK, f"the store's extensions import ({', '.join(STORE_EXTENSIONS)})",
+        checks.append(Check("store", OK, f"the store's and the server's extensions import ({', '.join(STORE_EXTENSIONS)})",
                             {"importable": True}))
 
     data_probe = _check_data(data)
