@@ -140,7 +140,7 @@ cdef class AsyncCore:
         still being delivered: the disk gets work sooner. The engine keeps its eventfd readable
         while CQEs are left, so the loop comes back at once. Measured (5 A/B rounds, loaded
         2-CPU VM): 4 KiB GET at 32 concurrent 39.1k -> 48.5k/s (median), p50 732 -> 591 µs, for
-        ~3.5 µs more daemon CPU per GET (more loop turns, writev and eventfd calls); groups of
+        ~4 µs more daemon CPU per GET (12.0 -> 15.8 µs: more loop turns, writev and eventfd calls); groups of
         4 and 8 did no better, all at once (the old way) worst."""
         cdef list cqes
         cdef object fut
