@@ -36,7 +36,10 @@ from ringblob.errors import BufferBusy, EngineClosed
 #: read_nowait submits at once when this many ops wait for the turn's submit
 SUBMIT_EARLY = 8
 cdef Py_ssize_t _SUBMIT_EARLY = 8
-cdef int _REAP_BATCH = 256
+#: the most CQEs one ``_on_ready`` call (one loop turn) reaps and delivers; the engine keeps its
+#: eventfd readable while more are left, so the next turn takes the next group
+REAP_TURN = 6
+cdef int _REAP_TURN = 6
 
 
 def check_result(res, want=None, str what="io"):
@@ -125,32 +128,39 @@ cdef class AsyncCore:
     # -- completions --------------------------------------------------------------
 
     def _on_ready(self):
-        """The eventfd is readable: reap every CQE (batches of 256) and deliver each result; then
-        return buffers whose release was deferred and wake the queue-depth waiters."""
+        """The eventfd is readable: reap up to ``REAP_TURN`` CQEs and deliver each result; then
+        return buffers whose release was deferred and wake the queue-depth waiters.
+
+        Why not every CQE at once: the 32 reads of a burst tend to complete together, and
+        delivering them all in one turn (verify, reply) before the loop reads the clients' next
+        requests ran the daemon's work and the disk's one after the other, in lockstep (32 CQEs
+        per reap, ~700 µs per round trip of the burst at 32 concurrent on the bench VM). Groups
+        of ``REAP_TURN`` let each turn's replies go out (one ``writelines`` per connection) and
+        the requests they bring back be read and submitted while the rest of the burst is
+        still being delivered: the disk gets work sooner. The engine keeps its eventfd readable
+        while CQEs are left, so the loop comes back at once. Measured (5 A/B rounds, loaded
+        2-CPU VM): 4 KiB GET at 32 concurrent 39.1k -> 48.5k/s (median), p50 732 -> 591 µs, for
+        ~4 µs more daemon CPU per GET (12.0 -> 15.8 µs: more loop turns, writev and eventfd calls); groups of
+        4 and 8 did no better, all at once (the old way) worst."""
         cdef list cqes
-        cdef Py_ssize_t n
         cdef object fut
         cdef PyObject *p
         if self._closed:
             return
         eng = self.engine
         try:
-            while True:
-                cqes = eng.reap(_REAP_BATCH)
-                n = len(cqes)
-                for item in cqes:
-                    tag, res = item
-                    p = PyDict_GetItem(self._futs, tag)
-                    if p == NULL:
-                        continue
-                    fut = <object>p
-                    PyDict_DelItem(self._futs, tag)
-                    if type(fut) is _ReadOp:
-                        self._complete_read(<_ReadOp>fut, res)
-                    elif not fut.done():
-                        fut.set_result(res)
-                if n < _REAP_BATCH:
-                    break
+            cqes = eng.reap(_REAP_TURN)
+            for item in cqes:
+                tag, res = item
+                p = PyDict_GetItem(self._futs, tag)
+                if p == NULL:
+                    continue
+                fut = <object>p
+                PyDict_DelItem(self._futs, tag)
+                if type(fut) is _ReadOp:
+                    self._complete_read(<_ReadOp>fut, res)
+                elif not fut.done():
+                    fut.set_result(res)
         except EngineClosed:
             return
         if self._deferred:

@@ -5,14 +5,16 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import select
 import shutil
+import time
 import uuid
 
 import pytest
 
 from ringblob.direct import open_direct
 from ringblob.engine import open_engine
-from ringblob.engine.aio import SUBMIT_EARLY, AsyncEngine
+from ringblob.engine.aio import REAP_TURN, SUBMIT_EARLY, AsyncEngine
 from ringblob.errors import Misaligned
 
 from conftest import ENGINES, TMP_ROOT
@@ -418,6 +420,34 @@ def test_read_nowait_calls_done_once_with_the_bytes_and_returns_the_buffer(dfile
         assert aio.engine.free_buffers == 16 and aio.engine.in_flight == 0
         await asyncio.sleep(0.01)
         assert all(len(c) == 1 for _d, c, _f in dones)  # never called twice
+        aio.close()
+
+    asyncio.run(main())
+
+
+def test_a_burst_of_completions_is_delivered_reap_turn_per_loop_turn(dfile, kind):
+    """Completions that are all ready at once are delivered in groups of REAP_TURN, one group per
+    loop turn, with the eventfd left readable in between, so the loop serves other work (the
+    replies of the group, new requests) before it delivers the rest; none is lost or repeated."""
+    df, data = dfile
+
+    async def main():
+        aio = make(kind, df, buffer_count=32, buffer_size=65536)
+        loop = asyncio.get_running_loop()
+        n = 3 * REAP_TURN + 1
+        dones = [_collector(loop) for _ in range(n)]
+        for i, (done, _calls, _f) in enumerate(dones):
+            assert aio.read_nowait(i * 8192, 4096, done) is True
+        aio._flush()
+        time.sleep(0.3)  # (the loop does not run: every read completes before the first reap)
+        aio._on_ready()
+        assert sum(len(c) for _d, c, _f in dones) == REAP_TURN
+        assert select.select([aio.engine.eventfd], [], [], 0)[0]  # the loop comes back for the rest
+        await asyncio.gather(*(f for _d, _c, f in dones))
+        await asyncio.sleep(0.01)
+        for i, (_d, calls, _f) in enumerate(dones):
+            assert calls == [(data[i * 8192 : i * 8192 + 4096], None)]
+        assert aio.engine.free_buffers == 32 and aio.engine.in_flight == 0
         aio.close()
 
     asyncio.run(main())

@@ -4,6 +4,7 @@ ringblob.engine.aio.AsyncEngine."""
 from typing import Any, Callable
 
 SUBMIT_EARLY: int
+REAP_TURN: int
 
 def check_result(res: Any, want: int | None = None, what: str = "io") -> int: ...
 

@@ -1,7 +1,12 @@
 """asyncio adapter over any engine (``uring`` or ``psync``): futures for SQEs.
 
 :class:`AsyncEngine` watches the engine's ``eventfd`` with ``loop.add_reader``,
-reaps CQEs in batches and resolves one asyncio future per op tag. Ops queued
+reaps CQEs in groups of at most ``REAP_TURN`` (6) per loop turn and resolves one
+asyncio future per op tag (the engine keeps its eventfd readable while CQEs are
+left, so the next turn takes the next group). A burst of reads completes
+together; delivering it in groups lets each group's replies go out and the
+requests they bring back be submitted while the rest is still delivered, instead
+of the daemon's work and the disk's alternating in lockstep. Ops queued
 during one loop turn go to the kernel together: the first op of a turn
 schedules a single ``call_soon`` flush, which makes ONE ``engine.submit()``
 (one ``io_uring_enter``) for everything queued in that turn. The one
@@ -51,14 +56,14 @@ from typing import Any, Sequence
 from ..errors import BufferBusy, EngineClosed, Misaligned, NoBuffers
 
 try:
-    from .._aiocore import SUBMIT_EARLY, AsyncCore, check_result
+    from .._aiocore import REAP_TURN, SUBMIT_EARLY, AsyncCore, check_result
 except ImportError as exc:  # pragma: no cover - a source checkout without the build step
     raise ImportError(
         f"ringblob's compiled engine adapter core (ringblob._aiocore) does not import ({exc}); build the "
         "extensions with `make setup` or `python setup.py build_ext --inplace` from the source tree"
     ) from exc
 
-__all__ = ["AsyncEngine", "check_result", "SUBMIT_EARLY"]
+__all__ = ["AsyncEngine", "check_result", "REAP_TURN", "SUBMIT_EARLY"]
 
 READ, WRITE, FSYNC = "read", "write", "fdatasync"
 
