@@ -1351,7 +1351,8 @@ class BlobStore:
             self._fail_read_only(items, flushers)
             return
         # data buffers
-        bufs = await self._aio.lease(nbufs) if nbufs else []
+        aio = self._aio
+        bufs = (aio.try_lease(nbufs) or await aio.lease(nbufs)) if nbufs else []
         ops: list[tuple] = []
         try:
             ops = self._putpath.stage(items, bufs, WRITE)  # values copied in, neighbours merged
