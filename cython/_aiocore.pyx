@@ -32,6 +32,7 @@ from cpython.ref cimport PyObject
 import errno as _errno
 
 from ringblob.errors import BufferBusy, EngineClosed
+from ringblob.errors import Misaligned as _Misaligned
 
 #: read_nowait submits at once when this many ops wait for the turn's submit
 SUBMIT_EARLY = 8
@@ -67,6 +68,19 @@ cdef class _ReadOp:
     cdef readonly long long alen
     cdef readonly Py_ssize_t length
     cdef readonly object done
+
+
+@cython.final
+@cython.freelist(16)
+cdef class _BatchOp:
+    """Ops queued together by :meth:`AsyncCore.run_nowait`: completed by one call once every
+    one of them has its CQE. Their tags are consecutive from ``first_tag``; ``results`` holds
+    one result per op (an ``int`` or the exception), ``remaining`` the ops still in flight."""
+
+    cdef list results
+    cdef Py_ssize_t remaining
+    cdef long long first_tag
+    cdef object done
 
 
 cdef class AsyncCore:
@@ -118,6 +132,8 @@ cdef class AsyncCore:
                 err = OSError(getattr(exc, "errno", None) or _errno.EIO, f"submit: {exc}")
                 if type(fut) is _ReadOp:
                     self._complete_read(<_ReadOp>fut, err)
+                elif type(fut) is _BatchOp:
+                    self._complete_part(<_BatchOp>fut, t, err)
                 elif fut is not None and not fut.done():
                     fut.set_result(err)
 
@@ -159,6 +175,8 @@ cdef class AsyncCore:
                 PyDict_DelItem(self._futs, tag)
                 if type(fut) is _ReadOp:
                     self._complete_read(<_ReadOp>fut, res)
+                elif type(fut) is _BatchOp:
+                    self._complete_part(<_BatchOp>fut, tag, res)
                 elif not fut.done():
                     fut.set_result(res)
         except EngineClosed:
@@ -182,9 +200,11 @@ cdef class AsyncCore:
         ops their ``done(None, err)``."""
         futs = self._futs
         self._futs = {}
-        for fut in futs.values():
+        for tag, fut in futs.items():
             if type(fut) is _ReadOp:
                 self._complete_read(<_ReadOp>fut, err)
+            elif type(fut) is _BatchOp:
+                self._complete_part(<_BatchOp>fut, tag, err)
             elif not fut.done():
                 fut.set_exception(err)
 
@@ -220,6 +240,24 @@ cdef class AsyncCore:
         except Exception as exc:  # the caller's bug must not stop the reap of other ops
             self.loop.call_exception_handler({
                 "message": "AsyncEngine.read_nowait: the completion callback raised", "exception": exc})
+        return 0
+
+    cdef int _complete_part(self, _BatchOp op, object tag, object res) except -1:
+        """One op of a :meth:`run_nowait` batch completed with ``res``; the last one calls ``done``."""
+        cdef long long i = <long long>tag - op.first_tag
+        if i < 0 or i >= len(op.results) or op.done is None:
+            return 0
+        op.results[i] = res
+        op.remaining -= 1
+        if op.remaining > 0:
+            return 0
+        done = op.done
+        op.done = None
+        try:
+            done(op.results)
+        except Exception as exc:  # the caller's bug must not stop the reap of other ops
+            self.loop.call_exception_handler({
+                "message": "AsyncEngine.run_nowait: the completion callback raised", "exception": exc})
         return 0
 
     # -- buffers --------------------------------------------------------------------
@@ -305,4 +343,77 @@ cdef class AsyncCore:
             else:
                 self.submits += 1
                 self._unsubmitted = []
+        return True
+
+    # -- a batch of writes (and fdatasyncs) completed by a call -------------------------
+
+    def run_nowait(self, list ops, done):
+        """Queue ``ops`` unlinked for this loop turn's submit, completed by ONE call instead of
+        a future per op: the group commit's writes and its fdatasync (no future, no coroutine).
+
+        Each op is ``("write", buf, offset, length, buf_offset)`` (offset, length and
+        buf_offset block multiples, length > 0, within the buffer) or ``("fdatasync",)``.
+        ``done(results)`` is called exactly once, on the loop's thread, once every op has its
+        CQE (or from :meth:`close`): ``results`` holds one result per op, in order, an ``int``
+        (bytes transferred; short writes are the caller's to check) or the exception (an
+        ``OSError`` from the kernel or a refused submit, :class:`EngineClosed` after close). An
+        exception ``done`` raises is reported to the loop's exception handler. Returns False,
+        having queued nothing (``done`` is never called), when ``ops`` is empty or the queue
+        depth has no room for all of them at once or others wait for it: the caller takes the
+        awaiting path (:meth:`run`). Raises :class:`Misaligned` / ``ValueError`` for a bad op
+        and :class:`EngineClosed` after close, before anything is queued.
+        """
+        cdef _BatchOp op
+        cdef Py_ssize_t n = len(ops), i
+        cdef long long bs = self.block_size
+        cdef long long off, ln, boff
+        if self._closed:
+            raise EngineClosed("run: the async engine is closed")
+        eng = self.engine
+        if n == 0 or self._slot_waiters or eng.in_flight + eng.pending + n > self.queue_depth:
+            return False
+        for o in ops:
+            kind = o[0]
+            if kind == "fdatasync":
+                continue
+            if kind != "write":
+                raise ValueError(f"run_nowait: unknown op {kind!r} (write or fdatasync)")
+            off = o[2]
+            ln = o[3]
+            boff = o[4]
+            if off % bs or ln % bs or boff % bs or ln <= 0:
+                raise _Misaligned(
+                    f"write: offset {off}, length {ln}, buf_offset {boff} must be positive "
+                    f"multiples of the logical block size {bs} (O_DIRECT)")
+            if boff + ln > o[1].size:
+                raise ValueError(f"write: buf_offset {boff} + length {ln} exceeds the buffer size {o[1].size}")
+        op = _BatchOp.__new__(_BatchOp)
+        op.results = [None] * n
+        op.remaining = n
+        op.done = done
+        futs = self._futs
+        unsubmitted = self._unsubmitted
+        for i in range(n):
+            o = ops[i]
+            tag = next(self._tags)
+            if i == 0:
+                op.first_tag = tag
+            try:
+                if o[0] == "write":
+                    eng.write_fixed(o[1], o[2], o[3], tag, buf_offset=o[4])
+                else:
+                    eng.fdatasync(tag)
+            except BaseException as exc:
+                if i == 0:
+                    raise  # nothing queued: done is never called
+                # the first ops are in the ring: they complete the batch, the rest failed
+                for j in range(i, n):
+                    op.results[j] = exc if isinstance(exc, Exception) else OSError(_errno.EIO, f"{exc!r}")
+                op.remaining = i
+                break
+            PyDict_SetItem(futs, tag, op)
+            unsubmitted.append(tag)
+            self.ops += 1
+        if self._flush_handle is None:
+            self._flush_handle = self.loop.call_soon(self._flush_cb)
         return True

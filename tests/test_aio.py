@@ -625,3 +625,107 @@ def test_refused_turn_submit_fails_read_ops_by_call_and_futures_by_result(dfile,
         aio.close()
 
     asyncio.run(main())
+
+
+# -- run_nowait: a batch of writes and an fdatasync completed by one call --------------------------
+
+
+def _batch_collector(loop):
+    """A ``done(results)`` that records its calls and resolves a future on the first."""
+    calls = []
+    fut = loop.create_future()
+
+    def done(results):
+        calls.append(list(results))
+        if not fut.done():
+            fut.set_result(None)
+
+    return done, calls, fut
+
+
+def test_run_nowait_writes_and_fdatasync_complete_by_one_call_in_order(dfile, kind):
+    df, _data = dfile
+
+    async def main():
+        aio = make(kind, df, buffer_count=8, buffer_size=65536)
+        loop = asyncio.get_running_loop()
+        bufs = await aio.lease(2)
+        bufs[0].view[:8192] = b"a" * 8192
+        bufs[1].view[:4096] = b"b" * 4096
+        done, calls, fut = _batch_collector(loop)
+        ops = [("write", bufs[0], 65536, 8192, 0), ("write", bufs[1], 0, 4096, 0), ("fdatasync",)]
+        assert aio.run_nowait(ops, done) is True
+        assert aio.submits == 0 and calls == []  # queued for the turn's one submit, nothing called yet
+        await fut
+        assert calls == [[8192, 4096, 0]] and aio.submits == 1 and not aio._futs
+        aio.release(*bufs)
+        assert await aio.read(65536, 8192) == b"a" * 8192 and await aio.read(0, 4096) == b"b" * 4096
+        await asyncio.sleep(0.01)
+        assert len(calls) == 1  # never called twice
+        aio.close()
+
+    asyncio.run(main())
+
+
+def test_run_nowait_declines_without_room_and_refuses_bad_ops_before_queueing(dfile, kind):
+    from ringblob.errors import EngineClosed
+
+    df, _ = dfile
+
+    async def main():
+        aio = make(kind, df, buffer_count=4, buffer_size=65536, queue_depth=4)
+        loop = asyncio.get_running_loop()
+        (buf,) = await aio.lease(1)
+        done, calls, _fut = _batch_collector(loop)
+        assert aio.run_nowait([], done) is False
+        assert aio.run_nowait([("fdatasync",)] * 5, done) is False  # more than the queue depth has room for
+        with pytest.raises(Misaligned):
+            aio.run_nowait([("write", buf, 0, 4096, 0), ("write", buf, 100, 4096, 0)], done)
+        with pytest.raises(ValueError):
+            aio.run_nowait([("write", buf, 0, 2 * 65536, 0)], done)
+        with pytest.raises(ValueError):
+            aio.run_nowait([("read", buf, 0, 4096, 0)], done)
+        assert aio.engine.pending == 0 and not aio._futs and calls == []
+        assert aio.run_nowait([("write", buf, 0, 4096, 0)], done) is True
+        aio.close()  # before the turn's submit: the op never reached the kernel
+        assert len(calls) == 1 and isinstance(calls[0][0], EngineClosed)
+        with pytest.raises(EngineClosed):
+            aio.run_nowait([("fdatasync",)], done)
+
+    asyncio.run(main())
+
+
+def test_run_nowait_failed_op_is_its_result_and_a_raising_callback_is_reported(dfile, kind):
+    from ringblob.engine.faulty import FaultyEngine
+
+    df, _ = dfile
+
+    async def main():
+        eng = FaultyEngine(open_engine(kind, [df.fd], block_size=df.block_size, buffer_count=8, buffer_size=65536))
+        aio = AsyncEngine(eng)
+        loop = asyncio.get_running_loop()
+        reported = []
+        loop.set_exception_handler(lambda _loop, ctx: reported.append(ctx))
+        bufs = await aio.lease(2)
+        eng.fail_next("fdatasync")
+        done, calls, fut = _batch_collector(loop)
+        assert aio.run_nowait([("write", bufs[0], 0, 4096, 0), ("fdatasync",)], done) is True
+        await fut
+        assert calls[0][0] == 4096 and isinstance(calls[0][1], OSError) and calls[0][1].errno == errno.EIO
+
+        def bad(results):
+            raise RuntimeError("a buggy callback")
+
+        d2, c2, f2 = _batch_collector(loop)
+        assert aio.run_nowait([("write", bufs[1], 4096, 4096, 0)], bad)
+        assert aio.run_nowait([("write", bufs[1], 8192, 4096, 0)], d2)
+        await f2
+        for _ in range(500):
+            if reported:
+                break
+            await asyncio.sleep(0.01)
+        assert c2 == [[4096]] and [str(r["exception"]) for r in reported] == ["a buggy callback"]
+        aio.release(*bufs)
+        aio.close()
+
+    asyncio.run(main())

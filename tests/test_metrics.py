@@ -218,3 +218,39 @@ def test_hot_path_series_match_what_prometheus_client_objects_would_export():
         assert got[name] == fam, name
     assert m.request_count("get") == 3 and m.request_count("get", "not_found") == 1
     assert m.request_count("put", "no_space") == 1 and m.request_count("has") == 0
+
+
+def test_group_commit_histograms_match_what_prometheus_client_objects_would_export():
+    # observed once per commit round in plain lists, handed over at scrape time: the exposition
+    # must be the one the Histogram objects they replace would give (names, types, buckets, values)
+    from prometheus_client import CollectorRegistry, Histogram
+    from prometheus_client.exposition import generate_latest
+
+    from ringblob.metrics import _BATCH_BUCKETS, _LATENCY_BUCKETS
+
+    ref = CollectorRegistry()
+    fd = Histogram("ringblob_fdatasync_duration_seconds", "fdatasync latency in seconds",
+                   buckets=_LATENCY_BUCKETS, registry=ref)
+    gc = Histogram("ringblob_group_commit_batch_size", "Sync requests made durable by one group commit (one fdatasync)",
+                   buckets=_BATCH_BUCKETS, registry=ref)
+    m = Metrics()
+    for sec in (0.00005, 0.0000501, 0.0001, 0.3, 11.0, 0.0, 1e-9, 0.002):
+        m.on_fdatasync(sec)
+        fd.observe(sec)
+    for n in (1, 2, 3, 4, 16, 17, 1024, 1025, 5000):
+        m.on_group_commit(n)
+        gc.observe(n)
+
+    def fams(text, names):
+        out = {}
+        for fam in text_string_to_metric_families(text):
+            if fam.name in names:
+                out[fam.name] = (fam.type, fam.documentation,
+                                 {(s.name, tuple(sorted(s.labels.items()))):
+                                  (None if s.name.endswith("_created") else s.value) for s in fam.samples})
+        return out
+
+    names = ("ringblob_fdatasync_duration_seconds", "ringblob_group_commit_batch_size")
+    want = fams(generate_latest(ref).decode(), names)
+    got = fams(m.render().decode(), names)
+    assert set(want) == set(names) and got == want

@@ -22,8 +22,10 @@ Python ints and lists on the hot path — no lock per request, as a
 ``prometheus_client`` ``Counter.inc`` takes — and handed to
 ``prometheus_client`` at scrape time by a collector; their names, types,
 labels and values are those of the ``Counter``/``Histogram``/``Gauge`` they
-replace (``_created`` samples included). The rest are ``prometheus_client``
-objects (they change rarely).
+replace (``_created`` samples included). So are the group commit's two
+histograms (``ringblob_fdatasync_duration_seconds``,
+``ringblob_group_commit_batch_size``), observed once per commit round. The
+rest are ``prometheus_client`` objects (they change rarely).
 
 Every series (all names ``ringblob_``-prefixed, base units)::
 
@@ -88,6 +90,9 @@ _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 _LATENCY_BOUNDS = _LATENCY_BUCKETS + (float("inf"),)  # a request's bucket: bisect_left (le is inclusive)
 _LATENCY_LE = tuple(floatToGoString(b) for b in _LATENCY_BOUNDS)
 _NBUCKETS = len(_LATENCY_BOUNDS)
+_BATCH_BOUNDS = tuple(float(b) for b in _BATCH_BUCKETS) + (float("inf"),)
+_BATCH_LE = tuple(floatToGoString(b) for b in _BATCH_BOUNDS)
+_NBATCH = len(_BATCH_BOUNDS)
 _OPS = ("put", "get", "has", "delete", "list", "flush", "stat", "ping", "mput", "mget", "needs_flush")
 _bisect_left = bisect.bisect_left
 _CAMEL = re.compile(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])")
@@ -158,13 +163,11 @@ class Metrics:
         self.rejected_frames = Counter(
             "ringblob_rejected_frames", "Frames refused (connection closed), by reason (malformed, too_large)", ["reason"], registry=r
         )
-        self.fdatasync_duration = Histogram(
-            "ringblob_fdatasync_duration_seconds", "fdatasync latency in seconds", buckets=_LATENCY_BUCKETS, registry=r
-        )
-        self.group_commit_batch_size = Histogram(
-            "ringblob_group_commit_batch_size", "Sync requests made durable by one group commit (one fdatasync)",
-            buckets=_BATCH_BUCKETS, registry=r,
-        )
+        # the group commit's histograms, observed once per commit round: plain lists (as the
+        # request durations), handed over at scrape time
+        self._fsync_h = [0] * _NBUCKETS + [0.0]  # count per bucket (non-cumulative)..., sum of seconds
+        self._batch_h = [0] * _NBATCH + [0]  # count per bucket (non-cumulative)..., sum of requests
+        r.register(_CommitCollector(self))
         self.checkpoint_duration = Histogram(
             "ringblob_checkpoint_duration_seconds", "Checkpoint duration in seconds", buckets=_LATENCY_BUCKETS, registry=r
         )
@@ -217,12 +220,16 @@ class Metrics:
     def on_fdatasync(self, seconds: float) -> None:
         """One fdatasync completed after ``seconds``."""
         self.events["fdatasyncs"] += 1
-        self.fdatasync_duration.observe(seconds)
+        h = self._fsync_h
+        h[_bisect_left(_LATENCY_BOUNDS, seconds)] += 1
+        h[_NBUCKETS] += seconds
 
     def on_group_commit(self, batch_size: int) -> None:
         """One group commit made ``batch_size`` sync requests durable."""
         self.events["group_commits"] += 1
-        self.group_commit_batch_size.observe(batch_size)
+        h = self._batch_h
+        h[_bisect_left(_BATCH_BOUNDS, batch_size)] += 1
+        h[_NBATCH] += batch_size
 
     def on_flush_skipped(self) -> None:
         """A flush returned without a syscall because needs_flush was false."""
@@ -304,6 +311,40 @@ class _RequestCollector:
                                   value=float(m.bytes_received), created=m._created)
         yield CounterMetricFamily("ringblob_sent_bytes", "Bytes written to client sockets",
                                   value=float(m.bytes_sent), created=m._created)
+
+
+def _histogram(name: str, doc: str, h: list, les: tuple, created: float) -> HistogramMetricFamily:
+    """A label-less histogram family from ``h`` (count per bucket, non-cumulative, then the sum),
+    with its ``_created`` sample, as a ``prometheus_client`` ``Histogram`` exports it."""
+    fam = HistogramMetricFamily(name, doc)
+    acc = 0
+    buckets = []
+    for le, n in zip(les, h):
+        acc += n
+        buckets.append((le, float(acc)))
+    fam.add_metric([], buckets, float(h[-1]))
+    fam.samples.append(Sample(name + "_created", {}, created))
+    return fam
+
+
+class _CommitCollector:
+    """Hands the group commit's histograms (fdatasync latency, sync requests per group commit),
+    kept in plain Python by :class:`Metrics`, to ``prometheus_client`` at scrape time, as the
+    ``Histogram`` objects they replace."""
+
+    def __init__(self, metrics: Metrics):
+        self.m = metrics
+
+    def describe(self) -> Iterable:
+        return []
+
+    def collect(self) -> Iterable:
+        m = self.m
+        yield _histogram("ringblob_fdatasync_duration_seconds", "fdatasync latency in seconds", list(m._fsync_h),
+                         _LATENCY_LE, m._created)
+        yield _histogram("ringblob_group_commit_batch_size",
+                         "Sync requests made durable by one group commit (one fdatasync)", list(m._batch_h),
+                         _BATCH_LE, m._created)
 
 
 class _StoreCollector:

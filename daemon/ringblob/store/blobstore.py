@@ -61,6 +61,7 @@ DEFAULT_BATCH_MAX = 64 * 1024
 CKPT_CHUNK_BYTES = 4 * 1024 * 1024
 _EMPTY_DIGEST = blake3.blake3(b"").digest()
 _PUT, _DELETE = 1, 2
+_FSYNC_OP = ("fdatasync",)
 # while zero-filling, ask systemd (Type=notify; a no-op elsewhere) for this many more seconds
 # of start timeout every _EXTEND_EVERY seconds, so a large new data file can be formatted
 _EXTEND_EVERY, _EXTEND_BY = 5.0, 60.0
@@ -1274,20 +1275,41 @@ class BlobStore:
     async def _drain(self) -> None:
         """Wait until every round in flight was made durable (or failed) and acknowledged."""
         while self._finishers:
-            t = self._finishers[0]
-            await asyncio.wait([t])
-            if self._finishers and self._finishers[0] is t:
+            r = self._finishers[0]
+            if not r.finished:
+                await r.wait()
+            if self._finishers and self._finishers[0] is r:
                 self._finishers.popleft()
+
+    async def _run_ops(self, ops: list) -> list:
+        """Run the round's writes (unlinked, this loop turn's submit) and return one result per
+        op (an ``int`` or the ``OSError``), as ``AsyncEngine.run`` does, completed by one call
+        (``run_nowait``) instead of a future per op where the queue depth has room at once.
+        Raises :class:`EngineClosed` after close."""
+        fut = asyncio.get_running_loop().create_future()
+
+        def done(results: list) -> None:
+            if fut.done():
+                return  # the committer was cancelled meanwhile
+            for r in results:
+                if isinstance(r, EngineClosed):
+                    fut.set_exception(r)
+                    return
+            fut.set_result(results)
+
+        if not self._aio.run_nowait(ops, done):
+            return await self._aio.run(ops, link=False)
+        return await fut
 
     async def _commit_items(self, jbuf, items, flushers, recs, seq, marker, nbufs) -> None:
         """Phase one of a round: the data writes and the journal write (unlinked, one ring turn).
 
-        Then the round's finish task (:meth:`_finish_round`: fdatasync,
-        index, acknowledgements) is started and this returns, so the next
-        round's writes go out while this round's fdatasync is in flight
-        (pipelining). Rounds are acknowledged strictly in order: a round's
-        finish task waits for the previous one, and issues its fdatasync only
-        after the previous round's succeeded.
+        Then the round's phase two (a :class:`_Round`: fdatasync, index,
+        acknowledgements, driven by completion calls, no Task) is started and
+        this returns, so the next round's writes go out while this round's
+        fdatasync is in flight (pipelining). Rounds are acknowledged strictly
+        in order: a round starts once the previous one finished, and issues
+        its fdatasync only after the previous round's succeeded.
         """
         P = self.page_size
         want_sync = bool(flushers) or any(it.sync for it in items)
@@ -1317,16 +1339,20 @@ class BlobStore:
         pos, phys = place
         # two rounds in the ring at most: this round's writes may overlap the previous round's
         # fdatasync, not the one before it
-        while self._finishers and self._finishers[0].done():
+        while self._finishers and self._finishers[0].finished:
             self._finishers.popleft()
         while len(self._finishers) > 1:
-            await asyncio.wait([self._finishers[0]])
-            self._finishers.popleft()
+            r = self._finishers[0]
+            if not r.finished:
+                await r.wait()
+            if self._finishers and self._finishers[0] is r:
+                self._finishers.popleft()
         if self._read_only is not None:  # an earlier round failed meanwhile
             self._fail_read_only(items, flushers)
             return
         # data buffers
-        bufs = await self._aio.lease(nbufs) if nbufs else []
+        aio = self._aio
+        bufs = (aio.try_lease(nbufs) or await aio.lease(nbufs)) if nbufs else []
         ops: list[tuple] = []
         try:
             ops = self._putpath.stage(items, bufs, WRITE)  # values copied in, neighbours merged
@@ -1338,7 +1364,7 @@ class BlobStore:
             # included, behind it). Their order on the medium does not matter: recovery verifies
             # every record above the durable point (docs/FORMAT.md). The fdatasync goes out
             # only once every write completed in full.
-            results = await self._aio.run(ops, link=False)
+            results = await self._run_ops(ops)
         finally:
             self._aio.release(*bufs)
         err = _write_error(ops, results)
@@ -1358,59 +1384,18 @@ class BlobStore:
         self._counters["journal_batches"] += 1
         self._counters["journal_bytes_written"] += len(batch)
         prev = self._finishers[-1] if self._finishers else None
-        self._finishers.append(asyncio.get_running_loop().create_task(
-            self._finish_round(prev, items, flushers, seq - 1, batch_d, want_sync)))
+        rnd = _Round(self, items, flushers, seq - 1, batch_d, want_sync)
+        self._finishers.append(rnd)
+        if prev is not None and not prev.finished:
+            prev.next = rnd  # started once the previous round finished
+        else:
+            # a finished round still queued succeeded: a failed one turned the store read-only
+            # (checked above)
+            rnd.start(prev is None or prev.ok)
 
     def _fail_read_only(self, items, flushers) -> None:
         exc = ReadOnly(f"{self.path}: the store turned read-only after {self._read_only}")
         _settle(items, flushers, exc)
-
-    async def _finish_round(self, prev, items, flushers, last_seq: int, batch_d: int, want_sync: bool) -> bool:
-        """Phase two of a round: after the previous round finished, its fdatasync, then make the
-        round visible and acknowledge it. Returns True when the round succeeded.
-
-        A failed fdatasync fails this round and every later round in flight:
-        after an fdatasync error a later fdatasync's success proves nothing.
-        """
-        try:
-            if prev is not None and not await prev:
-                # an earlier round failed: the store is read-only, this round cannot be durable
-                exc = IOFailed(f"{self.path}: the commit failed: an earlier commit failed; the store is now "
-                               "read-only", _errno.EIO)
-                _settle(items, flushers, exc)
-                return False
-            dt = 0.0
-            if want_sync:
-                t0 = time.perf_counter()
-                try:
-                    await self._aio.fdatasync()
-                except OSError as exc:
-                    self._fail_round(items, flushers, exc)
-                    return False
-                dt = time.perf_counter() - t0
-        except BaseException as exc:
-            e2 = self._as_error(exc, "the commit")
-            _settle(items, flushers, e2)
-            if isinstance(exc, OSError):
-                self._go_read_only(f"an I/O error ({exc})")
-            if isinstance(exc, asyncio.CancelledError):
-                raise
-            return False
-        # committed: make visible (index, counters, replaced extents queued for freeing)
-        nsync = self._putpath.apply_round(items)
-        if want_sync:
-            self._durable_seq = max(self._durable_seq, last_seq)
-            self._disk_durable = max(self._disk_durable, batch_d)
-            self._counters["fdatasyncs"] += 1
-            if nsync:
-                self._counters["group_commits"] += 1
-                self._counters["group_commit_writes"] += nsync
-                self._obs("on_group_commit", nsync)
-            self._obs("on_fdatasync", dt)
-            self._counters["flushes"] += len(flushers)
-        self._process_frees()
-        _settle(items, flushers)
-        return True
 
     async def _sync_only(self, flushers: list, jbuf) -> None:
         if self._written_seq > self._durable_seq:
@@ -1882,12 +1867,8 @@ class BlobStore:
             await task
         except BaseException:
             pass
-        for t in list(getattr(self, "_finishers", ())):
-            t.cancel()
-            try:
-                await t
-            except BaseException:
-                pass
+        for r in list(getattr(self, "_finishers", ())):
+            r.cancel()
         self._fail_pending(EngineClosed(f"{self.path}: the store was abandoned before this request committed"))
         self._aio.close()
         self._unlock_and_close()
@@ -1897,6 +1878,151 @@ class BlobStore:
 
     async def __aexit__(self, *exc) -> None:
         await self.close()
+
+
+
+class _Round:
+    """Phase two of a group-commit round, driven by calls instead of a Task: once the previous
+    round finished, the round's fdatasync (``AsyncEngine.run_nowait``), then it is made visible
+    and acknowledged (:meth:`_apply`). Rounds are chained (``next``) so that they finish
+    strictly in order and a round's fdatasync goes out only after the previous round's
+    succeeded.
+
+    A failed fdatasync fails this round and every later round in flight: after an fdatasync
+    error a later fdatasync's success proves nothing. ``finished`` turns True once the round
+    is acknowledged or failed; ``ok`` says which. :meth:`wait` returns a future resolved then
+    (for the committer's ``_drain``).
+    """
+
+    __slots__ = ("store", "items", "flushers", "last_seq", "batch_d", "want_sync", "finished", "ok", "next",
+                 "_waiters", "_t0", "_task")
+
+    def __init__(self, store: "BlobStore", items: list, flushers: list, last_seq: int, batch_d: int,
+                 want_sync: bool):
+        self.store = store
+        self.items = items
+        self.flushers = flushers
+        self.last_seq = last_seq
+        self.batch_d = batch_d
+        self.want_sync = want_sync
+        self.finished = False
+        self.ok = False
+        self.next: _Round | None = None
+        self._waiters: list | None = None
+        self._t0 = 0.0
+        self._task = None
+
+    def wait(self) -> asyncio.Future:
+        """A future resolved (None) once the round finished."""
+        fut = asyncio.get_running_loop().create_future()
+        if self.finished:
+            fut.set_result(None)
+        elif self._waiters is None:
+            self._waiters = [fut]
+        else:
+            self._waiters.append(fut)
+        return fut
+
+    def start(self, prev_ok: bool) -> None:
+        """The previous round finished (``prev_ok``: it succeeded): issue this round's fdatasync,
+        or fail it when the previous one failed."""
+        if self.finished:
+            return
+        st = self.store
+        if not prev_ok:
+            # an earlier round failed: the store is read-only, this round cannot be durable
+            exc = IOFailed(f"{st.path}: the commit failed: an earlier commit failed; the store is now "
+                           "read-only", _errno.EIO)
+            _settle(self.items, self.flushers, exc)
+            self._finish(False)
+            return
+        if not self.want_sync:
+            self._apply(0.0)
+            return
+        self._t0 = time.perf_counter()
+        try:
+            queued = st._aio.run_nowait([_FSYNC_OP], self._synced)
+        except BaseException as exc:
+            self._synced([exc])
+            return
+        if not queued:  # no room in the queue depth now: await it
+            self._task = asyncio.get_running_loop().create_task(self._sync_slow())
+
+    async def _sync_slow(self) -> None:
+        try:
+            await self.store._aio.fdatasync()
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:
+            self._synced([exc])
+            return
+        self._synced([0])
+
+    def _synced(self, results: list) -> None:
+        """The fdatasync's completion (``results``: its one result, an ``int`` or the exception)."""
+        if self.finished:
+            return  # cancelled meanwhile (abandon)
+        r = results[0]
+        st = self.store
+        if isinstance(r, OSError):
+            st._fail_round(self.items, self.flushers, r)
+            self._finish(False)
+            return
+        if isinstance(r, BaseException):
+            _settle(self.items, self.flushers, st._as_error(r, "the commit"))
+            self._finish(False)
+            return
+        self._apply(time.perf_counter() - self._t0)
+
+    def _apply(self, dt: float) -> None:
+        """Committed: make visible (index, counters, replaced extents queued for freeing), acknowledge."""
+        st = self.store
+        items, flushers = self.items, self.flushers
+        try:
+            nsync = st._putpath.apply_round(items)
+            if self.want_sync:
+                st._durable_seq = max(st._durable_seq, self.last_seq)
+                st._disk_durable = max(st._disk_durable, self.batch_d)
+                c = st._counters
+                c["fdatasyncs"] += 1
+                if nsync:
+                    c["group_commits"] += 1
+                    c["group_commit_writes"] += nsync
+                    st._obs("on_group_commit", nsync)
+                st._obs("on_fdatasync", dt)
+                c["flushes"] += len(flushers)
+            st._process_frees()
+        except Exception as exc:  # a bug: never leave requests hanging
+            log.exception("store: %s: finishing a commit failed", st.path)
+            _settle(items, flushers, exc)
+            st._go_read_only(f"an internal error ({exc!r})")
+            self._finish(False)
+            return
+        _settle(items, flushers)
+        self._finish(True)
+
+    def _finish(self, ok: bool) -> None:
+        self.finished = True
+        self.ok = ok
+        self.items = self.flushers = ()
+        ws, self._waiters = self._waiters, None
+        if ws:
+            for f in ws:
+                if not f.done():
+                    f.set_result(None)
+        nxt, self.next = self.next, None
+        if nxt is not None:
+            nxt.start(ok)
+
+    def cancel(self) -> None:
+        """Drop the round (the store is abandoned): its requests fail with :class:`ReadOnly`."""
+        if self.finished:
+            return
+        if self._task is not None:
+            self._task.cancel()
+        _settle(self.items, self.flushers, ReadOnly(f"{self.store.path}: the store is closing"))
+        self.next = None  # cancelled in turn by abandon
+        self._finish(False)
 
 
 _OPEN_TOKEN = object()
