@@ -37,7 +37,9 @@ receives a large PUT value straight into them) and copies nothing; a read copies
 of the fixed buffers into the returned ``bytes`` (values larger than a quarter
 of the pool take a second copy through a ``bytearray``).
 
-The hot paths of a small read — :meth:`AsyncEngine.read_nowait`, the CQE
+The hot paths — :meth:`AsyncEngine.read_nowait` (a small read completed by a
+call), ``run_nowait`` (a group of unlinked writes and fdatasyncs completed by
+one call when the last CQE arrives: the store's group-commit rounds), the CQE
 reap and dispatch (``_on_ready``) and the turn's submit (``_flush``) — live in
 the base class :class:`ringblob._aiocore.AsyncCore` (``cython/_aiocore.pyx``),
 which also holds the state they share with the methods here as typed fields.
