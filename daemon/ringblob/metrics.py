@@ -269,15 +269,29 @@ class Metrics:
         return st if isinstance(st, dict) else None
 
 
-class _RequestCollector:
-    """Hands the per-request counters, kept in plain Python by :class:`Metrics`, to
-    ``prometheus_client`` at scrape time, as the ``Counter``/``Histogram``/``Gauge`` they replace."""
+class _Collector:
+    """A ``prometheus_client`` collector over one :class:`Metrics` (``self.m``), read at scrape time."""
 
     def __init__(self, metrics: Metrics):
         self.m = metrics
 
     def describe(self) -> Iterable:
         return []
+
+
+def _cumulative(les: tuple, h: list) -> list[tuple[str, float]]:
+    """``(le, cumulative count)`` per bucket from ``h`` (count per bucket, non-cumulative)."""
+    acc = 0
+    out = []
+    for le, n in zip(les, h):
+        acc += n
+        out.append((le, float(acc)))
+    return out
+
+
+class _RequestCollector(_Collector):
+    """Hands the per-request counters, kept in plain Python by :class:`Metrics`, to
+    ``prometheus_client`` at scrape time, as the ``Counter``/``Histogram``/``Gauge`` they replace."""
 
     def collect(self) -> Iterable:
         m = self.m
@@ -295,12 +309,7 @@ class _RequestCollector:
             "Request latency (frame decoded to reply queued) in seconds, by operation", labels=["op"],
         )
         for op, h in list(m._durations.items()):
-            acc = 0
-            buckets = []
-            for le, n in zip(_LATENCY_LE, h):
-                acc += n
-                buckets.append((le, float(acc)))
-            dur.add_metric([op], buckets, float(h[_NBUCKETS]))
+            dur.add_metric([op], _cumulative(_LATENCY_LE, h), float(h[_NBUCKETS]))
             dur.samples.append(Sample("ringblob_request_duration_seconds_created", {"op": op},
                                       m._dur_created.get(op, m._created)))
         yield dur
@@ -317,26 +326,15 @@ def _histogram(name: str, doc: str, h: list, les: tuple, created: float) -> Hist
     """A label-less histogram family from ``h`` (count per bucket, non-cumulative, then the sum),
     with its ``_created`` sample, as a ``prometheus_client`` ``Histogram`` exports it."""
     fam = HistogramMetricFamily(name, doc)
-    acc = 0
-    buckets = []
-    for le, n in zip(les, h):
-        acc += n
-        buckets.append((le, float(acc)))
-    fam.add_metric([], buckets, float(h[-1]))
+    fam.add_metric([], _cumulative(les, h), float(h[-1]))
     fam.samples.append(Sample(name + "_created", {}, created))
     return fam
 
 
-class _CommitCollector:
+class _CommitCollector(_Collector):
     """Hands the group commit's histograms (fdatasync latency, sync requests per group commit),
     kept in plain Python by :class:`Metrics`, to ``prometheus_client`` at scrape time, as the
     ``Histogram`` objects they replace."""
-
-    def __init__(self, metrics: Metrics):
-        self.m = metrics
-
-    def describe(self) -> Iterable:
-        return []
 
     def collect(self) -> Iterable:
         m = self.m
@@ -347,14 +345,8 @@ class _CommitCollector:
                          _BATCH_LE, m._created)
 
 
-class _StoreCollector:
+class _StoreCollector(_Collector):
     """Reads ``store.stat()`` once per scrape and yields the store's series."""
-
-    def __init__(self, metrics: Metrics):
-        self.m = metrics
-
-    def describe(self) -> Iterable:
-        return []
 
     def collect(self) -> Iterable:
         m = self.m
