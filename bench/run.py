@@ -28,7 +28,9 @@ It reports throughput and p50/p99 latency of each, the ratio of each ringblob
 figure to its fio and Redis counterparts, checks the targets of issue 5
 (PASS/MISS) and writes ``bench/results/run.json``, ``run.md`` and ``run.png``,
 stamped with the machine. ``--profile`` then samples the daemon with py-spy
-under load (``profile.txt``, ``profile.svg``).
+under load (``profile.txt``, ``profile.svg``) and, where ``perf`` is installed
+and allowed, records it with ``perf record`` (``perf.txt``: kernel and C
+frames, which is where the Cython request path's time shows).
 
 Workload by workload, the fio counterpart, ringblob uring, ringblob psync and
 Redis run back to back, so both sides of a ratio are measured moments apart.
@@ -1552,6 +1554,7 @@ def run_profile(workdir: str, mode: dict, clients: int, data_size: int, outdir: 
         log(msg)
         return [msg]
     parts = []
+    perf_parts: list[str] = []
     side = RingblobSide("uring", workdir, mode, clients, data_size)
     errors = side.start()
     dur = mode["duration"] + mode["warmup"]
@@ -1582,6 +1585,7 @@ def run_profile(workdir: str, mode: dict, clients: int, data_size: int, outdir: 
                 f"cores = {res.get('daemon_cpu_us_per_op') or 0:.0f} µs CPU per request, clients "
                 f"{res['client_cpu_cores']:.2f} cores, everything else {res.get('other_cpu_cores') or 0:.2f} cores)\n\n{summary}\n"
             )
+            perf_parts.append(perf_profile(name, side, pid, dur, workdir))
             if name == "put_4k_sync_c32":  # one flame graph to browse
                 svg = os.path.join(outdir, "profile.svg")
                 argv_svg = [spy, "record", "--pid", str(pid), "--duration", str(int(dur + 1)), "--rate", "250",
@@ -1611,7 +1615,42 @@ def run_profile(workdir: str, mode: dict, clients: int, data_size: int, outdir: 
     with open(os.path.join(outdir, "profile.txt" if not native else "profile-native.txt"), "w") as f:
         f.write(head + "\n".join(parts))
     log(f"profile: wrote {outdir}/{'profile.txt' if not native else 'profile-native.txt'}")
+    if any(perf_parts):
+        with open(os.path.join(outdir, "perf.txt"), "w") as f:
+            f.write("`perf record -F 999 -g` of `ringblob serve --engine uring` (kernel and every shared object: "
+                    "where the daemon's CPU goes now that its request path is Cython, which py-spy cannot see "
+                    f"into) while each load ran from {clients} client processes; percentages of the daemon's "
+                    "samples.\n\n" + "\n".join(p for p in perf_parts if p))
+        log(f"profile: wrote {outdir}/perf.txt")
     return errors
+
+
+def perf_profile(name: str, side: "RingblobSide", pid: int, dur: float, workdir: str) -> str:
+    """``perf record`` the daemon ``pid`` while ``name``'s load runs again; returns a markdown section
+    with the shares by shared object and the top symbols ("" when perf is missing or refused)."""
+    perf = shutil.which("perf")
+    if not perf:
+        log("profile: perf is not installed (Debian: apt-get install linux-perf); perf.txt skipped")
+        return ""
+    data = os.path.join(workdir, f"perf-{name}.data")
+    argv = [perf, "record", "-F", "999", "-g", "-p", str(pid), "-o", data, "--", "sleep", str(int(dur))]
+    log("profile: " + shlex.join(argv))
+    rec = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.3)
+    res = run_load(side.specs(name), 0.3, dur, pid)
+    _, err = rec.communicate(timeout=120)
+    if rec.returncode != 0 or not os.path.exists(data):
+        log(f"profile: perf record failed ({err.strip()[-200:]}); perf.txt skipped for {name}")
+        return ""
+
+    def report(sort: str, n: int) -> str:
+        out = subprocess.run([perf, "report", "-i", data, "--no-children", "--sort", sort, "-g", "none"],
+                             capture_output=True, text=True).stdout
+        lines = [ln for ln in out.splitlines() if ln.strip() and not ln.startswith("#")]
+        return "\n".join(lines[:n])
+
+    return (f"## {name} ({res['ops_per_s']:.0f} op/s under perf, daemon {res.get('daemon_cpu_cores', 0):.2f} cores)\n\n"
+            f"by shared object:\n```\n{report('dso', 14)}\n```\n\nby symbol (top 30):\n```\n{report('sym', 30)}\n```\n")
 
 
 def schedule() -> list[tuple[str, str]]:
@@ -1669,7 +1708,8 @@ def main(argv: list[str] | None = None) -> int:
                          "on a host shared with other jobs (negative needs root); all sides get the same")
     ap.add_argument("--duration", type=float, help="seconds measured per configuration (overrides the mode)")
     ap.add_argument("--fresh", action="store_true", help="delete the ringblob data file first (else a filled one is reused)")
-    ap.add_argument("--profile", action="store_true", help="after the run, sample the uring daemon with py-spy under load")
+    ap.add_argument("--profile", action="store_true", help="after the run, sample the uring daemon with py-spy under load "
+                    "(profile.txt, profile.svg) and, where perf is installed, with perf record (perf.txt)")
     ap.add_argument("--profile-only", action="store_true", help="only the py-spy pass (no results written)")
     ap.add_argument("--probe-commit", action="store_true", help="only time a group-commit round's I/O, linked vs unlinked (needs .bench-tmp/fio.dat)")
     ap.add_argument("--report-only", action="store_true", help="only rewrite run.md and run.png from an existing run.json")
