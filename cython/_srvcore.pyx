@@ -49,6 +49,7 @@ from rb_endian cimport rb_le64, rb_le32, rb_put_le64, rb_put_le32, rb_put_le16
 from ringblob import metrics as M
 from ringblob import protocol as P
 from ringblob.errors import FrameTooLarge, TooLarge
+from ringblob._storeput import PutPath as _PutPath
 
 cdef int _P_CONN = 1
 cdef int _P_TOTAL = 2
@@ -133,10 +134,16 @@ cdef class ServerCore:
     cdef public dict _eager
     cdef public set _waiting
     cdef public object _get_nowait
-    cdef public object _put_nowait
+    cdef object _put_nowait_f
+    cdef bint _put_pos  # _put_nowait is a PutPath's: sync and verify go by position
     cdef public object _scratch
     cdef public object _scratch_head
-    cdef public object config
+    cdef object _config
+    # the config's flow-control limits, read once when ``config`` is set (ServerConfig is not
+    # changed after the server is made; a new one assigned to ``config`` is read again)
+    cdef long long _whw
+    cdef long long _per_conn
+    cdef long long _total
     cdef object _metrics
     cdef dict _counts  # Metrics._req_counts: (op name, status) -> requests answered
     cdef dict _durations  # Metrics._durations: op name -> [count per bucket..., sum of seconds]
@@ -158,6 +165,29 @@ cdef class ServerCore:
         if self._bounds is not NULL:
             PyMem_Free(self._bounds)
             self._bounds = NULL
+
+    property _put_nowait:
+        """The store's ``put_nowait`` (None: PUTs take the coroutine path)."""
+
+        def __get__(self):
+            return self._put_nowait_f
+
+        def __set__(self, f):
+            self._put_nowait_f = f
+            self._put_pos = type(getattr(f, "__self__", None)) is _PutPath
+
+    property config:
+        """The ``ServerConfig``; its ``write_high_water``, ``max_in_flight_per_conn`` and
+        ``max_in_flight_total`` are cached in C when it is set."""
+
+        def __get__(self):
+            return self._config
+
+        def __set__(self, cfg):
+            self._config = cfg
+            self._whw = getattr(cfg, "write_high_water", 0) or 0
+            self._per_conn = getattr(cfg, "max_in_flight_per_conn", 0) or 0
+            self._total = getattr(cfg, "max_in_flight_total", 0) or 0
 
     property metrics:
         """The :class:`~ringblob.metrics.Metrics` requests are counted in."""
@@ -218,7 +248,10 @@ cdef class ConnCore:
     and the request path in C (see the module docstring)."""
 
     cdef public ServerCore server
-    cdef public object loop
+    cdef object _loop
+    cdef object _time  # loop.time
+    cdef object _call_soon  # loop.call_soon
+    cdef object _flush_cb  # self._flush_out
     cdef public object decoder
     cdef public object transport
     cdef public long long in_flight
@@ -242,6 +275,18 @@ cdef class ConnCore:
 
     def __cinit__(self, *args, **kwargs):
         self.out = []
+
+    property loop:
+        """The event loop; its ``time`` and ``call_soon`` are cached when it is set."""
+
+        def __get__(self):
+            return self._loop
+
+        def __set__(self, loop):
+            self._loop = loop
+            self._time = loop.time if loop is not None else None
+            self._call_soon = loop.call_soon if loop is not None else None
+            self._flush_cb = self._flush_out if loop is not None else None
 
     # -- reading --
 
@@ -275,7 +320,7 @@ cdef class ConnCore:
         srv = self.server
         m = srv._metrics
         m.bytes_received += nbytes
-        self.last_activity = self.loop.time()
+        self.last_activity = self._time()
         if self._in_place:
             self._in_place = False
             if not self.decoder.received_in_place(nbytes):
@@ -293,8 +338,8 @@ cdef class ConnCore:
         """The flow-control checks before each frame, for ``_Connection._dispatch`` (the C path
         makes the same ones through ``_limits_ok``): True when a frame may be dispatched now;
         else the connection is marked stalled or its reading paused, as the limit says."""
-        cfg = self.server.config
-        return self._limits_ok(cfg.write_high_water, cfg.max_in_flight_per_conn, cfg.max_in_flight_total) == 1
+        cdef ServerCore srv = self.server
+        return self._limits_ok(srv._whw, srv._per_conn, srv._total) == 1
 
     cdef int _limits_ok(self, long long cfg_whw, long long per_conn, long long total) except -1:
         """The checks made before each frame, with their effects: 1 when a frame may be
@@ -333,13 +378,12 @@ cdef class ConnCore:
                 dec.feed(chunk)  # copies: the scratch buffer is reused by the next read
             self._pump()
             return
-        cfg = srv.config
-        cdef long long whw = cfg.write_high_water
-        cdef long long per_conn = cfg.max_in_flight_per_conn
-        cdef long long total = cfg.max_in_flight_total
+        cdef long long whw = srv._whw
+        cdef long long per_conn = srv._per_conn
+        cdef long long total = srv._total
         cdef Py_ssize_t max_frame = dec.max_frame_size
         get_nowait = srv._get_nowait
-        put_nowait = srv._put_nowait
+        put_nowait = srv._put_nowait_f
         PyObject_GetBuffer(srv._scratch, &view, PyBUF_SIMPLE)
         try:
             p = <const uint8_t *>view.buf
@@ -399,7 +443,7 @@ cdef class ConnCore:
     cdef int _get_now_c(self, get_nowait, key, request_id, req) except -1:
         cdef ServerCore srv = self.server
         cdef double t0 = _now()
-        room = (self.server.config.write_high_water - self.reply_reserved - _HDR) if self.reply_reserved else None
+        room = (srv._whw - self.reply_reserved - _HDR) if self.reply_reserved else None
         cdef Done done = _new_done(self, _OP_GET, 0, request_id, key, req, 0, t0)
         self.in_flight += 1
         srv.in_flight += 1
@@ -434,7 +478,10 @@ cdef class ConnCore:
         cdef double t0 = _now()
         cdef Done done = _new_done(self, _OP_PUT, flags, request_id, key, None, 0, t0)
         try:
-            queued = put_nowait(key, value, done, sync=bool(flags & 1), verify=bool(flags & 2))
+            if self.server._put_pos:
+                queued = put_nowait(key, value, done, bool(flags & 1), bool(flags & 2))
+            else:
+                queued = put_nowait(key, value, done, sync=bool(flags & 1), verify=bool(flags & 2))
         except Exception as err:
             self._failed(done._request(), err, t0, 0)
             return
@@ -468,7 +515,7 @@ cdef class ConnCore:
         srv.in_flight -= 1
         m = srv._metrics
         m.requests_in_flight -= 1
-        if srv._waiting and srv.in_flight < srv.config.max_in_flight_total:
+        if srv._waiting and srv.in_flight < srv._total:
             srv._wake_waiting()
         if self.paused & (_P_CONN | _P_BYTES) and not self.closed:
             self._pump()
@@ -505,7 +552,7 @@ cdef class ConnCore:
         self.out_total += n + _HDR
         if not self.flush_scheduled:
             self.flush_scheduled = True
-            self.loop.call_soon(self._flush_out)
+            self._call_soon(self._flush_cb)
 
     def _flush_out(self):
         """Write every reply queued during this loop turn with one writelines."""
@@ -522,7 +569,7 @@ cdef class ConnCore:
             self.transport.writelines(out)
             m = self.server._metrics
             m.bytes_sent += n
-            self.last_activity = self.loop.time()
+            self.last_activity = self._time()
         if self.stalled:
             self.stalled = False
             self._pump()
