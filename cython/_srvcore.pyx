@@ -125,6 +125,17 @@ cdef Done _new_done(ConnCore conn, int opcode, int flags, object request_id, obj
     return d
 
 
+cdef class NetCounters:
+    """The base class of :class:`ringblob.metrics.Metrics`: its hot-path counters
+    ``requests_in_flight``, ``bytes_received`` and ``bytes_sent`` (ints) as C fields, so that
+    the request path updates them with no attribute lookup. Python reads and writes them as
+    ordinary attributes."""
+
+    cdef public long long requests_in_flight
+    cdef public long long bytes_received
+    cdef public long long bytes_sent
+
+
 cdef class ServerCore:
     """The base class of ``ringblob.server.Server``: the fields its connections' request path
     reads and writes, typed (see the module docstring)."""
@@ -145,6 +156,7 @@ cdef class ServerCore:
     cdef long long _per_conn
     cdef long long _total
     cdef object _metrics
+    cdef NetCounters _net  # _metrics when it is a NetCounters (Metrics is), else None
     cdef dict _counts  # Metrics._req_counts: (op name, status) -> requests answered
     cdef dict _durations  # Metrics._durations: op name -> [count per bucket..., sum of seconds]
     cdef double *_bounds
@@ -197,6 +209,7 @@ cdef class ServerCore:
 
         def __set__(self, m):
             self._metrics = m
+            self._net = <NetCounters>m if isinstance(m, NetCounters) else None
             self._counts = None
             self._durations = None
             counts = getattr(m, "_req_counts", None)
@@ -212,6 +225,14 @@ cdef class ServerCore:
                 self._nbounds = len(bounds)
                 self._counts = counts
                 self._durations = durations
+
+    cdef inline int _add_in_flight(self, long long d) except -1:
+        """``metrics.requests_in_flight += d``."""
+        if self._net is not None:
+            self._net.requests_in_flight += d
+        else:
+            self._metrics.requests_in_flight += d
+        return 0
 
     def _observe_request(self, int opcode, int status, double seconds):
         """:meth:`_observe` from Python (tests): count one request of ``opcode``."""
@@ -317,9 +338,11 @@ cdef class ConnCore:
         handed out."""
         if self.closing:
             return
-        srv = self.server
-        m = srv._metrics
-        m.bytes_received += nbytes
+        cdef ServerCore srv = self.server
+        if srv._net is not None:
+            srv._net.bytes_received += nbytes
+        else:
+            srv._metrics.bytes_received += nbytes
         self.last_activity = self._time()
         if self._in_place:
             self._in_place = False
@@ -420,7 +443,7 @@ cdef class ConnCore:
                     self.paused &= ~_P_BYTES
                     self.in_flight += 1
                     srv.in_flight += 1
-                    srv._metrics.requests_in_flight += 1
+                    srv._add_in_flight(1)
                     self._put_now_c(put_nowait, key, value, flags, rid)
                 else:
                     break
@@ -447,8 +470,7 @@ cdef class ConnCore:
         cdef Done done = _new_done(self, _OP_GET, 0, request_id, key, req, 0, t0)
         self.in_flight += 1
         srv.in_flight += 1
-        m = srv._metrics
-        m.requests_in_flight += 1
+        srv._add_in_flight(1)
         try:
             n = get_nowait(key, done, room)
         except Exception as err:
@@ -457,7 +479,7 @@ cdef class ConnCore:
         if not n:
             self.in_flight -= 1
             srv.in_flight -= 1
-            m.requests_in_flight -= 1
+            srv._add_in_flight(-1)
             return 0
         done.cost = n + _HDR
         self.reply_reserved += done.cost
@@ -513,8 +535,7 @@ cdef class ConnCore:
         self.in_flight -= 1
         self.reply_reserved -= cost
         srv.in_flight -= 1
-        m = srv._metrics
-        m.requests_in_flight -= 1
+        srv._add_in_flight(-1)
         if srv._waiting and srv.in_flight < srv._total:
             srv._wake_waiting()
         if self.paused & (_P_CONN | _P_BYTES) and not self.closed:
@@ -567,8 +588,11 @@ cdef class ConnCore:
         self.out_bytes = self.out_total = 0
         if out:
             self.transport.writelines(out)
-            m = self.server._metrics
-            m.bytes_sent += n
+            srv = self.server
+            if srv._net is not None:
+                srv._net.bytes_sent += n
+            else:
+                srv._metrics.bytes_sent += n
             self.last_activity = self._time()
         if self.stalled:
             self.stalled = False
