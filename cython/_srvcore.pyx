@@ -377,10 +377,10 @@ cdef class ConnCore:
             self.stalled = True
             return 0
         if self.in_flight >= per_conn:
-            self._pause(_P_CONN)
+            self._pause_c(_P_CONN)
             return 0
         if srv.in_flight >= total:
-            self._pause(_P_TOTAL)
+            self._pause_c(_P_TOTAL)
             srv._waiting.add(self)
             return 0
         self.paused &= ~(_P_CONN | _P_TOTAL)
@@ -457,7 +457,7 @@ cdef class ConnCore:
         elif not ok:
             self._pump()
         else:  # all taken and under the limits: the end of _Connection._dispatch (nothing buffered)
-            self._unpause(_P_CONN | _P_TOTAL)
+            self._unpause_c(_P_CONN | _P_TOTAL)
             if self.eof:
                 self._maybe_close()
 
@@ -524,13 +524,13 @@ cdef class ConnCore:
     cdef _finish_c(self, int opcode, request_id, parts, int status, double t0, long long cost):
         cdef ServerCore srv = self.server
         try:
-            self._queue_reply(opcode, request_id, parts, status)
+            self._queue_reply_c(opcode, request_id, parts, status)
         except FrameTooLarge as exc:  # a reply body over the u32 body_length (an MGET of huge values)
             status = TooLarge.code
             name = _OP_BY_CODE[opcode].name if opcode in _OP_BY_CODE else f"op{opcode}"
             message = (f"the {name} reply cannot be sent: {exc}; ask for fewer keys per request "
                        "(or GET the large values one by one)")
-            self._queue_reply(opcode, request_id, [message.encode()], status)
+            self._queue_reply_c(opcode, request_id, [message.encode()], status)
         srv._observe(opcode, status, _now() - t0)
         self.in_flight -= 1
         self.reply_reserved -= cost
@@ -545,7 +545,13 @@ cdef class ConnCore:
 
     # -- writing --
 
-    cpdef _queue_reply(self, int opcode, request_id, parts, int status):
+    def _queue_reply(self, int opcode, request_id, parts, int status):
+        """Queue a reply frame (header + ``parts``, no copy of the parts) for this turn's writelines.
+
+        Raises :class:`FrameTooLarge` when the body is over the u32 body_length."""
+        self._queue_reply_c(opcode, request_id, parts, status)
+
+    cdef int _queue_reply_c(self, int opcode, request_id, parts, int status) except -1:
         """Queue a reply frame (header + ``parts``, no copy of the parts) for this turn's writelines.
 
         Raises :class:`FrameTooLarge` when the body is over the u32 body_length."""
@@ -553,7 +559,7 @@ cdef class ConnCore:
         cdef uint8_t *h
         cdef uint64_t rid = request_id
         if self.closed:
-            return
+            return 0
         for b in parts:
             n += len(b)
         if n > 0xFFFFFFFF:
@@ -574,6 +580,7 @@ cdef class ConnCore:
         if not self.flush_scheduled:
             self.flush_scheduled = True
             self._call_soon(self._flush_cb)
+        return 0
 
     def _flush_out(self):
         """Write every reply queued during this loop turn with one writelines."""
@@ -602,28 +609,42 @@ cdef class ConnCore:
 
     # -- flow control --
 
-    cpdef _pause(self, int why):
-        self.paused |= why
-        self._pause_reading_now()
+    def _pause(self, int why):
+        self._pause_c(why)
 
-    cpdef _pause_reading_now(self):
+    def _pause_reading_now(self):
+        self._pause_reading_now_c()
+
+    def _unpause(self, int why):
+        self._unpause_c(why)
+
+    # (cdef, not cpdef: a cpdef method called from C on an instance of a Python subclass looks
+    # its name up on the instance at every call to see whether it is overridden)
+    cdef int _pause_c(self, int why) except -1:
+        self.paused |= why
+        self._pause_reading_now_c()
+        return 0
+
+    cdef int _pause_reading_now_c(self) except -1:
         if not self.reading_paused and not self.closed and self.transport is not None:
             self.reading_paused = True
             try:
                 self.transport.pause_reading()
             except _SUPPRESS:
                 pass
+        return 0
 
-    cpdef _unpause(self, int why):
+    cdef int _unpause_c(self, int why) except -1:
         self.paused &= ~why
         if self.closed or self.closing:
-            return
+            return 0
         if why & _P_WRITE:
             self._pump()  # frames may wait in the decoder; _pump resumes reading when all are out
-            return
+            return 0
         if not self.paused and self.reading_paused:
             self.reading_paused = False
             try:
                 self.transport.resume_reading()
             except _SUPPRESS:
                 pass
+        return 0
