@@ -274,7 +274,8 @@ cdef class ConnCore:
     cdef object _call_soon  # loop.call_soon
     cdef object _flush_cb  # self._flush_out
     cdef public object decoder
-    cdef public object transport
+    cdef object _transport
+    cdef object _writelines  # transport.writelines
     cdef public long long in_flight
     cdef public long long reply_reserved  # bytes of GET/MGET replies dispatched and not yet queued
     cdef public object held
@@ -296,6 +297,16 @@ cdef class ConnCore:
 
     def __cinit__(self, *args, **kwargs):
         self.out = []
+
+    property transport:
+        """The connection's transport; its ``writelines`` is cached when it is set."""
+
+        def __get__(self):
+            return self._transport
+
+        def __set__(self, transport):
+            self._transport = transport
+            self._writelines = transport.writelines if transport is not None else None
 
     property loop:
         """The event loop; its ``time`` and ``call_soon`` are cached when it is set."""
@@ -585,7 +596,7 @@ cdef class ConnCore:
     def _flush_out(self):
         """Write every reply queued during this loop turn with one writelines."""
         self.flush_scheduled = False
-        if self.closed or self.transport is None:
+        if self.closed or self._transport is None:
             self.out.clear()
             self.out_bytes = self.out_total = 0
             return
@@ -594,7 +605,7 @@ cdef class ConnCore:
         n = self.out_total
         self.out_bytes = self.out_total = 0
         if out:
-            self.transport.writelines(out)
+            self._writelines(out)
             srv = self.server
             if srv._net is not None:
                 srv._net.bytes_sent += n
