@@ -107,10 +107,24 @@ cdef class AsyncCore:
     cdef public long long buffer_count
     cdef public long long queue_depth
     cdef object _flush_cb
+    # the engine's methods the hot paths call, bound once (the engine is never replaced)
+    cdef object _e_lease
+    cdef object _e_read_fixed
+    cdef object _e_release
+    cdef object _e_reap
+    cdef object _e_submit
+    cdef object _call_soon
 
     def _init_core(self):
         """Cache what the hot paths call (after the fields are set)."""
         self._flush_cb = self._flush
+        eng = self.engine
+        self._e_lease = eng.lease
+        self._e_read_fixed = eng.read_fixed
+        self._e_release = eng.release
+        self._e_reap = eng.reap
+        self._e_submit = eng.submit
+        self._call_soon = self.loop.call_soon
 
     # -- the turn's submit ------------------------------------------------------
 
@@ -124,7 +138,7 @@ cdef class AsyncCore:
         tags = self._unsubmitted
         self._unsubmitted = []
         try:
-            self.engine.submit()
+            self._e_submit()
             self.submits += 1
         except Exception as exc:  # the batch did not reach the kernel: fail its ops
             for t in tags:
@@ -139,7 +153,7 @@ cdef class AsyncCore:
 
     cdef inline void _schedule_flush(self):
         if self._flush_handle is None:
-            self._flush_handle = self.loop.call_soon(self._flush_cb)
+            self._flush_handle = self._call_soon(self._flush_cb)
 
     # -- completions --------------------------------------------------------------
 
@@ -165,7 +179,7 @@ cdef class AsyncCore:
             return
         eng = self.engine
         try:
-            cqes = eng.reap(_REAP_TURN)
+            cqes = self._e_reap(_REAP_TURN)
             for item in cqes:
                 tag, res = item
                 p = PyDict_GetItem(self._futs, tag)
@@ -229,7 +243,7 @@ cdef class AsyncCore:
                 self._release_bufs([buf])
             else:  # the common case, inline
                 try:
-                    self.engine.release(buf)
+                    self._e_release(buf)
                 except BufferBusy:
                     self._deferred.append(buf)
         done = op.done
@@ -312,12 +326,12 @@ cdef class AsyncCore:
         if (self._buf_waiters or self._slot_waiters or eng.free_buffers < 1
                 or eng.in_flight + eng.pending + 1 > self.queue_depth):
             return False
-        buf = eng.lease()
+        buf = self._e_lease()
         bs = self.block_size
         alen = (length + bs - 1) // bs * bs
         tag = next(self._tags)
         try:
-            eng.read_fixed(buf, offset, alen, tag)
+            self._e_read_fixed(buf, offset, alen, tag)
         except BaseException:
             self._release_bufs([buf])
             raise
@@ -332,12 +346,12 @@ cdef class AsyncCore:
         unsubmitted.append(tag)
         self.ops += 1
         if self._flush_handle is None:
-            self._flush_handle = self.loop.call_soon(self._flush_cb)
+            self._flush_handle = self._call_soon(self._flush_cb)
         elif len(unsubmitted) >= _SUBMIT_EARLY:
             # a burst of reads: the first ones go to the disk now, while the rest of the burst
             # is still being decoded (the turn's flush submits the remainder)
             try:
-                eng.submit()
+                self._e_submit()
             except Exception:
                 pass  # they stay queued: the turn's _flush tries again and fails them if it must
             else:
@@ -415,5 +429,5 @@ cdef class AsyncCore:
             unsubmitted.append(tag)
             self.ops += 1
         if self._flush_handle is None:
-            self._flush_handle = self.loop.call_soon(self._flush_cb)
+            self._flush_handle = self._call_soon(self._flush_cb)
         return True

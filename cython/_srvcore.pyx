@@ -49,6 +49,7 @@ from rb_endian cimport rb_le64, rb_le32, rb_put_le64, rb_put_le32, rb_put_le16
 from ringblob import metrics as M
 from ringblob import protocol as P
 from ringblob.errors import FrameTooLarge, TooLarge
+from ringblob._storeput import PutPath as _PutPath
 
 cdef int _P_CONN = 1
 cdef int _P_TOTAL = 2
@@ -124,6 +125,17 @@ cdef Done _new_done(ConnCore conn, int opcode, int flags, object request_id, obj
     return d
 
 
+cdef class NetCounters:
+    """The base class of :class:`ringblob.metrics.Metrics`: its hot-path counters
+    ``requests_in_flight``, ``bytes_received`` and ``bytes_sent`` (ints) as C fields, so that
+    the request path updates them with no attribute lookup. Python reads and writes them as
+    ordinary attributes."""
+
+    cdef public long long requests_in_flight
+    cdef public long long bytes_received
+    cdef public long long bytes_sent
+
+
 cdef class ServerCore:
     """The base class of ``ringblob.server.Server``: the fields its connections' request path
     reads and writes, typed (see the module docstring)."""
@@ -133,11 +145,18 @@ cdef class ServerCore:
     cdef public dict _eager
     cdef public set _waiting
     cdef public object _get_nowait
-    cdef public object _put_nowait
+    cdef object _put_nowait_f
+    cdef bint _put_pos  # _put_nowait is a PutPath's: sync and verify go by position
     cdef public object _scratch
     cdef public object _scratch_head
-    cdef public object config
+    cdef object _config
+    # the config's flow-control limits, read once when ``config`` is set (ServerConfig is not
+    # changed after the server is made; a new one assigned to ``config`` is read again)
+    cdef long long _whw
+    cdef long long _per_conn
+    cdef long long _total
     cdef object _metrics
+    cdef NetCounters _net  # _metrics when it is a NetCounters (Metrics is), else None
     cdef dict _counts  # Metrics._req_counts: (op name, status) -> requests answered
     cdef dict _durations  # Metrics._durations: op name -> [count per bucket..., sum of seconds]
     cdef double *_bounds
@@ -159,6 +178,29 @@ cdef class ServerCore:
             PyMem_Free(self._bounds)
             self._bounds = NULL
 
+    property _put_nowait:
+        """The store's ``put_nowait`` (None: PUTs take the coroutine path)."""
+
+        def __get__(self):
+            return self._put_nowait_f
+
+        def __set__(self, f):
+            self._put_nowait_f = f
+            self._put_pos = type(getattr(f, "__self__", None)) is _PutPath
+
+    property config:
+        """The ``ServerConfig``; its ``write_high_water``, ``max_in_flight_per_conn`` and
+        ``max_in_flight_total`` are cached in C when it is set."""
+
+        def __get__(self):
+            return self._config
+
+        def __set__(self, cfg):
+            self._config = cfg
+            self._whw = getattr(cfg, "write_high_water", 0) or 0
+            self._per_conn = getattr(cfg, "max_in_flight_per_conn", 0) or 0
+            self._total = getattr(cfg, "max_in_flight_total", 0) or 0
+
     property metrics:
         """The :class:`~ringblob.metrics.Metrics` requests are counted in."""
 
@@ -167,6 +209,7 @@ cdef class ServerCore:
 
         def __set__(self, m):
             self._metrics = m
+            self._net = <NetCounters>m if isinstance(m, NetCounters) else None
             self._counts = None
             self._durations = None
             counts = getattr(m, "_req_counts", None)
@@ -182,6 +225,14 @@ cdef class ServerCore:
                 self._nbounds = len(bounds)
                 self._counts = counts
                 self._durations = durations
+
+    cdef inline int _add_in_flight(self, long long d) except -1:
+        """``metrics.requests_in_flight += d``."""
+        if self._net is not None:
+            self._net.requests_in_flight += d
+        else:
+            self._metrics.requests_in_flight += d
+        return 0
 
     def _observe_request(self, int opcode, int status, double seconds):
         """:meth:`_observe` from Python (tests): count one request of ``opcode``."""
@@ -218,9 +269,13 @@ cdef class ConnCore:
     and the request path in C (see the module docstring)."""
 
     cdef public ServerCore server
-    cdef public object loop
+    cdef object _loop
+    cdef object _time  # loop.time
+    cdef object _call_soon  # loop.call_soon
+    cdef object _flush_cb  # self._flush_out
     cdef public object decoder
-    cdef public object transport
+    cdef object _transport
+    cdef object _writelines  # transport.writelines
     cdef public long long in_flight
     cdef public long long reply_reserved  # bytes of GET/MGET replies dispatched and not yet queued
     cdef public object held
@@ -242,6 +297,28 @@ cdef class ConnCore:
 
     def __cinit__(self, *args, **kwargs):
         self.out = []
+
+    property transport:
+        """The connection's transport; its ``writelines`` is cached when it is set."""
+
+        def __get__(self):
+            return self._transport
+
+        def __set__(self, transport):
+            self._transport = transport
+            self._writelines = transport.writelines if transport is not None else None
+
+    property loop:
+        """The event loop; its ``time`` and ``call_soon`` are cached when it is set."""
+
+        def __get__(self):
+            return self._loop
+
+        def __set__(self, loop):
+            self._loop = loop
+            self._time = loop.time if loop is not None else None
+            self._call_soon = loop.call_soon if loop is not None else None
+            self._flush_cb = self._flush_out if loop is not None else None
 
     # -- reading --
 
@@ -272,10 +349,12 @@ cdef class ConnCore:
         handed out."""
         if self.closing:
             return
-        srv = self.server
-        m = srv._metrics
-        m.bytes_received += nbytes
-        self.last_activity = self.loop.time()
+        cdef ServerCore srv = self.server
+        if srv._net is not None:
+            srv._net.bytes_received += nbytes
+        else:
+            srv._metrics.bytes_received += nbytes
+        self.last_activity = self._time()
         if self._in_place:
             self._in_place = False
             if not self.decoder.received_in_place(nbytes):
@@ -293,8 +372,8 @@ cdef class ConnCore:
         """The flow-control checks before each frame, for ``_Connection._dispatch`` (the C path
         makes the same ones through ``_limits_ok``): True when a frame may be dispatched now;
         else the connection is marked stalled or its reading paused, as the limit says."""
-        cfg = self.server.config
-        return self._limits_ok(cfg.write_high_water, cfg.max_in_flight_per_conn, cfg.max_in_flight_total) == 1
+        cdef ServerCore srv = self.server
+        return self._limits_ok(srv._whw, srv._per_conn, srv._total) == 1
 
     cdef int _limits_ok(self, long long cfg_whw, long long per_conn, long long total) except -1:
         """The checks made before each frame, with their effects: 1 when a frame may be
@@ -309,10 +388,10 @@ cdef class ConnCore:
             self.stalled = True
             return 0
         if self.in_flight >= per_conn:
-            self._pause(_P_CONN)
+            self._pause_c(_P_CONN)
             return 0
         if srv.in_flight >= total:
-            self._pause(_P_TOTAL)
+            self._pause_c(_P_TOTAL)
             srv._waiting.add(self)
             return 0
         self.paused &= ~(_P_CONN | _P_TOTAL)
@@ -333,13 +412,12 @@ cdef class ConnCore:
                 dec.feed(chunk)  # copies: the scratch buffer is reused by the next read
             self._pump()
             return
-        cfg = srv.config
-        cdef long long whw = cfg.write_high_water
-        cdef long long per_conn = cfg.max_in_flight_per_conn
-        cdef long long total = cfg.max_in_flight_total
+        cdef long long whw = srv._whw
+        cdef long long per_conn = srv._per_conn
+        cdef long long total = srv._total
         cdef Py_ssize_t max_frame = dec.max_frame_size
         get_nowait = srv._get_nowait
-        put_nowait = srv._put_nowait
+        put_nowait = srv._put_nowait_f
         PyObject_GetBuffer(srv._scratch, &view, PyBUF_SIMPLE)
         try:
             p = <const uint8_t *>view.buf
@@ -376,7 +454,7 @@ cdef class ConnCore:
                     self.paused &= ~_P_BYTES
                     self.in_flight += 1
                     srv.in_flight += 1
-                    srv._metrics.requests_in_flight += 1
+                    srv._add_in_flight(1)
                     self._put_now_c(put_nowait, key, value, flags, rid)
                 else:
                     break
@@ -390,7 +468,7 @@ cdef class ConnCore:
         elif not ok:
             self._pump()
         else:  # all taken and under the limits: the end of _Connection._dispatch (nothing buffered)
-            self._unpause(_P_CONN | _P_TOTAL)
+            self._unpause_c(_P_CONN | _P_TOTAL)
             if self.eof:
                 self._maybe_close()
 
@@ -399,12 +477,11 @@ cdef class ConnCore:
     cdef int _get_now_c(self, get_nowait, key, request_id, req) except -1:
         cdef ServerCore srv = self.server
         cdef double t0 = _now()
-        room = (self.server.config.write_high_water - self.reply_reserved - _HDR) if self.reply_reserved else None
+        room = (srv._whw - self.reply_reserved - _HDR) if self.reply_reserved else None
         cdef Done done = _new_done(self, _OP_GET, 0, request_id, key, req, 0, t0)
         self.in_flight += 1
         srv.in_flight += 1
-        m = srv._metrics
-        m.requests_in_flight += 1
+        srv._add_in_flight(1)
         try:
             n = get_nowait(key, done, room)
         except Exception as err:
@@ -413,7 +490,7 @@ cdef class ConnCore:
         if not n:
             self.in_flight -= 1
             srv.in_flight -= 1
-            m.requests_in_flight -= 1
+            srv._add_in_flight(-1)
             return 0
         done.cost = n + _HDR
         self.reply_reserved += done.cost
@@ -434,7 +511,10 @@ cdef class ConnCore:
         cdef double t0 = _now()
         cdef Done done = _new_done(self, _OP_PUT, flags, request_id, key, None, 0, t0)
         try:
-            queued = put_nowait(key, value, done, sync=bool(flags & 1), verify=bool(flags & 2))
+            if self.server._put_pos:
+                queued = put_nowait(key, value, done, bool(flags & 1), bool(flags & 2))
+            else:
+                queued = put_nowait(key, value, done, sync=bool(flags & 1), verify=bool(flags & 2))
         except Exception as err:
             self._failed(done._request(), err, t0, 0)
             return
@@ -455,20 +535,19 @@ cdef class ConnCore:
     cdef _finish_c(self, int opcode, request_id, parts, int status, double t0, long long cost):
         cdef ServerCore srv = self.server
         try:
-            self._queue_reply(opcode, request_id, parts, status)
+            self._queue_reply_c(opcode, request_id, parts, status)
         except FrameTooLarge as exc:  # a reply body over the u32 body_length (an MGET of huge values)
             status = TooLarge.code
             name = _OP_BY_CODE[opcode].name if opcode in _OP_BY_CODE else f"op{opcode}"
             message = (f"the {name} reply cannot be sent: {exc}; ask for fewer keys per request "
                        "(or GET the large values one by one)")
-            self._queue_reply(opcode, request_id, [message.encode()], status)
+            self._queue_reply_c(opcode, request_id, [message.encode()], status)
         srv._observe(opcode, status, _now() - t0)
         self.in_flight -= 1
         self.reply_reserved -= cost
         srv.in_flight -= 1
-        m = srv._metrics
-        m.requests_in_flight -= 1
-        if srv._waiting and srv.in_flight < srv.config.max_in_flight_total:
+        srv._add_in_flight(-1)
+        if srv._waiting and srv.in_flight < srv._total:
             srv._wake_waiting()
         if self.paused & (_P_CONN | _P_BYTES) and not self.closed:
             self._pump()
@@ -477,7 +556,13 @@ cdef class ConnCore:
 
     # -- writing --
 
-    cpdef _queue_reply(self, int opcode, request_id, parts, int status):
+    def _queue_reply(self, int opcode, request_id, parts, int status):
+        """Queue a reply frame (header + ``parts``, no copy of the parts) for this turn's writelines.
+
+        Raises :class:`FrameTooLarge` when the body is over the u32 body_length."""
+        self._queue_reply_c(opcode, request_id, parts, status)
+
+    cdef int _queue_reply_c(self, int opcode, request_id, parts, int status) except -1:
         """Queue a reply frame (header + ``parts``, no copy of the parts) for this turn's writelines.
 
         Raises :class:`FrameTooLarge` when the body is over the u32 body_length."""
@@ -485,7 +570,7 @@ cdef class ConnCore:
         cdef uint8_t *h
         cdef uint64_t rid = request_id
         if self.closed:
-            return
+            return 0
         for b in parts:
             n += len(b)
         if n > 0xFFFFFFFF:
@@ -505,12 +590,13 @@ cdef class ConnCore:
         self.out_total += n + _HDR
         if not self.flush_scheduled:
             self.flush_scheduled = True
-            self.loop.call_soon(self._flush_out)
+            self._call_soon(self._flush_cb)
+        return 0
 
     def _flush_out(self):
         """Write every reply queued during this loop turn with one writelines."""
         self.flush_scheduled = False
-        if self.closed or self.transport is None:
+        if self.closed or self._transport is None:
             self.out.clear()
             self.out_bytes = self.out_total = 0
             return
@@ -519,10 +605,13 @@ cdef class ConnCore:
         n = self.out_total
         self.out_bytes = self.out_total = 0
         if out:
-            self.transport.writelines(out)
-            m = self.server._metrics
-            m.bytes_sent += n
-            self.last_activity = self.loop.time()
+            self._writelines(out)
+            srv = self.server
+            if srv._net is not None:
+                srv._net.bytes_sent += n
+            else:
+                srv._metrics.bytes_sent += n
+            self.last_activity = self._time()
         if self.stalled:
             self.stalled = False
             self._pump()
@@ -531,28 +620,42 @@ cdef class ConnCore:
 
     # -- flow control --
 
-    cpdef _pause(self, int why):
-        self.paused |= why
-        self._pause_reading_now()
+    def _pause(self, int why):
+        self._pause_c(why)
 
-    cpdef _pause_reading_now(self):
+    def _pause_reading_now(self):
+        self._pause_reading_now_c()
+
+    def _unpause(self, int why):
+        self._unpause_c(why)
+
+    # (cdef, not cpdef: a cpdef method called from C on an instance of a Python subclass looks
+    # its name up on the instance at every call to see whether it is overridden)
+    cdef int _pause_c(self, int why) except -1:
+        self.paused |= why
+        self._pause_reading_now_c()
+        return 0
+
+    cdef int _pause_reading_now_c(self) except -1:
         if not self.reading_paused and not self.closed and self.transport is not None:
             self.reading_paused = True
             try:
                 self.transport.pause_reading()
             except _SUPPRESS:
                 pass
+        return 0
 
-    cpdef _unpause(self, int why):
+    cdef int _unpause_c(self, int why) except -1:
         self.paused &= ~why
         if self.closed or self.closing:
-            return
+            return 0
         if why & _P_WRITE:
             self._pump()  # frames may wait in the decoder; _pump resumes reading when all are out
-            return
+            return 0
         if not self.paused and self.reading_paused:
             self.reading_paused = False
             try:
                 self.transport.resume_reading()
             except _SUPPRESS:
                 pass
+        return 0

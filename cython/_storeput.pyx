@@ -222,8 +222,10 @@ cdef class PutPath:
 
     # -- the request path ----------------------------------------------------------
 
-    def put_nowait(self, key, value, done, *, sync=False, verify=False):
-        """:meth:`BlobStore.put_nowait` (same arguments, result and errors)."""
+    def put_nowait(self, key, value, done, sync=False, verify=False):
+        """:meth:`BlobStore.put_nowait` (same arguments, result and errors; ``sync`` and
+        ``verify`` may also be passed by position: the server's C path does, a call with no
+        keyword arguments being the cheaper one)."""
         cdef Py_ssize_t klen
         cdef long long length, n, page, extra, need, reserve
         cdef Item it

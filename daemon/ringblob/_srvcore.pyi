@@ -9,6 +9,12 @@ class Done:
     cost: int
     def __call__(self, value: bytes | None, err: BaseException | None) -> None: ...
 
+class NetCounters:
+    """The base class of ringblob.metrics.Metrics: its hot-path counters as C fields (64-bit)."""
+    requests_in_flight: int
+    bytes_received: int
+    bytes_sent: int
+
 class ServerCore:
     in_flight: int
     stopping: bool

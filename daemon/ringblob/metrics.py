@@ -79,6 +79,11 @@ from prometheus_client.samples import Sample
 from prometheus_client.utils import floatToGoString
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
+try:  # the hot-path counters as C fields, updated by the server's request path with no lookup
+    from ._srvcore import NetCounters as _NetCounters
+except ImportError:  # the extensions are not built: plain attributes (the server needs them anyway)
+    _NetCounters = object
+
 __all__ = ["Metrics", "serve_metrics", "status_label"]
 
 log = logging.getLogger("ringblob.metrics")
@@ -127,7 +132,7 @@ def _num(*candidates: Any, default: float | None = None) -> float | None:
     return default
 
 
-class Metrics:
+class Metrics(_NetCounters):
     """The daemon's metrics in a private registry (``self.registry``); also the store observer.
 
     Hot-path counters, plain ints the server updates directly (exported at
@@ -135,7 +140,9 @@ class Metrics:
     ``bytes_received`` (``ringblob_received_bytes_total``, bytes),
     ``bytes_sent`` (``ringblob_sent_bytes_total``, bytes); requests and their
     latency go through :meth:`observe_request` (read back with
-    :meth:`request_count`). Use them from the event loop's thread only.
+    :meth:`request_count`). Use them from the event loop's thread only. The three
+    counters are C fields of the base class (``ringblob._srvcore.NetCounters``, 64-bit)
+    where the extensions are built.
     """
 
     def __init__(self, registry: CollectorRegistry | None = None):
