@@ -142,14 +142,8 @@ cdef class AsyncCore:
             self.submits += 1
         except Exception as exc:  # the batch did not reach the kernel: fail its ops
             for t in tags:
-                fut = self._futs.pop(t, None)
                 err = OSError(getattr(exc, "errno", None) or _errno.EIO, f"submit: {exc}")
-                if type(fut) is _ReadOp:
-                    self._complete_read(<_ReadOp>fut, err)
-                elif type(fut) is _BatchOp:
-                    self._complete_part(<_BatchOp>fut, t, err)
-                elif fut is not None and not fut.done():
-                    fut.set_result(err)
+                self._deliver(t, self._futs.pop(t, None), err, False)
 
     cdef inline void _schedule_flush(self):
         if self._flush_handle is None:
@@ -187,12 +181,7 @@ cdef class AsyncCore:
                     continue
                 fut = <object>p
                 PyDict_DelItem(self._futs, tag)
-                if type(fut) is _ReadOp:
-                    self._complete_read(<_ReadOp>fut, res)
-                elif type(fut) is _BatchOp:
-                    self._complete_part(<_BatchOp>fut, tag, res)
-                elif not fut.done():
-                    fut.set_result(res)
+                self._deliver(tag, fut, res, False)
         except EngineClosed:
             return
         if self._deferred:
@@ -215,12 +204,22 @@ cdef class AsyncCore:
         futs = self._futs
         self._futs = {}
         for tag, fut in futs.items():
-            if type(fut) is _ReadOp:
-                self._complete_read(<_ReadOp>fut, err)
-            elif type(fut) is _BatchOp:
-                self._complete_part(<_BatchOp>fut, tag, err)
-            elif not fut.done():
-                fut.set_exception(err)
+            self._deliver(tag, fut, err, True)
+
+    cdef int _deliver(self, tag, fut, res, bint fail) except -1:
+        """Hand ``res`` (a CQE result, or the error that ends the op) to the op ``fut`` queued
+        under ``tag``: a read op's ``done``, a batch's part, or a future (``res`` as its
+        exception when ``fail``, else as its result; a done future or None is skipped)."""
+        if type(fut) is _ReadOp:
+            self._complete_read(<_ReadOp>fut, res)
+        elif type(fut) is _BatchOp:
+            self._complete_part(<_BatchOp>fut, tag, res)
+        elif fut is not None and not fut.done():
+            if fail:
+                fut.set_exception(res)
+            else:
+                fut.set_result(res)
+        return 0
 
     cdef int _complete_read(self, _ReadOp op, object res) except -1:
         """Finish a :meth:`read_nowait` op with its CQE result (or an exception): copy the
