@@ -542,45 +542,35 @@ cdef class Index:
         """Whether ``key`` (bytes) is mapped. ``TypeError`` for a key that is not bytes."""
         if type(key) is not bytes:
             raise TypeError(f"index keys are bytes, not {type(key).__name__}")
-        cdef bytes k = <bytes>key
+        return self._value_offset(<bytes>key) >= 0
+
+    cdef Py_ssize_t _value_offset(self, bytes key):
+        """Arena offset of the ``page|length|digest`` fields of ``key``'s entry; -1 when the key
+        is absent (or longer than 255 bytes, so never mapped)."""
         cdef size_t slot
-        cdef size_t kl = PyBytes_GET_SIZE(k)
-        cdef const uint8_t *kp = <const uint8_t *>PyBytes_AS_STRING(k)
+        cdef size_t kl = PyBytes_GET_SIZE(key)
+        cdef const uint8_t *kp = <const uint8_t *>PyBytes_AS_STRING(key)
+        cdef Py_ssize_t o
         if kl > 255:
-            return False
-        return self._find(kp, kl, self._hash(kp, kl), &slot) >= 0
+            return -1
+        o = self._find(kp, kl, self._hash(kp, kl), &slot)
+        return -1 if o < 0 else o + 1 + <Py_ssize_t>kl
 
     def get(self, bytes key not None):
         """``(page, length, digest)`` of ``key`` (ints, bytes of 32), or None when absent.
 
         ``TypeError`` for a key that is not bytes.
         """
-        cdef size_t slot
-        cdef size_t kl = PyBytes_GET_SIZE(key)
-        cdef const uint8_t *kp = <const uint8_t *>PyBytes_AS_STRING(key)
-        cdef Py_ssize_t o
-        if kl > 255:
-            return None
-        o = self._find(kp, kl, self._hash(kp, kl), &slot)
-        if o < 0:
-            return None
-        return self._value_at(<size_t>o + 1 + kl)
+        cdef Py_ssize_t v = self._value_offset(key)
+        return None if v < 0 else self._value_at(<size_t>v)
 
     def value_length(self, bytes key not None):
         """Length in bytes of the value mapped under ``key`` (an int), or None when absent.
 
         What ``get(key)[1]`` gives, without building the tuple and the digest.
         """
-        cdef size_t slot
-        cdef size_t kl = PyBytes_GET_SIZE(key)
-        cdef const uint8_t *kp = <const uint8_t *>PyBytes_AS_STRING(key)
-        cdef Py_ssize_t o
-        if kl > 255:
-            return None
-        o = self._find(kp, kl, self._hash(kp, kl), &slot)
-        if o < 0:
-            return None
-        return rb_le32(self.arena + o + 1 + kl + 8)
+        cdef Py_ssize_t v = self._value_offset(key)
+        return None if v < 0 else rb_le32(self.arena + v + 8)
 
     def set(self, bytes key not None, uint64_t page, uint32_t length, bytes digest not None):
         """Map ``key`` to ``(page, length, digest)``; returns the previous ``(page, length, digest)``
