@@ -101,6 +101,23 @@ cdef inline bint _zless(const Node *a, const Node *b) noexcept nogil:
     return a.n < b.n or (a.n == b.n and a.start < b.start)
 
 
+cdef enum:
+    ADDR = 0  # the address tree: by start, links al/ar
+    SIZE = 1  # the size tree: by (npages, start), links zl/zr
+
+
+cdef inline bint _before(int tr, const Node *a, const Node *b) noexcept nogil:
+    """Whether ``a`` sorts before ``b`` in tree ``tr``."""
+    return a.start < b.start if tr == ADDR else _zless(a, b)
+
+
+cdef inline int32_t *_kid(int tr, Node *n, int right) noexcept nogil:
+    """The link of ``n`` to its left (``right`` 0) or right child in tree ``tr``."""
+    if tr == ADDR:
+        return &n.ar if right else &n.al
+    return &n.zr if right else &n.zl
+
+
 cdef class _Allocator:
     """The C core of :class:`Allocator` (see the module docstring for the layout)."""
 
@@ -446,56 +463,65 @@ cdef class _Allocator:
         if q:
             N[q].zl = p
 
-    # -- address tree of the large extents (by start) ----------------------------------------
+    # -- the two treaps of the large extents ---------------------------------------------------
+    # One split / merge / insert / erase serves both trees: ``tr`` picks the order and the
+    # links (ADDR: by start, through al/ar; SIZE: by (npages, start), through zl/zr).
 
-    cdef void _asplit(self, int32_t t, int64_t key, int32_t *l, int32_t *r) noexcept nogil:
-        """Split subtree ``t`` into starts < key (``l``) and >= key (``r``)."""
+    cdef void _tsplit(self, int tr, int32_t t, const Node *key, int32_t *l, int32_t *r) noexcept nogil:
+        """Split subtree ``t`` of tree ``tr`` into the nodes before ``key`` (``l``) and the rest (``r``)."""
         cdef Node *N = self.nodes
         if t == 0:
             l[0] = 0
             r[0] = 0
-        elif N[t].start < key:
-            self._asplit(N[t].ar, key, &N[t].ar, r)
+        elif _before(tr, &N[t], key):
+            self._tsplit(tr, _kid(tr, &N[t], 1)[0], key, _kid(tr, &N[t], 1), r)
             l[0] = t
         else:
-            self._asplit(N[t].al, key, l, &N[t].al)
+            self._tsplit(tr, _kid(tr, &N[t], 0)[0], key, l, _kid(tr, &N[t], 0))
             r[0] = t
 
-    cdef int32_t _amerge(self, int32_t l, int32_t r) noexcept nogil:
+    cdef int32_t _tmerge(self, int tr, int32_t l, int32_t r) noexcept nogil:
+        """Join subtrees ``l`` and ``r`` of tree ``tr`` (every node of ``l`` before every node of ``r``)."""
         cdef Node *N = self.nodes
+        cdef int32_t *k
         if l == 0:
             return r
         if r == 0:
             return l
         if rb_prio(l) >= rb_prio(r):
-            N[l].ar = self._amerge(N[l].ar, r)
+            k = _kid(tr, &N[l], 1)
+            k[0] = self._tmerge(tr, k[0], r)
             return l
-        N[r].al = self._amerge(l, N[r].al)
+        k = _kid(tr, &N[r], 0)
+        k[0] = self._tmerge(tr, l, k[0])
         return r
 
-    cdef int32_t _ainsert(self, int32_t t, int32_t x) noexcept nogil:
+    cdef int32_t _tinsert(self, int tr, int32_t t, int32_t x) noexcept nogil:
+        """Subtree ``t`` of tree ``tr`` with node ``x`` added; returns its new root."""
         cdef Node *N = self.nodes
+        cdef int32_t *k
         if t == 0:
-            N[x].al = N[x].ar = 0
+            _kid(tr, &N[x], 0)[0] = 0
+            _kid(tr, &N[x], 1)[0] = 0
             return x
         if rb_prio(x) > rb_prio(t):
-            self._asplit(t, N[x].start, &N[x].al, &N[x].ar)
+            self._tsplit(tr, t, &N[x], _kid(tr, &N[x], 0), _kid(tr, &N[x], 1))
             return x
-        if N[x].start < N[t].start:
-            N[t].al = self._ainsert(N[t].al, x)
-        else:
-            N[t].ar = self._ainsert(N[t].ar, x)
+        k = _kid(tr, &N[t], 0 if _before(tr, &N[x], &N[t]) else 1)
+        k[0] = self._tinsert(tr, k[0], x)
         return t
 
-    cdef int32_t _aerase(self, int32_t t, int32_t x) noexcept nogil:
+    cdef int32_t _terase(self, int tr, int32_t t, int32_t x) noexcept nogil:
+        """Subtree ``t`` of tree ``tr`` without node ``x`` (which it holds); returns its new root."""
         cdef Node *N = self.nodes
+        cdef int32_t *k
         if t == x:
-            return self._amerge(N[t].al, N[t].ar)
-        if N[x].start < N[t].start:
-            N[t].al = self._aerase(N[t].al, x)
-        else:
-            N[t].ar = self._aerase(N[t].ar, x)
+            return self._tmerge(tr, _kid(tr, &N[t], 0)[0], _kid(tr, &N[t], 1)[0])
+        k = _kid(tr, &N[t], 0 if _before(tr, &N[x], &N[t]) else 1)
+        k[0] = self._terase(tr, k[0], x)
         return t
+
+    # -- lookups in the address tree (by start) and the size tree (by npages, start) ----------
 
     cdef int32_t _abelow(self, int64_t key) noexcept nogil:
         """The large extent with the largest start < key (0: none)."""
@@ -515,56 +541,6 @@ cdef class _Allocator:
         cdef int32_t t = self.aroot
         while t and N[t].start != key:
             t = N[t].ar if N[t].start < key else N[t].al
-        return t
-
-    # -- size tree of the large extents (by npages, start) ------------------------------------
-
-    cdef void _zsplit(self, int32_t t, const Node *key, int32_t *l, int32_t *r) noexcept nogil:
-        cdef Node *N = self.nodes
-        if t == 0:
-            l[0] = 0
-            r[0] = 0
-        elif _zless(&N[t], key):
-            self._zsplit(N[t].zr, key, &N[t].zr, r)
-            l[0] = t
-        else:
-            self._zsplit(N[t].zl, key, l, &N[t].zl)
-            r[0] = t
-
-    cdef int32_t _zmerge(self, int32_t l, int32_t r) noexcept nogil:
-        cdef Node *N = self.nodes
-        if l == 0:
-            return r
-        if r == 0:
-            return l
-        if rb_prio(l) >= rb_prio(r):
-            N[l].zr = self._zmerge(N[l].zr, r)
-            return l
-        N[r].zl = self._zmerge(l, N[r].zl)
-        return r
-
-    cdef int32_t _zinsert(self, int32_t t, int32_t x) noexcept nogil:
-        cdef Node *N = self.nodes
-        if t == 0:
-            N[x].zl = N[x].zr = 0
-            return x
-        if rb_prio(x) > rb_prio(t):
-            self._zsplit(t, &N[x], &N[x].zl, &N[x].zr)
-            return x
-        if _zless(&N[x], &N[t]):
-            N[t].zl = self._zinsert(N[t].zl, x)
-        else:
-            N[t].zr = self._zinsert(N[t].zr, x)
-        return t
-
-    cdef int32_t _zerase(self, int32_t t, int32_t x) noexcept nogil:
-        cdef Node *N = self.nodes
-        if t == x:
-            return self._zmerge(N[t].zl, N[t].zr)
-        if _zless(&N[x], &N[t]):
-            N[t].zl = self._zerase(N[t].zl, x)
-        else:
-            N[t].zr = self._zerase(N[t].zr, x)
         return t
 
     cdef int32_t _zfit(self, int64_t n) noexcept nogil:
@@ -596,8 +572,8 @@ cdef class _Allocator:
         self._bin_push(x)
 
     cdef void _add_large(self, int32_t x) noexcept nogil:
-        self.aroot = self._ainsert(self.aroot, x)
-        self.zroot = self._zinsert(self.zroot, x)
+        self.aroot = self._tinsert(ADDR, self.aroot, x)
+        self.zroot = self._tinsert(SIZE, self.zroot, x)
         self.nlarge += 1
 
     cdef void _remove_small(self, int32_t x) noexcept nogil:
@@ -606,8 +582,8 @@ cdef class _Allocator:
         self._sdel(x)
 
     cdef void _remove_large(self, int32_t x) noexcept nogil:
-        self.aroot = self._aerase(self.aroot, x)
-        self.zroot = self._zerase(self.zroot, x)
+        self.aroot = self._terase(ADDR, self.aroot, x)
+        self.zroot = self._terase(SIZE, self.zroot, x)
         self.nlarge -= 1
 
     cdef int _insert(self, int64_t start, int64_t n) except -1:
@@ -640,10 +616,10 @@ cdef class _Allocator:
                 self._drop_node(x)
                 self.nextents -= 1
         elif rest >= NBIN:  # stays large, at its place in address order
-            self.zroot = self._zerase(self.zroot, x)
+            self.zroot = self._terase(SIZE, self.zroot, x)
             N[x].start = start + n
             N[x].n = rest
-            self.zroot = self._zinsert(self.zroot, x)
+            self.zroot = self._tinsert(SIZE, self.zroot, x)
         else:
             self._remove_large(x)
             if rest:
@@ -828,14 +804,14 @@ cdef class _Allocator:
                 self._remove_large(r)
                 self._drop_node(r)
                 self.nextents -= 1
-            self.zroot = self._zerase(self.zroot, l)
+            self.zroot = self._terase(SIZE, self.zroot, l)
             N[l].n = me - ms
-            self.zroot = self._zinsert(self.zroot, l)
+            self.zroot = self._tinsert(SIZE, self.zroot, l)
         elif r:  # grows at its front: no large extent lies between
-            self.zroot = self._zerase(self.zroot, r)
+            self.zroot = self._terase(SIZE, self.zroot, r)
             N[r].start = ms
             N[r].n = me - ms
-            self.zroot = self._zinsert(self.zroot, r)
+            self.zroot = self._tinsert(SIZE, self.zroot, r)
         else:
             self._add_large(self._new_node(ms, me - ms))
             self.nextents += 1
