@@ -1969,6 +1969,8 @@ class _Round:
             return
         if not queued:  # no room in the queue depth now: await it
             self._task = asyncio.get_running_loop().create_task(self._sync_slow())
+        else:
+            st._aio.submit_now()  # on the critical path of every put of the round: not at the turn's end
 
     async def _sync_slow(self) -> None:
         try:
