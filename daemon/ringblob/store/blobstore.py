@@ -1369,6 +1369,7 @@ class BlobStore:
                 fut.set_result(res)
 
             if aio.run_nowait(ops, done):
+                aio.submit_now()
                 results = await fut
             else:
                 results = await aio.run(ops, link=False)
