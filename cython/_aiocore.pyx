@@ -12,7 +12,11 @@ and implements the methods every small read goes through:
 * :meth:`AsyncCore._on_ready` — the eventfd reader: reap CQEs in batches and
   deliver each result to its future (``set_result``) or its read op (copy the
   bytes out, give the buffer back, call ``done(data, error)``);
-* :meth:`AsyncCore._flush` — the turn's one ``engine.submit()``.
+* :meth:`AsyncCore._flush` — the turn's one ``engine.submit()``;
+  :meth:`AsyncCore.submit_now` makes it at once (the group commit's writes and
+  fdatasync: on the critical path of every sync PUT of a round; submitting
+  them when queued instead of at the turn's end took sync 4 KiB PUTs at 32
+  concurrent from ~40k to ~55k/s and 22 to 16 µs of daemon CPU each).
 
 Like the rest of the adapter it knows nothing of keys, and it works over any
 engine with the contract of :mod:`ringblob.engine` (``uring``, ``psync``, the

@@ -1282,14 +1282,18 @@ class BlobStore:
                 self._finishers.popleft()
 
     async def _commit_items(self, jbuf, items, flushers, recs, seq, marker, nbufs) -> None:
-        """Phase one of a round: the data writes and the journal write (unlinked, one ring turn).
+        """Phase one of a round: the data writes and the journal write (unlinked, one submit,
+        made at once with ``AsyncEngine.submit_now``, not at the loop turn's end).
 
-        Then the round's phase two (a :class:`_Round`: fdatasync, index,
-        acknowledgements, driven by completion calls, no Task) is started and
-        this returns, so the next round's writes go out while this round's
-        fdatasync is in flight (pipelining). Rounds are acknowledged strictly
-        in order: a round starts once the previous one finished, and issues
-        its fdatasync only after the previous round's succeeded.
+        The writes' completion call (no hop back into this coroutine) moves the
+        journal state past the batch and starts the round's phase two (a
+        :class:`_Round`: fdatasync, index, acknowledgements, driven by
+        completion calls, no Task), its fdatasync submitted in that same loop
+        turn; then this returns, so the next round's writes go out while this
+        round's fdatasync is in flight (pipelining). Rounds are acknowledged
+        strictly in order: a round starts once the previous one finished, and
+        issues its fdatasync only after the previous round's succeeded. A
+        failed write fails the round here, after the rounds before it finished.
         """
         P = self.page_size
         want_sync = bool(flushers) or any(it.sync for it in items)
