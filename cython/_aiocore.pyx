@@ -12,7 +12,11 @@ and implements the methods every small read goes through:
 * :meth:`AsyncCore._on_ready` — the eventfd reader: reap CQEs in batches and
   deliver each result to its future (``set_result``) or its read op (copy the
   bytes out, give the buffer back, call ``done(data, error)``);
-* :meth:`AsyncCore._flush` — the turn's one ``engine.submit()``.
+* :meth:`AsyncCore._flush` — the turn's one ``engine.submit()``;
+  :meth:`AsyncCore.submit_now` makes it at once (the group commit's writes and
+  fdatasync: on the critical path of every sync PUT of a round; submitting
+  them when queued instead of at the turn's end took sync 4 KiB PUTs at 32
+  concurrent from ~40k to ~55k/s and 22 to 16 µs of daemon CPU each).
 
 Like the rest of the adapter it knows nothing of keys, and it works over any
 engine with the contract of :mod:`ringblob.engine` (``uring``, ``psync``, the
@@ -144,6 +148,16 @@ cdef class AsyncCore:
             for t in tags:
                 err = OSError(getattr(exc, "errno", None) or _errno.EIO, f"submit: {exc}")
                 self._deliver(t, self._futs.pop(t, None), err, False)
+
+    def submit_now(self):
+        """Submit the ops queued for this loop turn now, instead of at the turn's end (the group
+        commit's fdatasync, queued from the completion call of its round's last write, goes out
+        before the rest of the turn's callbacks run). Same errors as the turn's submit: a refused
+        submit fails the ops it carried."""
+        h = self._flush_handle
+        if h is not None:
+            h.cancel()
+        self._flush()
 
     cdef inline void _schedule_flush(self):
         if self._flush_handle is None:

@@ -729,3 +729,54 @@ def test_run_nowait_failed_op_is_its_result_and_a_raising_callback_is_reported(d
         aio.close()
 
     asyncio.run(main())
+
+
+def test_submit_now_submits_at_once_in_place_of_the_turns_submit(dfile, kind):
+    """submit_now() hands the ops queued so far to the kernel at once (not at the loop turn's end)
+    and drops the turn's scheduled submit; ops queued after it get a turn submit of their own;
+    a refused submit_now fails the ops it carried through their done call, before it returns."""
+    df, _data = dfile
+
+    class Refusing:
+        def __init__(self, inner):
+            self._inner, self.refuse = inner, False
+
+        def submit(self):
+            if self.refuse:
+                raise OSError(errno.ENOMEM, "io_uring_enter: out of memory")
+            return self._inner.submit()
+
+        def __getattr__(self, name):
+            return getattr(self._inner, name)
+
+    async def main():
+        eng = Refusing(open_engine(kind, [df.fd], block_size=df.block_size, buffer_count=8, buffer_size=65536))
+        aio = AsyncEngine(eng)
+        loop = asyncio.get_running_loop()
+        (buf,) = await aio.lease(1)
+        buf.view[:4096] = b"n" * 4096
+        done, calls, fut = _batch_collector(loop)
+        assert aio.run_nowait([("write", buf, 0, 4096, 0)], done) is True
+        assert aio.submits == 0 and aio._flush_handle is not None
+        aio.submit_now()
+        assert aio.submits == 1 and aio._flush_handle is None and not aio._unsubmitted
+        await fut
+        assert calls == [[4096]]
+        await asyncio.sleep(0)
+        assert aio.submits == 1  # the turn's submit was dropped: nothing was left for it
+        d2, c2, f2 = _batch_collector(loop)
+        assert aio.run_nowait([("fdatasync",)], d2) is True
+        await f2
+        assert c2 == [[0]] and aio.submits == 2  # the turn's own submit
+        eng.refuse = True
+        d3, c3, _f3 = _batch_collector(loop)
+        assert aio.run_nowait([("fdatasync",)], d3) is True
+        aio.submit_now()
+        assert len(c3) == 1 and isinstance(c3[0][0], OSError) and c3[0][0].errno == errno.ENOMEM
+        assert not aio._futs and aio.submits == 2
+        eng.refuse = False
+        aio.release(buf)
+        assert await aio.read(0, 4096) == b"n" * 4096
+        aio.close()
+
+    asyncio.run(main())

@@ -2013,3 +2013,58 @@ def test_put_leased_write_error_turns_read_only_and_releases(tdir, engine):
         await s.close()
 
     run(main())
+
+
+def test_a_rounds_fdatasync_is_queued_and_submitted_by_its_writes_completion(tdir, engine):
+    """The group commit's fdatasync goes out from the completion call of the round's writes (the
+    same loop turn, no hop through the committer), submitted before that call returns; the
+    writes themselves are submitted by the committer at once, not at the turn's end."""
+
+    async def main():
+        s = await BlobStore.create(os.path.join(tdir, "d"), 4 * MiB, engine=engine)
+        aio = s._aio
+        real = aio.run_nowait
+        seen = []  # (ops kind, inside the writes' completion call)
+        inside = [False]
+
+        def run_nowait(ops, done):
+            kinds = tuple(o[0] for o in ops)
+            seen.append((kinds, inside[0]))
+            if kinds[0] != "write":
+                return real(ops, done)
+
+            def wrapped(results):
+                inside[0] = True
+                try:
+                    done(results)
+                    seen.append(("after", not aio._unsubmitted))
+                finally:
+                    inside[0] = False
+
+            ok = real(ops, wrapped)
+            if ok:
+                aio.submit_now = _record(aio, aio.submit_now, seen)
+            return ok
+
+        aio.run_nowait = run_nowait
+        await s.put(b"k", b"v" * 5000, sync=True)
+        del aio.run_nowait
+        aio.__dict__.pop("submit_now", None)
+        assert seen[0] == (("write", "write"), False)
+        assert ("submit_now", 2) in seen  # the writes: submitted by the committer at once
+        assert (("fdatasync",), True) in seen and ("after", True) in seen
+        assert await s.get(b"k") == b"v" * 5000 and s.stat()["fdatasyncs"] >= 1
+        await s.close()
+
+    run(main())
+
+
+def _record(aio, real, seen):
+    """A submit_now that records how many ops it found queued (once), then restores itself."""
+
+    def submit_now():
+        seen.append(("submit_now", len(aio._unsubmitted)))
+        aio.__dict__.pop("submit_now", None)
+        return real()
+
+    return submit_now

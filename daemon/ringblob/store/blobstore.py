@@ -1281,35 +1281,19 @@ class BlobStore:
             if self._finishers and self._finishers[0] is r:
                 self._finishers.popleft()
 
-    async def _run_ops(self, ops: list) -> list:
-        """Run the round's writes (unlinked, this loop turn's submit) and return one result per
-        op (an ``int`` or the ``OSError``), as ``AsyncEngine.run`` does, completed by one call
-        (``run_nowait``) instead of a future per op where the queue depth has room at once.
-        Raises :class:`EngineClosed` after close."""
-        fut = asyncio.get_running_loop().create_future()
-
-        def done(results: list) -> None:
-            if fut.done():
-                return  # the committer was cancelled meanwhile
-            for r in results:
-                if isinstance(r, EngineClosed):
-                    fut.set_exception(r)
-                    return
-            fut.set_result(results)
-
-        if not self._aio.run_nowait(ops, done):
-            return await self._aio.run(ops, link=False)
-        return await fut
-
     async def _commit_items(self, jbuf, items, flushers, recs, seq, marker, nbufs) -> None:
-        """Phase one of a round: the data writes and the journal write (unlinked, one ring turn).
+        """Phase one of a round: the data writes and the journal write (unlinked, one submit,
+        made at once with ``AsyncEngine.submit_now``, not at the loop turn's end).
 
-        Then the round's phase two (a :class:`_Round`: fdatasync, index,
-        acknowledgements, driven by completion calls, no Task) is started and
-        this returns, so the next round's writes go out while this round's
-        fdatasync is in flight (pipelining). Rounds are acknowledged strictly
-        in order: a round starts once the previous one finished, and issues
-        its fdatasync only after the previous round's succeeded.
+        The writes' completion call (no hop back into this coroutine) moves the
+        journal state past the batch and starts the round's phase two (a
+        :class:`_Round`: fdatasync, index, acknowledgements, driven by
+        completion calls, no Task), its fdatasync submitted in that same loop
+        turn; then this returns, so the next round's writes go out while this
+        round's fdatasync is in flight (pipelining). Rounds are acknowledged
+        strictly in order: a round starts once the previous one finished, and
+        issues its fdatasync only after the previous round's succeeded. A
+        failed write fails the round here, after the rounds before it finished.
         """
         P = self.page_size
         want_sync = bool(flushers) or any(it.sync for it in items)
@@ -1354,6 +1338,7 @@ class BlobStore:
         aio = self._aio
         bufs = (aio.try_lease(nbufs) or await aio.lease(nbufs)) if nbufs else []
         ops: list[tuple] = []
+        results = None
         try:
             ops = self._putpath.stage(items, bufs, WRITE)  # values copied in, neighbours merged
             jbuf.view[: len(batch)] = batch
@@ -1363,35 +1348,77 @@ class BlobStore:
             # IOSQE_IO_DRAIN on the fdatasync would hold every other op on the ring, GET reads
             # included, behind it). Their order on the medium does not matter: recovery verifies
             # every record above the durable point (docs/FORMAT.md). The fdatasync goes out
-            # only once every write completed in full.
-            results = await self._run_ops(ops)
+            # only once every write completed in full: from the completion call of the last
+            # write (same loop turn, see _written), not after a hop back into this coroutine.
+            rnd = (items, flushers, seq, marker, batch_d, want_sync, pos, len(batch), hcrc)
+            fut = asyncio.get_running_loop().create_future()
+
+            def done(res: list) -> None:
+                if fut.done():
+                    return  # the committer was cancelled meanwhile
+                try:
+                    for r in res:
+                        if isinstance(r, EngineClosed):
+                            fut.set_exception(r)
+                            return
+                    if _write_error(ops, res) is None:
+                        if bufs:  # back to the pool before the round's puts are answered
+                            aio.release(*bufs)
+                            bufs.clear()
+                        self._written(rnd)
+                        res = None
+                except BaseException as exc:  # a bug: the committer fails the round
+                    fut.set_exception(exc)
+                    return
+                fut.set_result(res)
+
+            if aio.run_nowait(ops, done):
+                aio.submit_now()
+                results = await fut
+            else:
+                results = await aio.run(ops, link=False)
+                if _write_error(ops, results) is None:
+                    if bufs:
+                        aio.release(*bufs)
+                        bufs.clear()
+                    self._written(rnd)
+                    results = None
         finally:
-            self._aio.release(*bufs)
-        err = _write_error(ops, results)
-        if err is not None:
+            if bufs:
+                self._aio.release(*bufs)
+        if results is not None:
+            err = _write_error(ops, results)
             await self._drain()  # earlier rounds are acknowledged (or failed) first
             self._fail_round(items, flushers, err)
-            return
+
+    def _written(self, rnd: tuple) -> None:
+        """A round's writes all completed in full (``rnd``: what ``_commit_items`` packed): the
+        journal state moves past its batch, and its phase two (a :class:`_Round`) is chained
+        behind the previous round or started (its fdatasync queued) at once. Called from the
+        writes' completion call, so the fdatasync is queued in the loop turn that reaped them."""
+        items, flushers, seq, marker, batch_d, want_sync, pos, blen, hcrc = rnd
         # written: the next batch follows this one in the journal
-        self._last_batch_pos, self._last_batch_len = pos, len(batch)
-        self._head = pos + len(batch)
+        self._last_batch_pos, self._last_batch_len = pos, blen
+        self._head = pos + blen
         self._chain = hcrc
         self._next_seq = seq
         self._written_seq = seq - 1
         self._last_batch_d = batch_d
         if marker is not None:
             self._ckpt_marker = None
-        self._counters["journal_batches"] += 1
-        self._counters["journal_bytes_written"] += len(batch)
-        prev = self._finishers[-1] if self._finishers else None
-        rnd = _Round(self, items, flushers, seq - 1, batch_d, want_sync)
-        self._finishers.append(rnd)
+        c = self._counters
+        c["journal_batches"] += 1
+        c["journal_bytes_written"] += blen
+        fin = self._finishers
+        prev = fin[-1] if fin else None
+        r = _Round(self, items, flushers, seq - 1, batch_d, want_sync)
+        fin.append(r)
         if prev is not None and not prev.finished:
-            prev.next = rnd  # started once the previous round finished
+            prev.next = r  # started once the previous round finished
         else:
-            # a finished round still queued succeeded: a failed one turned the store read-only
-            # (checked above)
-            rnd.start(prev is None or prev.ok)
+            # a finished round still queued succeeded, or failed and turned the store read-only:
+            # then this round fails too
+            r.start(prev is None or prev.ok)
 
     def _fail_read_only(self, items, flushers) -> None:
         exc = ReadOnly(f"{self.path}: the store turned read-only after {self._read_only}")
@@ -1947,6 +1974,8 @@ class _Round:
             return
         if not queued:  # no room in the queue depth now: await it
             self._task = asyncio.get_running_loop().create_task(self._sync_slow())
+        else:
+            st._aio.submit_now()  # on the critical path of every put of the round: not at the turn's end
 
     async def _sync_slow(self) -> None:
         try:
