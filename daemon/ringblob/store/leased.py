@@ -5,7 +5,7 @@
 fills it in place and :meth:`BlobStore.put_leased
 <ringblob.store.BlobStore.put_leased>` writes each buffer from where it was
 filled: no per-request buffer, no copy into the fixed buffers, and the BLAKE3
-digest is computed piece by piece as the bytes arrive (while they are still in
+digest is computed buffer by buffer as they fill (while the bytes are still in
 the CPU cache). It knows nothing of sockets or keys.
 
 The implementation is the Cython class :class:`ringblob._leased.LeasedValue`
