@@ -1,7 +1,8 @@
 """Build step for the Cython extensions: the engine ``ringblob._uring``; the store's key index
 ``ringblob._index``, page allocator ``ringblob._alloc`` and journal encoders ``ringblob._format``; the
 engine adapter's request path ``ringblob._aiocore``; the store's GET path ``ringblob._storeget`` and its
-PUT path and group-commit loops ``ringblob._storeput``; the server's request path ``ringblob._srvcore``.
+PUT path and group-commit loops ``ringblob._storeput``, and the value received into leased fixed
+buffers ``ringblob._leased``; the server's request path ``ringblob._srvcore``.
 
 Everything declarative lives in pyproject.toml; this file only declares the
 extensions. The engine links against the system liburing (Debian 12: 2.3); the
@@ -21,6 +22,7 @@ extensions = [
         ("_storeget", []),
         ("_storeput", []),
         ("_srvcore", []),
+        ("_leased", []),
     )
 ]
 

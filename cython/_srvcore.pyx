@@ -19,7 +19,11 @@ ordinary attributes. In C:
   malformed or partial or large frame, a limit reached, a GET the store
   declines, shutdown) the rest of the read is fed to the decoder and the
   Python ``_pump`` goes on from there, so statuses, errors, flow control and
-  the ``max_receive_bytes`` accounting are those of the decoder path;
+  the ``max_receive_bytes`` accounting are those of the decoder path. A read
+  into a large PUT's value sink (the store's ``LeasedValue``, about ten reads
+  per MiB over a Unix socket) does the decoder's ``recv_target`` /
+  ``received_in_place`` and the connection's ``max_receive_bytes`` accounting
+  (while under the cap with no one waiting) in C;
 * :class:`Done` — the completion of such a GET or PUT (one small C object);
 * :meth:`ConnCore._finish_c` / :meth:`ConnCore._queue_reply` /
   :meth:`ConnCore._flush_out` — reply header packing, in-flight counters, the
@@ -155,6 +159,12 @@ cdef class ServerCore:
     cdef long long _whw
     cdef long long _per_conn
     cdef long long _total
+    cdef long long _max_recv  # the config's max_receive_bytes (-1: it has none)
+    # max_receive_bytes accounting (``Server._received_changed``): bytes of received frames held by
+    # all connections, the connection reading over the cap, the connections waiting for their turn
+    cdef public long long _recv_total
+    cdef public object _recv_owner
+    cdef public object _recv_waiters
     cdef object _metrics
     cdef NetCounters _net  # _metrics when it is a NetCounters (Metrics is), else None
     cdef dict _counts  # Metrics._req_counts: (op name, status) -> requests answered
@@ -189,8 +199,8 @@ cdef class ServerCore:
             self._put_pos = type(getattr(f, "__self__", None)) is _PutPath
 
     property config:
-        """The ``ServerConfig``; its ``write_high_water``, ``max_in_flight_per_conn`` and
-        ``max_in_flight_total`` are cached in C when it is set."""
+        """The ``ServerConfig``; its ``write_high_water``, ``max_in_flight_per_conn``,
+        ``max_in_flight_total`` and ``max_receive_bytes`` are cached in C when it is set."""
 
         def __get__(self):
             return self._config
@@ -200,6 +210,7 @@ cdef class ServerCore:
             self._whw = getattr(cfg, "write_high_water", 0) or 0
             self._per_conn = getattr(cfg, "max_in_flight_per_conn", 0) or 0
             self._total = getattr(cfg, "max_in_flight_total", 0) or 0
+            self._max_recv = getattr(cfg, "max_receive_bytes", -1)
 
     property metrics:
         """The :class:`~ringblob.metrics.Metrics` requests are counted in."""
@@ -327,8 +338,12 @@ cdef class ConnCore:
         ``recv_target()`` (a large body received in place), else the server's scratch buffer
         (its first ``SCRATCH_HEAD`` bytes right after a large body completed in place)."""
         dec = self.decoder
+        target = None
         # (a decoder with no large frame under way has no target: skip the call)
-        target = dec.recv_target() if dec._big_len is not None else None
+        if dec._big_len is not None:
+            sink = dec._sink
+            # a large PUT's value goes into a value sink: its target() is the decoder's recv_target()
+            target = sink.target() if sink is not None else dec.recv_target()
         if target is not None:
             self._in_place = True
             return target
@@ -357,7 +372,26 @@ cdef class ConnCore:
         self.last_activity = self._time()
         if self._in_place:
             self._in_place = False
-            if not self.decoder.received_in_place(nbytes):
+            dec = self.decoder
+            sink = dec._sink
+            if sink is not None:
+                # FrameDecoder.received_in_place of a value piece (the decoder's sink path), then
+                # _Connection._account_received, in C
+                fill = dec._big_fill
+                big = dec._big_len
+                if nbytes < 0 or fill + nbytes > big:
+                    raise ValueError(f"received_in_place: {nbytes} bytes do not fit the value being received")
+                sink.advance(nbytes)
+                fill += nbytes
+                dec._big_fill = fill
+                if fill != big:
+                    # FrameDecoder.buffered while a large frame is under way
+                    self._account_held(srv, len(dec._buf) - dec._pos + _HDR + fill)
+                    return
+                self._head_next = True
+                self._pump()
+                return
+            if not dec.received_in_place(nbytes):
                 # the large body goes on: no frame to dispatch yet (the in-flight limits are
                 # checked when it is complete)
                 self._account_received()
@@ -367,6 +401,21 @@ cdef class ConnCore:
             return
         self._head_next = False
         self._take_scratch(nbytes)
+
+    cdef int _account_held(self, ServerCore srv, long long n) except -1:
+        """``_Connection._account_received`` with the decoder holding ``n`` bytes: the common case
+        (under ``max_receive_bytes``, no connection waiting for a turn) in C, the rest by
+        ``Server._received_changed``."""
+        cdef long long delta = n - self.recv_held
+        if delta == 0:
+            return 0
+        self.recv_held = n
+        if (srv._recv_owner is None and not srv._recv_waiters
+                and srv._recv_total + delta <= srv._max_recv):
+            srv._recv_total += delta
+        else:
+            srv._received_changed(self, delta)
+        return 0
 
     def _may_dispatch(self):
         """The flow-control checks before each frame, for ``_Connection._dispatch`` (the C path

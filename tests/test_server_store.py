@@ -387,17 +387,22 @@ def test_a_large_value_after_an_idle_socket_is_received_in_place(workdir, monkey
     buffer_updated): that empty read must not turn the next one into a full 256 KiB scratch
     read whose value bytes are then copied (LeasedValue.write) into the fixed buffers."""
     uvloop = __import__("pytest").importorskip("uvloop")
-    from ringblob.store import leased
+    from ringblob.store import blobstore, leased
 
     copied: list[int] = []
-    real_write = leased.LeasedValue.write
+    made: list[int] = []
 
-    def counting_write(self, data):
-        n = real_write(self, data)
-        copied.append(n)
-        return n
+    class CountingValue(leased.LeasedValue):  # (the C class itself cannot be patched)
+        def __init__(self, bufs, length, *args):
+            super().__init__(bufs, length, *args)
+            made.append(length)
 
-    monkeypatch.setattr(leased.LeasedValue, "write", counting_write)
+        def write(self, data):
+            n = super().write(data)
+            copied.append(n)
+            return n
+
+    monkeypatch.setattr(blobstore, "LeasedValue", CountingValue)
 
     async def main():
         srv, store, c = await serve_opts(workdir)
@@ -410,7 +415,7 @@ def test_a_large_value_after_an_idle_socket_is_received_in_place(workdir, monkey
             if i == 0:
                 copied.clear()  # a connection's first read is a full scratch read: not the point here
         st = store.stat()
-        assert st["values_leased"] == 4
+        assert st["values_leased"] == 4 and len(made) == 4
         # what shared a head read is at most a 4 KiB head's tail, never a scratch buffer's worth
         assert len(copied) <= 3 and sum(copied) < 3 * 4096, copied
         for i, v in enumerate(values):

@@ -210,3 +210,71 @@ def test_the_decoder_fields_the_c_path_reads_mean_what_it_assumes():
         if pos >= len(stream):
             break
     assert ids == [1, 2, 3, 4, 5] and dec.buffered == 0 and leased
+
+
+def test_a_large_value_in_reads_of_any_size_is_received_in_place_and_accounted(workdir):
+    """The C path for reads into a large PUT's value sink (ConnCore.get_buffer / buffer_updated),
+    driven as the event loop does: reads of 1 byte to a whole buffer, ending on and across the
+    256 KiB buffer ends, land in the leased buffers; after each one the connection's recv_held
+    is the decoder's buffered and the server's _recv_total their sum; the value round-trips. A
+    client that goes away mid-value gives every buffer back."""
+
+    async def main():
+        srv, store, r, w = await _serve(workdir)
+        try:
+            await asyncio.sleep(0.05)
+            (conn,) = srv.connections
+            free0 = store._aio.engine.free_buffers
+            bsz = store._aio.buffer_size
+            v = os.urandom(4 * bsz + 12345)
+            stream = P.encode_put(7, b"big", v)
+            pos = 0
+            steps = [20, 1, 3, 1, 4096, bsz - 4096 - 1, 1, 2, bsz, 100_003, 7, bsz, bsz, 1 << 20]
+            in_place = 0
+            while pos < len(stream):
+                buf = conn.get_buffer(-1)
+                k = min(len(buf), steps[0] if steps else 1 << 20, len(stream) - pos)
+                if steps:
+                    steps.pop(0)
+                buf[:k] = stream[pos : pos + k]
+                held = conn.decoder._sink is not None
+                in_place += held
+                conn.buffer_updated(k)
+                pos += k
+                assert conn.recv_held == conn.decoder.buffered and srv._recv_total == conn.recv_held
+                if held and pos < 20 + 4 + len(v):
+                    assert store.stat()["receive_buffers_held"] == 5
+            assert in_place >= 10  # (the 1 MiB + 12345 value took 11 reads)
+            (put,) = await _replies(r, 1)
+            assert put.request_id == 7 and put.status == 0
+            assert store.stat()["values_leased"] == 1 and await store.get(b"big") == v
+
+            # cut off mid-value: the buffers go back
+            for _ in range(50):
+                await asyncio.sleep(0.01)
+                if store._aio.engine.free_buffers == free0:
+                    break
+            assert store._aio.engine.free_buffers == free0
+            part = P.encode_put(9, b"cut", os.urandom(3 * bsz))[: 20 + 4 + bsz + 100]
+            pos = 0
+            while pos < len(part):
+                buf = conn.get_buffer(-1)
+                k = min(len(buf), 50_000, len(part) - pos)
+                buf[:k] = part[pos : pos + k]
+                conn.buffer_updated(k)
+                pos += k
+            assert conn.decoder._sink is not None and store.stat()["receive_buffers_held"] == 3
+            assert srv._recv_total == conn.recv_held == len(part)
+            w.close()
+            for _ in range(200):
+                await asyncio.sleep(0.01)
+                if conn.closed:
+                    break
+            assert conn.closed and srv._recv_total == 0
+            assert store.stat()["receive_buffers_held"] == 0 and store._aio.engine.free_buffers == free0
+            assert not store.has(b"cut")
+        finally:
+            w.close()
+            await srv.shutdown()
+
+    asyncio.run(main())

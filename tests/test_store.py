@@ -2068,3 +2068,58 @@ def _record(aio, real, seen):
         return real()
 
     return submit_now
+
+
+def test_leased_value_takes_pieces_in_order_and_refuses_what_does_not_fit():
+    """LeasedValue (C) over plain buffers: targets never pass a buffer's end nor the value's,
+    pieces of any size (1 byte, across buffer ends by write) hash to the value's digest, and
+    advance / digest / the constructor refuse what cannot be."""
+    from ringblob.store.leased import LeasedValue
+
+    class Buf:
+        def __init__(self, n):
+            self.view = memoryview(bytearray(n))
+
+    bsz = 4096
+    length = 3 * bsz - 5
+    v = os.urandom(length)
+    released = []
+    with pytest.raises(ValueError):
+        LeasedValue([Buf(bsz), Buf(bsz)], length, bsz, released.append)
+    with pytest.raises(ValueError):
+        LeasedValue([Buf(bsz)] * 4, length, bsz, released.append)
+    with pytest.raises(ValueError):
+        LeasedValue([], 0, bsz, released.append)
+    bufs = [Buf(bsz) for _ in range(3)]
+    lv = LeasedValue(bufs, length, bsz, released.append)
+    assert lv.length == length and lv.received == 0 and not lv.complete and lv.buffers == bufs
+    pos = 0
+    for step in (1, 4094, 1, 3, 100, 5000, 1):  # the 5000 is cut at the first buffer's end
+        t = lv.target()
+        assert len(t) == min(bsz - pos % bsz, length - pos)
+        with pytest.raises(ValueError):
+            lv.advance(len(t) + 1)  # past the view: nothing taken
+        with pytest.raises(ValueError):
+            lv.advance(-1)
+        k = min(step, len(t))
+        t[:k] = v[pos : pos + k]
+        t.release()
+        lv.advance(k)
+        pos += k
+        assert lv.received == pos
+    lv.advance(0)
+    with pytest.raises(ValueError):
+        lv.digest()  # not complete
+    assert lv.write(v[pos:] + b"extra") == length - pos  # copies across the buffer ends
+    assert lv.complete and lv.target() is None and lv.write(b"more") == 0
+    with pytest.raises(ValueError):
+        lv.advance(1)
+    assert lv.digest() == blake3.blake3(v).digest()
+    assert b"".join(bytes(b.view) for b in bufs)[:length] == v
+    lv.release()
+    lv.release()
+    assert released == [bufs] and lv.released and lv.target() is None
+    with pytest.raises(ValueError):
+        lv.buffers
+    with pytest.raises(ValueError):
+        lv.advance(0)

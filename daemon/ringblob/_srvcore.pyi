@@ -24,6 +24,9 @@ class ServerCore:
     _put_nowait: Callable[..., bool] | None
     _scratch: memoryview
     _scratch_head: memoryview
+    _recv_total: int
+    _recv_owner: Any
+    _recv_waiters: Any
     config: Any
     metrics: Any
 

@@ -16,9 +16,9 @@ The checks:
 * ``extension`` — whether the Cython engine ``ringblob._uring`` imports;
 * ``store`` — whether the store's and the server's Cython extensions import
   (``ringblob._index``, ``_alloc``, ``_format``, ``_aiocore``, ``_storeget``,
-  ``_storeput``, ``_srvcore``: key index, page allocator, journal encoders, the
-  engine adapter's request path, the store's GET and PUT paths, the server's
-  request path; FAIL without them, whatever the engine);
+  ``_storeput``, ``_srvcore``, ``_leased``: key index, page allocator, journal
+  encoders, the engine adapter's request path, the store's GET and PUT paths,
+  the server's request path, the value received into leased buffers; FAIL without them, whatever the engine);
 * ``data`` — O_DIRECT at the data path: an existing data file (or block
   device) is opened read-only with O_DIRECT and its first block read; for a
   path that does not exist yet, a temporary probe file in its directory is
@@ -63,7 +63,7 @@ DEFAULT_DATA = "./var/ringblob.data"
 OK, WARN, FAIL = "OK", "WARN", "FAIL"
 #: the Cython modules the store and the server import (the key index, the page allocator, the journal
 #: encoders, the engine adapter's request path, the store's GET and PUT paths, the server's request path)
-STORE_EXTENSIONS = ("_index", "_alloc", "_format", "_aiocore", "_storeget", "_storeput", "_srvcore")
+STORE_EXTENSIONS = ("_index", "_alloc", "_format", "_aiocore", "_storeget", "_storeput", "_srvcore", "_leased")
 CAP_IPC_LOCK = 14
 
 
