@@ -13,6 +13,12 @@ completion and a memoryview.
 * :meth:`PutPath.put_nowait` — what ``BlobStore.put_nowait`` documents: key
   check, BLAKE3, allocation at the write cursor (the checkpoint reserve
   computed in C), the item queued and the committer woken;
+* :meth:`PutPath.put_leased_nowait` — ``BlobStore.put_leased_nowait``: a large
+  value received into leased fixed buffers (the daemon's large PUT), its
+  digest checked, extent allocated, one WRITE_FIXED per buffer queued with the
+  adapter's ``run_nowait``; the write's completion (:class:`_LeasedWrite`)
+  releases the buffers and queues the item (no coroutine, no future, no Task:
+  ``put_1m_c8`` went from ~630 to ~530 µs of daemon CPU per MiB);
 * :meth:`PutPath.pack_round` — the committer's packing of queued items into
   one journal batch (records encoded with ``ringblob._format``, the fixed
   buffers and write ops a round may take simulated);

@@ -7,10 +7,12 @@ large PUT's value straight into fixed buffers of the store's engine, see
 :class:`_Connection`); every
 frame decoded from one read is dispatched before the loop turns. A GET or
 PUT of a value that fits one fixed buffer goes to the store's ``get_nowait``
-/ ``put_nowait``: the read, or the group-commit item, is queued at once and a
-callback answers it (no coroutine, no future, no Task). Anything else runs
-its coroutine (``store.get``, else the server's handler), started at once and
-stepped by hand — no Task; its SQEs are queued in the turn that decoded it.
+/ ``put_nowait``, a PUT whose value was received into leased fixed buffers to
+``put_leased_nowait``: the read, the value's write or the group-commit item
+is queued at once and a callback answers it (no coroutine, no future, no
+Task). Anything else runs its coroutine (``store.get``, else the server's
+handler), started at once and stepped by hand — no Task; its SQEs are queued
+in the turn that decoded it.
 Requests answered without I/O (PING, HAS, STAT, NEEDS_FLUSH) are answered
 inline. The per-request path is in C (``ringblob._srvcore``, the base classes
 of :class:`Server` and :class:`_Connection`): while a connection's decoder
@@ -367,9 +369,10 @@ class _Connection(ConnCore, asyncio.BufferedProtocol):
     the decoder says (``FrameDecoder.recv_target``). A PUT value larger than
     one fixed buffer of the store's engine is received into fixed buffers the
     store leases for it (``FrameDecoder(value_sink=store.lease_value)``; the
-    key first, then the value buffer by buffer, hashed with BLAKE3 piece by
-    piece as it arrives) and written from there by ``store.put_leased``: no
-    per-request buffer, no copy between the socket and the disk. When the
+    key first, then the value buffer by buffer, each buffer hashed with
+    BLAKE3 when full) and written from there by ``store.put_leased_nowait``
+    (a callback answers it, as for ``put_nowait``; ``store.put_leased`` when
+    it declines): no per-request buffer, no copy between the socket and the disk. When the
     store declines (values held in buffers at its cap, the pool short) or for
     other large bodies, the body goes into a ``bytearray`` of its own size
     (``view_bodies=True``), read in place too. A connection lost mid-body
