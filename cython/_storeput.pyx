@@ -13,6 +13,13 @@ completion and a memoryview.
 * :meth:`PutPath.put_nowait` — what ``BlobStore.put_nowait`` documents: key
   check, BLAKE3, allocation at the write cursor (the checkpoint reserve
   computed in C), the item queued and the committer woken;
+* :meth:`PutPath.put_leased_nowait` — ``BlobStore.put_leased_nowait``: a large
+  value received into leased fixed buffers (the daemon's large PUT), its
+  digest checked, extent allocated, one WRITE_FIXED per buffer queued with the
+  adapter's ``run_nowait``; the write's completion (:class:`_LeasedWrite`)
+  releases the buffers and queues the item (no coroutine, no future, no Task:
+  ``put_1m_c8`` went from 540 to 497 µs of daemon CPU per MiB and 1,650 to
+  1,800 MiB/s, medians of 14 alternating A/B runs on the 2-CPU bench VM);
 * :meth:`PutPath.pack_round` — the committer's packing of queued items into
   one journal batch (records encoded with ``ringblob._format``, the fixed
   buffers and write ops a round may take simulated);
@@ -48,7 +55,8 @@ from blake3 import blake3 as _blake3
 
 from ringblob._format import encode_delete as _encode_delete
 from ringblob._format import encode_put as _encode_put
-from ringblob.errors import DigestMismatch, NoSpace
+from ringblob.errors import DigestMismatch, IOFailed, NoSpace
+from ringblob._aiocore import check_result as _check_result
 
 log = logging.getLogger("ringblob.store")
 
@@ -157,6 +165,75 @@ def settle(items, flushers, exc=None):
         _settle_one(f, exc)
 
 
+@cython.final
+cdef class _LeasedWrite:
+    """The data write of a :meth:`PutPath.put_leased_nowait`: called once with the write ops'
+    results (``AsyncEngine.run_nowait``); releases the value's buffers, then queues the put's
+    item for the group commit (or answers ``done`` with the error)."""
+
+    cdef PutPath path
+    cdef bytes key
+    cdef long long page
+    cdef long long npages
+    cdef long long length
+    cdef object digest
+    cdef bint sync
+    cdef object done
+    cdef object value
+    cdef list ops
+
+    def __call__(self, results):
+        cdef Item it
+        cdef PutPath path = self.path
+        err = None
+        value, self.value = self.value, None
+        done, self.done = self.done, None
+        ops, self.ops = self.ops, None
+        try:
+            for op, r in zip(ops, results):
+                if type(r) is int and <long long>r == <long long>op[3]:
+                    continue
+                if isinstance(r, OSError) or type(r) is int:
+                    try:
+                        _check_result(r, op[3], f"write_fixed at offset {op[2]}")
+                    except OSError as exc:
+                        r = exc
+                    store = path.store
+                    store._go_read_only(f"a failed data write ({r})")
+                    err = IOFailed(f"{store.path}: writing {self.length} bytes for a put failed: {r}", r.errno)
+                    err.__cause__ = r
+                else:
+                    err = r if isinstance(r, BaseException) else RuntimeError(f"write: unexpected result {r!r}")
+                break
+        finally:
+            value.release()  # a buffer still in flight (a failed batch) goes back at its CQE
+        if err is None:
+            store = path.store
+            try:
+                if store._closed or store._opened_read_only or store._read_only is not None:
+                    store._check_writable()
+            except Exception as exc:
+                err = exc
+        if err is not None:
+            done(None, err)
+            return
+        path.counters["bytes_written"] += self.length
+        it = Item.__new__(Item)
+        it.kind = _PUT
+        it.key = self.key
+        it.page = self.page
+        it.npages = self.npages
+        it.length = self.length
+        it.digest = self.digest
+        it.data = None
+        it.sync = self.sync
+        it._fn = done
+        path.queue.append(it)
+        w = path.store._wake
+        if w is not None and not w.done():
+            w.set_result(None)
+
+
 cdef class PutPath:
     """The PUT fast path and the commit's per-item loops of one open store (see the module docstring).
 
@@ -192,6 +269,9 @@ cdef class PutPath:
     cdef long long entry_size
     cdef long long ck_min_pages
     cdef long long ck_cap
+    cdef object aio
+    cdef object run_nowait
+    cdef long long window
 
     def __init__(self, store, long long page_size, long long block_size, long long buffer_size,
                  long long max_blob_size, long long entry_size, long long chunk_header_size, check_key, as_view):
@@ -219,6 +299,10 @@ cdef class PutPath:
         cdef long long one = 1 + 255 + entry_size
         self.ck_min_pages = (chunk_header_size + one + page_size - 1) // page_size
         self.ck_cap = self.ck_min_pages * page_size - chunk_header_size - one
+        aio = store._aio
+        self.aio = aio
+        self.run_nowait = aio.run_nowait
+        self.window = aio._window()
 
     # -- the request path ----------------------------------------------------------
 
@@ -253,21 +337,10 @@ cdef class PutPath:
         n = (length + self.P - 1) // self.P
         page = 0
         if n:
-            extra = 1 + PyBytes_GET_SIZE(key) + self.entry_size
-            try:
-                need = self.entries_size() + extra
-                reserve = (need + self.ck_cap - 1) // self.ck_cap * self.ck_min_pages + 1
-                if self.alloc.free_pages - n < reserve:
-                    page = store._take_pages(n, extra)  # raises its NoSpace
-                elif n * self.P <= self.bsz:
-                    # at the write cursor: the values of one round are neighbours in the file
-                    page = self.alloc_run(n)
-                else:
-                    page = self.alloc_any(n)
-            except NoSpace:
-                if not store._pending_free and not self.queue:
-                    raise
+            got = self._allocate(key, n)
+            if got is None:
                 return False  # put() waits for the reclaim
+            page = got
         it = Item.__new__(Item)
         it.kind = _PUT
         it.key = key
@@ -282,6 +355,105 @@ cdef class PutPath:
         w = store._wake
         if w is not None and not w.done():
             w.set_result(None)
+        return True
+
+    cdef object _allocate(self, bytes key, long long n):
+        """``BlobStore._allocate(n, 1 + len(key) + ENTRY.size)`` without waiting: the first page
+        of ``n`` (> 0) pages, or None when there is no room until pending frees are reclaimed.
+        Raises the store's :class:`NoSpace` when a reclaim would not help."""
+        cdef long long extra, need, reserve
+        store = self.store
+        extra = 1 + PyBytes_GET_SIZE(key) + self.entry_size
+        try:
+            need = self.entries_size() + extra
+            reserve = (need + self.ck_cap - 1) // self.ck_cap * self.ck_min_pages + 1
+            if self.alloc.free_pages - n < reserve:
+                return store._take_pages(n, extra)  # raises its NoSpace
+            if n * self.P <= self.bsz:
+                # at the write cursor: the values of one round are neighbours in the file
+                return self.alloc_run(n)
+            return self.alloc_any(n)
+        except NoSpace:
+            if not store._pending_free and not self.queue:
+                raise
+            return None
+
+    def put_leased_nowait(self, key, value, done, sync=False, verify=False):
+        """:meth:`BlobStore.put_leased_nowait`: a value received into leased fixed buffers
+        (``value``: a complete ``LeasedValue``) written from them and queued for the group
+        commit with no coroutine and no future (``sync`` and ``verify`` may go by position).
+
+        Returns False, having changed nothing (``value`` is still the caller's), when only
+        ``put_leased`` can do it: the value incomplete or over ``max_blob_size``, more buffers
+        than one submit window, no room until pending frees are reclaimed, or no queue slots
+        free at once. Raises, with ``value`` released, what ``put_leased`` raises before
+        anything is written: :class:`InvalidKey`, :class:`DigestMismatch` (``verify=True``),
+        :class:`NoSpace`, :class:`ReadOnly`. Else returns True: ``done(None, error)`` is called
+        exactly once, later, on the loop's thread (``error`` None once acknowledged, else
+        :class:`IOFailed` for a failed data write, :class:`ReadOnly`, or the engine's
+        :class:`EngineClosed`); the buffers are released when the data write completes."""
+        cdef Py_ssize_t klen
+        cdef long long length, n, nb, last, i, pg
+        cdef list bufs, ops
+        cdef _LeasedWrite w
+        if not value.complete:
+            return False
+        length = value.length
+        if length > self.max_blob or length <= 0:
+            return False
+        bufs = value.buffers
+        nb = PyList_GET_SIZE(bufs)
+        if nb > self.window or nb != (length + self.bsz - 1) // self.bsz:
+            return False
+        try:
+            if type(key) is not bytes:
+                key = self.check_key(key)
+            else:
+                klen = PyBytes_GET_SIZE(key)
+                if klen < 1 or klen > 255:
+                    key = self.check_key(key)
+            store = self.store
+            if store._closed or store._opened_read_only or store._read_only is not None:
+                store._check_writable()
+            digest = value.digest()
+            if verify and digest != key:
+                raise DigestMismatch(f"put: the BLAKE3 digest of the value is {digest.hex()}, not the key "
+                                     f"{key.hex()}; nothing was stored")
+            n = (length + self.P - 1) // self.P
+            page = self._allocate(key, n)
+        except BaseException:
+            value.release()
+            raise
+        if page is None:
+            return False
+        pg = page
+        # every buffer full but the last, which is zero-padded to a block (O_DIRECT)
+        last = length - self.bsz * (nb - 1)
+        aio = self.aio
+        ops = []
+        for i in range(nb - 1):
+            ops.append(("write", bufs[i], pg * self.P + i * self.bsz, self.bsz, 0))
+        ops.append(("write", bufs[nb - 1], pg * self.P + (nb - 1) * self.bsz, aio._pad(bufs[nb - 1], last), 0))
+        w = _LeasedWrite.__new__(_LeasedWrite)
+        w.path = self
+        w.key = key
+        w.page = pg
+        w.npages = n
+        w.length = length
+        w.digest = digest
+        w.sync = sync
+        w.done = done
+        w.value = value
+        w.ops = ops
+        try:
+            queued = self.run_nowait(ops, w)
+        except BaseException:
+            self.alloc_free(pg, n)
+            value.release()
+            raise
+        if not queued:
+            self.alloc_free(pg, n)
+            return False
         return True
 
     # -- the committer ----------------------------------------------------------------

@@ -425,3 +425,58 @@ def test_a_large_value_after_an_idle_socket_is_received_in_place(workdir, monkey
         await srv.shutdown()
 
     uvloop.run(main())
+
+
+def test_large_puts_take_put_leased_nowait_and_errors_answer_the_client(workdir):
+    """A large PUT received in place is written and queued by the store's put_leased_nowait (no
+    coroutine: put_leased is never called), round-trips and survives a restart; a client that
+    closes right after sending its PUT still gets it stored; a failed data write answers that
+    client IOFailed and every buffer goes back to the pool."""
+    holder = {}
+
+    def wrap(e):
+        holder["e"] = FaultyEngine(e)
+        return holder["e"]
+
+    async def main():
+        srv, store, c = await serve_opts(workdir, wrap_engine=wrap)
+        free0 = store._aio.engine.free_buffers
+        calls = []
+        nowait = srv._put_leased_nowait
+
+        def counted(*a, **kw):
+            calls.append(a[0])
+            return nowait(*a, **kw)
+
+        async def no_coroutine(*a, **kw):
+            raise AssertionError("put_leased must not be used")
+
+        srv._put_leased_nowait = counted
+        store.put_leased = no_coroutine
+        v = os.urandom(MiB + 4097)
+        P.raise_for_status(await c.call(P.encode_put(2, b"big", v, sync=True)))
+        assert (await c.call(P.encode_get(3, b"big"))).body == v and calls == [b"big"]
+        # a client gone right after its PUT: the value is stored all the same
+        r, w = await asyncio.open_unix_connection(srv.socket_path)
+        w.write(P.encode_put(1, b"gone", v))
+        await w.drain()
+        w.close()
+        for _ in range(200):
+            if store.has(b"gone"):
+                break
+            await asyncio.sleep(0.01)
+        assert store.has(b"gone") and calls == [b"big", b"gone"]
+        await settle(store, free0)
+        holder["e"].fail_next("write", 2)
+        f = await c.call(P.encode_put(4, b"bad", v))
+        assert isinstance(P.reply_error(f), errors.IOFailed) and store.read_only
+        stand_in = 1 if holder["e"]._scratch is not None else 0  # the wrapper's buffer for the failed op
+        await settle(store, free0 - stand_in)
+        assert (await c.call(P.encode_get(5, b"gone"))).body == v
+        c.w.close()
+        await srv.shutdown()
+        store = await BlobStore.open(os.path.join(workdir, "d.data"))
+        assert await store.get(b"big") == v and await store.get(b"gone") == v and not store.has(b"bad")
+        await store.close()
+
+    asyncio.run(main())

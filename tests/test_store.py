@@ -2123,3 +2123,132 @@ def test_leased_value_takes_pieces_in_order_and_refuses_what_does_not_fit():
         lv.buffers
     with pytest.raises(ValueError):
         lv.advance(0)
+
+
+# -- put_leased_nowait: the request path's large PUT, with no coroutine ----------------------
+
+
+@pytest.mark.parametrize("length", [BSZ + 1, BSZ + 4096, 2 * BSZ - 1, 4 * BSZ, 4 * BSZ + 4097])
+def test_put_leased_nowait_round_trips_and_survives_a_crash_and_reopen(tdir, engine, length):
+    """put_leased_nowait writes the leased buffers, releases them once the write completed and
+    queues the item: done(None, None) once, the value reads back, the sync=True one survives a
+    crash and both a reopen; every buffer goes back to the pool."""
+
+    async def main():
+        p = os.path.join(tdir, "d")
+        s = await BlobStore.create(p, 16 * MiB, engine=engine)
+        await s.put(b"first", b"1")  # the committer holds its journal buffer from here on
+        free0 = s._aio.engine.free_buffers
+        v = os.urandom(length)
+        loop = asyncio.get_running_loop()
+        for key, sync in ((b"k", True), (b"K" * 255, False)):
+            lv = s.lease_value(length)
+            _receive(lv, v)
+            calls = []
+            fut = loop.create_future()
+
+            def done(value, err, calls=calls, fut=fut):
+                calls.append((value, err))
+                fut.set_result(None)
+
+            assert s.put_leased_nowait(key, lv, done, sync=sync) is True
+            assert not lv.released  # the write is queued, not done
+            await fut
+            await asyncio.sleep(0.01)
+            assert calls == [(None, None)] and lv.released and s._aio.engine.free_buffers == free0
+            assert await s.get(key) == v and s.value_size(key) == length
+        st = s.stat()
+        assert st["receive_buffers_held"] == 0 and st["puts"] == 3 and st["bytes_written"] >= 2 * length
+        await s.abandon()  # crash: the sync=True put must be there
+        s = await BlobStore.open(p, engine=engine)
+        assert await s.get(b"k") == v
+        await s.close()
+        s = await BlobStore.open(p, engine=engine)
+        assert await s.get(b"k") == v and await s.get(b"K" * 255) == v
+        await s.close()
+
+    run(main())
+
+
+def test_put_leased_nowait_refusals_and_errors_release_or_keep_the_buffers(tdir, engine):
+    """A bad key, verify with a wrong digest and no space raise at once with the buffers released
+    and nothing written; an incomplete value or one over a submit window is declined (False) with
+    the value still the caller's; the right digest with verify=True is stored."""
+
+    async def main():
+        p = os.path.join(tdir, "d")
+        s = await BlobStore.create(p, 8 * MiB, journal_size=256 * 1024, engine=engine)
+        await s.put(b"first", b"1")
+        free0 = s._aio.engine.free_buffers
+        v = os.urandom(MiB + 1)
+
+        def never(value, err):
+            raise AssertionError("done must not be called")
+
+        for exc, key, kw in ((DigestMismatch, b"\x00" * 32, {"verify": True}), (InvalidKey, b"", {})):
+            before = s.stat()
+            lv = s.lease_value(len(v))
+            _receive(lv, v)
+            with pytest.raises(exc):
+                s.put_leased_nowait(key, lv, never, **kw)
+            after = s.stat()
+            assert lv.released and s._aio.engine.free_buffers == free0 and after["receive_buffers_held"] == 0
+            assert after["bytes_written"] == before["bytes_written"] and after["free_bytes"] == before["free_bytes"]
+        lv = s.lease_value(len(v))
+        lv.write(v[:1000])
+        assert s.put_leased_nowait(b"short", lv, never) is False and not lv.released
+        lv.release()
+        big = os.urandom(s._aio._window() * BSZ + 1)  # more buffers than one submit window
+        lv = s.lease_value(len(big))
+        if lv is not None:  # (within receive_buffers)
+            _receive(lv, big)
+            assert s.put_leased_nowait(b"big", lv, never) is False and not lv.released
+            await s.put_leased(b"big", lv)  # the awaiting path takes it
+            assert await s.get(b"big") == big
+        digest = blake3.blake3(v).digest()
+        lv = s.lease_value(len(v))
+        _receive(lv, v)
+        fut = asyncio.get_running_loop().create_future()
+        assert s.put_leased_nowait(digest, lv, lambda value, err: fut.set_result(err), verify=True, sync=True)
+        assert await fut is None and await s.get(digest) == v
+        free = s.stat()["free_bytes"]
+        huge = os.urandom(free + 4096)
+        lv = s.lease_value(len(huge))
+        if lv is not None:
+            _receive(lv, huge)
+            with pytest.raises(NoSpace):
+                s.put_leased_nowait(b"huge", lv, never)
+            assert lv.released and s.stat()["free_bytes"] == free
+        assert not s.stat()["read_only"]
+        await s.close()
+
+    run(main())
+
+
+def test_put_leased_nowait_failed_data_write_answers_ioerror_and_releases(tdir, engine):
+    """EIO on the value's data write: done gets IOFailed, the store turns read-only, the buffers go
+    back to the pool and reads go on."""
+
+    async def main():
+        p = os.path.join(tdir, "d")
+        holder, wrap = _faulty_open(p, engine)
+        s = await BlobStore.create(p, 8 * MiB, engine=engine, wrap_engine=wrap)
+        await s.put(b"a", b"1", sync=True)
+        free0 = s._aio.engine.free_buffers
+        v = os.urandom(MiB)
+        lv = s.lease_value(len(v))
+        _receive(lv, v)
+        holder["e"].fail_next("write", 2)
+        fut = asyncio.get_running_loop().create_future()
+        assert s.put_leased_nowait(b"big", lv, lambda value, err: fut.set_result(err), sync=True)
+        err = await fut
+        assert isinstance(err, IOFailed) and s.read_only
+        await asyncio.sleep(0.01)
+        stand_in = 1 if holder["e"]._scratch is not None else 0  # the wrapper's buffer for the failed op
+        assert lv.released and s._aio.engine.free_buffers == free0 - stand_in
+        assert s.stat()["receive_buffers_held"] == 0 and not s.has(b"big") and await s.get(b"a") == b"1"
+        lv = s.lease_value(len(v))
+        assert lv is None  # read-only: nothing is leased
+        await s.close()
+
+    run(main())

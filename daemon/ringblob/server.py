@@ -7,10 +7,12 @@ large PUT's value straight into fixed buffers of the store's engine, see
 :class:`_Connection`); every
 frame decoded from one read is dispatched before the loop turns. A GET or
 PUT of a value that fits one fixed buffer goes to the store's ``get_nowait``
-/ ``put_nowait``: the read, or the group-commit item, is queued at once and a
-callback answers it (no coroutine, no future, no Task). Anything else runs
-its coroutine (``store.get``, else the server's handler), started at once and
-stepped by hand — no Task; its SQEs are queued in the turn that decoded it.
+/ ``put_nowait``, a PUT whose value was received into leased fixed buffers to
+``put_leased_nowait``: the read, the value's write or the group-commit item
+is queued at once and a callback answers it (no coroutine, no future, no
+Task). Anything else runs its coroutine (``store.get``, else the server's
+handler), started at once and stepped by hand — no Task; its SQEs are queued
+in the turn that decoded it.
 Requests answered without I/O (PING, HAS, STAT, NEEDS_FLUSH) are answered
 inline. The per-request path is in C (``ringblob._srvcore``, the base classes
 of :class:`Server` and :class:`_Connection`): while a connection's decoder
@@ -367,9 +369,10 @@ class _Connection(ConnCore, asyncio.BufferedProtocol):
     the decoder says (``FrameDecoder.recv_target``). A PUT value larger than
     one fixed buffer of the store's engine is received into fixed buffers the
     store leases for it (``FrameDecoder(value_sink=store.lease_value)``; the
-    key first, then the value buffer by buffer, hashed with BLAKE3 piece by
-    piece as it arrives) and written from there by ``store.put_leased``: no
-    per-request buffer, no copy between the socket and the disk. When the
+    key first, then the value buffer by buffer, each buffer hashed with
+    BLAKE3 when full) and written from there by ``store.put_leased_nowait``
+    (a callback answers it, as for ``put_nowait``; ``store.put_leased`` when
+    it declines): no per-request buffer, no copy between the socket and the disk. When the
     store declines (values held in buffers at its cap, the pool short) or for
     other large bodies, the body goes into a ``bytearray`` of its own size
     (``view_bodies=True``), read in place too. A connection lost mid-body
@@ -624,8 +627,10 @@ class _Connection(ConnCore, asyncio.BufferedProtocol):
         """Serve a request. A PUT whose value fits one fixed buffer goes to the store's
         ``put_nowait`` (the group-commit item is queued now and a ``_srvcore.Done`` answers it: no
         coroutine, no future; GETs take the same way earlier, in :meth:`_get_now`); a PUT whose
-        value was received into fixed buffers (``req.sink``) goes to ``store.put_leased``
-        through the PUT handler. Anything else runs its coroutine (``store.get`` for a
+        value was received into fixed buffers (``req.sink``) to ``put_leased_nowait`` (the data
+        write and then the group-commit item queued by C callbacks), else (the store declines:
+        no room yet, a value over one submit window) to ``store.put_leased`` through the PUT
+        handler. Anything else runs its coroutine (``store.get`` for a
         GET, else the Server's handler) up to its first suspension now — the store's work and its SQEs happen in the
         turn that decoded the request, in decoding order — and resuming it from the done callback
         of the future it awaits, as a Task would, without a Task's cost.
@@ -639,17 +644,25 @@ class _Connection(ConnCore, asyncio.BufferedProtocol):
         srv = self.server
         t0 = _perf_counter()
         op = req.op
-        # the store takes a PUT with no coroutine if it can; a value received into a sink: put_leased
-        if op is _PUT and req.sink is None and srv._put_nowait is not None:
-            done = self._new_done(req, cost, t0)
-            try:
-                queued = srv._put_nowait(req.key, req.value, done, sync=req.sync, verify=req.verify)
-            except Exception as err:
-                self._failed(req, err, t0, cost)
-                return
-            if queued:
-                srv._eager[done] = None  # in flight (shutdown waits for it); done() removes it
-                return
+        # the store takes a PUT with no coroutine if it can: put_nowait, or put_leased_nowait for a
+        # value received into leased buffers (a sink); else the handler's coroutine (put_leased)
+        if op is _PUT:
+            if req.sink is None:
+                put_nowait = srv._put_nowait
+                value = req.value
+            else:
+                put_nowait = srv._put_leased_nowait
+                value = req.sink
+            if put_nowait is not None:
+                done = self._new_done(req, cost, t0)
+                try:
+                    queued = put_nowait(req.key, value, done, sync=req.sync, verify=req.verify)
+                except Exception as err:
+                    self._failed(req, err, t0, cost)
+                    return
+                if queued:
+                    srv._eager[done] = None  # in flight (shutdown waits for it); done() removes it
+                    return
         self._start_coro(req, cost, t0)
 
     def _start_coro(self, req: P.Request, cost: int, t0: float) -> None:
@@ -818,6 +831,8 @@ class Server(ServerCore):
         # the store's GET without a coroutine (BlobStore.get_nowait), when it has one
         self._get_nowait = getattr(store, "get_nowait", None) if self._eager_get else None
         self._put_nowait = getattr(store, "put_nowait", None)
+        # a large PUT's value received into leased buffers, written and queued with no coroutine
+        self._put_leased_nowait = getattr(store, "put_leased_nowait", None) if self._value_sink else None
         self._waiting: set[_Connection] = set()
         # max_receive_bytes: bytes of received, undispatched frames over all connections; over the
         # cap one connection (the owner) goes on reading until its frame is complete, the others

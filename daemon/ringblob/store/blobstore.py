@@ -597,6 +597,7 @@ class BlobStore:
         self._putpath = PutPath(self, P, self._aio.block_size, self._aio.buffer_size, self.max_blob_size,
                                 F.ENTRY.size, F.CHUNK_HEADER_SIZE, _check_key, _as_view)
         self.put_nowait = self._putpath.put_nowait
+        self.put_leased_nowait = self._putpath.put_leased_nowait
         if recs and recs[-1][1] > max_durable and not self._opened_read_only:
             await self._aio.fdatasync()  # the verified tail is durable from here on
             self._counters["fdatasyncs"] += 1
@@ -1008,6 +1009,26 @@ class BlobStore:
     def _return_leased(self, bufs: list) -> None:
         self._recv_held -= len(bufs)
         self._aio.release(*bufs)  # one still in flight (a cancelled write) goes back at its CQE
+
+    def put_leased_nowait(self, key, value: LeasedValue, done, *, sync: bool = False, verify: bool = False) -> bool:
+        """Start :meth:`put_leased` with no coroutine and no future: the request path's large PUT
+        (``value`` received in full into the fixed buffers :meth:`lease_value` leased).
+
+        Returns True when the digest is checked, the extent allocated and the value's data
+        write queued (one WRITE_FIXED per buffer, this loop turn's submit); when the write
+        completes the buffers are released and the item queued for the group commit. Then
+        ``done(None, error)`` is called exactly once, later, on the loop's thread: ``error``
+        None once the put is acknowledged (durable first with ``sync=True``), else what
+        :meth:`put_leased` would raise (:class:`IOFailed`, :class:`ReadOnly`, the engine's
+        :class:`EngineClosed`). Returns False, having changed nothing (``value`` is still the
+        caller's: hand it to :meth:`put_leased` or release it), for what only
+        :meth:`put_leased` does: an incomplete value or one over ``max_blob_size``, more
+        buffers than one submit window (a quarter of the pool), no room until pending frees
+        are reclaimed, or no queue slots free at once. Raises at once, having released
+        ``value`` and written nothing, :class:`InvalidKey`, :class:`DigestMismatch`
+        (``verify=True``), :class:`NoSpace`, :class:`ReadOnly`.
+        """
+        return self._putpath.put_leased_nowait(key, value, done, sync=sync, verify=verify)
 
     async def put_leased(self, key, value: LeasedValue, *, sync: bool = False, verify: bool = False) -> None:
         """Store ``value`` — received in full into the fixed buffers :meth:`lease_value` leased —
