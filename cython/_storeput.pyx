@@ -310,18 +310,10 @@ cdef class PutPath:
         """:meth:`BlobStore.put_nowait` (same arguments, result and errors; ``sync`` and
         ``verify`` may also be passed by position: the server's C path does, a call with no
         keyword arguments being the cheaper one)."""
-        cdef Py_ssize_t klen
         cdef long long length, n, page, extra, need, reserve
         cdef Item it
-        if type(key) is not bytes:
-            key = self.check_key(key)
-        else:
-            klen = PyBytes_GET_SIZE(key)
-            if klen < 1 or klen > 255:
-                key = self.check_key(key)
+        key = self._put_key(key)
         store = self.store
-        if store._closed or store._opened_read_only or store._read_only is not None:
-            store._check_writable()
         if type(value) is bytes:
             data = value
             length = PyBytes_GET_SIZE(value)
@@ -356,6 +348,22 @@ cdef class PutPath:
         if w is not None and not w.done():
             w.set_result(None)
         return True
+
+    cdef inline object _put_key(self, key):
+        """``key`` checked for a PUT (``InvalidKey`` from ``check_key``), after the store was
+        found writable (``_check_writable`` raises ``ReadOnly`` or ``StoreClosed``): the checks
+        both put paths make before anything is allocated."""
+        cdef Py_ssize_t klen
+        if type(key) is not bytes:
+            key = self.check_key(key)
+        else:
+            klen = PyBytes_GET_SIZE(key)
+            if klen < 1 or klen > 255:
+                key = self.check_key(key)
+        store = self.store
+        if store._closed or store._opened_read_only or store._read_only is not None:
+            store._check_writable()
+        return key
 
     cdef object _allocate(self, bytes key, long long n):
         """``BlobStore._allocate(n, 1 + len(key) + ENTRY.size)`` without waiting: the first page
@@ -392,7 +400,6 @@ cdef class PutPath:
         exactly once, later, on the loop's thread (``error`` None once acknowledged, else
         :class:`IOFailed` for a failed data write, :class:`ReadOnly`, or the engine's
         :class:`EngineClosed`); the buffers are released when the data write completes."""
-        cdef Py_ssize_t klen
         cdef long long length, n, nb, last, i, pg
         cdef list bufs, ops
         cdef _LeasedWrite w
@@ -406,15 +413,7 @@ cdef class PutPath:
         if nb > self.window or nb != (length + self.bsz - 1) // self.bsz:
             return False
         try:
-            if type(key) is not bytes:
-                key = self.check_key(key)
-            else:
-                klen = PyBytes_GET_SIZE(key)
-                if klen < 1 or klen > 255:
-                    key = self.check_key(key)
-            store = self.store
-            if store._closed or store._opened_read_only or store._read_only is not None:
-                store._check_writable()
+            key = self._put_key(key)
             digest = value.digest()
             if verify and digest != key:
                 raise DigestMismatch(f"put: the BLAKE3 digest of the value is {digest.hex()}, not the key "
