@@ -183,7 +183,6 @@ cdef class _LeasedWrite:
     cdef list ops
 
     def __call__(self, results):
-        cdef Item it
         cdef PutPath path = self.path
         err = None
         value, self.value = self.value, None
@@ -208,30 +207,15 @@ cdef class _LeasedWrite:
         finally:
             value.release()  # a buffer still in flight (a failed batch) goes back at its CQE
         if err is None:
-            store = path.store
             try:
-                if store._closed or store._opened_read_only or store._read_only is not None:
-                    store._check_writable()
+                path._writable()
             except Exception as exc:
                 err = exc
         if err is not None:
             done(None, err)
             return
         path.counters["bytes_written"] += self.length
-        it = Item.__new__(Item)
-        it.kind = _PUT
-        it.key = self.key
-        it.page = self.page
-        it.npages = self.npages
-        it.length = self.length
-        it.digest = self.digest
-        it.data = None
-        it.sync = self.sync
-        it._fn = done
-        path.queue.append(it)
-        w = path.store._wake
-        if w is not None and not w.done():
-            w.set_result(None)
+        path._queue_put(self.key, self.page, self.npages, self.length, self.digest, None, self.sync, done)
 
 
 cdef class PutPath:
@@ -311,9 +295,7 @@ cdef class PutPath:
         ``verify`` may also be passed by position: the server's C path does, a call with no
         keyword arguments being the cheaper one)."""
         cdef long long length, n, page, extra, need, reserve
-        cdef Item it
         key = self._put_key(key)
-        store = self.store
         if type(value) is bytes:
             data = value
             length = PyBytes_GET_SIZE(value)
@@ -333,21 +315,29 @@ cdef class PutPath:
             if got is None:
                 return False  # put() waits for the reclaim
             page = got
-        it = Item.__new__(Item)
+        self._queue_put(key, page, n, length, digest, data if length else None, sync, done)
+        return True
+
+    cdef int _queue_put(self, bytes key, long long page, long long npages, long long length, digest, data,
+                        bint sync, done) except -1:
+        """Queue a PUT's group-commit item (``data``: the value to copy into the round's
+        buffers, or None when it is already written or empty) and wake the committer: the last
+        step of both put paths."""
+        cdef Item it = Item.__new__(Item)
         it.kind = _PUT
         it.key = key
         it.page = page
-        it.npages = n
+        it.npages = npages
         it.length = length
         it.digest = digest
-        it.data = data if length else None
+        it.data = data
         it.sync = sync
         it._fn = done
         self.queue.append(it)
-        w = store._wake
+        w = self.store._wake
         if w is not None and not w.done():
             w.set_result(None)
-        return True
+        return 0
 
     cdef inline object _put_key(self, key):
         """``key`` checked for a PUT (``InvalidKey`` from ``check_key``), after the store was
@@ -360,10 +350,16 @@ cdef class PutPath:
             klen = PyBytes_GET_SIZE(key)
             if klen < 1 or klen > 255:
                 key = self.check_key(key)
+        self._writable()
+        return key
+
+    cdef inline int _writable(self) except -1:
+        """Raise what ``BlobStore._check_writable`` raises (``ReadOnly``, ``StoreClosed``) when the
+        store cannot take a put now; the common case (writable) without the call."""
         store = self.store
         if store._closed or store._opened_read_only or store._read_only is not None:
             store._check_writable()
-        return key
+        return 0
 
     cdef object _allocate(self, bytes key, long long n):
         """``BlobStore._allocate(n, 1 + len(key) + ENTRY.size)`` without waiting: the first page
