@@ -579,26 +579,30 @@ def test_read_nowait_early_submit_refused_leaves_the_burst_to_the_turn(dfile, ki
     asyncio.run(main())
 
 
+class _Refusing:
+    """An engine whose submit() is refused (ENOMEM, as io_uring_enter can) while ``refuse`` is set;
+    everything else goes to the wrapped engine."""
+
+    def __init__(self, inner, refuse=False):
+        self._inner, self.refuse = inner, refuse
+
+    def submit(self):
+        if self.refuse:
+            raise OSError(errno.ENOMEM, "io_uring_enter: out of memory")
+        return self._inner.submit()
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+
 def test_refused_turn_submit_fails_read_ops_by_call_and_futures_by_result(dfile, kind):
     """When the turn's one submit is refused, every op it carried fails: a read_nowait op through
     its done (with the errno kept, its buffer back in the pool), a run() op with the OSError as
     its result; the next turn works again."""
     df, data = dfile
 
-    class RefuseAll:
-        def __init__(self, inner):
-            self._inner, self.refuse = inner, True
-
-        def submit(self):
-            if self.refuse:
-                raise OSError(errno.ENOMEM, "io_uring_enter: out of memory")
-            return self._inner.submit()
-
-        def __getattr__(self, name):
-            return getattr(self._inner, name)
-
     async def main():
-        eng = RefuseAll(open_engine(kind, [df.fd], block_size=df.block_size, buffer_count=8, buffer_size=65536))
+        eng = _Refusing(open_engine(kind, [df.fd], block_size=df.block_size, buffer_count=8, buffer_size=65536), refuse=True)
         aio = AsyncEngine(eng)
         loop = asyncio.get_running_loop()
         done, calls, fut = _collector(loop)
@@ -737,20 +741,8 @@ def test_submit_now_submits_at_once_in_place_of_the_turns_submit(dfile, kind):
     a refused submit_now fails the ops it carried through their done call, before it returns."""
     df, _data = dfile
 
-    class Refusing:
-        def __init__(self, inner):
-            self._inner, self.refuse = inner, False
-
-        def submit(self):
-            if self.refuse:
-                raise OSError(errno.ENOMEM, "io_uring_enter: out of memory")
-            return self._inner.submit()
-
-        def __getattr__(self, name):
-            return getattr(self._inner, name)
-
     async def main():
-        eng = Refusing(open_engine(kind, [df.fd], block_size=df.block_size, buffer_count=8, buffer_size=65536))
+        eng = _Refusing(open_engine(kind, [df.fd], block_size=df.block_size, buffer_count=8, buffer_size=65536))
         aio = AsyncEngine(eng)
         loop = asyncio.get_running_loop()
         (buf,) = await aio.lease(1)
