@@ -1374,6 +1374,16 @@ class BlobStore:
             rnd = (items, flushers, seq, marker, batch_d, want_sync, pos, len(batch), hcrc)
             fut = asyncio.get_running_loop().create_future()
 
+            def written(res: list) -> list | None:
+                # the writes' results: None once all completed in full (the round goes on), else res
+                if _write_error(ops, res) is not None:
+                    return res
+                if bufs:  # back to the pool before the round's puts are answered
+                    aio.release(*bufs)
+                    bufs.clear()
+                self._written(rnd)
+                return None
+
             def done(res: list) -> None:
                 if fut.done():
                     return  # the committer was cancelled meanwhile
@@ -1382,12 +1392,7 @@ class BlobStore:
                         if isinstance(r, EngineClosed):
                             fut.set_exception(r)
                             return
-                    if _write_error(ops, res) is None:
-                        if bufs:  # back to the pool before the round's puts are answered
-                            aio.release(*bufs)
-                            bufs.clear()
-                        self._written(rnd)
-                        res = None
+                    res = written(res)
                 except BaseException as exc:  # a bug: the committer fails the round
                     fut.set_exception(exc)
                     return
@@ -1397,13 +1402,7 @@ class BlobStore:
                 aio.submit_now()
                 results = await fut
             else:
-                results = await aio.run(ops, link=False)
-                if _write_error(ops, results) is None:
-                    if bufs:
-                        aio.release(*bufs)
-                        bufs.clear()
-                    self._written(rnd)
-                    results = None
+                results = written(await aio.run(ops, link=False))
         finally:
             if bufs:
                 self._aio.release(*bufs)
