@@ -23,7 +23,12 @@ ordinary attributes. In C:
   into a large PUT's value sink (the store's ``LeasedValue``, about ten reads
   per MiB over a Unix socket) does the decoder's ``recv_target`` /
   ``received_in_place`` and the connection's ``max_receive_bytes`` accounting
-  (while under the cap with no one waiting) in C;
+  (while under the cap with no one waiting) in C; the read that completes the
+  value starts the PUT with the store's ``put_leased_nowait`` (``_big_put_c``:
+  what ``_pump`` → ``_dispatch`` → ``_start`` do, when nothing else is
+  buffered, no limit holds and the key is well formed), and the read that
+  brings a large frame's head skips ``_pump``, which would find no frame
+  (``_pump_idle_c``);
 * :class:`Done` — the completion of such a GET or PUT (one small C object);
 * :meth:`ConnCore._finish_c` / :meth:`ConnCore._queue_reply` /
   :meth:`ConnCore._flush_out` — reply header packing, in-flight counters, the
@@ -151,6 +156,8 @@ cdef class ServerCore:
     cdef public object _get_nowait
     cdef object _put_nowait_f
     cdef bint _put_pos  # _put_nowait is a PutPath's: sync and verify go by position
+    cdef object _put_leased_f
+    cdef bint _leased_pos  # the same for _put_leased_nowait
     cdef public object _scratch
     cdef public object _scratch_head
     cdef object _config
@@ -197,6 +204,17 @@ cdef class ServerCore:
         def __set__(self, f):
             self._put_nowait_f = f
             self._put_pos = type(getattr(f, "__self__", None)) is _PutPath
+
+    property _put_leased_nowait:
+        """The store's ``put_leased_nowait`` (None: large PUTs received into value sinks take the
+        coroutine path)."""
+
+        def __get__(self):
+            return self._put_leased_f
+
+        def __set__(self, f):
+            self._put_leased_f = f
+            self._leased_pos = type(getattr(f, "__self__", None)) is _PutPath
 
     property config:
         """The ``ServerConfig``; its ``write_high_water``, ``max_in_flight_per_conn``,
@@ -389,7 +407,8 @@ cdef class ConnCore:
                     self._account_held(srv, len(dec._buf) - dec._pos + _HDR + fill)
                     return
                 self._head_next = True
-                self._pump()
+                if not self._big_put_c(srv, dec, sink):
+                    self._pump()
                 return
             if not dec.received_in_place(nbytes):
                 # the large body goes on: no frame to dispatch yet (the in-flight limits are
@@ -401,6 +420,72 @@ cdef class ConnCore:
             return
         self._head_next = False
         self._take_scratch(nbytes)
+
+    cdef int _pump_idle_c(self, ServerCore srv, dec) except -1:
+        """``_Connection._pump`` when the decoder holds no complete frame and nothing is held
+        (the head of a large frame was just fed): ``_dispatch`` finds nothing to start — it
+        unpauses the in-flight limits unless a limit holds, and closes a half-closed idle
+        connection —, then the ``max_receive_bytes`` accounting of what the decoder holds."""
+        if self.closing or self._limits_ok(srv._whw, srv._per_conn, srv._total):
+            self._unpause_c(_P_CONN | _P_TOTAL)
+            if self.eof:
+                self._maybe_close()
+        n = len(dec._buf) - dec._pos  # FrameDecoder.buffered
+        if dec._big_len is not None:
+            n += _HDR + dec._big_fill
+        self._account_held(srv, 0 if self.closed else n)
+        return 0
+
+    cdef int _big_put_c(self, ServerCore srv, dec, sink) except -1:
+        """A large PUT whose value ``sink`` (a ``LeasedValue``) just completed, started with the
+        store's ``put_leased_nowait`` as ``_Connection._pump`` → ``_dispatch`` → ``_start`` do,
+        in C: when nothing else is buffered or held, no limit holds it, and the frame is what
+        ``parse_request`` accepts without a word (a non-empty key and nothing after it). Returns
+        0, having changed nothing, otherwise (``_pump`` takes it, with its statuses and errors);
+        1 when it took the frame."""
+        put = srv._put_leased_f
+        if (put is None or self.held is not None or srv.stopping or self.closing
+                or dec._error is not None or len(dec._buf) != dec._pos):
+            return 0
+        pre = dec._pre_body
+        if type(pre) is not bytes:
+            return 0
+        cdef Py_ssize_t n = len(pre)
+        cdef const uint8_t *pp = <const uint8_t *>PyBytes_AS_STRING(pre)
+        if n < 2 or pp[0] != n - 1:
+            return 0
+        opcode, flags_o, rid = dec._big_head
+        cdef int flags = flags_o
+        if opcode != _OP_PUT or flags & ~_PUT_FLAGS:
+            return 0
+        if not self._limits_ok(srv._whw, srv._per_conn, srv._total):
+            return 0  # (_pump finds the same limit)
+        dec._finish_big()  # the frame is taken: the decoder's large-frame state is reset
+        key = PyBytes_FromStringAndSize(<const char *>pp + 1, n - 1)
+        cdef double t0 = _now()
+        self.paused &= ~_P_BYTES
+        self.in_flight += 1
+        srv.in_flight += 1
+        srv._add_in_flight(1)
+        cdef Done done = _new_done(self, _OP_PUT, flags, rid, key, None, 0, t0)
+        queued = None
+        try:
+            if srv._leased_pos:
+                queued = put(key, sink, done, bool(flags & 1), bool(flags & 2))
+            else:
+                queued = put(key, sink, done, sync=bool(flags & 1), verify=bool(flags & 2))
+        except Exception as err:
+            self._failed(done._request(), err, t0, 0)
+        if queued:
+            PyDict_SetItem(srv._eager, done, None)
+        elif queued is not None:  # declined: the PUT handler's coroutine (store.put_leased)
+            self._start_coro(_Request(_OP_BY_CODE[_OP_PUT], rid, flags, key, b"", sink=sink), 0, t0)
+        # the end of _dispatch (nothing else buffered) and of _pump
+        self._unpause_c(_P_CONN | _P_TOTAL)
+        if self.eof:
+            self._maybe_close()
+        self._account_held(srv, 0)
+        return 1
 
     cdef int _account_held(self, ServerCore srv, long long n) except -1:
         """``_Connection._account_received`` with the decoder holding ``n`` bytes: the common case
@@ -513,7 +598,12 @@ cdef class ConnCore:
         if pos < nbytes:
             with srv._scratch[pos:nbytes] as chunk:
                 dec.feed(chunk)
-            self._pump()
+            if (dec._big_len is not None and dec._big_fill < dec._big_len and dec._error is None
+                    and len(dec._buf) == dec._pos and self.held is None):
+                # the head of a large frame (its body follows): no frame to dispatch
+                self._pump_idle_c(srv, dec)
+            else:
+                self._pump()
         elif not ok:
             self._pump()
         else:  # all taken and under the limits: the end of _Connection._dispatch (nothing buffered)

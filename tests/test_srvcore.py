@@ -212,6 +212,83 @@ def test_the_decoder_fields_the_c_path_reads_mean_what_it_assumes():
     assert ids == [1, 2, 3, 4, 5] and dec.buffered == 0 and leased
 
 
+def test_a_completed_large_put_is_started_in_c_and_answered_like_the_decoder_path(workdir, monkeypatch):
+    """A large PUT whose value completes in its sink goes to put_leased_nowait from C (no
+    parse_request, no _pump: ConnCore._big_put_c, and the head's _pump_idle_c); a verify mismatch
+    raised there, a store that declines (the put_leased coroutine takes it) and an empty key (the
+    decoder path: the store's InvalidKey) are answered as before, and the in-flight and
+    max_receive_bytes accounting ends at zero."""
+    parsed = []
+    pumps = []
+    real_parse = P.parse_request
+    real_pump = S._Connection._pump
+
+    def parse(frame):
+        parsed.append(frame.request_id)
+        return real_parse(frame)
+
+    def pump(self):
+        pumps.append(1)
+        return real_pump(self)
+
+    monkeypatch.setattr(P, "parse_request", parse)
+    monkeypatch.setattr(S._Connection, "_pump", pump)
+
+    async def main():
+        srv, store, r, w = await _serve(workdir)
+        try:
+            bsz = store._aio.buffer_size
+            v = os.urandom(3 * bsz + 777)
+            digest = blake3.blake3(v).digest()
+            for rid, frame in ((1, P.encode_put(1, b"big1", v, sync=True)),
+                               (2, P.encode_put(2, digest, v, verify=True)),
+                               (3, P.encode_put(3, b"\x00" * 32, v, verify=True))):
+                w.write(frame)
+                (got,) = await _replies(r, 1)
+                assert got.request_id == rid
+            assert got.status == errors.DigestMismatch.code and b"digest" in bytes(got.body)
+            assert parsed == [] and pumps == []  # every one taken in C
+            assert await store.get(b"big1") == v and await store.get(digest) == v
+            assert not store.has(b"\x00" * 32)
+
+            declined = []
+            real_nowait = srv._put_leased_nowait
+
+            def decline(key, value, done, *args, **kw):
+                declined.append(key)
+                return False
+
+            srv._put_leased_nowait = decline
+            try:
+                w.write(P.encode_put(4, b"big4", v))
+                (got,) = await _replies(r, 1)
+            finally:
+                srv._put_leased_nowait = real_nowait
+            assert got.request_id == 4 and got.status == 0 and declined == [b"big4"]
+            assert await store.get(b"big4") == v
+
+            # an empty key: the sink is leased for it, the decoder path answers (InvalidKey)
+            w.write(P.encode_frame(P.Op.PUT, 5, b"\x00" + v))
+            (got,) = await _replies(r, 1)
+            assert got.request_id == 5 and got.status == errors.InvalidKey.code
+            assert 5 in parsed and pumps
+            m = srv.metrics
+            assert m.request_count("put", "ok") == 3
+            (conn,) = srv.connections
+            assert conn.in_flight == 0 and srv.in_flight == 0 and m.requests_in_flight == 0
+            assert conn.recv_held == 0 and srv._recv_total == 0 and not srv._eager
+            for _ in range(100):
+                if store.stat()["receive_buffers_held"] == 0:
+                    break
+                await asyncio.sleep(0.01)
+            assert store.stat()["receive_buffers_held"] == 0
+        finally:
+            w.close()
+            await srv.shutdown()
+
+    asyncio.run(main())
+
+
 def test_a_large_value_in_reads_of_any_size_is_received_in_place_and_accounted(workdir):
     """The C path for reads into a large PUT's value sink (ConnCore.get_buffer / buffer_updated),
     driven as the event loop does: reads of 1 byte to a whole buffer, ending on and across the
