@@ -949,3 +949,56 @@ cdef class _EntryIter:
             self.c += 1
             self.j = 0
         raise StopIteration
+
+    def take(self, Py_ssize_t cap):
+        """The next entries, whole and in order, while their sum fits ``cap`` bytes, packed:
+        ``(bytes, count)`` — the bytes as many ``next()`` calls would give, joined (one checkpoint
+        chunk's body in one call: a Python loop over 330k entries took ~50 ms of the event loop
+        per checkpoint). ``(b"", 0)`` when none is left or the next one alone passes ``cap``.
+        ``RuntimeError`` as ``next()`` when a key was added or removed since the iterator was made."""
+        cdef Index ix = self.ix
+        cdef size_t c = self.c, j = self.j
+        cdef Py_ssize_t used = 0, count = 0, k = 0, sz
+        cdef uint64_t o
+        cdef char *dst
+        if ix._version != self.version:
+            raise RuntimeError("index: a key was added or removed while iter_entries() walked it")
+        while c < ix.nchunks:
+            if j >= ix.chunks[c].n:
+                c += 1
+                j = 0
+                continue
+            o = ix.chunks[c].off[j]
+            sz = 1 + ix.arena[o] + _VALUE_SIZE
+            if used + sz > cap:
+                break
+            used += sz
+            count += 1
+            j += 1
+        out = PyBytes_FromStringAndSize(NULL, used)
+        # (the allocation may have run the GC, hence arbitrary code: pointers are read again)
+        if ix._version != self.version:
+            raise RuntimeError("index: a key was added or removed while iter_entries() walked it")
+        dst = PyBytes_AS_STRING(out)
+        used = 0
+        while k < count:
+            if self.j >= ix.chunks[self.c].n:
+                self.c += 1
+                self.j = 0
+                continue
+            o = ix.chunks[self.c].off[self.j]
+            sz = 1 + ix.arena[o] + _VALUE_SIZE
+            memcpy(dst + used, <const char *>ix.arena + o, sz)
+            used += sz
+            k += 1
+            self.j += 1
+        return out, count
+
+    @property
+    def exhausted(self):
+        """No entry is left to take."""
+        cdef Index ix = self.ix
+        while self.c < ix.nchunks and self.j >= ix.chunks[self.c].n:
+            self.c += 1
+            self.j = 0
+        return self.c >= ix.nchunks

@@ -212,6 +212,38 @@ def test_iter_entries_refuses_a_changed_order_but_sees_value_updates():
     assert len(list(it)) == 6
 
 
+def test_take_packs_whole_entries_up_to_a_cap_as_next_would_give_them():
+    """EntryIter.take (the checkpoint's chunk packing): whole entries in key order while they fit
+    the cap, the same bytes as next() joined, across the order's chunks; 0 entries when the next
+    one alone passes the cap; refuses a changed order like next()."""
+    ix = Index()
+    rng = random.Random(5)
+    keys = {bytes(rng.randrange(256) for _ in range(rng.randrange(1, 40))) for _ in range(3 * CHUNK)}
+    for i, k in enumerate(keys):
+        ix.set(k, i, i, D)
+    want = list(ix.iter_entries())
+    it = ix.iter_entries()
+    got, counts = [], []
+    caps = [len(want[0]) - 1, 1, 200, 10_000, 1 << 20]
+    assert it.take(caps[0]) == (b"", 0) and not it.exhausted  # the first entry alone passes the cap
+    for cap in caps[1:] * 3:
+        body, n = it.take(cap)
+        assert len(body) <= cap
+        got.append(body)
+        counts.append(n)
+    assert it.exhausted and it.take(1 << 30) == (b"", 0)
+    assert b"".join(got) == b"".join(want) and sum(counts) == len(want)
+    # each take stops right before the first entry that would pass its cap
+    it = ix.iter_entries()
+    body, n = it.take(200)
+    assert body == b"".join(want[:n]) and len(body) + len(want[n]) > 200
+    assert next(it) == want[n]  # take and next share the position
+    ix.remove(next(iter(keys)))
+    with pytest.raises(RuntimeError, match="added or removed"):
+        it.take(1000)
+    assert Index().iter_entries().exhausted
+
+
 def test_set_rejects_bad_values_and_leaves_the_index_unchanged():
     ix = Index()
     ix.set(b"k", 1, 2, D)

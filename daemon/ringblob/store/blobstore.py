@@ -1551,27 +1551,16 @@ class BlobStore:
                 new_ext.append(cur)
                 first = cur
                 it = idx.iter_entries()
-                pending = next(it, None)
                 chunk_no = 0
                 while cur is not None:
-                    cap = cur[1] * P - hdr
-                    parts = []
-                    used = 0
-                    count = 0
-                    while pending is not None:
-                        sz = len(pending)
-                        if used + sz > cap:
-                            break
-                        parts.append(pending)
-                        used += sz
-                        count += 1
-                        pending = next(it, None)
-                    remaining -= used
+                    # the entries that fit this chunk, packed in C (min_pages: at least one fits)
+                    body, count = it.take(cur[1] * P - hdr)
+                    remaining -= len(body)
                     nxt = None
-                    if pending is not None:
+                    if not it.exhausted:
                         nxt = alloc_chunk(max(remaining, 1))
                         new_ext.append(nxt)
-                    data = F.encode_chunk(chunk_no, self._store_id, S, count, b"".join(parts),
+                    data = F.encode_chunk(chunk_no, self._store_id, S, count, body,
                                           nxt[0] if nxt else 0, nxt[1] if nxt else 0, P)
                     await self._aio.write_chunks(cur[0] * P, data)
                     cur = nxt
