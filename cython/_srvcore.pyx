@@ -462,24 +462,11 @@ cdef class ConnCore:
             return 0  # (_pump finds the same limit)
         dec._finish_big()  # the frame is taken: the decoder's large-frame state is reset
         key = PyBytes_FromStringAndSize(<const char *>pp + 1, n - 1)
-        cdef double t0 = _now()
         self.paused &= ~_P_BYTES
         self.in_flight += 1
         srv.in_flight += 1
         srv._add_in_flight(1)
-        cdef Done done = _new_done(self, _OP_PUT, flags, rid, key, None, 0, t0)
-        queued = None
-        try:
-            if srv._leased_pos:
-                queued = put(key, sink, done, bool(flags & 1), bool(flags & 2))
-            else:
-                queued = put(key, sink, done, sync=bool(flags & 1), verify=bool(flags & 2))
-        except Exception as err:
-            self._failed(done._request(), err, t0, 0)
-        if queued:
-            PyDict_SetItem(srv._eager, done, None)
-        elif queued is not None:  # declined: the PUT handler's coroutine (store.put_leased)
-            self._start_coro(_Request(_OP_BY_CODE[_OP_PUT], rid, flags, key, b"", sink=sink), 0, t0)
+        self._put_now_c(put, srv._leased_pos, key, sink, flags, rid, True)
         # the end of _dispatch (nothing else buffered) and of _pump
         self._unpause_c(_P_CONN | _P_TOTAL)
         if self.eof:
@@ -589,7 +576,7 @@ cdef class ConnCore:
                     self.in_flight += 1
                     srv.in_flight += 1
                     srv._add_in_flight(1)
-                    self._put_now_c(put_nowait, key, value, flags, rid)
+                    self._put_now_c(put_nowait, srv._put_pos, key, value, flags, rid, False)
                 else:
                     break
                 pos += _HDR + length
@@ -644,13 +631,17 @@ cdef class ConnCore:
         general path takes the GET)."""
         return bool(self._get_now_c(get_nowait, req.key, req.request_id, req))
 
-    cdef _put_now_c(self, put_nowait, key, value, int flags, request_id):
-        """``_Connection._start`` of a PUT taken from the scratch read (counted in flight)."""
+    cdef _put_now_c(self, put_nowait, bint by_position, key, value, int flags, request_id, bint leased):
+        """``_Connection._start`` of a PUT taken in C (counted in flight): the store's
+        ``put_nowait`` (``value``: bytes, from the scratch read) or ``put_leased_nowait``
+        (``leased``: ``value`` is the ``LeasedValue`` the value was received into), ``sync`` and
+        ``verify`` by position when ``by_position``; a store that declines hands the PUT to the
+        handler's coroutine with a ``Request`` as the decoder path makes it."""
         cdef ServerCore srv = self.server
         cdef double t0 = _now()
         cdef Done done = _new_done(self, _OP_PUT, flags, request_id, key, None, 0, t0)
         try:
-            if self.server._put_pos:
+            if by_position:
                 queued = put_nowait(key, value, done, bool(flags & 1), bool(flags & 2))
             else:
                 queued = put_nowait(key, value, done, sync=bool(flags & 1), verify=bool(flags & 2))
@@ -660,7 +651,10 @@ cdef class ConnCore:
         if queued:
             PyDict_SetItem(srv._eager, done, None)
             return
-        req = _Request(_OP_BY_CODE[_OP_PUT], request_id, flags, key, value)
+        if leased:
+            req = _Request(_OP_BY_CODE[_OP_PUT], request_id, flags, key, b"", sink=value)
+        else:
+            req = _Request(_OP_BY_CODE[_OP_PUT], request_id, flags, key, value)
         self._start_coro(req, 0, t0)
 
     def _new_done(self, req, long long cost, double t0):

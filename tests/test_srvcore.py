@@ -153,7 +153,8 @@ def test_the_c_clock_is_perf_counter():
 
 def test_the_decoder_fields_the_c_path_reads_mean_what_it_assumes():
     """_srvcore takes frames out of a read only while the decoder is idle, judged from its fields:
-    idle <=> nothing buffered, and no large frame under way => no recv_target."""
+    idle <=> nothing buffered, and no large frame under way => no recv_target; a large PUT whose
+    value completed in its sink is _big_head / _pre_body (key_len + key), taken by _finish_big()."""
     budget = P.ReceiveBudget(1 << 20)
     leased = []
 
@@ -202,6 +203,15 @@ def test_the_decoder_fields_the_c_path_reads_mean_what_it_assumes():
                 dec.feed(stream[pos:pos + step])
                 pos += step
             check()
+            if dec._sink is not None and dec._big_fill == dec._big_len:
+                # what ConnCore._big_put_c reads, and calls to take the frame, when a value completes
+                head, pre, sink = dec._big_head, dec._pre_body, dec._sink
+                f = dec._finish_big()
+                assert (f.opcode, f.flags, f.request_id) == head == (int(P.Op.PUT), 0, 2)
+                assert f.body == pre == b"\x03big" and f.sink is sink and bytes(sink.buf) == big
+                assert dec._big_len is None and dec._sink is None
+                ids.append(f.request_id)
+                check()
             while (f := dec.next_frame()) is not None:
                 ids.append(f.request_id)
                 check()

@@ -269,7 +269,9 @@ class FrameDecoder:
     # and ``_error`` are None (nothing buffered, no large frame under way: ``recv_target()`` is None),
     # as tests/test_srvcore.py checks. While a value sink is filled (``_sink`` set) it does what
     # recv_target / received_in_place / buffered do for it itself: the sink's target(), the
-    # ``_big_fill`` vs ``_big_len`` check, sink.advance(), ``_big_fill += n`` (tests/test_srvcore.py)
+    # ``_big_fill`` vs ``_big_len`` check, sink.advance(), ``_big_fill += n``; when the value is
+    # complete it reads ``_big_head`` and ``_pre_body`` (key_len + key) and takes the frame with
+    # ``_finish_big()`` (tests/test_srvcore.py)
     __slots__ = ("max_frame_size", "_buf", "_pos", "_error", "_views", "_big_len", "_big_fill", "_big_head",
                  "_big", "_big_mv", "_chunks", "_budget", "_held", "_sinks", "_sink", "_pre", "_pre_len",
                  "_pre_body")
