@@ -692,11 +692,7 @@ cdef class Index:
                 return out
             j = self._pos_bisect(&self.chunks[i], sp, sl, not inclusive)
         # no pointer is kept across an allocation (one may run the GC, and so arbitrary code)
-        while i < self.nchunks:
-            if j >= self.chunks[i].n:
-                i += 1
-                j = 0
-                continue
+        while self._seek(&i, &j):
             o = self.chunks[i].off[j]
             out.append(PyBytes_FromStringAndSize(<const char *>self.arena + o + 1, self.arena[o]))
             got += 1
@@ -704,6 +700,16 @@ cdef class Index:
                 break
             j += 1
         return out
+
+    cdef inline bint _seek(self, size_t *c, size_t *j) noexcept:
+        """Move the order position (chunk ``c``, slot ``j``) past finished chunks: False at the end
+        of the order, else True with ``chunks[c].off[j]`` the next entry."""
+        while c[0] < self.nchunks:
+            if j[0] < self.chunks[c[0]].n:
+                return True
+            c[0] += 1
+            j[0] = 0
+        return False
 
     def iter_entries(self):
         """An iterator over every entry (``klen | key | value`` bytes, the checkpoint entry) in
@@ -941,14 +947,11 @@ cdef class _EntryIter:
         cdef uint64_t o
         if ix._version != self.version:
             raise RuntimeError("index: a key was added or removed while iter_entries() walked it")
-        while self.c < ix.nchunks:
-            if self.j < ix.chunks[self.c].n:
-                o = ix.chunks[self.c].off[self.j]
-                self.j += 1
-                return PyBytes_FromStringAndSize(<const char *>ix.arena + o, 1 + ix.arena[o] + _VALUE_SIZE)
-            self.c += 1
-            self.j = 0
-        raise StopIteration
+        if not ix._seek(&self.c, &self.j):
+            raise StopIteration
+        o = ix.chunks[self.c].off[self.j]
+        self.j += 1
+        return PyBytes_FromStringAndSize(<const char *>ix.arena + o, 1 + ix.arena[o] + _VALUE_SIZE)
 
     def take(self, Py_ssize_t cap):
         """The next entries, whole and in order, while their sum fits ``cap`` bytes, packed:
@@ -963,11 +966,7 @@ cdef class _EntryIter:
         cdef char *dst
         if ix._version != self.version:
             raise RuntimeError("index: a key was added or removed while iter_entries() walked it")
-        while c < ix.nchunks:
-            if j >= ix.chunks[c].n:
-                c += 1
-                j = 0
-                continue
+        while ix._seek(&c, &j):
             o = ix.chunks[c].off[j]
             sz = 1 + ix.arena[o] + _VALUE_SIZE
             if used + sz > cap:
@@ -981,11 +980,7 @@ cdef class _EntryIter:
             raise RuntimeError("index: a key was added or removed while iter_entries() walked it")
         dst = PyBytes_AS_STRING(out)
         used = 0
-        while k < count:
-            if self.j >= ix.chunks[self.c].n:
-                self.c += 1
-                self.j = 0
-                continue
+        while k < count and ix._seek(&self.c, &self.j):
             o = ix.chunks[self.c].off[self.j]
             sz = 1 + ix.arena[o] + _VALUE_SIZE
             memcpy(dst + used, <const char *>ix.arena + o, sz)
@@ -997,8 +992,4 @@ cdef class _EntryIter:
     @property
     def exhausted(self):
         """No entry is left to take."""
-        cdef Index ix = self.ix
-        while self.c < ix.nchunks and self.j >= ix.chunks[self.c].n:
-            self.c += 1
-            self.j = 0
-        return self.c >= ix.nchunks
+        return not self.ix._seek(&self.c, &self.j)

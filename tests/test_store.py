@@ -1992,16 +1992,23 @@ def test_lease_value_declines_small_values_past_the_cap_and_when_not_writable(td
     run(main())
 
 
+async def _received_on_faulty_store(tdir, engine):
+    """A store on a fault-injecting engine holding ``a`` -> ``1`` (durable), and a 1 MiB value
+    received into leased buffers: ``(holder, store, free buffers before the lease, value, leased)``."""
+    p = os.path.join(tdir, "d")
+    holder, wrap = _faulty_open(p, engine)
+    s = await BlobStore.create(p, 8 * MiB, engine=engine, wrap_engine=wrap)
+    await s.put(b"a", b"1", sync=True)
+    free0 = s._aio.engine.free_buffers
+    v = os.urandom(MiB)
+    lv = s.lease_value(len(v))
+    _receive(lv, v)
+    return holder, s, free0, v, lv
+
+
 def test_put_leased_write_error_turns_read_only_and_releases(tdir, engine):
     async def main():
-        p = os.path.join(tdir, "d")
-        holder, wrap = _faulty_open(p, engine)
-        s = await BlobStore.create(p, 8 * MiB, engine=engine, wrap_engine=wrap)
-        await s.put(b"a", b"1", sync=True)
-        free0 = s._aio.engine.free_buffers
-        v = os.urandom(MiB)
-        lv = s.lease_value(len(v))
-        _receive(lv, v)
+        holder, s, free0, v, lv = await _received_on_faulty_store(tdir, engine)
         holder["e"].fail_next("write")
         with pytest.raises(IOFailed):
             await s.put_leased(b"big", lv, sync=True)
@@ -2230,14 +2237,7 @@ def test_put_leased_nowait_failed_data_write_answers_ioerror_and_releases(tdir, 
     back to the pool and reads go on."""
 
     async def main():
-        p = os.path.join(tdir, "d")
-        holder, wrap = _faulty_open(p, engine)
-        s = await BlobStore.create(p, 8 * MiB, engine=engine, wrap_engine=wrap)
-        await s.put(b"a", b"1", sync=True)
-        free0 = s._aio.engine.free_buffers
-        v = os.urandom(MiB)
-        lv = s.lease_value(len(v))
-        _receive(lv, v)
+        holder, s, free0, v, lv = await _received_on_faulty_store(tdir, engine)
         holder["e"].fail_next("write", 2)
         fut = asyncio.get_running_loop().create_future()
         assert s.put_leased_nowait(b"big", lv, lambda value, err: fut.set_result(err), sync=True)
