@@ -329,3 +329,25 @@ def scrape(url: str) -> dict:
         for s in fam.samples:
             out[(s.name, tuple(sorted(s.labels.items())))] = s.value
     return out
+
+
+def connect_when_listening(path: str, proc: subprocess.Popen, timeout: float, describe=lambda: "") -> socket.socket:
+    """A Unix stream socket connected to ``path``, which a socket-passing parent (``proc``, e.g.
+    systemd-socket-activate) binds and then listens on: the path exists from the bind() a moment
+    before the listen(), so a connect is refused until then and is retried (every 20 ms) for up to
+    ``timeout`` seconds. Fails the test when ``proc`` exits first (with ``describe()``, e.g. its log)
+    or the time runs out."""
+    deadline = time.monotonic() + timeout
+    s = socket.socket(socket.AF_UNIX)
+    try:
+        while True:
+            assert proc.poll() is None, describe()
+            assert time.monotonic() < deadline, f"nothing listened on {path} within {timeout} s"
+            try:
+                s.connect(path)
+                return s
+            except (FileNotFoundError, ConnectionRefusedError):
+                time.sleep(0.02)
+    except BaseException:
+        s.close()
+        raise

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import connect_when_listening  # the bind-then-listen race, shared
 from ringblob import systemd
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -206,16 +207,9 @@ def test_listen_fds_under_systemd_socket_activate(short_dir):
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:
-        import time
-
-        deadline = time.monotonic() + 20
-        while not os.path.exists(path):
-            assert proc.poll() is None, proc.stderr.read()
-            assert time.monotonic() < deadline, "systemd-socket-activate never listened"
-            time.sleep(0.02)
-        with socket.socket(socket.AF_UNIX) as c:  # the first connection launches the child
+        # the first connection launches the child
+        with connect_when_listening(path, proc, 20, lambda: proc.stderr.read()) as c:
             c.settimeout(20)
-            c.connect(path)
             assert c.recv(64) == b"ringblob"
         report = json.loads(proc.stdout.readline())
         assert report["env"] == []

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import connect_when_listening
 from ringblob.engine import DEFAULT_BUFFER_COUNT, DEFAULT_BUFFER_SIZE
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -297,14 +298,8 @@ def test_socket_activation_and_readiness_with_the_real_daemon(short_tmp, repo_tm
     log = open(repo_tmp / "daemon.log", "w+")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 30
-        while not os.path.exists(listen):
-            assert proc.poll() is None, log.seek(0) or log.read()
-            assert time.monotonic() < deadline, "systemd-socket-activate never listened"
-            time.sleep(0.02)
         # the first connection makes systemd-socket-activate exec the daemon (same pid)
-        first = socket.socket(socket.AF_UNIX)
-        first.connect(listen)
+        first = connect_when_listening(listen, proc, 30, lambda: log.seek(0) or log.read())
         got = _recv_until(notify, "READY=1", time.monotonic() + 90)
         ready = next(m for m in got if "READY=1" in m.split("\n"))
         assert "STATUS=" in ready
