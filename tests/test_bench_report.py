@@ -1,0 +1,150 @@
+"""The benchmark harness's report logic (bench/run.py): fio command lines, the run order, targets,
+the like-for-like durability references, fio result parsing and the markdown report.
+
+No benchmark runs here: these feed the functions hand-made rows and fio JSON and check what they
+decide and print, so a PASS/MISS or a reference ratio in bench/results/ can be trusted.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import pathlib
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def bench():
+    name = "bench_run_under_test"
+    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / "run.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod  # its dataclasses look their module up there
+    try:
+        spec.loader.exec_module(mod)
+        yield mod
+    finally:
+        sys.modules.pop(name, None)
+
+
+def _row(system, workload, ops, samples=None, **kw):
+    r = {"system": system, "workload": workload, "ops_per_s": float(ops), "bytes_per_s": float(ops) * 4096,
+         "concurrency": 32, "p50_us": 100.0, "p99_us": 200.0}
+    if samples is not None:
+        r["samples_ops_per_s"] = [float(x) for x in samples]
+        r["samples_bytes_per_s"] = [float(x) * 4096 for x in samples]
+        r["samples_rounds"] = list(range(len(samples)))
+    r.update(kw)
+    return r
+
+
+def test_fio_command_lines_of_the_sync_jobs(bench):
+    mode = bench.MODES["quick"]
+    dsync = bench.fio_command("randwrite_4k_qd32_dsync", "/x/fio.dat", 1 << 20, mode)
+    assert "--sync=dsync" in dsync and not any(a.startswith("--fdatasync") for a in dsync)
+    assert "--iodepth=32" in dsync and "--rw=randwrite" in dsync
+    every = bench.fio_command("randwrite_4k_qd32_fdatasync1", "/x/fio.dat", 1 << 20, mode)
+    assert "--fdatasync=1" in every and not any(a.startswith("--sync=") for a in every)
+    target = bench.fio_command("randwrite_4k_qd32_fdatasync32", "/x/fio.dat", 1 << 20, mode)
+    assert "--fdatasync=32" in target and not any(a.startswith("--sync=") for a in target)
+    for name in bench.FIO_JOBS:
+        argv = bench.fio_command(name, "/x/fio.dat", 1 << 20, mode)
+        for opt in ("--ioengine=io_uring", "--fixedbufs", "--registerfiles", "--direct=1"):
+            assert opt in argv, (name, opt)
+
+
+def test_the_references_run_right_beside_the_sync_put(bench):
+    def check(order):
+        i = order.index(("fio", "randwrite_4k_qd32_fdatasync32"))
+        j = order.index(("uring", "put_4k_sync_c32"))
+        beside = [("fio", n) for n in bench.BESIDE["put_4k_sync_c32"]]
+        assert order[i + 1 : j] == beside  # between the counterpart and ringblob, nothing else
+        assert len(order) == len(set(order))
+
+    check(bench.schedule())
+    saved = set(bench.WORKLOAD_FILTER)
+    try:
+        bench.WORKLOAD_FILTER.clear()
+        bench.WORKLOAD_FILTER.add("put_4k_sync_c32")
+        order = bench.schedule()
+        check(order)
+        assert ("fio", "randwrite_4k_qd32_dsync") in order and ("fio", "read_1m_qd8") not in order
+    finally:
+        bench.WORKLOAD_FILTER.clear()
+        bench.WORKLOAD_FILTER.update(saved)
+
+
+def test_references_give_ratios_and_no_verdict(bench):
+    rows = [
+        _row("ringblob-uring", "put_4k_sync_c32", 60_000, [50_000, 60_000, 70_000]),
+        _row("fio", "randwrite_4k_qd32_dsync", 75_000, [100_000, 75_000, 70_000]),
+        _row("fio", "randwrite_4k_qd32_fdatasync32", 140_000, [140_000, 140_000, 140_000]),
+    ]
+    refs = {r["target"]: r for r in bench.references(rows)}
+    c32 = next(r for name, r in refs.items() if "c32" in name)
+    assert c32["ratio"] == pytest.approx(0.8)
+    assert c32["per_round"] == pytest.approx([0.5, 0.8, 1.0])
+    assert "result" not in c32 and "rounds_passing" not in c32
+    c128 = next(r for name, r in refs.items() if "c128" in name)
+    assert c128["ratio"] is None  # no put_4k_sync_c128 row: nothing to divide
+    sync_vs_fio = next(t for t in bench.targets(rows) if "fdatasync=32" in t["target"])
+    assert sync_vs_fio["result"] == "MISS" and sync_vs_fio["ratio"] == pytest.approx(60 / 140)
+    assert sync_vs_fio["rounds_passing"] == 0
+
+
+def test_a_target_with_request_errors_misses_and_a_missing_side_is_na(bench):
+    rows = [
+        _row("ringblob-uring", "get_4k_c32", 90_000, request_errors=3),
+        _row("fio", "randread_4k_qd32", 100_000),
+    ]
+    t = {x["target"]: x for x in bench.targets(rows)}
+    get = next(v for k, v in t.items() if k.startswith("4 KiB GET c32"))
+    assert get["result"] == "MISS" and "3 request errors" in get["why"]
+    put = next(v for k, v in t.items() if k.startswith("1 MiB PUT"))
+    assert put["result"] == "n/a" and put["ratio"] is None
+    ok = bench.targets([_row("ringblob-uring", "get_4k_c32", 60_000), _row("fio", "randread_4k_qd32", 100_000)])
+    assert next(x for x in ok if x["target"].startswith("4 KiB GET c32"))["result"] == "PASS"  # 0.6 >= 0.6
+
+
+def test_parse_fio_marks_o_dsync_and_fdatasync_jobs(bench):
+    def doc(with_sync):
+        job = {"write": {"iops": 80_000.0, "bw_bytes": 80_000 * 4096, "bw": 80_000 * 4, "bs_bytes": 4096,
+                         "clat_ns": {"mean": 300_000.0, "percentile": {"50.000000": 290_000, "99.000000": 700_000}}},
+               "read": {}, "job_runtime": 5000, "usr_cpu": 5.0, "sys_cpu": 40.0}
+        if with_sync:
+            job["sync"] = {"lat_ns": {"mean": 80_000.0, "percentile": {"99.000000": 200_000}}}
+        return {"jobs": [job]}
+
+    d = bench.parse_fio(doc(False), "randwrite_4k_qd32_dsync")
+    assert d["sync"] == "dsync" and "O_DSYNC" in d["note"] and "fdatasync_every" not in d
+    assert d["ops_per_s"] == 80_000 and d["p99_us"] == 700
+    f = bench.parse_fio(doc(True), "randwrite_4k_qd32_fdatasync1")
+    assert f["fdatasync_every"] == 1 and "sync" not in f
+    assert f["fdatasync_mean_us"] == 80 and f["fdatasync_p99_us"] == 200
+
+
+def test_markdown_prints_the_reference_table_only_with_a_ratio(bench):
+    rows = [
+        _row("ringblob-uring", "put_4k_sync_c32", 60_000, [50_000, 60_000, 70_000]),
+        _row("fio", "randwrite_4k_qd32_fdatasync32", 140_000),
+        _row("fio", "randwrite_4k_qd32_dsync", 75_000, [100_000, 75_000, 70_000], sync="dsync"),
+        _row("fio", "randwrite_4k_qd32_fdatasync1", 120_000, fdatasync_every=1),
+    ]
+    doc = {
+        "mode": "quick", "clients": 2, "load_generator": "native", "repeat": 3,
+        "mode_params": {"duration": 1.0, "warmup": 0.2, "get_set": 32 << 20, "big_set": 16},
+        "machine": {"nproc": 2, "cpu_model": "test", "mem_bytes": 1 << 30, "kernel": "k", "os": "os",
+                    "filesystem": "ext4", "workdir": "/x", "fio": "fio-x", "redis": "redis-x",
+                    "git_commit": "abc", "date_utc": "now"},
+        "results": rows, "ratios": bench.ratios(rows), "targets": bench.targets(rows),
+        "references": bench.references(rows),
+    }
+    md = bench.markdown(doc)
+    assert "Like-for-like durability reference" in md
+    assert "| 0.80 | 0.50 / 0.80 / 1.00 |" in md
+    assert "| randwrite_4k_qd32_dsync | 32 | O_DSYNC |" in md
+    assert "| randwrite_4k_qd32_fdatasync1 | 32 | fdatasync every 1 |" in md
+    doc["references"] = bench.references(rows[1:])  # no ringblob row: no ratio, no table
+    assert "Like-for-like durability reference" not in bench.markdown(doc)
