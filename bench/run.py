@@ -335,7 +335,7 @@ def parse_fio(doc: dict, name: str) -> dict:
         "block_size": side["bs_bytes"] if "bs_bytes" in side else (4 * KIB if bs == "4k" else MIB),
         "concurrency": qd,
         "ops_per_s": float(side["iops"]),
-        "bytes_per_s": float(side.get("bw_bytes", side["bw"] * KIB)),
+        "bytes_per_s": float(side["bw_bytes"] if "bw_bytes" in side else side["bw"] * KIB),  # bw: KiB/s (older fio)
         "p50_us": pct.get("50.000000", 0) / 1000.0,
         "p99_us": pct.get("99.000000", 0) / 1000.0,
         "mean_us": side.get("clat_ns", {}).get("mean", 0) / 1000.0,

@@ -110,7 +110,7 @@ def test_a_target_with_request_errors_misses_and_a_missing_side_is_na(bench):
 
 def test_parse_fio_marks_o_dsync_and_fdatasync_jobs(bench):
     def doc(with_sync):
-        job = {"write": {"iops": 80_000.0, "bw_bytes": 80_000 * 4096, "bw": 80_000 * 4, "bs_bytes": 4096,
+        job = {"write": {"iops": 80_000.0, "bw_bytes": 80_000 * 4096, "bs_bytes": 4096,
                          "clat_ns": {"mean": 300_000.0, "percentile": {"50.000000": 290_000, "99.000000": 700_000}}},
                "read": {}, "job_runtime": 5000, "usr_cpu": 5.0, "sys_cpu": 40.0}
         if with_sync:
