@@ -1372,7 +1372,9 @@ class BlobStore:
             # only once every write completed in full: from the completion call of the last
             # write (same loop turn, see _written), not after a hop back into this coroutine.
             rnd = (items, flushers, seq, marker, batch_d, want_sync, pos, len(batch), hcrc)
-            fut = asyncio.get_running_loop().create_future()
+            # the engine's loop is the running one; asyncio.get_running_loop() costs a getpid()
+            # syscall per call on CPython 3.11, once per round here
+            fut = aio.loop.create_future()
 
             def written(res: list) -> list | None:
                 # the writes' results: None once all completed in full (the round goes on), else res
