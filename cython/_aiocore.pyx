@@ -374,12 +374,14 @@ cdef class AsyncCore:
 
     # -- a batch of writes (and fdatasyncs) completed by a call -------------------------
 
-    def run_nowait(self, list ops, done):
+    def run_nowait(self, list ops, done, bint dsync=False):
         """Queue ``ops`` unlinked for this loop turn's submit, completed by ONE call instead of
         a future per op: the group commit's writes and its fdatasync (no future, no coroutine).
 
         Each op is ``("write", buf, offset, length, buf_offset)`` (offset, length and
         buf_offset block multiples, length > 0, within the buffer) or ``("fdatasync",)``.
+        ``dsync=True`` queues every write with RWF_DSYNC (durable when it completes; the
+        engine's ``write_fixed(dsync=True)``).
         ``done(results)`` is called exactly once, on the loop's thread, once every op has its
         CQE (or from :meth:`close`): ``results`` holds one result per op, in order, an ``int``
         (bytes transferred; short writes are the caller's to check) or the exception (an
@@ -427,7 +429,10 @@ cdef class AsyncCore:
                 op.first_tag = tag
             try:
                 if o[0] == "write":
-                    eng.write_fixed(o[1], o[2], o[3], tag, buf_offset=o[4])
+                    if dsync:
+                        eng.write_fixed(o[1], o[2], o[3], tag, buf_offset=o[4], dsync=True)
+                    else:
+                        eng.write_fixed(o[1], o[2], o[3], tag, buf_offset=o[4])
                 else:
                     eng.fdatasync(tag)
             except BaseException as exc:

@@ -93,6 +93,7 @@ ctypedef struct op_t:
     uint8_t kind
     uint8_t state
     uint8_t fate
+    uint8_t dsync         # a write with RWF_DSYNC: durable when it completes
 
 
 cdef object _oserror(int kind, int err, object offset):
@@ -452,7 +453,7 @@ cdef class Ring:
     # -- queueing -----------------------------------------------------------------
 
     cdef int _queue(self, int kind, object buf, long long offset, long long length, object tag,
-                    long long buf_offset, int file_index, bint link) except -1:
+                    long long buf_offset, int file_index, bint link, bint dsync=False) except -1:
         cdef Buffer b
         cdef int32_t slot, prevslot
         cdef op_t *op
@@ -490,6 +491,7 @@ cdef class Ring:
         op.buf_offset = <uint32_t>buf_offset
         op.buf_index = b.index if kind != K_FSYNC else -1
         op.file_index = file_index
+        op.dsync = dsync
         op.next = -1
         op.prev = -1
         if self.npend and self.last_link:
@@ -513,12 +515,15 @@ cdef class Ring:
         self._queue(K_READ, buf, offset, length, tag, buf_offset, file_index, link)
 
     def write_fixed(self, buf, long long offset, long long length, tag, *,
-                    long long buf_offset=0, int file_index=0, bint link=False):
+                    long long buf_offset=0, int file_index=0, bint link=False, bint dsync=False):
         """Queue a write of ``buf.view[buf_offset:buf_offset+length]`` at file ``offset`` (WRITE_FIXED).
 
-        Errors as :meth:`read_fixed`.
+        ``dsync=True`` sets RWF_DSYNC on the SQE (per-write O_DSYNC): the write
+        completes only once its data, and the metadata needed to read it back,
+        are on stable storage (a FUA write, or a cache flush the kernel issues
+        after it). Errors as :meth:`read_fixed`.
         """
-        self._queue(K_WRITE, buf, offset, length, tag, buf_offset, file_index, link)
+        self._queue(K_WRITE, buf, offset, length, tag, buf_offset, file_index, link, dsync)
 
     def fdatasync(self, tag, *, int file_index=0, bint link=False):
         """Queue an fdatasync (IORING_OP_FSYNC with IORING_FSYNC_DATASYNC) of file ``file_index``."""
@@ -544,6 +549,8 @@ cdef class Ring:
             u.io_uring_prep_write_fixed(sqe, op.file_index,
                                         self.base + <Py_ssize_t>op.buf_index * self.buffer_size + op.buf_offset + op.done,
                                         op.length - op.done, op.offset + op.done, op.buf_index)
+            if op.dsync:  # the remainder of a short write keeps it too
+                sqe.rw_flags = u.RWF_DSYNC
         else:
             u.io_uring_prep_fsync(sqe, op.file_index, u.IORING_FSYNC_DATASYNC)
         sqe.flags = u.IOSQE_FIXED_FILE | (u.IOSQE_IO_LINK if op.next >= 0 else 0)

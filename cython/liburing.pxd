@@ -28,6 +28,7 @@ cdef extern from "<liburing.h>" nogil:
         uint32_t len
         uint64_t user_data
         uint16_t buf_index
+        int rw_flags            # in the kernel a union member (__kernel_rwf_t for reads and writes)
 
     struct io_uring_cqe:
         uint64_t user_data
@@ -67,6 +68,7 @@ cdef extern from "<liburing.h>" nogil:
         IOSQE_ASYNC
 
         IORING_FSYNC_DATASYNC
+        RWF_DSYNC               # <linux/fs.h>, included by linux/io_uring.h: per-write O_DSYNC
         IORING_ASYNC_CANCEL_ALL
         IORING_ASYNC_CANCEL_ANY
 

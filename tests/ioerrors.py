@@ -95,9 +95,10 @@ class CountingFaulty(FaultyEngine):
             s["fired_at"] = s["step"]
             self.fail_next(kind, 1)
 
-    def write_fixed(self, buf, offset, length, tag, *, buf_offset=0, file_index=0, link=False):
+    def write_fixed(self, buf, offset, length, tag, *, buf_offset=0, file_index=0, link=False, dsync=False):
         self._count("write")
-        return super().write_fixed(buf, offset, length, tag, buf_offset=buf_offset, file_index=file_index, link=link)
+        return super().write_fixed(buf, offset, length, tag, buf_offset=buf_offset, file_index=file_index, link=link,
+                                   dsync=dsync)
 
     def read_fixed(self, buf, offset, length, tag, *, buf_offset=0, file_index=0, link=False):
         self._count("read")

@@ -126,3 +126,32 @@ def test_an_unsynced_write_queued_before_a_durable_one_completed_does_not_undo_i
             img = raw.read(8192)
         for s in range(0, 8192, 4096):
             assert img[s : s + 4096] != bytes(4096), f"seed {seed}: the durable write was undone"
+
+
+def test_a_completed_dsync_write_is_durable_without_an_fdatasync(workdir):
+    """A write queued with dsync=True (RWF_DSYNC) and reaped is durable by itself: no power cut
+    undoes or tears it; a plain write reaped beside it, with no fdatasync after, is not."""
+    path = os.path.join(workdir, "data")
+    log = os.path.join(workdir, "crash.log")
+    f = open_direct(path, create_size=1 << 20)
+    eng = CrashRecorder(PsyncEngine([f.fd], block_size=f.block_size, buffer_count=4), path, log)
+    a, b = eng.lease(), eng.lease()
+    a.view[:8192] = b"\xd5" * 8192
+    eng.write_fixed(a, 0, 8192, "dsync", dsync=True)
+    _write(eng, b, 65536, 0xEE, "plain")
+    eng.submit()
+    assert _drain(eng, 2) == {"dsync": 8192, "plain": 8192}
+    eng.close()
+    f.close()
+    plain_states = set()
+    for seed in range(30):
+        with open(path, "r+b") as raw:
+            raw.seek(65536)
+            raw.write(b"\xee" * 8192)
+        out = simulate_power_loss(path, log, seed)
+        assert out.unsynced_writes == 1  # the plain write only
+        with open(path, "rb") as raw:
+            img = raw.read(1 << 17)
+        assert img[:8192] == b"\xd5" * 8192, f"seed {seed}: a completed RWF_DSYNC write was lost"
+        plain_states.add(img[65536:65536 + 4096] == b"\xee" * 4096)
+    assert plain_states == {True, False}

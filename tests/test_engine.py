@@ -150,6 +150,52 @@ def test_linked_writes_and_fdatasync_go_in_one_submit(engine, datafile):
         engine.release(b)
 
 
+def _block_dev_sysfs(path: str) -> str | None:
+    """The sysfs directory of the block device holding ``path`` (None if there is none)."""
+    st = os.stat(path)
+    d = f"/sys/dev/block/{os.major(st.st_dev)}:{os.minor(st.st_dev)}"
+    return os.path.realpath(d) if os.path.exists(d) else None
+
+
+def _flushes(sysdir: str) -> int:
+    """Cache flushes the device completed (field 16 of its ``stat``, Linux >= 5.5)."""
+    with open(os.path.join(sysdir, "stat")) as f:
+        return int(f.read().split()[15])
+
+
+def test_dsync_write_completes_on_stable_storage(engine, datafile):
+    """``write_fixed(dsync=True)`` (RWF_DSYNC) writes like any write, and reaches the kernel as
+    per-write O_DSYNC: on a device with a volatile write cache and no FUA (the bench VM's virtio
+    disk), each such write completes only after a cache flush, so sixteen of them, one at a
+    time, show sixteen flushes in the device's counters."""
+    sysdir = _block_dev_sysfs(datafile.path)
+    queue = None
+    if sysdir is not None:
+        queue = next((q for q in (os.path.join(sysdir, "queue"), os.path.join(os.path.dirname(sysdir), "queue"))
+                      if os.path.isdir(q)), None)
+    buf = engine.lease()
+    before = _flushes(sysdir) if sysdir else 0
+    for i in range(16):
+        buf.view[:BS] = bytes([0x40 + i]) * BS
+        engine.write_fixed(buf, i * BS, BS, f"d{i}", dsync=True)
+        engine.submit()
+        assert collect(engine, 1) == {f"d{i}": BS}
+    after = _flushes(sysdir) if sysdir else 0
+    engine.release(buf)
+    with open(datafile.path, "rb") as f:
+        assert f.read(16 * BS) == b"".join(bytes([0x40 + i]) * BS for i in range(16))
+    if queue is None:
+        pytest.skip("no block device under the test directory: cannot count cache flushes")
+    with open(os.path.join(queue, "write_cache")) as f:
+        write_back = f.read().strip() == "write back"
+    with open(os.path.join(queue, "fua")) as f:
+        fua = f.read().strip() == "1"
+    if not write_back or fua:
+        pytest.skip(f"the device needs no flush after a RWF_DSYNC write (write cache: "
+                    f"{'write back' if write_back else 'write through'}, FUA: {fua})")
+    assert after - before >= 16, f"{after - before} cache flushes for 16 RWF_DSYNC writes"
+
+
 def test_failed_linked_write_cancels_its_fdatasync(engine):
     buf = engine.lease()
     engine.write_fixed(buf, 0, BS, "w", file_index=5, link=True)  # no file registered at 5

@@ -212,7 +212,7 @@ class AsyncEngine(AsyncCore):
             if boff + length > buf.size:
                 raise ValueError(f"{op[0]}: buf_offset {boff} + length {length} exceeds the buffer size {buf.size}")
 
-    def _queue(self, ops: Sequence[tuple], link: bool) -> list[asyncio.Future]:
+    def _queue(self, ops: Sequence[tuple], link: bool, dsync: bool = False) -> list[asyncio.Future]:
         eng = self.engine
         futs = []
         last = len(ops) - 1
@@ -222,7 +222,10 @@ class AsyncEngine(AsyncCore):
             if op[0] == READ:
                 eng.read_fixed(op[1], op[2], op[3], tag, buf_offset=op[4], link=lk)
             elif op[0] == WRITE:
-                eng.write_fixed(op[1], op[2], op[3], tag, buf_offset=op[4], link=lk)
+                if dsync:
+                    eng.write_fixed(op[1], op[2], op[3], tag, buf_offset=op[4], link=lk, dsync=True)
+                else:
+                    eng.write_fixed(op[1], op[2], op[3], tag, buf_offset=op[4], link=lk)
             else:
                 eng.fdatasync(tag, link=lk)
             fut = self.loop.create_future()
@@ -234,13 +237,14 @@ class AsyncEngine(AsyncCore):
             self._flush_handle = self.loop.call_soon(self._flush)
         return futs
 
-    async def run(self, ops: Sequence[tuple], *, link: bool = False) -> list:
+    async def run(self, ops: Sequence[tuple], *, link: bool = False, dsync: bool = False) -> list:
         """Queue ``ops`` and wait for all their CQEs; returns one result per op.
 
         Each op is ``("read"|"write", buf, offset, length, buf_offset)`` or
         ``("fdatasync",)``. ``link=True`` chains them (IOSQE_IO_LINK): each
         starts after the previous succeeded, a failure cancels the rest
-        (``OSError(ECANCELED)``). They go to the kernel in this turn's single
+        (``OSError(ECANCELED)``). ``dsync=True`` queues every write with
+        RWF_DSYNC (durable when it completes). They go to the kernel in this turn's single
         submit. A result is an ``int`` (bytes) or an ``OSError`` (not raised).
         Waits (backpressure) while the queue depth would be exceeded; raises
         ``ValueError`` for more ops than the queue depth, :class:`Misaligned`
@@ -252,7 +256,7 @@ class AsyncEngine(AsyncCore):
         self._validate(ops)
         await self._reserve(len(ops))
         self._check_open("run")
-        futs = self._queue(ops, link)
+        futs = self._queue(ops, link, dsync)
         return await self._gather(futs)
 
     @staticmethod

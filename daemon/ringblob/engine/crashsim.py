@@ -8,7 +8,9 @@ bytes it writes. It also logs each write's completion as the caller reaps it,
 and, when an fdatasync completes successfully, which writes that fdatasync
 covered: those whose completion the caller had reaped before it queued the
 fdatasync, plus the writes linked ahead of it in its chain (IOSQE_IO_LINK).
-That is exactly what a correct store may rely on.
+A write queued with ``dsync=True`` (RWF_DSYNC) covers itself: it is logged
+as durable once the caller reaps its successful completion. That is exactly
+what a correct store may rely on.
 
 After the process is killed, :func:`simulate_power_loss` reads the log and
 turns the data file into one state the medium could hold after a power cut,
@@ -114,7 +116,7 @@ class CrashRecorder:
 
     # -- queueing -------------------------------------------------------------
 
-    def write_fixed(self, buf, offset, length, tag, *, buf_offset=0, file_index=0, link=False) -> None:
+    def write_fixed(self, buf, offset, length, tag, *, buf_offset=0, file_index=0, link=False, dsync=False) -> None:
         if not self._power_on():
             return
         wid = self._next_id
@@ -124,7 +126,8 @@ class CrashRecorder:
         new = bytes(buf.view[buf_offset : buf_offset + length])
         self._log.write(_W + _HDR_W.pack(wid, offset, length) + old + new)
         self._inner.write_fixed(
-            buf, offset, length, _Tagged(tag, "w", wid), buf_offset=buf_offset, file_index=file_index, link=link
+            buf, offset, length, _Tagged(tag, "d" if dsync else "w", wid), buf_offset=buf_offset,
+            file_index=file_index, link=link, dsync=dsync,
         )
         if link:
             self._chain.append(wid)
@@ -155,6 +158,9 @@ class CrashRecorder:
             if t.kind == "w" and not isinstance(result, BaseException):
                 self._log.write(_C + struct.pack("<Q", t.wid))
                 self._reaped.add(t.wid)
+            elif t.kind == "d" and not isinstance(result, BaseException):
+                # RWF_DSYNC: durable once completed, no fdatasync needed
+                self._log.write(_C + struct.pack("<Q", t.wid) + _S + struct.pack("<IQ", 1, t.wid))
             elif t.kind == "s" and not isinstance(result, BaseException):
                 self._log.write(_S + struct.pack(f"<I{len(t.covers)}Q", len(t.covers), *t.covers))
                 self._reaped.difference_update(t.covers)

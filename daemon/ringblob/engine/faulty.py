@@ -136,12 +136,12 @@ class FaultyEngine:
         bs = self._inner.block_size
         return self._inner.read_fixed(self._scratch, 0, bs, tag, file_index=file_index, link=link)
 
-    def write_fixed(self, buf, offset, length, tag, *, buf_offset=0, file_index=0, link=False):
+    def write_fixed(self, buf, offset, length, tag, *, buf_offset=0, file_index=0, link=False, dsync=False):
         self.writes += 1
         if self._mark("write_fixed", "write", tag, offset, link, length):
             return self._stand_in(tag, file_index, link)  # a lost write
         return self._inner.write_fixed(buf, offset, length, tag, buf_offset=buf_offset,
-                                       file_index=file_index, link=link)
+                                       file_index=file_index, link=link, dsync=dsync)
 
     def read_fixed(self, buf, offset, length, tag, *, buf_offset=0, file_index=0, link=False):
         self.reads += 1

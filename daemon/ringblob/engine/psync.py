@@ -64,9 +64,9 @@ class PsyncBuffer:
 
 
 class _Op:
-    __slots__ = ("kind", "buf", "offset", "length", "tag", "buf_offset", "file_index", "link")
+    __slots__ = ("kind", "buf", "offset", "length", "tag", "buf_offset", "file_index", "link", "flags")
 
-    def __init__(self, kind, buf, offset, length, tag, buf_offset, file_index, link):
+    def __init__(self, kind, buf, offset, length, tag, buf_offset, file_index, link, flags=0):
         self.kind = kind
         self.buf = buf
         self.offset = offset
@@ -75,6 +75,7 @@ class _Op:
         self.buf_offset = buf_offset
         self.file_index = file_index
         self.link = link
+        self.flags = flags  # pwritev2 flags: os.RWF_DSYNC for a dsync write
 
 
 class PsyncEngine:
@@ -191,7 +192,7 @@ class PsyncEngine:
 
     # -- queueing -----------------------------------------------------------
 
-    def _queue(self, kind, buf, offset, length, tag, buf_offset, file_index, link) -> None:
+    def _queue(self, kind, buf, offset, length, tag, buf_offset, file_index, link, flags=0) -> None:
         name = _OPNAMES[kind]
         self._check_open(name)
         if self._in_flight + len(self._pending) >= self.queue_depth:
@@ -213,15 +214,16 @@ class PsyncEngine:
                     f"{name}: buf_offset {buf_offset} + length {length} exceeds the buffer size {buf.size}"
                 )
             buf.in_flight += 1
-        self._pending.append(_Op(kind, buf, offset, length, tag, buf_offset, file_index, link))
+        self._pending.append(_Op(kind, buf, offset, length, tag, buf_offset, file_index, link, flags))
 
     def read_fixed(self, buf, offset, length, tag, *, buf_offset=0, file_index=0, link=False) -> None:
         """Queue a read of ``length`` bytes at file ``offset`` into ``buf[buf_offset:]``."""
         self._queue(_READ, buf, offset, length, tag, buf_offset, file_index, link)
 
-    def write_fixed(self, buf, offset, length, tag, *, buf_offset=0, file_index=0, link=False) -> None:
-        """Queue a write of ``buf[buf_offset:buf_offset+length]`` at file ``offset``."""
-        self._queue(_WRITE, buf, offset, length, tag, buf_offset, file_index, link)
+    def write_fixed(self, buf, offset, length, tag, *, buf_offset=0, file_index=0, link=False, dsync=False) -> None:
+        """Queue a write of ``buf[buf_offset:buf_offset+length]`` at file ``offset``; ``dsync=True``:
+        ``pwritev2`` with ``RWF_DSYNC`` (durable when it completes)."""
+        self._queue(_WRITE, buf, offset, length, tag, buf_offset, file_index, link, os.RWF_DSYNC if dsync else 0)
 
     def fdatasync(self, tag, *, file_index=0, link=False) -> None:
         """Queue an fdatasync of file ``file_index``."""
@@ -293,7 +295,7 @@ class PsyncEngine:
                 if op.kind == _READ:
                     n = os.preadv(fd, [chunk], op.offset + done)
                 else:
-                    n = os.pwritev(fd, [chunk], op.offset + done)
+                    n = os.pwritev(fd, [chunk], op.offset + done, op.flags)
             except OSError as exc:
                 if exc.errno == _errno.EAGAIN:
                     self._count("retries")
