@@ -5,12 +5,14 @@ One round (all of it decided by its seed, so a failing seed reproduces exactly):
 1. format a small store (small journal and checkpoint threshold, so rounds
    cross checkpoints and journal wrap);
 2. reopen it with :class:`ringblob.engine.crashsim.CrashRecorder` in
-   deterministic mode, cutting the power after a seeded number of engine ops;
+   deterministic mode, cutting the power after a seeded number of engine ops
+   (``sync_method`` "dsync" for even seeds, "fdatasync" for odd ones; 32 KiB
+   fixed buffers, so larger values are written ahead of their round);
 3. run a seeded workload of puts, deletes, put_many, flushes and checkpoints
    from several concurrent tasks (each task owns its keys, so each key's
    operations are ordered) until the cut; abandon the store as a crash would;
 4. :func:`simulate_power_loss`: undo every write not covered by a completed
-   fdatasync, re-apply a seeded subset with 4 KiB sectors written, dropped
+   fdatasync (nor completed with RWF_DSYNC), re-apply a seeded subset with 4 KiB sectors written, dropped
    or garbage;
 5. in a quarter of the rounds, cut the power a second time while the store
    recovers from the first cut (a seeded op of the recovery, or right after
@@ -43,6 +45,7 @@ import blake3
 from ringblob.engine.crashsim import CrashRecorder, simulate_power_loss
 from ringblob.errors import NotFound
 from ringblob.store import BlobStore
+from ringblob.store.blobstore import SYNC_METHODS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ABSENT = "absent"
@@ -51,6 +54,7 @@ STORE_SIZE = 8 << 20
 JOURNAL_SIZE = 1 << 20
 CHECKPOINT_THRESHOLD = 96 << 10
 TASKS = 3
+BUFFER_SIZE = 32 << 10
 KEYS_PER_TASK = 6
 
 
@@ -152,7 +156,12 @@ async def _run_round(seed: int, workdir: str, engine: str) -> RoundResult:
         return recorder["r"]
 
     model = _Model()
-    store = await BlobStore.open(path, engine=engine, wrap_engine=wrap, checkpoint_threshold=CHECKPOINT_THRESHOLD)
+    # both ways of making a round durable, by seed: even seeds RWF_DSYNC writes (where the store
+    # may), odd seeds an fdatasync after the writes; 32 KiB fixed buffers, so values above that
+    # are written ahead of their round (as the daemon's large PUTs are) and such a round must
+    # end with an fdatasync even under dsync
+    store = await BlobStore.open(path, engine=engine, wrap_engine=wrap, checkpoint_threshold=CHECKPOINT_THRESHOLD,
+                                 sync_method=SYNC_METHODS[seed % 2], buffer_size=BUFFER_SIZE)
     rec = recorder["r"]
     rec.crash_after = rec.ops + rng.randint(1, 600)  # the cut falls inside the workload
     tasks = [asyncio.ensure_future(_task(store, model, random.Random(rng.random()), t, 60)) for t in range(TASKS)]

@@ -513,8 +513,8 @@ def serve_faulty_store(data: str, sock: str) -> int:
     :class:`~ringblob.engine.faulty.FaultyEngine` (a dying disk, not a mock). For
     :func:`test_io_errors_reach_both_clients_with_their_errno`, in a subprocess.
 
-    SIGUSR2 fails the next read with EBADMSG, SIGUSR1 the next fdatasync with EIO.
-    Prints ``READY`` once serving; SIGTERM stops it (exit status 0).
+    SIGUSR2 fails the next read with EBADMSG, SIGUSR1 the next fdatasync with EIO (the store
+    runs with ``sync_method="fdatasync"``, so a sync PUT's round ends with one). Prints ``READY`` once serving; SIGTERM stops it (exit status 0).
     """
     import errno
 
@@ -535,7 +535,8 @@ def serve_faulty_store(data: str, sock: str) -> int:
             holder["e"].fail_next(kind)
 
         metrics = Metrics()
-        store = await BlobStore.open(data, create_size=16 << 20, observer=metrics, wrap_engine=wrap)
+        store = await BlobStore.open(data, create_size=16 << 20, observer=metrics, wrap_engine=wrap,
+                                     sync_method="fdatasync")
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGUSR1, arm, "fdatasync", errno.EIO)
         loop.add_signal_handler(signal.SIGUSR2, arm, "read", errno.EBADMSG)

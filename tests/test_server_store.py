@@ -11,6 +11,7 @@ import asyncio
 import os
 
 import blake3
+import pytest
 
 from ringblob import errors
 from ringblob import protocol as P
@@ -35,10 +36,10 @@ class Conn:
         return f
 
 
-async def serve(workdir, wrap=None, **config):
+async def serve(workdir, wrap=None, store_opts=None, **config):
     metrics = Metrics()
     store = await BlobStore.open(os.path.join(workdir, "d.data"), create_size=16 << 20, observer=metrics,
-                                 wrap_engine=wrap)
+                                 wrap_engine=wrap, **(store_opts or {}))
     srv = S.Server(store, S.ServerConfig(socket_path=os.path.join(workdir, "s.sock"), metrics_addr="",
                                          socket_activation=False, **config), metrics=metrics)
     await srv.start()
@@ -56,7 +57,10 @@ def value_of(metrics: Metrics, name: str) -> float:
     raise KeyError(name)
 
 
-def test_failed_fdatasync_turns_the_store_read_only_and_reads_go_on(workdir):
+@pytest.mark.parametrize("sync_method, failing", [("fdatasync", "fdatasync"), ("dsync", "write")])
+def test_failed_fdatasync_turns_the_store_read_only_and_reads_go_on(workdir, sync_method, failing):
+    """A sync PUT whose commit fails — its fdatasync, or with sync_method=dsync its RWF_DSYNC
+    write (where a failed flush shows) — gets IOFailed; the store turns read-only, reads go on."""
     faulty = {}
 
     def wrap(e):
@@ -64,10 +68,10 @@ def test_failed_fdatasync_turns_the_store_read_only_and_reads_go_on(workdir):
         return faulty["e"]
 
     async def main():
-        srv, store, c = await serve(workdir, wrap)
+        srv, store, c = await serve(workdir, wrap, store_opts={"sync_method": sync_method})
         P.raise_for_status(await c.call(P.encode_put(1, b"before", b"durable", sync=True)))
         assert value_of(srv.metrics, "ringblob_read_only") == 0
-        faulty["e"].fail_next("fdatasync")
+        faulty["e"].fail_next(failing)
         f = await c.call(P.encode_put(2, b"doomed", b"x", sync=True))
         assert f.status in (errors.IOFailed.code, errors.ReadOnly.code), f
         # the store is read-only now: writes fail with ReadOnly, reads go on

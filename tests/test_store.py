@@ -157,16 +157,25 @@ def test_verify_and_put_cas(tdir):
     run(main())
 
 
-def test_put_many_sync_is_one_ring_turn_and_get_many(tdir, engine):
+@pytest.mark.parametrize("sync_method", ["dsync", "fdatasync"])
+def test_put_many_sync_is_one_ring_turn_and_get_many(tdir, engine, sync_method):
     async def main():
-        s = await BlobStore.create(os.path.join(tdir, "d"), 16 * MiB, engine=engine)
+        s = await BlobStore.create(os.path.join(tdir, "d"), 16 * MiB, engine=engine, sync_method=sync_method)
         items = [(b"p%03d" % i, os.urandom(100 + i * 37)) for i in range(40)]
         before = s.stat()["engine_counters"]
+        d0 = s.stat()["dsync_commits"]
         await s.put_many(items, sync=True)
         after = s.stat()["engine_counters"]
-        assert after["fdatasyncs"] - before["fdatasyncs"] == 1
-        # the data writes and the journal write in one submit, the fdatasync in a second
-        assert after["enters"] - before["enters"] == 2
+        if sync_method == "fdatasync":
+            assert after["fdatasyncs"] - before["fdatasyncs"] == 1
+            # the data writes and the journal write in one submit, the fdatasync in a second
+            assert after["enters"] - before["enters"] == 2
+            assert s.stat()["dsync_commits"] == d0
+        else:
+            # the writes carry RWF_DSYNC: one submit, no fdatasync
+            assert after["fdatasyncs"] == before["fdatasyncs"]
+            assert after["enters"] - before["enters"] == 1
+            assert s.stat()["dsync_commits"] == d0 + 1
         assert not s.needs_flush
         got = await s.get_many([k for k, _ in items] + [b"missing"])
         assert got[:-1] == [v for _, v in items] and got[-1] is None
@@ -178,7 +187,8 @@ def test_put_many_sync_is_one_ring_turn_and_get_many(tdir, engine):
     run(main())
 
 
-def test_group_commit_shares_fdatasyncs(tdir, engine):
+@pytest.mark.parametrize("sync_method", ["dsync", "fdatasync"])
+def test_group_commit_shares_fdatasyncs(tdir, engine, sync_method):
     seen = []
 
     class Obs:
@@ -186,13 +196,17 @@ def test_group_commit_shares_fdatasyncs(tdir, engine):
             seen.append(n)
 
     async def main():
-        s = await BlobStore.create(os.path.join(tdir, "d"), 16 * MiB, engine=engine, observer=Obs())
-        f0 = s.stat()["fdatasyncs"]
+        s = await BlobStore.create(os.path.join(tdir, "d"), 16 * MiB, engine=engine, observer=Obs(),
+                                   sync_method=sync_method)
+        f0, d0 = s.stat()["fdatasyncs"], s.stat()["dsync_commits"]
         await asyncio.gather(*(s.put(b"g%d" % i, b"v" * i, sync=True) for i in range(64)))
         st = s.stat()
-        assert st["fdatasyncs"] - f0 < 64
+        rounds = (st["fdatasyncs"] - f0) + (st["dsync_commits"] - d0)
+        assert 0 < rounds < 64
+        # nothing unsynced before them: with dsync no round needs an fdatasync
+        assert (st["fdatasyncs"] - f0 if sync_method == "dsync" else st["dsync_commits"] - d0) == 0
         assert st["group_commit_writes"] == 64
-        assert st["group_commits"] == st["fdatasyncs"] - f0
+        assert st["group_commits"] == rounds
         assert sum(seen) == 64 and max(seen) > 1
         for i in range(64):
             assert await s.get(b"g%d" % i) == b"v" * i
@@ -1427,7 +1441,7 @@ def _pipelined_rounds(tdir, engine, fail_first_sync: bool):
 
     async def main():
         p = os.path.join(tdir, "d")
-        s = await BlobStore.create(p, 16 * MiB, engine=engine, wrap_engine=wrap)
+        s = await BlobStore.create(p, 16 * MiB, engine=engine, wrap_engine=wrap, sync_method="fdatasync")
         g, fe = holder["g"], holder["f"]
         g.armed = True
         batches = s.stat()["journal_batches"]
@@ -1636,12 +1650,12 @@ def test_put_nowait_commits_like_put_and_answers_once(tdir, engine):
     async def main():
         p = os.path.join(tdir, "d")
         s = await BlobStore.create(p, 8 * MiB, engine=engine)
-        syncs0 = s.stat()["fdatasyncs"]
+        rounds0 = s.stat()["group_commits"]
         pending = [_put_nowait(s, b"k%d" % i, b"v%d" % i * 500, sync=True) for i in range(6)]
         assert all(q is True for q, _f, _c in pending)
         assert [await f for _q, f, _c in pending] == [None] * 6  # acknowledged: durable
         assert all(c == [(None, None)] for _q, _f, c in pending)
-        assert 1 <= s.stat()["fdatasyncs"] - syncs0 <= 2  # one group commit (two with a pipelined round)
+        assert 1 <= s.stat()["group_commits"] - rounds0 <= 2  # one group commit (two with a pipelined round)
         assert s.stat()["puts"] >= 6
         q, f, _c = _put_nowait(s, b"empty", b"")
         assert q and await f is None
@@ -1689,7 +1703,7 @@ def test_put_nowait_failed_fdatasync_fails_the_round_and_a_raising_callback_spar
     async def main():
         p = os.path.join(tdir, "d")
         holder, wrap = _faulty_open(p, engine)
-        s = await BlobStore.create(p, 8 * MiB, engine=engine, wrap_engine=wrap)
+        s = await BlobStore.create(p, 8 * MiB, engine=engine, wrap_engine=wrap, sync_method="fdatasync")
         await s.put(b"kept", b"durable", sync=True)
         holder["e"].fail_next("fdatasync")
 
@@ -2028,13 +2042,14 @@ def test_a_rounds_fdatasync_is_queued_and_submitted_by_its_writes_completion(tdi
     writes themselves are submitted by the committer at once, not at the turn's end."""
 
     async def main():
-        s = await BlobStore.create(os.path.join(tdir, "d"), 4 * MiB, engine=engine)
+        s = await BlobStore.create(os.path.join(tdir, "d"), 4 * MiB, engine=engine, sync_method="fdatasync")
         aio = s._aio
         real = aio.run_nowait
         seen = []  # (ops kind, inside the writes' completion call)
         inside = [False]
 
-        def run_nowait(ops, done):
+        def run_nowait(ops, done, dsync=False):
+            assert not dsync
             kinds = tuple(o[0] for o in ops)
             seen.append((kinds, inside[0]))
             if kinds[0] != "write":
@@ -2250,5 +2265,121 @@ def test_put_leased_nowait_failed_data_write_answers_ioerror_and_releases(tdir, 
         lv = s.lease_value(len(v))
         assert lv is None  # read-only: nothing is leased
         await s.close()
+
+    run(main())
+
+
+# -- sync_method: RWF_DSYNC rounds and when a round still needs its fdatasync ---------------------
+
+
+class _SyncLog:
+    """Engine wrapper that logs, once armed, each write's RWF_DSYNC flag and each fdatasync, in
+    queue order: ("write", dsync) / ("fdatasync", None)."""
+
+    def __init__(self, inner):
+        self._inner = inner
+        self.armed = False
+        self.log = []
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+    def write_fixed(self, buf, offset, length, tag, **kw):
+        if self.armed:
+            self.log.append(("write", bool(kw.get("dsync", False))))
+        return self._inner.write_fixed(buf, offset, length, tag, **kw)
+
+    def fdatasync(self, tag, **kw):
+        if self.armed:
+            self.log.append(("fdatasync", None))
+        return self._inner.fdatasync(tag, **kw)
+
+    def take(self) -> list:
+        out, self.log = self.log, []
+        return out
+
+
+def test_dsync_rounds_skip_the_fdatasync_only_where_nothing_earlier_needs_it(tdir, engine):
+    """sync_method="dsync": a sync round whose predecessors are all durable (or sync rounds in
+    flight) writes with RWF_DSYNC and issues no fdatasync; a sync round after a sync=False round
+    ends with an fdatasync (it must cover the earlier writes too), and so does a round holding a
+    value written ahead of it (larger than a fixed buffer); a flush after sync=False writes is an
+    fdatasync. Every acknowledged sync write survives a crash (abandon, reopen)."""
+    holder = {}
+
+    def wrap(e):
+        holder["w"] = _SyncLog(e)
+        return holder["w"]
+
+    async def main():
+        p = os.path.join(tdir, "d")
+        s = await BlobStore.create(p, 16 * MiB, engine=engine, wrap_engine=wrap, buffer_size=65536)
+        w = holder["w"]
+        w.armed = True
+        c0 = s.stat()
+
+        await s.put(b"a", b"A" * 5000, sync=True)
+        first = w.take()
+        assert first and all(k == "write" and d for k, d in first), first  # data + journal, RWF_DSYNC
+
+        await s.put(b"b", b"B" * 100)  # sync=False: plain writes, durable at a later fdatasync
+        assert [x for x in w.take()] == [("write", False)] * 2 and s.needs_flush
+        await s.put(b"c", b"C" * 100, sync=True)
+        log = w.take()
+        assert log[-1] == ("fdatasync", None) and not any(d for k, d in log if k == "write"), log
+        assert not s.needs_flush
+
+        await s.put(b"d", b"D" * 100, sync=True)  # all durable again: back to RWF_DSYNC
+        assert w.take() == [("write", True)] * 2
+
+        big = os.urandom(200_000)  # > the 64 KiB buffers: written ahead of its round
+        await s.put(b"big", big, sync=True)
+        log = w.take()
+        assert log[-1] == ("fdatasync", None) and not any(d for k, d in log if k == "write"), log
+
+        await s.put_many([(b"e%d" % i, b"E" * i) for i in range(20)], sync=True)
+        log = w.take()  # one round: the values (merged where neighbours) and the journal
+        assert len(log) >= 2 and all(x == ("write", True) for x in log), log
+
+        await s.put(b"f", b"F")  # sync=False, then a flush: the fdatasync covers it
+        w.take()
+        await s.flush()
+        assert w.take() == [("fdatasync", None)]
+        await s.delete(b"a", sync=True)
+        assert w.take() == [("write", True)]  # a delete round: the journal write alone
+
+        st = s.stat()
+        assert st["dsync_commits"] - c0["dsync_commits"] == 4
+        assert st["group_commits"] - c0["group_commits"] == 6
+        assert st["fdatasyncs"] - c0["fdatasyncs"] == 3  # c's round, big's round, the flush
+        await s.abandon()  # a crash right after the acknowledgements
+        s = await BlobStore.open(p, engine=engine)
+        assert not s.has(b"a") and await s.get(b"big") == big
+        for k, v in ((b"b", b"B" * 100), (b"c", b"C" * 100), (b"d", b"D" * 100), (b"f", b"F"), (b"e19", b"E" * 19)):
+            assert await s.get(k) == v, k
+        await s.close()
+
+    run(main())
+
+
+def test_fdatasync_method_never_writes_with_dsync(tdir, engine):
+    holder = {}
+
+    def wrap(e):
+        holder["w"] = _SyncLog(e)
+        return holder["w"]
+
+    async def main():
+        s = await BlobStore.create(os.path.join(tdir, "d"), 8 * MiB, engine=engine, wrap_engine=wrap,
+                                   sync_method="fdatasync")
+        w = holder["w"]
+        w.armed = True
+        await asyncio.gather(*(s.put(b"k%d" % i, b"v" * 3000, sync=True) for i in range(10)))
+        log = w.take()
+        assert log and not any(d for k, d in log if k == "write") and log[-1] == ("fdatasync", None)
+        assert s.stat()["dsync_commits"] == 0
+        await s.close()
+        with pytest.raises(ConfigError, match="sync_method"):
+            await BlobStore.open(os.path.join(tdir, "d"), engine=engine, sync_method="osync")
 
     run(main())

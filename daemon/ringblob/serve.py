@@ -151,6 +151,7 @@ def run(args: argparse.Namespace) -> int:
             buffer_count=settings.buffer_count,
             queue_depth=settings.queue_depth,
             zero_fill=settings.zero_fill,
+            sync_method=settings.sync_method,
             observer=metrics,
         )
         engine[0] = _engine_name(store)

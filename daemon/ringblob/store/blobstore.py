@@ -57,6 +57,8 @@ __all__ = ["BlobStore", "DEFAULT_MAX_BLOB_SIZE", "LeasedValue"]
 log = logging.getLogger("ringblob.store")
 
 DEFAULT_MAX_BLOB_SIZE = 64 * 1024 * 1024
+#: how a round of sync requests is made durable (``sync_method``; the class docstring explains)
+SYNC_METHODS = ("dsync", "fdatasync")
 DEFAULT_BATCH_MAX = 64 * 1024
 CKPT_CHUNK_BYTES = 4 * 1024 * 1024
 _EMPTY_DIGEST = blake3.blake3(b"").digest()
@@ -171,7 +173,10 @@ class BlobStore:
       flush, no checkpoint — for tests and tools).
 
     Durability: ``sync=True`` returns once data and journal record are durable;
-    concurrent sync requests share one fdatasync (group commit).
+    concurrent sync requests share one group-commit round: its writes, then
+    one fdatasync — or, with ``sync_method="dsync"`` (the default), writes
+    queued with RWF_DSYNC and no fdatasync, wherever nothing written before
+    the round still needs one (see ``sync_method`` below).
     ``sync=False`` returns once written; durable at the next flush
     (``needs_flush`` is True until then). Errors of a failed write or
     fdatasync: the requests in the failed commit raise :class:`IOFailed`
@@ -191,13 +196,25 @@ class BlobStore:
     about 0.5 s per GiB at 2 GB/s; block devices are never zero-filled),
     ``receive_buffers`` (fixed buffers that values being received through
     :meth:`lease_value` may hold at once, until written; default half of
-    ``buffer_count``, 0 turns it off).
+    ``buffer_count``, 0 turns it off), ``sync_method`` (``"dsync"``, the
+    default, or ``"fdatasync"``): how a round of sync requests is made
+    durable. ``"fdatasync"``: the round's data and journal writes, then one
+    fdatasync issued once they completed (two waits per round, the fdatasync
+    on an io-wq worker). ``"dsync"``: the same writes each carry RWF_DSYNC
+    (per-write O_DSYNC: a FUA write where the device takes it, else a cache
+    flush the kernel issues after the write and merges with its neighbours'),
+    so the round is durable when its writes complete — one wait, no
+    fdatasync. The store takes that path only when it gives the same
+    promise: every earlier round was a sync one, and no value of the round
+    was written ahead of it (large values received into leased buffers are);
+    otherwise the round ends with an fdatasync as with ``"fdatasync"``.
 
     ``observer``: an object whose optional methods are called (exceptions
     are logged and ignored): ``on_fdatasync(seconds: float)``,
     ``on_group_commit(batch_size: int)`` (sync requests served by one
-    fdatasync), ``on_flush_skipped()``, ``on_checksum_failure(key: bytes)``,
-    ``on_read_only(reason: str)``, ``on_checkpoint(seconds: float)``.
+    round: one fdatasync, or its RWF_DSYNC writes), ``on_flush_skipped()``,
+    ``on_checksum_failure(key: bytes)``, ``on_read_only(reason: str)``,
+    ``on_checkpoint(seconds: float)``.
     """
 
     # -- opening ------------------------------------------------------------------
@@ -243,10 +260,14 @@ class BlobStore:
                     buffer_count: int = DEFAULT_BUFFER_COUNT, queue_depth: int = DEFAULT_QUEUE_DEPTH,
                     checkpoint_threshold: int | None = None, read_only: bool = False,
                     wrap_engine=None, observer=None, zero_fill: bool = True,
-                    receive_buffers: int | None = None) -> "BlobStore":
+                    receive_buffers: int | None = None, sync_method: str = "dsync") -> "BlobStore":
         self = cls(_OPEN_TOKEN)
         self.path = path
         self._zero_fill_on_format = bool(zero_fill)
+        if sync_method not in SYNC_METHODS:
+            raise ConfigError(f"sync_method {sync_method!r}: choose one of {', '.join(SYNC_METHODS)}")
+        self.sync_method = sync_method
+        self._dsync = sync_method == "dsync"
         self.max_blob_size = int(max_blob_size)
         if not 0 < self.max_blob_size < 1 << 32:
             raise ConfigError(f"max_blob_size {max_blob_size} must be between 1 byte and 4 GiB")
@@ -546,6 +567,9 @@ class BlobStore:
         self._next_seq = next_seq
         self._written_seq = self._next_seq - 1
         self._durable_seq = self._written_seq
+        # the last record written by a round that left it to a later fdatasync (sync=False only):
+        # a round above it cannot be made durable by its own RWF_DSYNC writes alone
+        self._nosync_seq = -1
         # the highest durable point written in a durable place: frees wait for it (see _process_frees)
         self._last_batch_d = max([b[4] for b in batches] + [chosen.ckpt_seq])
         self._disk_durable = self._last_batch_d
@@ -585,7 +609,7 @@ class BlobStore:
             ("puts", "gets", "deletes", "fdatasyncs", "group_commits", "group_commit_writes", "flushes",
              "flushes_skipped", "checksum_failures", "bytes_read", "bytes_written", "journal_batches",
              "journal_bytes_written", "recovered_records", "recovery_dropped_records", "values_leased",
-             "lease_value_refused"), 0)
+             "lease_value_refused", "dsync_commits"), 0)
         self._counters["recovered_records"] = applied
         self._counters["recovery_dropped_records"] = dropped
         # the GET request path in C (get_nowait); it shares the index, pins and counters above
@@ -1320,6 +1344,12 @@ class BlobStore:
         want_sync = bool(flushers) or any(it.sync for it in items)
         # the durable point as known now: the previous round's fdatasync may still be in flight
         batch_d = self._durable_seq
+        # RWF_DSYNC writes make only themselves durable: the round may skip the fdatasync only
+        # when every record before it is durable or in a sync round in flight (acknowledged
+        # rounds finish in order, and a failed round fails the later ones), and when no value
+        # of the round was written ahead of it (leased large values: data None, length > 0)
+        dsync = (want_sync and self._dsync and self._nosync_seq <= batch_d
+                 and not any(it.data is None and it.length for it in items))
         batch, hcrc = F.encode_batch(self._store_id, self._next_seq, recs, batch_d, self._chain, P)
         place = self._journal_place(len(batch))
         if place is None:
@@ -1355,6 +1385,8 @@ class BlobStore:
         if self._read_only is not None:  # an earlier round failed meanwhile
             self._fail_read_only(items, flushers)
             return
+        if not want_sync:  # its writes wait for a later fdatasync
+            self._nosync_seq = seq - 1
         # data buffers
         aio = self._aio
         bufs = (aio.try_lease(nbufs) or await aio.lease(nbufs)) if nbufs else []
@@ -1371,7 +1403,7 @@ class BlobStore:
             # every record above the durable point (docs/FORMAT.md). The fdatasync goes out
             # only once every write completed in full: from the completion call of the last
             # write (same loop turn, see _written), not after a hop back into this coroutine.
-            rnd = (items, flushers, seq, marker, batch_d, want_sync, pos, len(batch), hcrc)
+            rnd = (items, flushers, seq, marker, batch_d, want_sync, dsync, pos, len(batch), hcrc)
             # the engine's loop is the running one; asyncio.get_running_loop() costs a getpid()
             # syscall per call on CPython 3.11, once per round here
             fut = aio.loop.create_future()
@@ -1400,11 +1432,11 @@ class BlobStore:
                     return
                 fut.set_result(res)
 
-            if aio.run_nowait(ops, done):
+            if aio.run_nowait(ops, done, dsync):
                 aio.submit_now()
                 results = await fut
             else:
-                results = written(await aio.run(ops, link=False))
+                results = written(await aio.run(ops, link=False, dsync=dsync))
         finally:
             if bufs:
                 self._aio.release(*bufs)
@@ -1418,7 +1450,7 @@ class BlobStore:
         journal state moves past its batch, and its phase two (a :class:`_Round`) is chained
         behind the previous round or started (its fdatasync queued) at once. Called from the
         writes' completion call, so the fdatasync is queued in the loop turn that reaped them."""
-        items, flushers, seq, marker, batch_d, want_sync, pos, blen, hcrc = rnd
+        items, flushers, seq, marker, batch_d, want_sync, dsync, pos, blen, hcrc = rnd
         # written: the next batch follows this one in the journal
         self._last_batch_pos, self._last_batch_len = pos, blen
         self._head = pos + blen
@@ -1433,7 +1465,7 @@ class BlobStore:
         c["journal_bytes_written"] += blen
         fin = self._finishers
         prev = fin[-1] if fin else None
-        r = _Round(self, items, flushers, seq - 1, batch_d, want_sync)
+        r = _Round(self, items, flushers, seq - 1, batch_d, want_sync, dsync)
         fin.append(r)
         if prev is not None and not prev.finished:
             prev.next = r  # started once the previous round finished
@@ -1783,6 +1815,7 @@ class BlobStore:
         (0..1), free_extents, largest_free_bytes, read_only, read_only_reason, needs_flush,
         engine, sequence, durable_sequence, recovery_seconds, index_bytes; cumulative
         counters: puts, gets, deletes, fdatasyncs, group_commits, group_commit_writes,
+        dsync_commits (rounds made durable by RWF_DSYNC writes instead of an fdatasync),
         flushes, flushes_skipped, checksum_failures, bytes_read, bytes_written,
         journal_batches, journal_bytes_written, recovered_records, recovery_dropped_records,
         values_leased (values :meth:`lease_value` leased fixed buffers for),
@@ -1922,7 +1955,9 @@ class BlobStore:
 class _Round:
     """Phase two of a group-commit round, driven by calls instead of a Task: once the previous
     round finished, the round's fdatasync (``AsyncEngine.run_nowait``), then it is made visible
-    and acknowledged (:meth:`_apply`). Rounds are chained (``next``) so that they finish
+    and acknowledged (:meth:`_apply`). A ``dsync`` round (its writes carried RWF_DSYNC, so they
+    were durable when they completed) needs no fdatasync: it is applied as soon as the previous
+    round finished. Rounds are chained (``next``) so that they finish
     strictly in order and a round's fdatasync goes out only after the previous round's
     succeeded.
 
@@ -1932,17 +1967,18 @@ class _Round:
     (for the committer's ``_drain``).
     """
 
-    __slots__ = ("store", "items", "flushers", "last_seq", "batch_d", "want_sync", "finished", "ok", "next",
-                 "_waiters", "_t0", "_task")
+    __slots__ = ("store", "items", "flushers", "last_seq", "batch_d", "want_sync", "dsync", "finished", "ok",
+                 "next", "_waiters", "_t0", "_task")
 
     def __init__(self, store: "BlobStore", items: list, flushers: list, last_seq: int, batch_d: int,
-                 want_sync: bool):
+                 want_sync: bool, dsync: bool = False):
         self.store = store
         self.items = items
         self.flushers = flushers
         self.last_seq = last_seq
         self.batch_d = batch_d
         self.want_sync = want_sync
+        self.dsync = dsync
         self.finished = False
         self.ok = False
         self.next: _Round | None = None
@@ -1974,7 +2010,7 @@ class _Round:
             _settle(self.items, self.flushers, exc)
             self._finish(False)
             return
-        if not self.want_sync:
+        if not self.want_sync or self.dsync:
             self._apply(0.0)
             return
         self._t0 = time.perf_counter()
@@ -2024,12 +2060,15 @@ class _Round:
                 st._durable_seq = max(st._durable_seq, self.last_seq)
                 st._disk_durable = max(st._disk_durable, self.batch_d)
                 c = st._counters
-                c["fdatasyncs"] += 1
+                if self.dsync:
+                    c["dsync_commits"] += 1
+                else:
+                    c["fdatasyncs"] += 1
+                    st._obs("on_fdatasync", dt)
                 if nsync:
                     c["group_commits"] += 1
                     c["group_commit_writes"] += nsync
                     st._obs("on_group_commit", nsync)
-                st._obs("on_fdatasync", dt)
                 c["flushes"] += len(flushers)
             st._process_frees()
         except Exception as exc:  # a bug: never leave requests hanging
