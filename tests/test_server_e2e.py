@@ -228,7 +228,7 @@ def test_connection_limits_and_access_control(daemons, workdir):
 
 
 def test_metrics_scraped_over_http_move(daemons, workdir):
-    d = spawn(daemons, workdir)
+    d = spawn(daemons, workdir, "--sync-method", "dsync")
     before = d.scrape()
     c = Raw(d.sock)
     for i in range(20):
@@ -236,7 +236,7 @@ def test_metrics_scraped_over_http_move(daemons, workdir):
     c.send(*(P.encode_put(100 + i, b"g%d" % i, b"y" * 100, sync=True) for i in range(32)))
     for _ in range(32):
         assert c.recv().status == 0
-    # the default sync_method=dsync: those rounds' writes carried RWF_DSYNC, no fdatasync
+    # sync_method=dsync: those rounds' writes carried RWF_DSYNC, no fdatasync
     mid = d.scrape()
     assert mid[("ringblob_dsync_commits_total", ())] - before.get(("ringblob_dsync_commits_total", ()), 0) >= 2
     assert mid.get(("ringblob_fdatasync_total", ()), 0) == before.get(("ringblob_fdatasync_total", ()), 0)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import logging
 import os
 import shutil
 import subprocess
@@ -18,6 +19,7 @@ import uuid
 import blake3
 import pytest
 
+from ringblob.direct import write_cache_of
 from ringblob.engine.faulty import FaultyEngine
 from ringblob.errors import (
     ConfigError,
@@ -35,6 +37,7 @@ from ringblob.errors import (
 from ringblob.store import BlobStore
 from ringblob.store import format as F
 from ringblob.store.alloc import Allocator
+from ringblob.store.blobstore import choose_sync_method
 
 from conftest import ENGINES, TMP_ROOT
 
@@ -2313,7 +2316,8 @@ def test_dsync_rounds_skip_the_fdatasync_only_where_nothing_earlier_needs_it(tdi
 
     async def main():
         p = os.path.join(tdir, "d")
-        s = await BlobStore.create(p, 16 * MiB, engine=engine, wrap_engine=wrap, buffer_size=65536)
+        s = await BlobStore.create(p, 16 * MiB, engine=engine, wrap_engine=wrap, buffer_size=65536,
+                                   sync_method="dsync")
         w = holder["w"]
         w.armed = True
         c0 = s.stat()
@@ -2381,5 +2385,59 @@ def test_fdatasync_method_never_writes_with_dsync(tdir, engine):
         await s.close()
         with pytest.raises(ConfigError, match="sync_method"):
             await BlobStore.open(os.path.join(tdir, "d"), engine=engine, sync_method="osync")
+
+    run(main())
+
+
+def test_auto_sync_method_follows_the_devices_write_cache():
+    """auto takes dsync only where a RWF_DSYNC write needs no cache flush of its own."""
+    assert choose_sync_method("auto", (True, True))[0] == "dsync"  # volatile cache with FUA
+    assert choose_sync_method("auto", (False, False))[0] == "dsync"  # no volatile cache (e.g. PLP)
+    method, why = choose_sync_method("auto", (True, False))  # the bench VM's virtio disk
+    assert method == "fdatasync" and "without FUA" in why
+    assert choose_sync_method("auto", None) == ("fdatasync", "auto: the device's write cache is unknown")
+    for given in ("dsync", "fdatasync"):
+        for cache in ((True, False), (False, True), None):
+            assert choose_sync_method(given, cache) == (given, "as configured")
+    with pytest.raises(ConfigError, match="sync_method 'osync'"):
+        choose_sync_method("osync", None)
+
+
+def test_write_cache_of_reads_sysfs_and_follows_a_partition(tmp_path):
+    """write_cache_of finds the queue of the device under a path (a partition's in its disk's
+    directory) and answers None where sysfs says nothing."""
+    st = os.stat(TMP_ROOT)
+    maj, mn = os.major(st.st_dev), os.minor(st.st_dev)
+    disk = tmp_path / "devices" / "vdz"
+    part = disk / "vdz1"
+    (disk / "queue").mkdir(parents=True)
+    part.mkdir()
+    (disk / "queue" / "write_cache").write_text("write back\n")
+    (disk / "queue" / "fua").write_text("1\n")
+    (tmp_path / "dev" / "block").mkdir(parents=True)
+    os.symlink(part, tmp_path / "dev" / "block" / f"{maj}:{mn}")
+    assert write_cache_of(TMP_ROOT, sysfs=str(tmp_path)) == (True, True)
+    (disk / "queue" / "write_cache").write_text("write through\n")
+    (disk / "queue" / "fua").write_text("0\n")
+    assert write_cache_of(TMP_ROOT, sysfs=str(tmp_path)) == (False, False)
+    (disk / "queue" / "fua").unlink()
+    assert write_cache_of(TMP_ROOT, sysfs=str(tmp_path)) is None
+    assert write_cache_of(TMP_ROOT, sysfs=str(tmp_path / "absent")) is None
+
+
+def test_store_resolves_auto_for_its_device_and_says_so(tdir, caplog):
+    async def main():
+        p = os.path.join(tdir, "d")
+        with caplog.at_level(logging.INFO, logger="ringblob.store"):
+            s = await BlobStore.create(p, 8 * MiB, engine="psync")
+        want, why = choose_sync_method("auto", write_cache_of(p))
+        assert s.sync_method == want and s.stat()["sync_method"] == want
+        assert any(f"sync_method {want} ({why})" in r.getMessage() for r in caplog.records)
+        await s.put(b"k", b"v", sync=True)
+        assert s.stat()["dsync_commits" if want == "dsync" else "fdatasyncs"] >= 1
+        await s.close()
+        s = await BlobStore.open(p, engine="psync", sync_method="dsync")
+        assert s.sync_method == "dsync" and s.stat()["sync_method"] == "dsync"
+        await s.close()
 
     run(main())

@@ -18,7 +18,7 @@ import stat
 import struct
 from dataclasses import dataclass
 
-__all__ = ["DirectFile", "open_direct", "fs_type", "logical_block_size_of_dev"]
+__all__ = ["DirectFile", "open_direct", "fs_type", "logical_block_size_of_dev", "write_cache_of"]
 
 BLKSSZGET = 0x1268  # int: logical sector size
 BLKGETSIZE64 = 0x80081272  # u64: device size in bytes
@@ -86,6 +86,30 @@ def logical_block_size_of_dev(dev: int) -> int | None:
                 return int(f.read().strip())
         except (OSError, ValueError):
             continue
+    return None
+
+
+def write_cache_of(path: str, sysfs: str = "/sys") -> tuple[bool, bool] | None:
+    """``(volatile, fua)`` of the block device under ``path`` (``path`` itself when it is a block
+    device; else the device of its file system), from sysfs: ``volatile`` — the device has a
+    volatile write cache (``queue/write_cache`` reads "write back"), ``fua`` — it takes FUA
+    writes (``queue/fua`` is 1). A partition is followed to its disk. ``None`` when it cannot be
+    told (tmpfs and other file systems with no block device, no sysfs). Raises ``OSError`` only
+    from ``stat(path)``.
+    """
+    st = os.stat(path)
+    dev = st.st_rdev if stat.S_ISBLK(st.st_mode) else st.st_dev
+    base = f"{sysfs}/dev/block/{os.major(dev)}:{os.minor(dev)}"
+    for q in (f"{base}/queue", f"{base}/../queue"):
+        try:
+            with open(f"{q}/write_cache") as f:
+                cache = f.read().strip()
+            with open(f"{q}/fua") as f:
+                fua = f.read().strip()
+        except OSError:
+            continue
+        if cache in ("write back", "write through") and fua in ("0", "1"):
+            return cache == "write back", fua == "1"
     return None
 
 

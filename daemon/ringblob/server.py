@@ -1317,6 +1317,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--socket", required=True, help="Unix socket path")
     ap.add_argument("--size", type=int, default=64 << 20, help="bytes of a new data file (default 64 MiB)")
     ap.add_argument("--engine", default="auto", choices=("auto", "uring", "psync"))
+    ap.add_argument("--sync-method", default="auto", choices=("auto", "dsync", "fdatasync"),
+                    help="how a group commit is made durable (the store's sync_method; default auto)")
     ap.add_argument("--max-blob-size", type=int, default=None, help="largest value in bytes (store default when omitted)")
     ap.add_argument("--metrics-addr", default="", help="HOST:PORT for /metrics ('' disables; default disabled)")
     ap.add_argument("--loop", default="auto", choices=("auto", "uvloop", "asyncio"))
@@ -1341,7 +1343,8 @@ def main(argv: list[str] | None = None) -> int:
         from .store import BlobStore
 
         extra = {"max_blob_size": args.max_blob_size} if args.max_blob_size else {}
-        return await BlobStore.open(args.data, engine=args.engine, create_size=args.size, observer=metrics, **extra)
+        return await BlobStore.open(args.data, engine=args.engine, create_size=args.size, observer=metrics,
+                                    sync_method=args.sync_method, **extra)
 
     try:
         return run(cfg, open_store)
