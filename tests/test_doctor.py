@@ -23,12 +23,13 @@ from pathlib import Path
 
 import pytest
 
-from ringblob.direct import fs_type, open_direct
+from ringblob.direct import fs_type, open_direct, write_cache_of
+from ringblob.store.blobstore import choose_sync_method
 
 ROOT = Path(__file__).resolve().parent.parent
 RINGBLOB = str(Path(sys.executable).parent / "ringblob")
 DENY = str(ROOT / "tests" / "deny_io_uring.py")
-NAMES = ["kernel", "liburing", "io_uring", "opcodes", "extension", "store", "data", "memlock", "engine"]
+NAMES = ["kernel", "liburing", "io_uring", "opcodes", "extension", "store", "data", "memlock", "engine", "sync"]
 LINE = re.compile(r"^(OK|WARN|FAIL) +([a-z_]+) +\S")
 NOBODY = 65534
 
@@ -131,7 +132,21 @@ def test_json_report_fields(repo_tmp):
     assert c["extension"]["details"]["importable"] is _ring_importable()
     assert c["store"]["status"] == "OK" and c["store"]["details"]["importable"] is True
     assert d["engine"] == c["engine"]["details"]["chosen"] == ("uring" if _ring_importable() else "psync")
+    # the sync check: what sync_method auto takes on the device under the (not yet created) data file
+    sd = c["sync"]["details"]
+    cache = write_cache_of(str(repo_tmp))
+    assert sd["path"] == str(repo_tmp) and sd["requested"] == "auto"
+    assert (sd["volatile_write_cache"], sd["fua"]) == (cache if cache else (None, None))
+    assert sd["chosen"] == choose_sync_method("auto", cache)[0]
+    assert c["sync"]["status"] == "OK" and c["sync"]["message"].startswith(f"sync_method auto -> {sd['chosen']} (")
     assert not data.exists() and list(repo_tmp.iterdir()) == []
+
+
+def test_sync_check_reports_the_configured_method(repo_tmp):
+    rc, d = doctor_json("--data", str(repo_tmp / "x.data"), "--engine", "psync", "--sync-method", "fdatasync")
+    s = checks(d)["sync"]
+    assert rc == 0 and s["details"]["requested"] == "fdatasync" and s["details"]["chosen"] == "fdatasync"
+    assert "as configured" in s["message"]
 
 
 def test_existing_data_file_is_read_not_written(repo_tmp):

@@ -154,16 +154,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"size of each registered buffer in bytes, K/M suffixes allowed (default: {DEFAULT_BUFFER_SIZE})")
     parser.add_argument("--buffer-count", type=_positive_int, default=None, metavar="N",
                         help=f"number of registered buffers (default: {DEFAULT_BUFFER_COUNT})")
+    parser.add_argument("--sync-method", choices=("auto", "dsync", "fdatasync"), default=None,
+                        help="how group commits will be made durable (default auto): the check says which "
+                        "method auto takes for the data path's device, and why")
 
 
 def settings_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    """``data``, ``engine``, ``buffer_size``, ``buffer_count`` from flags > ``--config`` TOML > defaults.
+    """``data``, ``engine``, ``buffer_size``, ``buffer_count``, ``sync_method`` from flags > ``--config`` TOML > defaults.
 
     Raises :class:`~ringblob.errors.ConfigError` for a bad or unreadable TOML file and for
     values ``ringblob serve`` would refuse (e.g. fewer buffers than the store needs).
     """
     values: dict[str, Any] = {"data": DEFAULT_DATA, "engine": "auto", "buffer_size": DEFAULT_BUFFER_SIZE,
-                              "buffer_count": DEFAULT_BUFFER_COUNT}
+                              "buffer_count": DEFAULT_BUFFER_COUNT, "sync_method": "auto"}
     if getattr(args, "config", None):
         from .config import load_toml
 
@@ -425,13 +428,43 @@ def _try_engine(kind: str, fd: int, block_size: int, buffer_size: int, buffer_co
     return None
 
 
+def _check_sync(data: str, sync_method: str) -> Check:
+    """Which ``sync_method`` the store will take for the device under ``data`` (its nearest
+    existing ancestor when it does not exist yet), and why: informational, never a failure."""
+    target = os.path.abspath(data)
+    while not os.path.exists(target) and os.path.dirname(target) != target:
+        target = os.path.dirname(target)
+    try:
+        from .direct import write_cache_of
+        from .store.blobstore import choose_sync_method
+    except ImportError as exc:
+        return Check("sync", WARN, f"not checked: the store cannot be imported ({exc})", {"requested": sync_method})
+    try:
+        cache = write_cache_of(target)
+    except OSError:
+        cache = None
+    chosen, why = choose_sync_method(sync_method, cache)
+    details = {"requested": sync_method, "chosen": chosen, "path": target,
+               "volatile_write_cache": None if cache is None else cache[0],
+               "fua": None if cache is None else cache[1]}
+    if sync_method != "auto":  # auto's reason already describes the device
+        if cache is None:
+            why += "; the device's write cache is unknown"
+        else:
+            why += (f"; the device: {'volatile (write back)' if cache[0] else 'no volatile'} write cache, "
+                    f"{'FUA' if cache[1] else 'no FUA'}")
+    return Check("sync", OK, f"sync_method {sync_method} -> {chosen} ({why})", details)
+
+
 def diagnose(data: str = DEFAULT_DATA, engine: str = "auto", buffer_size: int = DEFAULT_BUFFER_SIZE,
-             buffer_count: int = DEFAULT_BUFFER_COUNT) -> Report:
+             buffer_count: int = DEFAULT_BUFFER_COUNT, sync_method: str = "auto") -> Report:
     """Run every check and return the :class:`Report` (never raises for a host problem).
 
     ``data``: the data file or block device path; ``engine``: ``auto``,
     ``uring`` or ``psync``; ``buffer_size`` (bytes) x ``buffer_count``: the
-    registered buffer pool to check memlock and engine creation against.
+    registered buffer pool to check memlock and engine creation against;
+    ``sync_method``: ``auto``, ``dsync`` or ``fdatasync`` (the ``sync`` check
+    says which one the store takes on the data path's device).
     """
     from .probe import INSTALL_HINT, REQUIRED_OPCODES, probe
 
@@ -551,6 +584,7 @@ def diagnose(data: str = DEFAULT_DATA, engine: str = "auto", buffer_size: int = 
                 chosen = None
     finally:
         data_probe.close()
+    checks.append(_check_sync(data, sync_method))
 
     return Report(version=__version__, engine_requested=engine, engine=chosen, data=data,
                   buffer_size=buffer_size, buffer_count=buffer_count, checks=checks,
