@@ -32,7 +32,10 @@ The checks:
 * ``engine`` — which engine ``--engine`` resolves to (``auto``: io_uring when
   the extension imports and a ring with the configured registered buffers can
   be created, else psync), verified by creating that engine over the data path
-  and closing it again.
+  and closing it again;
+* ``sync`` — which ``sync_method`` the store takes on the data path's device
+  (``auto``: dsync where the device has FUA or no volatile write cache, else
+  fdatasync) and why; informational, never a failure.
 
 A check's status depends on the engine asked for: io_uring problems are FAIL
 for ``--engine uring``, WARN for ``auto`` (which falls back to psync) and
