@@ -203,6 +203,14 @@ def machine_stamp(workdir: str) -> dict:
     fs = _cmd_out(["findmnt", "-n", "-o", "FSTYPE,SOURCE,OPTIONS", "--target", workdir]) or _cmd_out(
         ["stat", "-f", "-c", "%T", workdir]
     )
+    from ringblob.direct import write_cache_of
+
+    try:
+        cache = write_cache_of(workdir)
+    except OSError:
+        cache = None
+    write_cache = ("unknown" if cache is None else
+                   f"{'write back' if cache[0] else 'write through'}, {'FUA' if cache[1] else 'no FUA'}")
     return {
         "nproc": os.cpu_count(),
         "cpu_model": cpu,
@@ -211,6 +219,7 @@ def machine_stamp(workdir: str) -> dict:
         "os": _os_release(),
         "filesystem": fs,
         "workdir": workdir,
+        "write_cache": write_cache,  # the device's: decides ringblob's sync_method auto
         "python": platform.python_version(),
         "fio": _cmd_out(["fio", "--version"]) if shutil.which("fio") else None,
         "redis": _cmd_out(["redis-server", "--version"]) if shutil.which("redis-server") else None,
@@ -1026,8 +1035,22 @@ class RingblobSide:
         return []
 
 
-STAT_COUNTERS = ("gets", "puts", "fdatasyncs", "group_commits", "group_commit_writes", "journal_batches",
-                 "journal_bytes_written", "flushes", "flushes_skipped", "checkpoints", "bytes_read", "bytes_written")
+STAT_COUNTERS = ("gets", "puts", "fdatasyncs", "dsync_commits", "group_commits", "group_commit_writes",
+                 "journal_batches", "journal_bytes_written", "flushes", "flushes_skipped", "checkpoints", "bytes_read",
+                 "bytes_written")
+
+
+def _sync_methods_note(rows: list) -> str:
+    """' Sync puts: ...' naming the sync_method each ringblob engine's store took (from its STAT), or ''."""
+    taken: dict = {}
+    for r in rows:
+        sm = (r.get("daemon_counters") or {}).get("sync_method")
+        if sm and r.get("engine"):
+            taken.setdefault(r["engine"], sm)
+    if not taken:
+        return ""
+    return (" Sync puts: the store's `sync_method` (default auto, decided by the device's write cache) was "
+            + ", ".join(f"{sm} ({eng})" for eng, sm in sorted(taken.items())) + ".")
 
 
 def stat_delta(s0: dict, s1: dict) -> dict:
@@ -1040,6 +1063,8 @@ def stat_delta(s0: dict, s1: dict) -> dict:
     for k, v in e1.items():
         if isinstance(v, (int, float)) and isinstance(e0.get(k), (int, float)):
             out["engine_" + k] = v - e0[k]
+    if isinstance(s1.get("sync_method"), str):
+        out["sync_method"] = s1["sync_method"]  # the one the store took (not a counter)
     reqs = out.get("gets", 0) + out.get("puts", 0)
     if out.get("group_commits"):
         out["writes_per_group_commit"] = out.get("group_commit_writes", 0) / out["group_commits"]
@@ -1319,7 +1344,9 @@ def markdown(doc: dict) -> str:
         f"# ringblob benchmark ({doc['mode']} mode)",
         "",
         f"Machine: {m['nproc']} CPUs ({m['cpu_model']}), {m['mem_bytes'] / 2**30:.0f} GiB RAM, kernel {m['kernel']}, "
-        f"{m['os']}; files on {m['filesystem']} ({m['workdir']}). {m['fio'] or 'fio missing'}; "
+        f"{m['os']}; files on {m['filesystem']} ({m['workdir']})"
+        + (f", device write cache {m['write_cache']}" if m.get("write_cache") else "")
+        + f". {m['fio'] or 'fio missing'}; "
         f"{(m['redis'] or 'redis missing').split(' sha=')[0]}; git {m['git_commit']}; {m['date_utc']} UTC.",
         "",
     ]
@@ -1337,7 +1364,8 @@ def markdown(doc: dict) -> str:
         + f"), {doc['mode_params']['duration']:.1f} s measured after "
         f"{doc['mode_params']['warmup']:.1f} s warm-up per configuration; 4 KiB GETs read random keys over "
         f"{doc['mode_params']['get_set'] // MIB} MiB of blobs, 1 MiB GETs over {doc['mode_params']['big_set']} blobs. "
-        "Every read is O_DIRECT, so the page cache plays no part for fio or ringblob; Redis serves GET from RAM.",
+        "Every read is O_DIRECT, so the page cache plays no part for fio or ringblob; Redis serves GET from RAM."
+        + _sync_methods_note(rows),
         "",
         "## Summary",
         "",

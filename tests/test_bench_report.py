@@ -148,3 +148,21 @@ def test_markdown_prints_the_reference_table_only_with_a_ratio(bench):
     assert "| randwrite_4k_qd32_fdatasync1 | 32 | fdatasync every 1 |" in md
     doc["references"] = bench.references(rows[1:])  # no ringblob row: no ratio, no table
     assert "Like-for-like durability reference" not in bench.markdown(doc)
+
+
+def test_the_report_names_the_write_cache_and_the_sync_method_taken(bench):
+    """The store's sync_method (from each daemon's STAT) and the device's write cache (which
+    decides auto) are carried into the report; rows without them (older run.json) say nothing."""
+    s0 = {"puts": 10, "fdatasyncs": 3, "dsync_commits": 0, "sync_method": "fdatasync"}
+    s1 = {"puts": 110, "fdatasyncs": 9, "dsync_commits": 0, "sync_method": "fdatasync"}
+    d = bench.stat_delta(s0, s1)
+    assert d["puts"] == 100 and d["fdatasyncs"] == 6 and d["dsync_commits"] == 0 and d["sync_method"] == "fdatasync"
+    rows = [_row("ringblob-uring", "put_4k_sync_c32", 5, engine="uring", daemon_counters=d),
+            _row("ringblob-psync", "put_4k_sync_c32", 4, engine="psync",
+                 daemon_counters=dict(d, sync_method="dsync")),
+            _row("fio", "randwrite_4k_qd32", 9)]
+    note = bench._sync_methods_note(rows)
+    assert "dsync (psync), fdatasync (uring)" in note
+    assert bench._sync_methods_note([_row("ringblob-uring", "get_4k_c32", 5, engine="uring")]) == ""
+    m = bench.machine_stamp(str(ROOT))
+    assert m["write_cache"] == "unknown" or m["write_cache"].startswith(("write back, ", "write through, "))
