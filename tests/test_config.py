@@ -256,3 +256,13 @@ def test_max_receive_bytes_reaches_the_server_config_and_has_a_floor(tmp_path):
         resolve(parse(["--max-receive-bytes", "512K"]))
     with pytest.raises(ConfigError, match="max_receive_bytes"):
         ServerConfig(max_receive_bytes=4096).validate()
+
+
+def test_sync_method_choices_are_the_stores():
+    from ringblob.store.blobstore import SYNC_METHODS
+
+    assert config.SYNC_METHODS == SYNC_METHODS
+    assert Settings().sync_method == "auto"
+    assert resolve(parse(["--sync-method", "dsync"])).sync_method == "dsync"
+    with pytest.raises(ConfigError, match="sync_method"):
+        resolve(parse(["--sync-method", "osync"]))

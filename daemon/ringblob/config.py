@@ -206,7 +206,7 @@ _ADDR = _Kind("HOST:PORT", lambda t, n: t, _want((str,), "a \"HOST:PORT\" string
 
 ENGINES = ("auto", "uring", "psync")
 LOOPS = ("auto", "uvloop", "asyncio")
-SYNC_METHODS = ("auto", "dsync", "fdatasync")  # the store's SYNC_METHODS
+SYNC_METHODS = ("auto", "dsync", "fdatasync")  # the store's SYNC_METHODS (the store does not import config)
 
 
 def _setting(default: Any, kind: _Kind, help: str, *, group: str, choices: tuple | None = None,

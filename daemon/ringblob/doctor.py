@@ -157,7 +157,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"size of each registered buffer in bytes, K/M suffixes allowed (default: {DEFAULT_BUFFER_SIZE})")
     parser.add_argument("--buffer-count", type=_positive_int, default=None, metavar="N",
                         help=f"number of registered buffers (default: {DEFAULT_BUFFER_COUNT})")
-    parser.add_argument("--sync-method", choices=("auto", "dsync", "fdatasync"), default=None,
+    from .config import SYNC_METHODS
+
+    parser.add_argument("--sync-method", choices=SYNC_METHODS, default=None,
                         help="how group commits will be made durable (default auto): the check says which "
                         "method auto takes for the data path's device, and why")
 

@@ -1317,7 +1317,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--socket", required=True, help="Unix socket path")
     ap.add_argument("--size", type=int, default=64 << 20, help="bytes of a new data file (default 64 MiB)")
     ap.add_argument("--engine", default="auto", choices=("auto", "uring", "psync"))
-    ap.add_argument("--sync-method", default="auto", choices=("auto", "dsync", "fdatasync"),
+    from .config import SYNC_METHODS
+
+    ap.add_argument("--sync-method", default="auto", choices=SYNC_METHODS,
                     help="how a group commit is made durable (the store's sync_method; default auto)")
     ap.add_argument("--max-blob-size", type=int, default=None, help="largest value in bytes (store default when omitted)")
     ap.add_argument("--metrics-addr", default="", help="HOST:PORT for /metrics ('' disables; default disabled)")

@@ -54,8 +54,8 @@ Queueing (no syscall each; each op carries a caller ``tag``, any object)::
 O_DSYNC): its completion comes only once its data, and the metadata needed to
 read it back, are on stable storage — a FUA write where the device takes
 them, else a cache flush the kernel issues after the write — so no fdatasync
-is needed for it. ``link=True`` links the op to the *next* one queued (IOSQE_IO_LINK): the next
-starts only after this one completed successfully. A batch of writes each
+is needed for it. ``link=True`` links the op to the *next* one queued
+(IOSQE_IO_LINK): the next starts only after this one completed successfully. A batch of writes each
 with ``link=True`` followed by ``fdatasync(..., link=False)`` is one chain:
 the fdatasync runs after the writes, and all go in one submission.
 More than ``queue_depth`` ops queued plus in flight raises

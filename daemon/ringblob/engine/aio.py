@@ -244,8 +244,8 @@ class AsyncEngine(AsyncCore):
         ``("fdatasync",)``. ``link=True`` chains them (IOSQE_IO_LINK): each
         starts after the previous succeeded, a failure cancels the rest
         (``OSError(ECANCELED)``). ``dsync=True`` queues every write with
-        RWF_DSYNC (durable when it completes). They go to the kernel in this turn's single
-        submit. A result is an ``int`` (bytes) or an ``OSError`` (not raised).
+        RWF_DSYNC (durable when it completes). They go to the kernel in this
+        turn's single submit. A result is an ``int`` (bytes) or an ``OSError`` (not raised).
         Waits (backpressure) while the queue depth would be exceeded; raises
         ``ValueError`` for more ops than the queue depth, :class:`Misaligned`
         for misaligned ops (before anything is queued).
