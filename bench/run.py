@@ -940,7 +940,8 @@ def dataset_present(socket_path: str, get_keys: int, big_keys: int) -> bool:
 class RingblobSide:
     """One ``ringblob serve --engine ENGINE`` on its own data file, filled with the GET data set."""
 
-    def __init__(self, engine: str, workdir: str, mode: dict, clients: int, data_size: int):
+    def __init__(self, engine: str, workdir: str, mode: dict, clients: int, data_size: int,
+                 extra: list[str] | None = None):
         self.engine = engine
         self.system = f"ringblob-{engine}"
         self.mode = mode
@@ -949,7 +950,7 @@ class RingblobSide:
         self.data = os.path.join(workdir, f"ringblob-{engine}-{mode['get_set'] // MIB}M.data")
         self.get_keys = mode["get_set"] // (4 * KIB)
         self.big_keys = mode["big_set"]
-        self.daemon = Daemon(workdir, self.data, data_size, engine)
+        self.daemon = Daemon(workdir, self.data, data_size, engine, extra)  # extra: more `serve` flags
         self.shape = {"size": data_size, "get_set": mode["get_set"], "big_set": self.big_keys}
         self.info: dict = {}
         self.ok = False
@@ -1650,7 +1651,13 @@ def commit_probes(workdir: str) -> list[dict]:
     return out
 
 
-def run_profile(workdir: str, mode: dict, clients: int, data_size: int, outdir: str, native: bool) -> list[str]:
+def daemon_flags(args: argparse.Namespace) -> list[str]:
+    """The ``ringblob serve`` flags the harness's own options ask for (``--sync-method``)."""
+    return ["--sync-method", args.sync_method] if getattr(args, "sync_method", None) else []
+
+
+def run_profile(workdir: str, mode: dict, clients: int, data_size: int, outdir: str, native: bool,
+                extra: list[str] | None = None) -> list[str]:
     """Sample the uring daemon with py-spy while each PROFILE_WORKLOADS load runs (not counted in results)."""
     spy = pyspy_binary()
     if not spy:
@@ -1659,7 +1666,7 @@ def run_profile(workdir: str, mode: dict, clients: int, data_size: int, outdir: 
         return [msg]
     parts = []
     perf_parts: list[str] = []
-    side = RingblobSide("uring", workdir, mode, clients, data_size)
+    side = RingblobSide("uring", workdir, mode, clients, data_size, extra)
     errors = side.start()
     dur = mode["duration"] + mode["warmup"]
     try:
@@ -1841,6 +1848,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="run every benchmarked process (fio, redis, daemons, clients) at this nice value, e.g. -5 "
                          "on a host shared with other jobs (negative needs root); all sides get the same")
     ap.add_argument("--duration", type=float, help="seconds measured per configuration (overrides the mode)")
+    ap.add_argument("--sync-method", choices=("auto", "dsync", "fdatasync"), default=None,
+                    help="the daemons' sync_method (default: theirs, auto); run.md names the one each store took, "
+                         "so two runs compare RWF_DSYNC group commits with fdatasync ones on this device")
     ap.add_argument("--fresh", action="store_true", help="delete the ringblob data file first (else a filled one is reused)")
     ap.add_argument("--profile", action="store_true", help="after the run, sample the uring daemon with py-spy under load "
                     "(profile.txt, profile.svg) and, where perf is installed, with perf record (perf.txt)")
@@ -1895,7 +1905,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     choose_loadgen(args.loadgen, workdir)
     if args.profile_only:
-        errs = run_profile(workdir, mode, args.clients, data_size, args.out, args.native)
+        errs = run_profile(workdir, mode, args.clients, data_size, args.out, args.native, daemon_flags(args))
         for e in errs:
             log("error: " + e.splitlines()[0])
         return 1 if errs else 0
@@ -1908,7 +1918,7 @@ def main(argv: list[str] | None = None) -> int:
         sides["fio"] = Fio(workdir, mode, max(mode["get_set"], 256 * MIB))
     for engine in ("uring", "psync"):
         if engine in only:
-            sides[engine] = RingblobSide(engine, workdir, mode, args.clients, data_size)
+            sides[engine] = RingblobSide(engine, workdir, mode, args.clients, data_size, daemon_flags(args))
     if "redis" in only:
         sides["redis"] = RedisSide(workdir, mode)
     errors: list[str] = []
@@ -1975,7 +1985,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  ref   {r['target']}: {_fmt(r['ratio'], 2)}")
     log(f"wrote {args.out}/run.json, run.md, run.png in {doc['wall_s']:.0f} s")
     if args.profile:
-        errors += run_profile(workdir, mode, args.clients, data_size, args.out, args.native)
+        errors += run_profile(workdir, mode, args.clients, data_size, args.out, args.native, daemon_flags(args))
     return 0
 
 

@@ -166,3 +166,14 @@ def test_the_report_names_the_write_cache_and_the_sync_method_taken(bench):
     assert bench._sync_methods_note([_row("ringblob-uring", "get_4k_c32", 5, engine="uring")]) == ""
     m = bench.machine_stamp(str(ROOT))
     assert m["write_cache"] == "unknown" or m["write_cache"].startswith(("write back, ", "write through, "))
+
+
+def test_sync_method_option_reaches_the_daemons_command_line(bench):
+    import argparse
+
+    assert bench.daemon_flags(argparse.Namespace(sync_method=None)) == []
+    flags = bench.daemon_flags(argparse.Namespace(sync_method="dsync"))
+    assert flags == ["--sync-method", "dsync"]
+    d = bench.Daemon("/w", "/w/d.data", 1 << 20, "uring", flags)
+    argv = d.argv
+    assert argv[argv.index("--sync-method") + 1] == "dsync" and argv[argv.index("--engine") + 1] == "uring"
