@@ -1,7 +1,8 @@
 """Hypothesis stateful test: BlobStore against a dict model.
 
 Rules: put (sizes from empty to several fixed buffers, sync or not), get,
-delete, put_many, flush, checkpoint, close + reopen, crash (abandon) + reopen.
+delete, put_many, flush, checkpoint, close + reopen, crash (abandon) + reopen,
+reopen with the other ``sync_method`` (RWF_DSYNC rounds or fdatasync ones).
 Without a power cut every acknowledged write is in the file, so after any
 reopen the store must equal the model exactly; ``list`` must give the model's
 keys in order, and ``needs_flush`` must be False right after a flush.
@@ -47,8 +48,9 @@ class StoreMachine(RuleBasedStateMachine):
         self.loop = asyncio.new_event_loop()
         self.model: dict[bytes, bytes] = {}
         self.counter = 0
+        self.method = "dsync"  # the sync_method of the next open (a rule switches it)
         self.store = self.run(BlobStore.create(self.path, 6 << 20, journal_size=256 << 10, engine=_engine(),
-                                               checkpoint_threshold=24 << 10))
+                                               checkpoint_threshold=24 << 10, sync_method=self.method))
 
     def run(self, coro):
         return self.loop.run_until_complete(coro)
@@ -102,15 +104,26 @@ class StoreMachine(RuleBasedStateMachine):
     def checkpoint(self):
         self.run(self.store.checkpoint())
 
+    def reopen(self):
+        self.store = self.run(BlobStore.open(self.path, engine=_engine(), checkpoint_threshold=24 << 10,
+                                             sync_method=self.method))
+        assert self.store.sync_method == self.method
+
     @rule()
     def close_reopen(self):
         self.run(self.store.close())
-        self.store = self.run(BlobStore.open(self.path, engine=_engine(), checkpoint_threshold=24 << 10))
+        self.reopen()
 
     @rule()
     def crash_reopen(self):
         self.run(self.store.abandon())
-        self.store = self.run(BlobStore.open(self.path, engine=_engine(), checkpoint_threshold=24 << 10))
+        self.reopen()
+
+    @rule(method=st.sampled_from(["dsync", "fdatasync"]))
+    def reopen_with_sync_method(self, method):
+        self.run(self.store.close())
+        self.method = method
+        self.reopen()
 
     @precondition(lambda self: len(self.model) > 0)
     @rule()
