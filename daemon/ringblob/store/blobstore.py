@@ -229,11 +229,12 @@ class BlobStore:
     fdatasync issued once they completed (two waits per round, the fdatasync
     on an io-wq worker). ``"dsync"``: the same writes each carry RWF_DSYNC
     (per-write O_DSYNC: a FUA write where the device takes it, else a cache
-    flush the kernel issues after the write and merges with its neighbours'),
-    so the round is durable when its writes complete — one wait, no
-    fdatasync. The store takes that path only when it gives the same
-    promise: every earlier round was a sync one, and no value of the round
-    was written ahead of it (large values received into leased buffers are);
+    flush the kernel issues after the write), so the round is durable when
+    its writes complete — one wait, no fdatasync. The store takes that path
+    only when it gives the same promise: every record before the round is
+    durable or in a sync round in flight (after a ``sync=False`` round the
+    next sync round ends with an fdatasync), and no value of the round was
+    written ahead of it (large values, e.g. received into leased buffers);
     otherwise the round ends with an fdatasync as with ``"fdatasync"``.
     ``"auto"`` takes ``"dsync"`` where the device needs no cache flush for a
     RWF_DSYNC write (FUA, or no volatile write cache) and ``"fdatasync"``
