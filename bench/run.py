@@ -203,14 +203,12 @@ def machine_stamp(workdir: str) -> dict:
     fs = _cmd_out(["findmnt", "-n", "-o", "FSTYPE,SOURCE,OPTIONS", "--target", workdir]) or _cmd_out(
         ["stat", "-f", "-c", "%T", workdir]
     )
-    from ringblob.direct import write_cache_of
+    from ringblob.direct import describe_write_cache, write_cache_of
 
     try:
-        cache = write_cache_of(workdir)
+        write_cache = describe_write_cache(write_cache_of(workdir))
     except OSError:
-        cache = None
-    write_cache = ("unknown" if cache is None else
-                   f"{'write back' if cache[0] else 'write through'}, {'FUA' if cache[1] else 'no FUA'}")
+        write_cache = "unknown"
     return {
         "nproc": os.cpu_count(),
         "cpu_model": cpu,

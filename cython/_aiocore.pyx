@@ -429,10 +429,7 @@ cdef class AsyncCore:
                 op.first_tag = tag
             try:
                 if o[0] == "write":
-                    if dsync:
-                        eng.write_fixed(o[1], o[2], o[3], tag, buf_offset=o[4], dsync=True)
-                    else:
-                        eng.write_fixed(o[1], o[2], o[3], tag, buf_offset=o[4])
+                    eng.write_fixed(o[1], o[2], o[3], tag, buf_offset=o[4], dsync=dsync)
                 else:
                     eng.fdatasync(tag)
             except BaseException as exc:

@@ -19,7 +19,7 @@ import uuid
 
 import pytest
 
-from ringblob.direct import open_direct
+from ringblob.direct import describe_write_cache, open_direct, write_cache_of
 from ringblob.engine import open_engine
 from ringblob.engine.psync import PsyncEngine
 from ringblob.errors import BufferBusy, Busy, EngineClosed, Misaligned, NoBuffers
@@ -169,10 +169,6 @@ def test_dsync_write_completes_on_stable_storage(engine, datafile):
     disk), each such write completes only after a cache flush, so sixteen of them, one at a
     time, show sixteen flushes in the device's counters."""
     sysdir = _block_dev_sysfs(datafile.path)
-    queue = None
-    if sysdir is not None:
-        queue = next((q for q in (os.path.join(sysdir, "queue"), os.path.join(os.path.dirname(sysdir), "queue"))
-                      if os.path.isdir(q)), None)
     buf = engine.lease()
     before = _flushes(sysdir) if sysdir else 0
     for i in range(16):
@@ -184,15 +180,11 @@ def test_dsync_write_completes_on_stable_storage(engine, datafile):
     engine.release(buf)
     with open(datafile.path, "rb") as f:
         assert f.read(16 * BS) == b"".join(bytes([0x40 + i]) * BS for i in range(16))
-    if queue is None:
-        pytest.skip("no block device under the test directory: cannot count cache flushes")
-    with open(os.path.join(queue, "write_cache")) as f:
-        write_back = f.read().strip() == "write back"
-    with open(os.path.join(queue, "fua")) as f:
-        fua = f.read().strip() == "1"
-    if not write_back or fua:
-        pytest.skip(f"the device needs no flush after a RWF_DSYNC write (write cache: "
-                    f"{'write back' if write_back else 'write through'}, FUA: {fua})")
+    cache = write_cache_of(datafile.path)
+    if sysdir is None or cache is None:
+        pytest.skip("no block device with a known write cache under the test directory: cannot count flushes")
+    if cache != (True, False):
+        pytest.skip(f"the device needs no flush after a RWF_DSYNC write ({describe_write_cache(cache)})")
     assert after - before >= 16, f"{after - before} cache flushes for 16 RWF_DSYNC writes"
 
 

@@ -18,7 +18,8 @@ import stat
 import struct
 from dataclasses import dataclass
 
-__all__ = ["DirectFile", "open_direct", "fs_type", "logical_block_size_of_dev", "write_cache_of"]
+__all__ = ["DirectFile", "open_direct", "fs_type", "logical_block_size_of_dev", "write_cache_of",
+           "describe_write_cache"]
 
 BLKSSZGET = 0x1268  # int: logical sector size
 BLKGETSIZE64 = 0x80081272  # u64: device size in bytes
@@ -111,6 +112,13 @@ def write_cache_of(path: str, sysfs: str = "/sys") -> tuple[bool, bool] | None:
         if cache in ("write back", "write through") and fua in ("0", "1"):
             return cache == "write back", fua == "1"
     return None
+
+
+def describe_write_cache(cache: tuple[bool, bool] | None) -> str:
+    """:func:`write_cache_of`'s answer in words, e.g. ``"write back, no FUA"`` (``"unknown"`` for None)."""
+    if cache is None:
+        return "unknown"
+    return f"{'write back' if cache[0] else 'write through'}, {'FUA' if cache[1] else 'no FUA'}"
 
 
 def open_direct(path: str, *, create_size: int | None = None, read_only: bool = False) -> DirectFile:

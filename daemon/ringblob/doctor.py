@@ -257,6 +257,7 @@ class _DataProbe:
         self.fd = -1
         self.block_size = 4096
         self.cleanup: list[str] = []
+        self.where: str | None = None  # the path probed: the data path, or the directory holding the probe file
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -295,7 +296,7 @@ def _check_data(path: str) -> _DataProbe:
             details["errno"] = exc.errno
             res.check = Check("data", FAIL, f"{path}: O_DIRECT open failed: {exc}", details)
             return res
-        res.fd, res.block_size = df.fd, df.block_size
+        res.fd, res.block_size, res.where = df.fd, df.block_size, path
         details.update(size=df.size, block_size=df.block_size, fs_type=df.fs_type,
                        block_device=df.is_block_device, writable=os.access(path, os.W_OK))
         try:
@@ -325,6 +326,7 @@ def _check_data(path: str) -> _DataProbe:
         probe_dir = os.path.dirname(probe_dir)
     details.update(directory=parent, directory_exists=probe_dir == parent, probed_in=probe_dir,
                    fs_type=fs_type(probe_dir))
+    res.where = probe_dir
     probe_file = os.path.join(probe_dir, f".ringblob-doctor-{os.getpid()}-{uuid.uuid4().hex[:8]}.probe")
     try:
         df = open_direct(probe_file, create_size=4096)
@@ -433,14 +435,11 @@ def _try_engine(kind: str, fd: int, block_size: int, buffer_size: int, buffer_co
     return None
 
 
-def _check_sync(data: str, sync_method: str) -> Check:
-    """Which ``sync_method`` the store will take for the device under ``data`` (its nearest
-    existing ancestor when it does not exist yet), and why: informational, never a failure."""
-    target = os.path.abspath(data)
-    while not os.path.exists(target) and os.path.dirname(target) != target:
-        target = os.path.dirname(target)
+def _check_sync(target: str, sync_method: str) -> Check:
+    """Which ``sync_method`` the store will take for the device under ``target`` (the path the
+    data check probed), and why: informational, never a failure."""
     try:
-        from .direct import write_cache_of
+        from .direct import describe_write_cache, write_cache_of
         from .store.blobstore import choose_sync_method
     except ImportError as exc:
         return Check("sync", WARN, f"not checked: the store cannot be imported ({exc})", {"requested": sync_method})
@@ -453,11 +452,7 @@ def _check_sync(data: str, sync_method: str) -> Check:
                "volatile_write_cache": None if cache is None else cache[0],
                "fua": None if cache is None else cache[1]}
     if sync_method != "auto":  # auto's reason already describes the device
-        if cache is None:
-            why += "; the device's write cache is unknown"
-        else:
-            why += (f"; the device: {'volatile (write back)' if cache[0] else 'no volatile'} write cache, "
-                    f"{'FUA' if cache[1] else 'no FUA'}")
+        why += f"; the device's write cache: {describe_write_cache(cache)}"
     return Check("sync", OK, f"sync_method {sync_method} -> {chosen} ({why})", details)
 
 
@@ -589,7 +584,7 @@ def diagnose(data: str = DEFAULT_DATA, engine: str = "auto", buffer_size: int = 
                 chosen = None
     finally:
         data_probe.close()
-    checks.append(_check_sync(data, sync_method))
+    checks.append(_check_sync(data_probe.where or data, sync_method))
 
     return Report(version=__version__, engine_requested=engine, engine=chosen, data=data,
                   buffer_size=buffer_size, buffer_count=buffer_count, checks=checks,

@@ -222,10 +222,7 @@ class AsyncEngine(AsyncCore):
             if op[0] == READ:
                 eng.read_fixed(op[1], op[2], op[3], tag, buf_offset=op[4], link=lk)
             elif op[0] == WRITE:
-                if dsync:
-                    eng.write_fixed(op[1], op[2], op[3], tag, buf_offset=op[4], link=lk, dsync=True)
-                else:
-                    eng.write_fixed(op[1], op[2], op[3], tag, buf_offset=op[4], link=lk)
+                eng.write_fixed(op[1], op[2], op[3], tag, buf_offset=op[4], link=lk, dsync=dsync)
             else:
                 eng.fdatasync(tag, link=lk)
             fut = self.loop.create_future()

@@ -299,7 +299,6 @@ class BlobStore:
         if sync_method not in SYNC_METHODS:
             raise ConfigError(f"sync_method {sync_method!r}: choose one of {', '.join(SYNC_METHODS)}")
         self.sync_method = sync_method  # resolved once the file is open
-        self._dsync = False
         self.max_blob_size = int(max_blob_size)
         if not 0 < self.max_blob_size < 1 << 32:
             raise ConfigError(f"max_blob_size {max_blob_size} must be between 1 byte and 4 GiB")
@@ -325,7 +324,6 @@ class BlobStore:
         self._df = open_direct(path, create_size=create_size, read_only=read_only)
         try:
             self.sync_method, why = choose_sync_method(sync_method, write_cache_of(path))
-            self._dsync = self.sync_method == "dsync"
             log.info("store: %s: sync_method %s (%s)", path, self.sync_method, why)
             await self._lock(path, read_only)
             eng = open_engine(engine, [self._df.fd], block_size=self._df.block_size, buffer_size=buffer_size,
@@ -1383,7 +1381,7 @@ class BlobStore:
         # when every record before it is durable or in a sync round in flight (acknowledged
         # rounds finish in order, and a failed round fails the later ones), and when no value
         # of the round was written ahead of it (leased large values: data None, length > 0)
-        dsync = (want_sync and self._dsync and self._nosync_seq <= batch_d
+        dsync = (want_sync and self.sync_method == "dsync" and self._nosync_seq <= batch_d
                  and not any(it.data is None and it.length for it in items))
         batch, hcrc = F.encode_batch(self._store_id, self._next_seq, recs, batch_d, self._chain, P)
         place = self._journal_place(len(batch))
