@@ -221,6 +221,7 @@ cdef class Ring:
     cdef bint _closed
     cdef bint _defer
     cdef bint _taskrun_flag
+    cdef bint _efd_set          # this engine wrote the eventfd and nothing drained it since
     cdef bint _single
     cdef unsigned long _owner
     cdef int _busy
@@ -585,7 +586,7 @@ cdef class Ring:
                 continue
             raise _setup_error("submit: io_uring_enter", -ret)
         if self._stash:
-            lx.eventfd_write(self.eventfd, 1)
+            self._set_eventfd()
         return 0
 
     cdef int _flush(self) except -1:
@@ -757,33 +758,58 @@ cdef class Ring:
     cdef inline int _drain_eventfd(self) except -1:
         cdef lx.eventfd_t v
         lx.eventfd_read(self.eventfd, &v)
+        self._efd_set = False
         return 0
+
+    cdef inline int _set_eventfd(self) except -1:
+        if not self._efd_set:
+            lx.eventfd_write(self.eventfd, 1)
+            self._efd_set = True
+        return 0
+
+    cdef bint _work_ready(self) noexcept:
+        """Whether CQEs, or completion work that will post them, wait for a reap (after a drain)."""
+        if self._defer:
+            if not self._taskrun_flag:
+                u.io_uring_get_events(&self.ring)    # no flag to look at: run the work now
+            elif self.ring.sq.kflags[0] & u.IORING_SQ_TASKRUN:
+                return True
+        return u.io_uring_cq_ready(&self.ring) > 0
 
     def reap(self, int max_cqes=256):
         """Return up to about ``max_cqes`` completed ``(tag, result)`` pairs without blocking.
 
-        Drains the eventfd first; if completions are left over it keeps the
-        eventfd readable so an event loop comes back. Retried, continued and
-        resubmitted ops go back to the kernel here (no result for them yet).
+        Whenever completions are left for a later call, the eventfd is left
+        readable so an event loop comes back: while they are left it is not
+        drained (and written once, if this engine has not written it since the
+        last drain), so a burst delivered in several calls costs two eventfd
+        syscalls, not two per call. Once nothing is left it is drained, and
+        written again if completion work arrived meanwhile. Retried, continued
+        and resubmitted ops go back to the kernel here (no result for them yet).
         """
         self._check("reap")
         cdef list out
-        cdef int total
-        self._drain_eventfd()
         if self._stash:
             out = self._stash
             self._stash = []
         else:
             out = []
-        total = self._process(out, max_cqes)
+        self._process(out, max_cqes)
         if self.nresub:
             try:
                 self._flush()
             except BaseException:
                 self._stash = out + self._stash   # results are not lost with the error
+                self._set_eventfd()
                 raise
-        if total >= max_cqes or u.io_uring_cq_ready(&self.ring) or self._stash:
-            lx.eventfd_write(self.eventfd, 1)
+        if u.io_uring_cq_ready(&self.ring) or self._stash:
+            self._set_eventfd()
+            return out
+        # no CQE left: drain, then look again, as completion work queued since the last
+        # peek (or since _process ran the deferred work) had its signal drained with the rest
+        self._drain_eventfd()
+        if self._work_ready():
+            self._set_eventfd()
         return out
 
     def wait(self, int min_complete=1, timeout=None):

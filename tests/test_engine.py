@@ -414,6 +414,40 @@ def test_reap_with_small_max_keeps_eventfd_readable(engine):
         assert len(part) <= 2
         got += part
     assert sorted(t for t, _ in got) == list(range(8))
+    # the reap that took the last results drained the eventfd: an event loop does not spin
+    r, _, _ = select.select([engine.eventfd], [], [], 0)
+    assert not r
+    engine.release(buf)
+
+
+def test_eventfd_readable_while_partial_reaps_interleave_with_submits(engine):
+    """Ops submitted while earlier results are still left (a burst taken a few CQEs per loop
+    turn, new requests read in between) keep the eventfd readable until every result is
+    reaped, and the eventfd ends drained."""
+    buf = engine.lease()
+    per_buf = engine.buffer_size // BS
+    submitted = got = 0
+    results: list = []
+    for wave in range(6):
+        for i in range(5):
+            engine.read_fixed(buf, (submitted % per_buf) * BS, BS, submitted, buf_offset=(submitted % per_buf) * BS)
+            submitted += 1
+        engine.submit()
+        r, _, _ = select.select([engine.eventfd], [], [], 10)
+        assert r, f"eventfd not readable with {submitted - got} results outstanding (wave {wave})"
+        part = engine.reap(max_cqes=3)
+        got += len(part)
+        results += part
+    while got < submitted:
+        r, _, _ = select.select([engine.eventfd], [], [], 10)
+        assert r, f"eventfd not readable with {submitted - got} results outstanding"
+        part = engine.reap(max_cqes=3)
+        got += len(part)
+        results += part
+    assert sorted(t for t, _ in results) == list(range(submitted))
+    assert all(res == BS for _, res in results)
+    r, _, _ = select.select([engine.eventfd], [], [], 0)
+    assert not r
     engine.release(buf)
 
 
