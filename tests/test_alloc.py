@@ -4,9 +4,11 @@ The model keeps the free extents as a sorted list and implements the documented
 semantics directly: best fit = smallest extent that holds ``n`` pages; among
 equals the lowest start when they have at least ``BIN_PAGES`` pages, any of them
 below that (the allocator's bins are newest-first lists); the write cursor is a
-page, valid while a free extent starts there; a new run starts at the largest
-extent (chosen as above) when it has at least ``RUN_MIN`` and ``n`` pages, else
-allocate_run is allocate and drops the cursor.
+page, valid while a free extent starts there; a new run starts in the best fit
+for ``max(n, RUN_MIN)`` pages (chosen as above), else allocate_run is allocate
+and drops the cursor; and allocate_run is allocate, dropping the cursor,
+whenever more than ``RUN_MAX_FRAGMENTATION`` of the free pages lie outside the
+largest free extent.
 """
 
 from __future__ import annotations
@@ -60,14 +62,18 @@ class Model:
 
     def allocate_run_choices(self, n: int) -> tuple[list[int], bool]:
         """Admissible starts, and whether the allocation is a run (sets the cursor)."""
+        free = sum(size for _, size in self.ext)
+        if max((size for _, size in self.ext), default=0) < (1 - _alloc.RUN_MAX_FRAGMENTATION) * free:
+            self.run = None  # fragmented: best fit fills the holes
+            return self.allocate_choices(n), False
         i = next((i for i, (s, _) in enumerate(self.ext) if s == self.run), None)
         if i is not None and self.ext[i][1] >= n:
             return [self.run], True
-        big = max((size for _, size in self.ext), default=0)
-        if big < n or big < self.run_min:
+        fits = [size for _, size in self.ext if size >= max(n, self.run_min)]
+        if not fits:
             self.run = None
             return self.allocate_choices(n), False
-        return self._of_size(big), True
+        return self._of_size(min(fits)), True
 
     def take(self, start: int, n: int, run: bool = False) -> None:
         """The allocator took ``n`` pages at ``start`` (the front of a free extent)."""
@@ -215,8 +221,76 @@ def test_run_min_is_settable_on_class_and_instance(monkeypatch):
     monkeypatch.setattr(Allocator, "RUN_MIN", 1000)
     b = Allocator.from_used(0, 100, [(5, 5)])
     assert b.allocate_run(2) == 0  # no extent of RUN_MIN pages: best fit
-    b.RUN_MIN = 1
-    assert b.allocate_run(2) == 10  # a run in the largest extent
+    b.RUN_MIN = 10
+    assert b.allocate_run(2) == 10  # a run in the best fit for 10 pages
+    assert b.allocate_run(2) == 12  # ... going on at the cursor
+
+
+def test_allocate_run_fills_holes_once_the_free_space_is_fragmented():
+    """Runs are taken only while the largest free extent holds at least a tenth of the free
+    pages (RUN_MAX_FRAGMENTATION 0.9); past that, allocate_run is best fit (the holes) and
+    drops the cursor."""
+    holes = [(10 * i, 1) for i in range(1, 41)]  # 40 one-page holes in [0, 500)
+    used = [(0, 10)] + [(p + 1, 9) for p, _ in holes]
+    a = Allocator.from_used(0, 600, [e for e in used if e[0] < 410])  # free: the holes and [410, 600)
+    assert a.largest() == 190 and a.free_pages == 230 and a.fragmentation() <= _alloc.RUN_MAX_FRAGMENTATION
+    assert [a.allocate_run(1) for _ in range(3)] == [410, 411, 412]  # a run: neighbours in the file
+    b = Allocator.from_used(0, 600, used + [(410, 186)])  # free: the holes and [596, 600): 40 + 4
+    assert b.fragmentation() > _alloc.RUN_MAX_FRAGMENTATION
+    got = [b.allocate_run(1) for _ in range(5)]
+    assert all(p in {h for h, _ in holes} for p in got), got  # holes filled, the 4-page extent kept
+    assert b.largest() == 4 and b.free_pages == 39
+    a._check()
+    b._check()
+
+
+def _churn(a: Allocator, classes, ops: int, seed: int):
+    """Overwrite random keys of the size classes ``[(pages, keys, weight)]`` as the store does
+    (values of up to 64 pages at the write cursor, larger ones by best fit; the old extent
+    freed after the new one is taken); returns the NoSpace count and the smallest
+    largest-free-extent seen after the fill."""
+    rnd = random.Random(seed)
+    where: dict = {}
+    keys = [(c, n, i) for c, (n, count, _) in enumerate(classes) for i in range(count)]
+    by_class = [[k for k in keys if k[0] == c] for c in range(len(classes))]
+
+    def put(k) -> bool:
+        try:
+            p = a.allocate_run(k[1]) if k[1] <= 64 else a.allocate(k[1])
+        except NoSpace:
+            return False
+        if k in where:
+            a.free(where[k], k[1])
+        where[k] = p
+        return True
+
+    for k in rnd.sample(keys, len(keys)):
+        assert put(k)
+    fails, low = 0, a.largest()
+    for _ in range(ops):
+        c = rnd.choices(range(len(classes)), [w for *_, w in classes])[0]
+        fails += not put(rnd.choice(by_class[c]))
+        low = min(low, a.largest())
+    return fails, low
+
+
+@pytest.mark.parametrize("classes", [
+    [(1, 2048, 4), (16, 64, 1), (32, 64, 1), (64, 64, 1)],   # 4 KiB .. 256 KiB values, ~56 % full
+    [(1, 4096, 8), (256, 16, 1)],                              # 4 KiB and 1 MiB values, ~50 % full
+], ids=["4k-256k", "4k-1m"])
+def test_mixed_size_overwrites_keep_large_extents(classes):
+    """Small values overwritten at random beside larger ones, the store about half full: every
+    put still finds room and the largest free extent keeps a good share of the free space.
+    (Runs that kept carving the largest extent while holes piled up left no free extent of 64
+    pages within a few thousand overwrites here, and puts of 64 pages and more failed.)"""
+    pages = 16384
+    a = Allocator(0, pages)
+    fails, low = _churn(a, classes, 12_000, seed=3)
+    live = sum(n * count for n, count, _ in classes)
+    assert 0.45 < live / pages < 0.6
+    assert fails == 0
+    assert low >= 256, f"the largest free extent fell to {low} pages"
+    a._check()
 
 
 def test_pages_beyond_2_to_the_32_and_range_checks():
@@ -351,7 +425,8 @@ def test_equal_large_extents_go_lowest_start_first():
     assert [a.allocate(70) for _ in range(3)] == [100, 900, 1500]
     b = Allocator.from_used(0, 1000, [(64, 100), (300, 100)])  # free: (0, 64), (164, 136), (400, 600)
     b.RUN_MIN = 64
-    assert b.allocate_run(1) == 400  # the largest, not the lowest
+    assert b.allocate_run(1) == 0  # a run in the best fit for 64 pages, not in the largest extent
+    assert b.allocate_run(70) == 164  # 70 pages: the best fit for them (the cursor's extent is too small)
     a._check()
     b._check()
 

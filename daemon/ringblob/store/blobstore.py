@@ -920,7 +920,8 @@ class BlobStore:
             )
         if npages * self.page_size <= self._aio.buffer_size:
             # a value the group commit stages in a fixed buffer: at the write cursor, so the
-            # values of one round are neighbours in the file and merge into one write
+            # values of one round are neighbours in the file and merge into one write (best fit
+            # instead once the free space is fragmented: Allocator.allocate_run)
             return self._alloc.allocate_run(npages)
         return self._alloc.allocate(npages)
 
