@@ -54,7 +54,8 @@ Every series (all names ``ringblob_``-prefixed, base units)::
   ringblob_checkpoint_duration_seconds          histogram of checkpoint duration
   ringblob_blobs                                blobs stored
   ringblob_used_bytes / ringblob_free_bytes     data pages in use / free, in bytes
-  ringblob_fragmentation_ratio                  the store's fragmentation estimate (0..1)
+  ringblob_largest_free_bytes                   the largest free extent: the largest value a put can store now
+  ringblob_fragmentation_ratio                  1 - largest free extent / free bytes (0..1)
   ringblob_checksum_failures_total              blobs whose bytes failed their BLAKE3 digest
   ringblob_values_leased_total                  large PUT values received straight into fixed buffers
   ringblob_values_lease_refused_total           large PUT values that took the copying path instead
@@ -404,7 +405,9 @@ class _StoreCollector(_Collector):
             gauge("ringblob_blobs", "Blobs stored", st.get("blob_count")),
             gauge("ringblob_used_bytes", "Bytes of data pages in use", st.get("used_bytes")),
             gauge("ringblob_free_bytes", "Bytes of data pages free", st.get("free_bytes")),
-            gauge("ringblob_fragmentation_ratio", "The store's fragmentation estimate (0..1)", st.get("fragmentation")),
+            gauge("ringblob_largest_free_bytes", "Bytes in the largest free extent: the largest value a put can store now",
+                  st.get("largest_free_bytes")),
+            gauge("ringblob_fragmentation_ratio", "1 - largest free extent / free bytes (0..1)", st.get("fragmentation")),
             gauge("ringblob_read_only", "1 when the store turned read-only after an I/O error", st.get("read_only"), 1 if m.read_only_reason else 0),
             gauge("ringblob_needs_flush", "1 when acknowledged writes await a flush", st.get("needs_flush"), 0),
             counter("ringblob_values_leased", "Large PUT values received straight into fixed buffers (no copy)",
