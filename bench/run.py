@@ -1019,6 +1019,7 @@ class RingblobSide:
             f"{row.get('daemon_cpu_cores', 0):.2f} cores, clients {row['client_cpu_cores']:.2f} cores, "
             f"others {row.get('other_cpu_cores') or 0:.2f} cores"
             + "".join(f", {k} {row['daemon_counters'][k]:.1f}" for k in ("writes_per_group_commit", "sqes_per_enter", "enters_per_request") if k in row["daemon_counters"])
+            + (f", fragmentation {row['daemon_counters']['fragmentation']:.2f}" if "fragmentation" in row["daemon_counters"] else "")
             + (f"; {len(res['errors'])} error(s): {res['errors'][0]}" if res["errors"] else ""))
         if self.daemon.proc is None or self.daemon.proc.poll() is not None:
             self.ok = False
@@ -1064,6 +1065,9 @@ def stat_delta(s0: dict, s1: dict) -> dict:
             out["engine_" + k] = v - e0[k]
     if isinstance(s1.get("sync_method"), str):
         out["sync_method"] = s1["sync_method"]  # the one the store took (not a counter)
+    for k in ("fragmentation", "largest_free_bytes"):  # the free space after the workload (not counters):
+        if isinstance(s1.get(k), (int, float)):      # past 0.9 small puts fill holes (docs/FORMAT.md)
+            out[k] = s1[k]
     reqs = out.get("gets", 0) + out.get("puts", 0)
     if out.get("group_commits"):
         out["writes_per_group_commit"] = out.get("group_commit_writes", 0) / out["group_commits"]

@@ -153,10 +153,12 @@ def test_markdown_prints_the_reference_table_only_with_a_ratio(bench):
 def test_the_report_names_the_write_cache_and_the_sync_method_taken(bench):
     """The store's sync_method (from each daemon's STAT) and the device's write cache (which
     decides auto) are carried into the report; rows without them (older run.json) say nothing."""
-    s0 = {"puts": 10, "fdatasyncs": 3, "dsync_commits": 0, "sync_method": "fdatasync"}
-    s1 = {"puts": 110, "fdatasyncs": 9, "dsync_commits": 0, "sync_method": "fdatasync"}
+    s0 = {"puts": 10, "fdatasyncs": 3, "dsync_commits": 0, "sync_method": "fdatasync", "fragmentation": 0.1}
+    s1 = {"puts": 110, "fdatasyncs": 9, "dsync_commits": 0, "sync_method": "fdatasync", "fragmentation": 0.5,
+          "largest_free_bytes": 1 << 20}
     d = bench.stat_delta(s0, s1)
     assert d["puts"] == 100 and d["fdatasyncs"] == 6 and d["dsync_commits"] == 0 and d["sync_method"] == "fdatasync"
+    assert d["fragmentation"] == 0.5 and d["largest_free_bytes"] == 1 << 20  # the state after, not a delta
     rows = [_row("ringblob-uring", "put_4k_sync_c32", 5, engine="uring", daemon_counters=d),
             _row("ringblob-psync", "put_4k_sync_c32", 4, engine="psync",
                  daemon_counters=dict(d, sync_method="dsync")),
