@@ -11,6 +11,7 @@ import asyncio
 import errno
 import logging
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -1691,7 +1692,6 @@ def test_mixed_size_overwrites_leave_room_for_large_values(tdir):
     and every value reads back as last written. (When runs at the write cursor always started
     in the largest free extent, it fell to 128 pages within 25 batches here and puts of 256 KiB
     failed with NoSpace.)"""
-    import random
 
     async def main():
         p = os.path.join(tdir, "d")
@@ -1716,7 +1716,7 @@ def test_mixed_size_overwrites_leave_room_for_large_values(tdir):
         await s.flush()
         live = sum(size for _, size in keys)
         assert 0.45 < live / (live + s.stat()["free_bytes"]) < 0.6
-        for i in range(250):
+        for _ in range(250):
             batch = {}
             for _ in range(24):
                 c = rnd.choices(range(len(classes)), [w for *_, w in classes])[0]
