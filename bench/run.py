@@ -1066,7 +1066,7 @@ def stat_delta(s0: dict, s1: dict) -> dict:
     if isinstance(s1.get("sync_method"), str):
         out["sync_method"] = s1["sync_method"]  # the one the store took (not a counter)
     for k in ("fragmentation", "largest_free_bytes"):  # the free space after the workload (not counters):
-        if isinstance(s1.get(k), (int, float)):      # past 0.9 small puts fill holes (docs/FORMAT.md)
+        if isinstance(s1.get(k), (int, float)):      # past 0.95 small puts fill holes (docs/FORMAT.md)
             out[k] = s1[k]
     reqs = out.get("gets", 0) + out.get("puts", 0)
     if out.get("group_commits"):

@@ -42,7 +42,7 @@ common case (the cursor's extent still holds the request) costs no lookup.
 A run starts in the best fit for ``RUN_MIN`` pages (the smallest extent that
 holds them), so runs use up the middling extents that overwrites free and leave
 the largest to values too large for a run; and while the free space is
-fragmented (the largest free extent holds less than a tenth of the free pages:
+fragmented (the largest free extent holds less than a twentieth of the free pages:
 :data:`RUN_MAX_FRAGMENTATION`) no run is taken at all: small values fill holes
 by best fit. Runs that always started in the largest extent, while the holes
 they left stayed unused, shredded every large extent: under a mixed-size
@@ -96,7 +96,7 @@ cdef enum:
 BIN_PAGES = NBIN
 #: allocate_run runs at the write cursor only while at most this share of the free pages lies
 #: outside the largest free extent (``fragmentation() <= RUN_MAX_FRAGMENTATION``); past it, best fit
-cdef double _RUN_MAX_FRAG = 0.9
+cdef double _RUN_MAX_FRAG = 0.95
 RUN_MAX_FRAGMENTATION = _RUN_MAX_FRAG
 
 cdef struct Node:
@@ -711,7 +711,7 @@ cdef class _Allocator:
         largest ones to values too large for a run; with no such extent this
         is :meth:`allocate` (best fit, filling holes) and the cursor is dropped.
         It is :meth:`allocate` too, dropping the cursor, while the free space
-        is fragmented — more than :data:`RUN_MAX_FRAGMENTATION` (nine tenths)
+        is fragmented — more than :data:`RUN_MAX_FRAGMENTATION` (0.95)
         of the free pages outside the largest free extent — so the holes get
         filled before runs eat into the last large extents. Raises
         ``ValueError`` when ``n <= 0`` and :class:`~ringblob.errors.NoSpace`

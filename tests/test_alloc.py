@@ -227,19 +227,19 @@ def test_run_min_is_settable_on_class_and_instance(monkeypatch):
 
 
 def test_allocate_run_fills_holes_once_the_free_space_is_fragmented():
-    """Runs are taken only while the largest free extent holds at least a tenth of the free
-    pages (RUN_MAX_FRAGMENTATION 0.9); past that, allocate_run is best fit (the holes) and
+    """Runs are taken only while the largest free extent holds at least a twentieth of the free
+    pages (RUN_MAX_FRAGMENTATION 0.95); past that, allocate_run is best fit (the holes) and
     drops the cursor."""
-    holes = [(10 * i, 1) for i in range(1, 41)]  # 40 one-page holes in [0, 500)
+    holes = [(10 * i, 1) for i in range(1, 91)]  # 90 one-page holes in [0, 910)
     used = [(0, 10)] + [(p + 1, 9) for p, _ in holes]
-    a = Allocator.from_used(0, 600, [e for e in used if e[0] < 410])  # free: the holes and [410, 600)
-    assert a.largest() == 190 and a.free_pages == 230 and a.fragmentation() <= _alloc.RUN_MAX_FRAGMENTATION
-    assert [a.allocate_run(1) for _ in range(3)] == [410, 411, 412]  # a run: neighbours in the file
-    b = Allocator.from_used(0, 600, used + [(410, 186)])  # free: the holes and [596, 600): 40 + 4
+    a = Allocator.from_used(0, 1200, used)  # free: the holes and [910, 1200)
+    assert a.largest() == 290 and a.free_pages == 380 and a.fragmentation() <= _alloc.RUN_MAX_FRAGMENTATION
+    assert [a.allocate_run(1) for _ in range(3)] == [910, 911, 912]  # a run: neighbours in the file
+    b = Allocator.from_used(0, 1200, used + [(910, 286)])  # free: the holes and [1196, 1200): 90 + 4
     assert b.fragmentation() > _alloc.RUN_MAX_FRAGMENTATION
     got = [b.allocate_run(1) for _ in range(5)]
     assert all(p in {h for h, _ in holes} for p in got), got  # holes filled, the 4-page extent kept
-    assert b.largest() == 4 and b.free_pages == 39
+    assert b.largest() == 4 and b.free_pages == 89
     a._check()
     b._check()
 
