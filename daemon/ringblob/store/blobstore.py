@@ -296,8 +296,7 @@ class BlobStore:
         self = cls(_OPEN_TOKEN)
         self.path = path
         self._zero_fill_on_format = bool(zero_fill)
-        if sync_method not in SYNC_METHODS:
-            raise ConfigError(f"sync_method {sync_method!r}: choose one of {', '.join(SYNC_METHODS)}")
+        choose_sync_method(sync_method, None)  # a bad name fails here, before anything is opened
         self.sync_method = sync_method  # resolved once the file is open
         self.max_blob_size = int(max_blob_size)
         if not 0 < self.max_blob_size < 1 << 32:
