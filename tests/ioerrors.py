@@ -69,6 +69,7 @@ CHECKPOINT_THRESHOLD = 24 << 10
 BUFFER_SIZE = 64 << 10
 BUFFER_COUNT = 16
 STEP_TIMEOUT = 20.0  # seconds: a step that takes longer is a hang
+READ_ONLY_GRACE = 2.0  # seconds: a failed write delivered to the store turns it read-only within this
 
 
 class CountingFaulty(FaultyEngine):
@@ -254,15 +255,23 @@ class _Run:
             await self.check_all(name + " (check)", self.model.acked)
         return ok
 
-    def _session_end(self) -> None:
-        if self.shared.get("wfault") and not self.store.read_only:
-            self.violation("a failed write or fdatasync did not turn the store read-only")
+    async def _session_end(self) -> None:
+        if self.shared.get("wfault"):
+            # The failed completion is delivered when the ring is reaped; the store task that
+            # awaited it (a background checkpoint, say) turns the store read-only when it next
+            # runs, which may come after the step that reaped it returned. Give it that turn.
+            deadline = time.monotonic() + READ_ONLY_GRACE
+            while not self.store.read_only and time.monotonic() < deadline:
+                await asyncio.sleep(0.001)
+            if not self.store.read_only:
+                self.violation(f"a failed write or fdatasync did not turn the store read-only within "
+                               f"{READ_ONLY_GRACE} s")
         self.shared["wfault"] = False
 
     async def close(self, name: str) -> None:
         s = self.store
+        await self._session_end()
         ro = s.read_only
-        self._session_end()
         ok, r = await self._step(name, s.close, kind="close")
         if not s.closed:
             self.violation("close() returned but the store is not closed")
@@ -273,7 +282,7 @@ class _Run:
 
     async def crash(self) -> None:
         self.shared["step"] = "abandon"
-        self._session_end()
+        await self._session_end()
         await self.store.abandon()
         self.store = None
 
