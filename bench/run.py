@@ -1065,6 +1065,8 @@ def stat_delta(s0: dict, s1: dict) -> dict:
             out["engine_" + k] = v - e0[k]
     if isinstance(s1.get("sync_method"), str):
         out["sync_method"] = s1["sync_method"]  # the one the store took (not a counter)
+    if isinstance(s1.get("parallel_hash"), bool):
+        out["parallel_hash"] = s1["parallel_hash"]  # large values hashed by BLAKE3's thread pool
     for k in ("fragmentation", "largest_free_bytes"):  # the free space after the workload (not counters):
         if isinstance(s1.get(k), (int, float)):      # past 0.95 small puts fill holes (docs/FORMAT.md)
             out[k] = s1[k]
@@ -1368,7 +1370,8 @@ def markdown(doc: dict) -> str:
         f"{doc['mode_params']['warmup']:.1f} s warm-up per configuration; 4 KiB GETs read random keys over "
         f"{doc['mode_params']['get_set'] // MIB} MiB of blobs, 1 MiB GETs over {doc['mode_params']['big_set']} blobs. "
         "Every read is O_DIRECT, so the page cache plays no part for fio or ringblob; Redis serves GET from RAM."
-        + _sync_methods_note(rows),
+        + _sync_methods_note(rows)
+        + (f" Daemon flags: `{shlex.join(doc['serve_flags'])}`." if doc.get("serve_flags") else ""),
         "",
         "## Summary",
         "",
@@ -1654,8 +1657,10 @@ def commit_probes(workdir: str) -> list[dict]:
 
 
 def daemon_flags(args: argparse.Namespace) -> list[str]:
-    """The ``ringblob serve`` flags the harness's own options ask for (``--sync-method``)."""
-    return ["--sync-method", args.sync_method] if getattr(args, "sync_method", None) else []
+    """The ``ringblob serve`` flags the harness's own options ask for (``--sync-method``, then
+    ``--serve-flags`` split as a shell would)."""
+    flags = ["--sync-method", args.sync_method] if getattr(args, "sync_method", None) else []
+    return flags + shlex.split(getattr(args, "serve_flags", None) or "")
 
 
 def run_profile(workdir: str, mode: dict, clients: int, data_size: int, outdir: str, native: bool,
@@ -1853,6 +1858,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sync-method", choices=("auto", "dsync", "fdatasync"), default=None,
                     help="the daemons' sync_method (default: theirs, auto); run.md names the one each store took, "
                          "so two runs compare RWF_DSYNC group commits with fdatasync ones on this device")
+    ap.add_argument("--serve-flags", default="", metavar="FLAGS",
+                    help="more flags for both ringblob daemons, e.g. '--parallel-hash off' (for A/B runs)")
     ap.add_argument("--fresh", action="store_true", help="delete the ringblob data file first (else a filled one is reused)")
     ap.add_argument("--profile", action="store_true", help="after the run, sample the uring daemon with py-spy under load "
                     "(profile.txt, profile.svg) and, where perf is installed, with perf record (perf.txt)")
@@ -1957,6 +1964,7 @@ def main(argv: list[str] | None = None) -> int:
         "quiet_gate": {"max_wait_s": args.quiet_wait, "busy_cores_below": args.quiet_cores},
         "nice": os.getpriority(os.PRIO_PROCESS, 0),
         "flush_every": FLUSH_EVERY,
+        "serve_flags": daemon_flags(args),
         "machine": machine,
         "results": rows,
         "ratios": ratios(rows),

@@ -14,7 +14,7 @@ copy included). It knows nothing of sockets or keys.
 
 cimport cython
 
-from blake3 import blake3 as _blake3
+from ringblob.digest import hasher as _new_hasher
 
 
 cdef class LeasedValue:
@@ -60,7 +60,7 @@ cdef class LeasedValue:
         self._i = 0
         self._off = 0
         self._cur_len = len(views[0])
-        self._hasher = _blake3()
+        self._hasher = _new_hasher()  # BLAKE3's thread pool when ringblob.digest says so
         self._update = self._hasher.update
         self._on_release = on_release
 

@@ -22,7 +22,11 @@ from cpython.ref cimport PyObject
 
 from blake3 import blake3 as _blake3
 
+from ringblob.digest import PARALLEL_MIN as _PARALLEL_MIN_PY, digest as _digest
+
 from ringblob.errors import EngineClosed, NotFound
+
+cdef Py_ssize_t _PARALLEL_MIN = _PARALLEL_MIN_PY  # values this large go to ringblob.digest.digest
 
 
 @cython.final
@@ -153,7 +157,7 @@ cdef class GetPath:
                 err = self.store._read_failed(op.key, op.page, op.length, err)
             done(None, err)
             return 0
-        if _blake3(data).digest() != op.digest:
+        if (_digest(data) if op.length >= _PARALLEL_MIN else _blake3(data).digest()) != op.digest:
             done(None, self.store._corrupt(op.key, op.page, op.length))
             return 0
         counters[self.k_gets] += 1

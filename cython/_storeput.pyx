@@ -53,10 +53,14 @@ import logging
 
 from blake3 import blake3 as _blake3
 
+from ringblob.digest import PARALLEL_MIN as _PARALLEL_MIN_PY, digest as _digest
+
 from ringblob._format import encode_delete as _encode_delete
 from ringblob._format import encode_put as _encode_put
 from ringblob.errors import DigestMismatch, IOFailed, NoSpace
 from ringblob._aiocore import check_result as _check_result
+
+cdef Py_ssize_t _PARALLEL_MIN = _PARALLEL_MIN_PY  # values this large go to ringblob.digest.digest
 
 log = logging.getLogger("ringblob.store")
 
@@ -304,7 +308,7 @@ cdef class PutPath:
             length = len(data)
         if length > self.bsz or length > self.max_blob:
             return False
-        digest = _blake3(data).digest()
+        digest = _digest(data) if length >= _PARALLEL_MIN else _blake3(data).digest()
         if verify and digest != key:
             raise DigestMismatch(f"put: the BLAKE3 digest of the value is {digest.hex()}, not the key "
                                  f"{key.hex()}; nothing was stored")

@@ -20,6 +20,7 @@ import uuid
 import blake3
 import pytest
 
+from ringblob import digest
 from ringblob.direct import write_cache_of
 from ringblob.engine.faulty import FaultyEngine
 from ringblob.errors import (
@@ -57,6 +58,15 @@ def tdir():
 @pytest.fixture(params=ENGINES)
 def engine(request):
     return request.param
+
+
+@pytest.fixture(params=["off", "on"])
+def parallel_hash(request):
+    """ringblob.digest's mode for large values (the daemon's parallel_hash setting), restored after."""
+    was = digest.parallel()
+    digest.configure(request.param)
+    yield request.param
+    digest.configure("on" if was else "off")
 
 
 def run(coro):
@@ -505,7 +515,7 @@ def test_stale_batch_after_torn_one_is_not_replayed(tdir):
 # -- corruption -----------------------------------------------------------------------------
 
 
-def test_flipped_data_bit_is_corrupt_on_get_and_scrub(tdir, engine):
+def test_flipped_data_bit_is_corrupt_on_get_and_scrub(tdir, engine, parallel_hash):
     failures = []
 
     class Obs:
@@ -530,6 +540,7 @@ def test_flipped_data_bit_is_corrupt_on_get_and_scrub(tdir, engine):
         assert ei.value.keys == [b"bad"]
         with pytest.raises(Corrupt):
             await s.get(b"big")
+        assert s.stat()["parallel_hash"] is (parallel_hash == "on")
         rep = await s.scrub()
         assert sorted(rep["bad_keys"]) == [b"bad", b"big"]
         assert rep["checked"] == 3
@@ -1940,7 +1951,7 @@ def _receive(lv, data: bytes, piece: int = 100_003) -> None:
 
 @pytest.mark.parametrize("length", [BSZ + 1, BSZ + 4095, BSZ + 4096, BSZ + 4097, 2 * BSZ - 1, 2 * BSZ,
                                     2 * BSZ + 1, 4 * BSZ - 4096, 4 * BSZ])
-def test_put_leased_round_trips_values_around_buffer_and_block_boundaries(tdir, engine, length):
+def test_put_leased_round_trips_values_around_buffer_and_block_boundaries(tdir, engine, length, parallel_hash):
     """A value received straight into leased buffers is written from them (no copy), hashed as
     it arrived, and reads back identical, before and after a crash (sync=True) and after a
     reopen; every buffer goes back to the pool."""

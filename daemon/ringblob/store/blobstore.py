@@ -19,6 +19,8 @@ from typing import Any, AsyncIterator, Iterable
 import blake3
 
 from .. import systemd as _systemd
+from .. import digest as _digest
+from ..digest import digest as digest_of
 from ..direct import open_direct, write_cache_of
 from ..engine import DEFAULT_BUFFER_COUNT, DEFAULT_BUFFER_SIZE, DEFAULT_QUEUE_DEPTH, open_engine
 from ..engine.aio import WRITE, AsyncEngine
@@ -837,7 +839,7 @@ class BlobStore:
                                 f"record {r[1]} to verify them ({exc}); the data file has a read error. Nothing "
                                 "was changed: copy the file off the failing device (or fix it) and open it again",
                                 exc.errno) from exc
-                ok = blake3.blake3(data).digest() == digest
+                ok = digest_of(data) == digest
             if not ok:
                 bad.add(r[1])
 
@@ -1003,9 +1005,9 @@ class BlobStore:
         mv = _as_view(value)
         if len(mv) > self.max_blob_size:
             raise TooLarge(f"value of {len(mv)} bytes exceeds max_blob_size {self.max_blob_size}")
-        # BLAKE3 on the loop's thread, for every size: handing large values to a worker thread
-        # measured a net loss on the bench VM (see docs/FORMAT.md, "Data area")
-        digest = blake3.blake3(mv).digest()
+        # BLAKE3 on the loop's thread (a large value: with BLAKE3's thread pool when
+        # ringblob.digest's parallel_hash mode is on; see docs/FORMAT.md, "Data area")
+        digest = digest_of(mv)
         if verify and digest != key:
             raise DigestMismatch(f"put: the BLAKE3 digest of the value is {digest.hex()}, not the key "
                                  f"{key.hex()}; nothing was stored")
@@ -1124,7 +1126,7 @@ class BlobStore:
         mv = _as_view(value)
         if len(mv) > self.max_blob_size:
             raise TooLarge(f"value of {len(mv)} bytes exceeds max_blob_size {self.max_blob_size}")
-        digest = blake3.blake3(mv).digest()
+        digest = digest_of(mv)
         await self._put_hashed(digest, mv, digest, sync)
         return digest
 
@@ -1141,7 +1143,7 @@ class BlobStore:
             mv = _as_view(value)
             if len(mv) > self.max_blob_size:
                 raise TooLarge(f"value of {len(mv)} bytes for key {key!r} exceeds max_blob_size {self.max_blob_size}")
-            prepared.append((key, mv, blake3.blake3(mv).digest()))
+            prepared.append((key, mv, digest_of(mv)))
         # allocate everything first: NoSpace changes nothing
         pages = []
         extra = 0
@@ -1724,7 +1726,7 @@ class BlobStore:
 
     def _verified(self, key: bytes, page: int, length: int, digest: bytes, data: bytes) -> bytes:
         """``data`` when its BLAKE3 digest is ``digest`` (counted as a get); else raises :class:`Corrupt`."""
-        if blake3.blake3(data).digest() != digest:
+        if digest_of(data) != digest:
             raise self._corrupt(key, page, length)
         self._counters["gets"] += 1
         self._counters["bytes_read"] += length
@@ -1846,7 +1848,8 @@ class BlobStore:
         page_size, journal_bytes (live journal: from the older superblock's replay point),
         journal_capacity_bytes, journal_since_checkpoint_bytes, checkpoints, fragmentation
         (0..1), free_extents, largest_free_bytes, read_only, read_only_reason, needs_flush,
-        sync_method (the one taken: ``"dsync"`` or ``"fdatasync"``), engine, sequence, durable_sequence, recovery_seconds, index_bytes; cumulative
+        sync_method (the one taken: ``"dsync"`` or ``"fdatasync"``), parallel_hash (True where
+        values of 128 KiB or more are hashed by BLAKE3's thread pool: :mod:`ringblob.digest`), engine, sequence, durable_sequence, recovery_seconds, index_bytes; cumulative
         counters: puts, gets, deletes, fdatasyncs, group_commits, group_commit_writes,
         dsync_commits (rounds made durable by RWF_DSYNC writes instead of an fdatasync),
         flushes, flushes_skipped, checksum_failures, bytes_read, bytes_written,
@@ -1879,6 +1882,7 @@ class BlobStore:
             "read_only_reason": self._read_only,
             "needs_flush": self.needs_flush,
             "sync_method": self.sync_method,
+            "parallel_hash": _digest.parallel(),
             "engine": self._aio.name,
             "sequence": self._written_seq,
             "durable_sequence": self._durable_seq,
