@@ -14,7 +14,7 @@ copy included). It knows nothing of sockets or keys.
 
 cimport cython
 
-from ringblob.digest import hasher as _new_hasher
+from blake3 import blake3 as _blake3
 
 
 cdef class LeasedValue:
@@ -60,7 +60,9 @@ cdef class LeasedValue:
         self._i = 0
         self._off = 0
         self._cur_len = len(views[0])
-        self._hasher = _new_hasher()  # BLAKE3's thread pool when ringblob.digest says so
+        # one thread, whatever ringblob.digest's parallel_hash mode: per 256 KiB buffer, BLAKE3's
+        # thread pool measured no faster end to end and ~8x the CPU (bench/results/analysis.md)
+        self._hasher = _blake3()
         self._update = self._hasher.update
         self._on_release = on_release
 
