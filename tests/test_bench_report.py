@@ -179,3 +179,21 @@ def test_sync_method_option_reaches_the_daemons_command_line(bench):
     d = bench.Daemon("/w", "/w/d.data", 1 << 20, "uring", flags)
     argv = d.argv
     assert argv[argv.index("--sync-method") + 1] == "dsync" and argv[argv.index("--engine") + 1] == "uring"
+
+
+def test_serve_flags_reach_the_daemons_and_the_report(bench):
+    """--serve-flags are split as a shell would and follow the harness's own flags; run.md names
+    them; the STAT field parallel_hash (a bool, not a counter) is carried into daemon_counters."""
+    import argparse
+
+    flags = bench.daemon_flags(argparse.Namespace(sync_method="dsync", serve_flags="--parallel-hash on  --loop 'asyncio'"))
+    assert flags == ["--sync-method", "dsync", "--parallel-hash", "on", "--loop", "asyncio"]
+    assert bench.daemon_flags(argparse.Namespace(sync_method=None, serve_flags="")) == []
+    argv = bench.Daemon("/w", "/w/d.data", 1 << 20, "uring", flags).argv
+    assert argv[argv.index("--parallel-hash") + 1] == "on"
+    d = bench.stat_delta({"puts": 1, "parallel_hash": True}, {"puts": 5, "parallel_hash": True})
+    assert d["puts"] == 4 and d["parallel_hash"] is True
+    doc = {"mode": "quick", "mode_params": bench.MODES["quick"], "clients": 2, "load_generator": "native",
+           "repeat": 1, "machine": bench.machine_stamp(str(ROOT)), "results": [], "ratios": {}, "targets": [],
+           "references": [], "errors": [], "serve_flags": flags}
+    assert "Daemon flags: `--sync-method dsync --parallel-hash on --loop asyncio`." in bench.markdown(doc)
