@@ -23,7 +23,11 @@ sockets or the disk.
 
 from __future__ import annotations
 
+import logging
+
 import blake3
+
+log = logging.getLogger(__name__)
 
 __all__ = ["PARALLEL_MIN", "PARALLEL_MODES", "configure", "parallel", "digest"]
 
@@ -40,12 +44,15 @@ _max_threads = 1  # 1 or _AUTO, for values of at least PARALLEL_MIN bytes
 def configure(mode: str) -> bool:
     """Set how whole values of at least :data:`PARALLEL_MIN` bytes are hashed, for the whole
     process: ``"on"`` (BLAKE3's thread pool) or ``"off"`` (the calling thread alone). Returns
-    whether the pool is now used. Raises ``ValueError`` naming the choices for any other mode.
+    whether the pool is now used (and logs which, at INFO). Raises ``ValueError`` naming the
+    choices for any other mode.
     """
     global _max_threads
     if mode not in PARALLEL_MODES:
         raise ValueError(f"parallel_hash: {mode!r} is not one of {', '.join(PARALLEL_MODES)}")
     _max_threads = _AUTO if mode == "on" else 1
+    log.info("parallel_hash %s: whole values of %d KiB or more are hashed %s", mode, PARALLEL_MIN // 1024,
+             "by BLAKE3's thread pool" if _max_threads != 1 else "on the event loop's thread")
     return _max_threads != 1
 
 

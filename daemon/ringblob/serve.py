@@ -143,9 +143,7 @@ def run(args: argparse.Namespace) -> int:
         from . import digest
         from .store import BlobStore
 
-        on = digest.configure(settings.parallel_hash)
-        log.info("parallel_hash %s: whole values of %d KiB or more are hashed %s", settings.parallel_hash,
-                 digest.PARALLEL_MIN // 1024, "by BLAKE3's thread pool" if on else "on the event loop's thread")
+        digest.configure(settings.parallel_hash)
 
         store = await BlobStore.open(
             settings.data,

@@ -1317,10 +1317,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--socket", required=True, help="Unix socket path")
     ap.add_argument("--size", type=int, default=64 << 20, help="bytes of a new data file (default 64 MiB)")
     ap.add_argument("--engine", default="auto", choices=("auto", "uring", "psync"))
-    from .config import SYNC_METHODS
+    from .config import PARALLEL_HASH_MODES, SYNC_METHODS
 
     ap.add_argument("--sync-method", default="auto", choices=SYNC_METHODS,
                     help="how a group commit is made durable (the store's sync_method; default auto)")
+    ap.add_argument("--parallel-hash", default="off", choices=PARALLEL_HASH_MODES,
+                    help="on: whole values of 128 KiB or more are hashed by BLAKE3's thread pool (default off)")
     ap.add_argument("--max-blob-size", type=int, default=None, help="largest value in bytes (store default when omitted)")
     ap.add_argument("--metrics-addr", default="", help="HOST:PORT for /metrics ('' disables; default disabled)")
     ap.add_argument("--loop", default="auto", choices=("auto", "uvloop", "asyncio"))
@@ -1342,7 +1344,10 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     async def open_store(metrics: Metrics) -> Any:
+        from . import digest
         from .store import BlobStore
+
+        digest.configure(args.parallel_hash)
 
         extra = {"max_blob_size": args.max_blob_size} if args.max_blob_size else {}
         return await BlobStore.open(args.data, engine=args.engine, create_size=args.size, observer=metrics,
