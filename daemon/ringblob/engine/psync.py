@@ -271,10 +271,13 @@ class PsyncEngine:
             with self._cond:
                 self._done.append((op, result))
                 self._cond.notify_all()
-            try:
-                os.eventfd_write(self.eventfd, 1)
-            except OSError:  # closed under us during shutdown; nobody is watching
-                pass
+                # under the lock, as reap drains it: the eventfd is readable exactly while
+                # results are left (a write after a reap took the result would wake the loop
+                # for nothing)
+                try:
+                    os.eventfd_write(self.eventfd, 1)
+                except OSError:  # closed under us during shutdown; nobody is watching
+                    pass
 
     def _run_op(self, op: _Op):
         if op.file_index < 0 or op.file_index >= len(self._fds):
@@ -319,16 +322,20 @@ class PsyncEngine:
 
     # -- completions --------------------------------------------------------
 
-    def _collect(self, max_cqes: int) -> list:
+    def _collect_locked(self, max_cqes: int) -> list:
+        """Take up to ``max_cqes`` results, draining the eventfd first and setting it again when
+        results are left; the caller holds ``_cond`` (workers append and write it under it too)."""
+        self._drain_eventfd()
         out = []
-        with self._cond:
-            while self._done and len(out) < max_cqes:
-                op, result = self._done.popleft()
-                self._in_flight -= 1
-                if op.buf is not None:
-                    op.buf.in_flight -= 1
-                out.append((op.tag, result))
+        while self._done and len(out) < max_cqes:
+            op, result = self._done.popleft()
+            self._in_flight -= 1
+            if op.buf is not None:
+                op.buf.in_flight -= 1
+            out.append((op.tag, result))
         self._counters["cqes"] += len(out)
+        if self._done:  # more left: keep the eventfd readable so the loop comes back
+            os.eventfd_write(self.eventfd, 1)
         return out
 
     def _drain_eventfd(self) -> None:
@@ -340,11 +347,8 @@ class PsyncEngine:
     def reap(self, max_cqes: int = 256) -> list:
         """Return up to ``max_cqes`` completed ``(tag, result)`` pairs without blocking."""
         self._check_open("reap")
-        self._drain_eventfd()
-        out = self._collect(max_cqes)
-        if self._done:  # more left: keep the eventfd readable so the loop comes back
-            os.eventfd_write(self.eventfd, 1)
-        return out
+        with self._cond:
+            return self._collect_locked(max_cqes)
 
     def wait(self, min_complete: int = 1, timeout: float | None = None) -> list:
         """Block until ``min_complete`` completions are ready (or ``timeout`` seconds pass).
@@ -356,8 +360,7 @@ class PsyncEngine:
         with self._cond:
             need = min(min_complete, self._in_flight)
             self._cond.wait_for(lambda: len(self._done) >= need, timeout)
-        self._drain_eventfd()
-        return self._collect(1 << 30)
+            return self._collect_locked(1 << 30)
 
     def counters(self) -> dict[str, int]:
         """Counts since creation: enters, sqes, cqes, fdatasyncs, retries, ..."""
