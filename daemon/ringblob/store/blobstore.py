@@ -20,7 +20,6 @@ import blake3
 
 from .. import systemd as _systemd
 from .. import digest as _digest
-from ..digest import digest as digest_of
 from ..direct import open_direct, write_cache_of
 from ..engine import DEFAULT_BUFFER_COUNT, DEFAULT_BUFFER_SIZE, DEFAULT_QUEUE_DEPTH, open_engine
 from ..engine.aio import WRITE, AsyncEngine
@@ -839,7 +838,7 @@ class BlobStore:
                                 f"record {r[1]} to verify them ({exc}); the data file has a read error. Nothing "
                                 "was changed: copy the file off the failing device (or fix it) and open it again",
                                 exc.errno) from exc
-                ok = digest_of(data) == digest
+                ok = _digest.digest(data) == digest
             if not ok:
                 bad.add(r[1])
 
@@ -1007,7 +1006,7 @@ class BlobStore:
             raise TooLarge(f"value of {len(mv)} bytes exceeds max_blob_size {self.max_blob_size}")
         # BLAKE3 on the loop's thread (a large value: with BLAKE3's thread pool when
         # ringblob.digest's parallel_hash mode is on; see docs/FORMAT.md, "Data area")
-        digest = digest_of(mv)
+        digest = _digest.digest(mv)
         if verify and digest != key:
             raise DigestMismatch(f"put: the BLAKE3 digest of the value is {digest.hex()}, not the key "
                                  f"{key.hex()}; nothing was stored")
@@ -1126,7 +1125,7 @@ class BlobStore:
         mv = _as_view(value)
         if len(mv) > self.max_blob_size:
             raise TooLarge(f"value of {len(mv)} bytes exceeds max_blob_size {self.max_blob_size}")
-        digest = digest_of(mv)
+        digest = _digest.digest(mv)
         await self._put_hashed(digest, mv, digest, sync)
         return digest
 
@@ -1143,7 +1142,7 @@ class BlobStore:
             mv = _as_view(value)
             if len(mv) > self.max_blob_size:
                 raise TooLarge(f"value of {len(mv)} bytes for key {key!r} exceeds max_blob_size {self.max_blob_size}")
-            prepared.append((key, mv, digest_of(mv)))
+            prepared.append((key, mv, _digest.digest(mv)))
         # allocate everything first: NoSpace changes nothing
         pages = []
         extra = 0
@@ -1726,7 +1725,7 @@ class BlobStore:
 
     def _verified(self, key: bytes, page: int, length: int, digest: bytes, data: bytes) -> bytes:
         """``data`` when its BLAKE3 digest is ``digest`` (counted as a get); else raises :class:`Corrupt`."""
-        if digest_of(data) != digest:
+        if _digest.digest(data) != digest:
             raise self._corrupt(key, page, length)
         self._counters["gets"] += 1
         self._counters["bytes_read"] += length
