@@ -118,11 +118,17 @@ RB_WORKLOADS = [
     ("get_4k_c32", "get", 4 * KIB, 32),
     ("put_4k_sync_c1", "put_sync", 4 * KIB, 1),
     ("put_4k_sync_c32", "put_sync", 4 * KIB, 32),
+    ("put_4k_sync_c32_conn32", "put_sync", 4 * KIB, 32),  # redis-benchmark's shape: see CONNECTIONS
     ("put_4k_sync_c128", "put_sync", 4 * KIB, 128),
     ("put_4k_nosync_flush_c32", "put_nosync_flush", 4 * KIB, 32),
     ("get_1m_c8", "get_big", MIB, 8),
     ("put_1m_c8", "put_big", MIB, 8),
 ]
+
+# ringblob workload -> client processes (one connection each, concurrency shared out), where not
+# --clients: put_4k_sync_c32_conn32 is put_4k_sync_c32 as redis-benchmark -c 32 drives Redis,
+# 32 connections of one request each, instead of a few connections pipelining many
+CONNECTIONS = {"put_4k_sync_c32_conn32": 32}
 
 # -- Redis runs ---------------------------------------------------------------------------------
 
@@ -146,6 +152,7 @@ COUNTERPARTS = {
     "get_4k_c32": ("randread_4k_qd32", "get_c32"),
     "put_4k_sync_c1": ("randwrite_4k_qd1_fdatasync1", "set_c1"),
     "put_4k_sync_c32": ("randwrite_4k_qd32_fdatasync32", "set_c32"),
+    "put_4k_sync_c32_conn32": ("randwrite_4k_qd32_fdatasync32", "set_c32"),
     "put_4k_sync_c128": ("randwrite_4k_qd32_fdatasync32", "set_c128"),
     "put_4k_nosync_flush_c32": ("randwrite_4k_qd32", None),
     "get_1m_c8": ("read_1m_qd8", None),
@@ -159,11 +166,13 @@ BESIDE = {
 }
 
 # like-for-like references, reported beside the targets but not targets of issue 5:
-# (label, ringblob workload, fio job)
+# (label, ringblob workload, (counterpart system, its run))
 REFERENCES = [
     ("4 KiB PUT sync c32 / fio randwrite QD32 O_DSYNC (each write durable when it completes)",
-     "put_4k_sync_c32", "randwrite_4k_qd32_dsync"),
-    ("4 KiB PUT sync c128 / fio randwrite QD32 O_DSYNC", "put_4k_sync_c128", "randwrite_4k_qd32_dsync"),
+     "put_4k_sync_c32", ("fio", "randwrite_4k_qd32_dsync")),
+    ("4 KiB PUT sync c128 / fio randwrite QD32 O_DSYNC", "put_4k_sync_c128", ("fio", "randwrite_4k_qd32_dsync")),
+    ("4 KiB PUT sync c32 over 32 connections of 1 (redis-benchmark's shape) / Redis SET c32",
+     "put_4k_sync_c32_conn32", ("redis", "set_c32")),
 ]
 
 
@@ -995,7 +1004,7 @@ class RingblobSide:
 
     def specs(self, name: str) -> list[Spec]:
         _, op, size, conc = next(w for w in RB_WORKLOADS if w[0] == name)
-        procs = max(1, min(self.clients, conc))
+        procs = CONNECTIONS.get(name) or max(1, min(self.clients, conc))
         keys = {"get": self.get_keys, "get_big": self.big_keys, "put_big": self.mode["big_put_keys"]}.get(op, self.mode["put_keys"])
         return [
             Spec(self.daemon.socket, op, size, share=s, keys=keys, seed=i + 1, duration=self.mode["duration"], warmup=self.mode["warmup"])
@@ -1301,9 +1310,10 @@ def _compare(idx: dict, name: str, a: tuple, b: tuple, need: float | None, metri
 
 
 def references(rows: list[dict]) -> list[dict]:
-    """The like-for-like durability references (:data:`REFERENCES`): ratios only, not targets."""
+    """The like-for-like references (:data:`REFERENCES`: durability, connection shape): ratios only,
+    not targets."""
     idx = index(rows)
-    return [_compare(idx, label, ("ringblob-uring", wl), ("fio", job), None) for label, wl, job in REFERENCES]
+    return [_compare(idx, label, ("ringblob-uring", wl), other, None) for label, wl, other in REFERENCES]
 
 
 def targets(rows: list[dict]) -> list[dict]:
@@ -1366,6 +1376,8 @@ def markdown(doc: dict) -> str:
         + ("native C load generator (bench/loadgen.c), one connection per process, each pipelining its share of "
            "the concurrency" if doc.get("load_generator") == "native"
            else "each one pipelining `AsyncClient`, sharing the concurrency")
+        + "".join(f"; {w} from {n} processes of one request each" if n == dict((x[0], x[3]) for x in RB_WORKLOADS).get(w)
+                  else f"; {w} from {n} processes" for w, n in CONNECTIONS.items())
         + f"), {doc['mode_params']['duration']:.1f} s measured after "
         f"{doc['mode_params']['warmup']:.1f} s warm-up per configuration; 4 KiB GETs read random keys over "
         f"{doc['mode_params']['get_set'] // MIB} MiB of blobs, 1 MiB GETs over {doc['mode_params']['big_set']} blobs. "
@@ -1442,13 +1454,16 @@ def markdown(doc: dict) -> str:
         lines.append(f"| {t['target']} | {_fmt(t['ratio'], 2)} | {t['need']} | **{t['result']}** | {spread} | {passing} |")
     refs = [r for r in doc.get("references", []) if r.get("ratio") is not None]
     if refs:
-        lines += ["", "Like-for-like durability reference (not a target of issue 5): fio's `--fdatasync=N` with an "
+        lines += ["", "Like-for-like references (not targets of issue 5). Durability: fio's `--fdatasync=N` with an "
                   "async engine goes out beside the writes still in flight and promises nothing about them "
                   "(io_uring runs an FSYNC in parallel with earlier unfinished writes), so fio's randwrite with an "
                   "fdatasync every 32 writes runs at about the disk's raw write rate (see `randwrite_4k_qd32_fdatasync1` "
                   "in the fio runs: an fdatasync after every write). A `sync=True` put is acknowledged only once "
                   "an fdatasync that began after its write completed has succeeded; fio with O_DSYNC (each "
-                  "write durable when it completes) gives the same promise.", "",
+                  "write durable when it completes) gives the same promise. Connections: the ringblob rows come "
+                  "from a few client processes, each one connection pipelining its share of the concurrency "
+                  "(several requests per socket read and reply write), while `redis-benchmark -c 32` opens 32 "
+                  "connections of one request each; `put_4k_sync_c32_conn32` drives ringblob that way too.", "",
                   "| reference | ratio | per round |", "|---|---:|---|"]
         for r in refs:
             pr = r.get("per_round")

@@ -142,12 +142,12 @@ def test_markdown_prints_the_reference_table_only_with_a_ratio(bench):
         "references": bench.references(rows),
     }
     md = bench.markdown(doc)
-    assert "Like-for-like durability reference" in md
+    assert "Like-for-like references" in md
     assert "| 0.80 | 0.50 / 0.80 / 1.00 |" in md
     assert "| randwrite_4k_qd32_dsync | 32 | O_DSYNC |" in md
     assert "| randwrite_4k_qd32_fdatasync1 | 32 | fdatasync every 1 |" in md
     doc["references"] = bench.references(rows[1:])  # no ringblob row: no ratio, no table
-    assert "Like-for-like durability reference" not in bench.markdown(doc)
+    assert "Like-for-like references" not in bench.markdown(doc)
 
 
 def test_the_report_names_the_write_cache_and_the_sync_method_taken(bench):
@@ -197,3 +197,19 @@ def test_serve_flags_reach_the_daemons_and_the_report(bench):
            "repeat": 1, "machine": bench.machine_stamp(str(ROOT)), "results": [], "ratios": {}, "targets": [],
            "references": [], "errors": [], "serve_flags": flags}
     assert "Daemon flags: `--sync-method dsync --parallel-hash on --loop asyncio`." in bench.markdown(doc)
+
+
+def test_the_connection_shape_reference_drives_32_connections_and_divides_by_redis(bench):
+    """put_4k_sync_c32_conn32 is put_4k_sync_c32 from 32 client processes of one request each
+    (redis-benchmark -c 32's shape) whatever --clients says; its reference divides by Redis SET c32."""
+    side = bench.RingblobSide("uring", "/w", dict(bench.MODES["quick"]), 2, 64 << 20)
+    side.daemon.socket = "/w/s.sock"
+    shares = [sp.share for sp in side.specs("put_4k_sync_c32_conn32")]
+    assert shares == [1] * 32
+    assert [sp.share for sp in side.specs("put_4k_sync_c32")] == [16, 16]  # --clients 2: two pipelines
+    rows = [_row("ringblob-uring", "put_4k_sync_c32_conn32", 42_000, [40_000, 42_000, 44_000]),
+            _row("redis", "set_c32", 40_000, [40_000, 40_000, 40_000])]
+    ref = next(r for r in bench.references(rows) if "redis-benchmark's shape" in r["target"])
+    assert ref["ratio"] == pytest.approx(1.05) and "result" not in ref
+    order = bench.schedule()
+    assert order.index(("uring", "put_4k_sync_c32_conn32")) == order.index(("psync", "put_4k_sync_c32")) + 2
