@@ -13,7 +13,9 @@ ordinary attributes. In C:
   buffer: while the connection's ``FrameDecoder`` holds nothing, complete small
   GET and PUT frames are taken straight out of the read (one copy: the key,
   the PUT's value) and started with the store's ``get_nowait`` /
-  ``put_nowait``, under the very checks ``_Connection._dispatch`` makes before
+  ``put_nowait``, and HAS and PING frames answered at once as
+  ``_Connection._serve_inline`` answers them (the store's ``has``; the PING's
+  body echoed), under the very checks ``_Connection._dispatch`` makes before
   each frame (closing, unsent replies, write high water, the in-flight limits).
   At the first frame it does not take (another opcode, unusual flags, a
   malformed or partial or large frame, a limit reached, a GET the store
@@ -69,9 +71,13 @@ cdef Py_ssize_t _HDR = 20
 cdef Py_ssize_t _LARGE_BODY = P.LARGE_BODY
 cdef int _OP_PUT = 1
 cdef int _OP_GET = 2
+cdef int _OP_HAS = P.Op.HAS
+cdef int _OP_PING = P.Op.PING
 cdef int _PUT_FLAGS = P.FLAG_SYNC | P.FLAG_VERIFY
 cdef int _NOPS = 256
 
+cdef bytes _TRUE = P.bool_body(True)
+cdef bytes _FALSE = P.bool_body(False)
 cdef object _Request = P.Request
 cdef object _Op = P.Op
 cdef dict _OP_BY_CODE = {int(o): o for o in P.Op}
@@ -154,6 +160,7 @@ cdef class ServerCore:
     cdef public dict _eager
     cdef public set _waiting
     cdef public object _get_nowait
+    cdef public object _has_now  # the store's has() when it is a plain function (None: HAS takes _pump)
     cdef object _put_nowait_f
     cdef bint _put_pos  # _put_nowait is a PutPath's: sync and verify go by position
     cdef object _put_leased_f
@@ -539,6 +546,8 @@ cdef class ConnCore:
         cdef Py_ssize_t max_frame = dec.max_frame_size
         get_nowait = srv._get_nowait
         put_nowait = srv._put_nowait_f
+        has_now = srv._has_now
+        cdef double t0
         PyObject_GetBuffer(srv._scratch, &view, PyBUF_SIMPLE)
         try:
             p = <const uint8_t *>view.buf
@@ -577,6 +586,26 @@ cdef class ConnCore:
                     srv.in_flight += 1
                     srv._add_in_flight(1)
                     self._put_now_c(put_nowait, srv._put_pos, key, value, flags, rid, False)
+                elif opcode == _OP_HAS or opcode == _OP_PING:
+                    # answered now, as _Connection._serve_inline answers them (no I/O, no in-flight
+                    # slot): HAS of a well-formed key, PING echoing its body
+                    t0 = _now()
+                    if opcode == _OP_HAS:
+                        if flags or length < 2 or body[0] != length - 1 or has_now is None:
+                            break
+                        key = PyBytes_FromStringAndSize(<const char *>body + 1, length - 1)
+                        try:
+                            found = has_now(key)
+                        except Exception:
+                            break  # the decoder path asks again and answers with the error
+                        reply = _TRUE if found else _FALSE
+                    else:
+                        if flags:
+                            break
+                        reply = PyBytes_FromStringAndSize(<const char *>body, length)
+                    self.paused &= ~_P_BYTES
+                    self._queue_reply_c(opcode, rid, [reply], 0)
+                    srv._observe(opcode, 0, _now() - t0)
                 else:
                     break
                 pos += _HDR + length

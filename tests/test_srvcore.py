@@ -1,5 +1,5 @@
 """The server's request path in C (cython/_srvcore.pyx): small GET/PUT frames taken straight out
-of a socket read, the decoder path for everything else, the C completion and metrics."""
+of a socket read, HAS and PING answered there, the decoder path for everything else, the C completion and metrics."""
 
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ async def _replies(r, n: int, dec: P.FrameDecoder | None = None) -> list[P.Frame
 
 
 def test_a_read_of_mixed_frames_is_answered_like_the_decoder_path(workdir, monkeypatch):
-    """Fast frames, frames the decoder path takes (PING, a bad digest, a flag GET does not define),
+    """Fast frames, frames the decoder path takes (NEEDS_FLUSH, a bad digest, a flag GET does not define),
     and a frame split across reads: every reply, status and count as before."""
     v = os.urandom(4096)
     parsed = []
@@ -64,14 +64,14 @@ def test_a_read_of_mixed_frames_is_answered_like_the_decoder_path(workdir, monke
                 P.encode_put(1, b"a", v, sync=True),
                 P.encode_put(2, digest, v, verify=True),
                 P.encode_put(3, b"\x00" * 32, v, verify=True),  # digest mismatch: raised by put_nowait
-                P.encode_frame(P.Op.PING, 4, b"hi"),  # not taken in C: the decoder path from here
+                P.encode_frame(P.Op.NEEDS_FLUSH, 4, b""),  # not taken in C: the decoder path from here
                 P.encode_put(5, b"b", b"xyz"),
             ])
             w.write(first)
             got = {f.request_id: f for f in await _replies(r, 5)}
             assert [got[i].status for i in (1, 2, 4, 5)] == [0, 0, 0, 0]
             assert got[3].status == errors.DigestMismatch.code
-            assert bytes(got[4].body) == b"hi"
+            assert bytes(got[4].body) in (b"\x00", b"\x01")
             second = b"".join([
                 P.encode_get(6, b"a"),
                 P.encode_get(7, b"missing"),
@@ -93,8 +93,54 @@ def test_a_read_of_mixed_frames_is_answered_like_the_decoder_path(workdir, monke
             assert 4 in parsed and 9 in parsed and 1 not in parsed  # the C path took what it could
             m = srv.metrics
             assert m.request_count("put", "ok") == 3 and m.request_count("get", "ok") == 4
-            assert m.request_count("get", "not_found") == 1 and m.request_count("ping", "ok") == 1
+            assert m.request_count("get", "not_found") == 1 and m.request_count("needs_flush", "ok") == 1
             assert m.requests_in_flight == 0 and srv.in_flight == 0 and not srv._eager
+        finally:
+            w.close()
+            await srv.shutdown()
+
+    asyncio.run(main())
+
+
+def test_has_and_ping_are_answered_in_c_like_the_decoder_path(workdir, monkeypatch):
+    """HAS of a well-formed key and PING are answered straight out of the read (no parse_request),
+    with the replies and counts of _serve_inline; a HAS the C path does not take (flags it does not
+    define, a key length that disagrees with the body) goes to the decoder path and its error."""
+    parsed = []
+    real_parse = P.parse_request
+
+    def parse(frame):
+        parsed.append(frame.request_id)
+        return real_parse(frame)
+
+    monkeypatch.setattr(P, "parse_request", parse)
+
+    async def main():
+        srv, store, r, w = await _serve(workdir)
+        try:
+            await store.put(b"here", b"v", sync=True)
+            w.write(b"".join([
+                P.encode_frame(P.Op.PING, 1, b""),
+                P.encode_frame(P.Op.HAS, 2, b"\x04here"),
+                P.encode_frame(P.Op.HAS, 3, b"\x07missing"),
+                P.encode_frame(P.Op.PING, 4, b"echo me"),
+                P.encode_put(5, b"k", b"x"),
+                P.encode_frame(P.Op.HAS, 6, b"\x04here", flags=P.FLAG_SYNC),  # not taken in C
+            ]))
+            got = {f.request_id: f for f in await _replies(r, 6)}
+            assert [got[i].status for i in (1, 2, 3, 4, 5)] == [0] * 5
+            assert bytes(got[1].body) == b"" and bytes(got[4].body) == b"echo me"
+            assert bytes(got[2].body) == b"\x01" and bytes(got[3].body) == b"\x00"
+            assert got[6].status == errors.ProtocolError.code and b"flags" in bytes(got[6].body)
+            assert await asyncio.wait_for(r.read(), 10) == b""  # closed after the protocol error
+            assert parsed == [6]  # only the one with flags went through parse_request
+            m = srv.metrics
+            assert m.request_count("ping", "ok") == 2 and m.request_count("has", "ok") == 2
+            r2, w2 = await asyncio.open_unix_connection(srv.socket_path)
+            w2.write(P.encode_frame(P.Op.HAS, 7, b"\x09short"))  # key length 9, 5 bytes follow
+            (f,) = await _replies(r2, 1)
+            assert f.status == errors.ProtocolError.code and 7 in parsed
+            w2.close()
         finally:
             w.close()
             await srv.shutdown()
