@@ -43,11 +43,10 @@ async def _replies(r, n: int, dec: P.FrameDecoder | None = None) -> list[P.Frame
     return got
 
 
-def test_a_read_of_mixed_frames_is_answered_like_the_decoder_path(workdir, monkeypatch):
-    """Fast frames, frames the decoder path takes (NEEDS_FLUSH, a bad digest, a flag GET does not define),
-    and a frame split across reads: every reply, status and count as before."""
-    v = os.urandom(4096)
-    parsed = []
+def _record_parses(monkeypatch) -> list:
+    """The request ids of the frames that go through ``parse_request`` (the decoder path) from now
+    on; the C path takes the others without it."""
+    parsed: list = []
     real_parse = P.parse_request
 
     def parse(frame):
@@ -55,6 +54,14 @@ def test_a_read_of_mixed_frames_is_answered_like_the_decoder_path(workdir, monke
         return real_parse(frame)
 
     monkeypatch.setattr(P, "parse_request", parse)
+    return parsed
+
+
+def test_a_read_of_mixed_frames_is_answered_like_the_decoder_path(workdir, monkeypatch):
+    """Fast frames, frames the decoder path takes (NEEDS_FLUSH, a bad digest, a flag GET does not define),
+    and a frame split across reads: every reply, status and count as before."""
+    v = os.urandom(4096)
+    parsed = _record_parses(monkeypatch)
     digest = blake3.blake3(v).digest()
 
     async def main():
@@ -106,14 +113,7 @@ def test_has_and_ping_are_answered_in_c_like_the_decoder_path(workdir, monkeypat
     """HAS of a well-formed key and PING are answered straight out of the read (no parse_request),
     with the replies and counts of _serve_inline; a HAS the C path does not take (flags it does not
     define, a key length that disagrees with the body) goes to the decoder path and its error."""
-    parsed = []
-    real_parse = P.parse_request
-
-    def parse(frame):
-        parsed.append(frame.request_id)
-        return real_parse(frame)
-
-    monkeypatch.setattr(P, "parse_request", parse)
+    parsed = _record_parses(monkeypatch)
 
     async def main():
         srv, store, r, w = await _serve(workdir)
@@ -274,20 +274,14 @@ def test_a_completed_large_put_is_started_in_c_and_answered_like_the_decoder_pat
     raised there, a store that declines (the put_leased coroutine takes it) and an empty key (the
     decoder path: the store's InvalidKey) are answered as before, and the in-flight and
     max_receive_bytes accounting ends at zero."""
-    parsed = []
+    parsed = _record_parses(monkeypatch)
     pumps = []
-    real_parse = P.parse_request
     real_pump = S._Connection._pump
-
-    def parse(frame):
-        parsed.append(frame.request_id)
-        return real_parse(frame)
 
     def pump(self):
         pumps.append(1)
         return real_pump(self)
 
-    monkeypatch.setattr(P, "parse_request", parse)
     monkeypatch.setattr(S._Connection, "_pump", pump)
 
     async def main():
