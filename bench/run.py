@@ -125,9 +125,9 @@ RB_WORKLOADS = [
     ("put_1m_c8", "put_big", MIB, 8),
 ]
 
-# ringblob workload -> client processes (one connection each, concurrency shared out), where not
-# --clients: put_4k_sync_c32_conn32 is put_4k_sync_c32 as redis-benchmark -c 32 drives Redis,
-# 32 connections of one request each, instead of a few connections pipelining many
+# ringblob workload -> client processes, one connection of one request each (its concurrency),
+# where not --clients: put_4k_sync_c32_conn32 is put_4k_sync_c32 as redis-benchmark -c 32 drives
+# Redis, instead of a few connections pipelining many
 CONNECTIONS = {"put_4k_sync_c32_conn32": 32}
 
 # -- Redis runs ---------------------------------------------------------------------------------
@@ -1376,8 +1376,7 @@ def markdown(doc: dict) -> str:
         + ("native C load generator (bench/loadgen.c), one connection per process, each pipelining its share of "
            "the concurrency" if doc.get("load_generator") == "native"
            else "each one pipelining `AsyncClient`, sharing the concurrency")
-        + "".join(f"; {w} from {n} processes of one request each" if n == dict((x[0], x[3]) for x in RB_WORKLOADS).get(w)
-                  else f"; {w} from {n} processes" for w, n in CONNECTIONS.items())
+        + "".join(f"; {w} from {n} processes of one request each" for w, n in CONNECTIONS.items())
         + f"), {doc['mode_params']['duration']:.1f} s measured after "
         f"{doc['mode_params']['warmup']:.1f} s warm-up per configuration; 4 KiB GETs read random keys over "
         f"{doc['mode_params']['get_set'] // MIB} MiB of blobs, 1 MiB GETs over {doc['mode_params']['big_set']} blobs. "

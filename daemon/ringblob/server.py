@@ -854,10 +854,11 @@ class Server(ServerCore):
             P.Op.NEEDS_FLUSH: self._op_needs_flush_now,
             P.Op.STAT: self._op_stat_now,
         }
-        if not inspect.iscoroutinefunction(getattr(store, "has", None)):
+        has = getattr(store, "has", None)
+        if not inspect.iscoroutinefunction(has):
             self._inline[P.Op.HAS] = self._op_has_now
         # HAS and PING of a plain read are answered in C (ConnCore._take_scratch) the same way
-        self._has_now = store.has if P.Op.HAS in self._inline and callable(getattr(store, "has", None)) else None
+        self._has_now = has if callable(has) and not inspect.iscoroutinefunction(has) else None
         self._handlers: dict[P.Op, Callable[[P.Request], Awaitable[list]]] = {
             P.Op.PUT: self._op_put,
             P.Op.GET: self._op_get,

@@ -323,9 +323,9 @@ class PsyncEngine:
     # -- completions --------------------------------------------------------
 
     def _collect_locked(self, max_cqes: int) -> list:
-        """Take up to ``max_cqes`` results, draining the eventfd first and setting it again when
-        results are left; the caller holds ``_cond`` (workers append and write it under it too)."""
-        self._drain_eventfd()
+        """Take up to ``max_cqes`` results, and drain the eventfd once none is left (while some
+        are, it stays readable: each result wrote it, and only this drains it); the caller holds
+        ``_cond`` (workers append and write the eventfd under it too)."""
         out = []
         while self._done and len(out) < max_cqes:
             op, result = self._done.popleft()
@@ -334,8 +334,8 @@ class PsyncEngine:
                 op.buf.in_flight -= 1
             out.append((op.tag, result))
         self._counters["cqes"] += len(out)
-        if self._done:  # more left: keep the eventfd readable so the loop comes back
-            os.eventfd_write(self.eventfd, 1)
+        if not self._done:
+            self._drain_eventfd()
         return out
 
     def _drain_eventfd(self) -> None:
