@@ -14,7 +14,11 @@ copy included). It knows nothing of sockets or keys.
 
 cimport cython
 
+from _thread import allocate_lock as _allocate_lock
+
 from blake3 import blake3 as _blake3
+
+from ringblob.digest import parallel as _parallel, worker_put as _worker_put
 
 
 cdef class LeasedValue:
@@ -43,6 +47,10 @@ cdef class LeasedValue:
     cdef object _hasher
     cdef object _update  # _hasher.update
     cdef object _on_release
+    cdef object _put  # the hash worker's queue put (ringblob.digest, parallel_hash on), else None
+    cdef object _pending  # a lock held while the worker has jobs of this value left (else None)
+    cdef bytes _digest  # computed by the worker
+    cdef object _error  # what the worker's hashing raised, if anything
 
     def __init__(self, bufs, Py_ssize_t length, Py_ssize_t buffer_size, on_release):
         bufs = list(bufs)
@@ -61,10 +69,15 @@ cdef class LeasedValue:
         self._off = 0
         self._cur_len = len(views[0])
         # one thread, whatever ringblob.digest's parallel_hash mode: per 256 KiB buffer, BLAKE3's
-        # thread pool measured no faster end to end and ~8x the CPU (bench/results/analysis.md)
+        # thread pool measured no faster end to end and ~8x the CPU (bench/results/analysis.md);
+        # with the mode on, that thread is the hash worker's, not the caller's
         self._hasher = _blake3()
         self._update = self._hasher.update
         self._on_release = on_release
+        self._put = _worker_put() if _parallel() else None
+        self._pending = None
+        self._digest = None
+        self._error = None
 
     @property
     def complete(self):
@@ -112,7 +125,15 @@ cdef class LeasedValue:
             # the buffer is full (or the value complete): hash it whole (BLAKE3 hashes 256 KiB in
             # one call faster than the same bytes in socket-read-sized pieces; they are still in
             # the CPU cache)
-            self._update(self._views[self._i])
+            if self._put is None:
+                self._update(self._views[self._i])
+            else:
+                if self._pending is None:
+                    self._pending = _allocate_lock()
+                    self._pending.acquire()
+                self._put((self._hash_job, self._views[self._i]))
+                if self.received == self.length:
+                    self._put((self._finish_job, self._pending))
             self._i += 1
             self._off = 0
             self._cur_len = len(self._views[self._i]) if self.received < self.length else 0
@@ -137,17 +158,56 @@ cdef class LeasedValue:
                 taken += k
         return taken
 
+    def _hash_job(self, view):
+        # on the hash worker's thread, in order
+        if self._error is None:
+            try:
+                self._update(view)
+            except BaseException as exc:
+                self._error = exc
+
+    def _finish_job(self, pending):
+        # on the hash worker's thread, after every _hash_job of this value
+        try:
+            if self._error is None and self.received == self.length:
+                self._digest = self._hasher.digest()
+        except BaseException as exc:
+            self._error = exc
+        finally:
+            pending.release()
+
+    cdef int _wait(self) except -1:
+        """Wait until the hash worker ran every job of this value (at once when it has none)."""
+        pending = self._pending
+        if pending is not None:
+            self._pending = None
+            if self.received != self.length:  # released before complete: no finish job was put
+                self._put((self._finish_job, pending))
+            pending.acquire()
+        return 0
+
     def digest(self):
-        """The BLAKE3 digest (32 bytes) of the value. ``ValueError`` before it is complete."""
+        """The BLAKE3 digest (32 bytes) of the value. ``ValueError`` before it is complete.
+
+        With ``parallel_hash`` on, the value's buffers were hashed by the hash worker
+        (:func:`ringblob.digest.worker_put`): this waits for its last one, which is what a large
+        PUT's data write overlaps; ``RuntimeError`` if that hashing failed.
+        """
         if self.received != self.length:
             raise ValueError(f"LeasedValue: {self.received} of {self.length} bytes received; the digest "
                              "needs the whole value")
-        return self._hasher.digest()
+        if self._put is None:
+            return self._hasher.digest()
+        self._wait()
+        if self._error is not None:
+            raise RuntimeError(f"LeasedValue: hashing the value on the hash worker failed: {self._error!r}")
+        return self._digest
 
     def release(self):
         """Give the buffers back (idempotent). After it, nothing may write into views of them."""
         bufs, self._bufs = self._bufs, None
         if bufs is not None:
+            self._wait()  # the hash worker reads the buffers until then
             self._views = []
             self._on_release(bufs)
 

@@ -193,6 +193,13 @@ cdef class _LeasedWrite:
         done, self.done = self.done, None
         ops, self.ops = self.ops, None
         try:
+            if self.digest is None:
+                try:
+                    self.digest = value.digest()
+                except Exception as exc:  # the hash worker failed: nothing refers to the extent yet
+                    path.alloc_free(self.page, self.npages)
+                    err = exc
+                    ops = ()
             for op, r in zip(ops, results):
                 if type(r) is int and <long long>r == <long long>op[3]:
                     continue
@@ -414,7 +421,10 @@ cdef class PutPath:
             return False
         try:
             key = self._put_key(key)
-            digest = value.digest()
+            # with parallel_hash on, the hash worker may still be hashing the value's last buffer
+            # (ringblob._leased): wait for it only to check the digest now, else once the data
+            # write completed (_LeasedWrite), which overlaps it
+            digest = value.digest() if verify else None
             if verify and digest != key:
                 raise DigestMismatch(f"put: the BLAKE3 digest of the value is {digest.hex()}, not the key "
                                      f"{key.hex()}; nothing was stored")

@@ -7,8 +7,8 @@
 #
 #   OUT=DIR bash .devkit/run.sh MODE
 #
-# MODE: check (set-up and checks only); bench (bench/run.py --repeat $REPEAT --duration $DURATION,
-# results under $OUT/bench); ab (a 1 MiB PUT/GET A/B of --parallel-hash off/on, $AB_ORDER, and
+# MODE: check (set-up and checks only); bench (bench/run.py --repeat $REPEAT --duration $DURATION
+# [--serve-flags "$SERVE_FLAGS"], results under $OUT/bench); ab (a 1 MiB PUT/GET A/B of --parallel-hash off/on, $AB_ORDER, and
 # BLAKE3 timed on one thread and on its pool: $OUT/ab.txt, $OUT/micro.txt); abfull (ab, then
 # bench with the mode whose 1 MiB PUTs ran faster). PY picks the Python (default python3), WHL
 # another wheel folder (to try the kit here with this machine's Python).
@@ -80,7 +80,8 @@ if [ "$MODE" = bench ]; then
       --runtime=3 --time_based --output-format=terse | awk -F';' '{print "randread 4k QD32 IOPS:", $8}'
   rm -f "$W/fio.chk"
   timeout "${BENCH_TIMEOUT:-460}" $PY bench/run.py --workdir "$W" --nice -10 --quiet-wait 0 --fresh \
-      --repeat "${REPEAT:-2}" --duration "${DURATION:-3}" --out "$OUT/bench" 2>&1 | tee "$OUT/bench.log"
+      --repeat "${REPEAT:-2}" --duration "${DURATION:-3}" ${SERVE_FLAGS:+--serve-flags "$SERVE_FLAGS"} \
+      --out "$OUT/bench" 2>&1 | tee "$OUT/bench.log"
   echo "bench rc=${PIPESTATUS[0]} after $(( $(date +%s) - t0 )) s"
   for f in "$W"/ringblob-*.log; do [ -f "$f" ] && tail -c 20000 "$f" > "$OUT/$(basename "$f")"; done
 fi

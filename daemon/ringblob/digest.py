@@ -12,8 +12,11 @@ at 8 concurrent +38 % (1,047 -> 1,450 MiB/s), but ~2.7x the daemon's CPU per
 GET (the pool's threads spin while they wait for work); on 2 CPUs no gain.
 
 A large PUT received from a socket is hashed piece by piece as its fixed
-buffers fill (``ringblob._leased``), always on one thread: there the pool
-measured no faster end to end and ~8x the CPU.
+buffers fill (``ringblob._leased``), one buffer at a time on one thread: there
+the pool measured no faster end to end and ~8x the CPU. With the mode on, that
+thread is the process's **hash worker** (:func:`worker_put`: one thread, jobs
+in order) instead of the event loop's, so the loop receives the next buffer
+while the last one is hashed.
 
 :func:`configure` sets the mode once for the process (the daemon does it from
 the setting); :func:`digest` follows it. The store's C paths keep hashing small
@@ -24,12 +27,14 @@ sockets or the disk.
 from __future__ import annotations
 
 import logging
+import threading
+from _queue import SimpleQueue
 
 import blake3
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PARALLEL_MIN", "PARALLEL_MODES", "configure", "parallel", "digest"]
+__all__ = ["PARALLEL_MIN", "PARALLEL_MODES", "configure", "parallel", "digest", "worker_put"]
 
 PARALLEL_MIN = 128 * 1024
 """Bytes: values below this are always hashed on one thread (BLAKE3's pool gains nothing on
@@ -67,3 +72,40 @@ def digest(data) -> bytes:
     if _max_threads != 1 and len(data) >= PARALLEL_MIN:
         return blake3.blake3(data, max_threads=_max_threads).digest()
     return blake3.blake3(data).digest()
+
+
+_jobs: SimpleQueue | None = None  # the hash worker's queue, once started
+_jobs_lock = threading.Lock()
+
+
+def _run_jobs(q: SimpleQueue) -> None:
+    get = q.get
+    while True:
+        fn, arg = get()
+        try:
+            fn(arg)
+        except BaseException:  # a job reports its own failure (see worker_put); the worker goes on
+            log.exception("hash worker: a job failed")
+
+
+def worker_put():
+    """The ``put`` of the process's hash worker queue, starting the worker on first use.
+
+    The worker is one daemon thread (``ringblob-hash``) that takes jobs ``(fn, arg)`` in the
+    order they were put and calls ``fn(arg)``: a caller that puts a value's pieces in order gets
+    them hashed in order, off its own thread (BLAKE3 releases the GIL while it hashes a large
+    piece). A job must report its own outcome (set a lock, record an error): an exception it
+    raises is logged and the worker goes on. The caller must keep the bytes a job reads
+    unchanged until the job ran (``ringblob._leased`` waits for its last job before it gives its
+    buffers back).
+    """
+    global _jobs
+    q = _jobs
+    if q is None:
+        with _jobs_lock:
+            if _jobs is None:
+                q = SimpleQueue()
+                threading.Thread(target=_run_jobs, args=(q,), name="ringblob-hash", daemon=True).start()
+                _jobs = q
+            q = _jobs
+    return q.put
