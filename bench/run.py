@@ -1074,8 +1074,9 @@ def stat_delta(s0: dict, s1: dict) -> dict:
             out["engine_" + k] = v - e0[k]
     if isinstance(s1.get("sync_method"), str):
         out["sync_method"] = s1["sync_method"]  # the one the store took (not a counter)
-    if isinstance(s1.get("parallel_hash"), bool):
-        out["parallel_hash"] = s1["parallel_hash"]  # large values hashed by BLAKE3's thread pool
+    for k in ("parallel_hash", "hash_worker"):  # large values hashed by BLAKE3's pool / the hash worker
+        if isinstance(s1.get(k), bool):
+            out[k] = s1[k]
     for k in ("fragmentation", "largest_free_bytes"):  # the free space after the workload (not counters):
         if isinstance(s1.get(k), (int, float)):      # past 0.95 small puts fill holes (docs/FORMAT.md)
             out[k] = s1[k]

@@ -9,7 +9,12 @@ read; here they are C methods with typed fields. The BLAKE3 digest is updated
 once per filled buffer (256 KiB, still in the CPU cache) instead of once per
 read: unaligned ~100 KB pieces make BLAKE3 hash smaller subtrees
 (bench/leased_micro.py: 245 -> 200 µs per MiB received in 100 KB reads,
-copy included). It knows nothing of sockets or keys.
+copy included). With the hash worker (``ringblob.digest``:
+``parallel_hash`` auto on 2+ CPUs, or on) a filled buffer is queued to it
+instead, which hashes it while the caller receives the next:
+:meth:`LeasedValue.digest` waits for the worker's last job of the value and
+:meth:`LeasedValue.release` for all of them (the worker reads the buffers
+until then). It knows nothing of sockets or keys.
 """
 
 cimport cython
@@ -18,7 +23,7 @@ from _thread import allocate_lock as _allocate_lock
 
 from blake3 import blake3 as _blake3
 
-from ringblob.digest import parallel as _parallel, worker_put as _worker_put
+from ringblob.digest import hash_worker as _hash_worker, worker_put as _worker_put
 
 
 cdef class LeasedValue:
@@ -47,7 +52,7 @@ cdef class LeasedValue:
     cdef object _hasher
     cdef object _update  # _hasher.update
     cdef object _on_release
-    cdef object _put  # the hash worker's queue put (ringblob.digest, parallel_hash on), else None
+    cdef object _put  # the hash worker's queue put (ringblob.digest.hash_worker()), else None
     cdef object _pending  # a lock held while the worker has jobs of this value left (else None)
     cdef bytes _digest  # computed by the worker
     cdef object _error  # what the worker's hashing raised, if anything
@@ -70,11 +75,11 @@ cdef class LeasedValue:
         self._cur_len = len(views[0])
         # one thread, whatever ringblob.digest's parallel_hash mode: per 256 KiB buffer, BLAKE3's
         # thread pool measured no faster end to end and ~8x the CPU (bench/results/analysis.md);
-        # with the mode on, that thread is the hash worker's, not the caller's
+        # with the hash worker (parallel_hash auto on 2+ CPUs, or on), that thread is the worker's
         self._hasher = _blake3()
         self._update = self._hasher.update
         self._on_release = on_release
-        self._put = _worker_put() if _parallel() else None
+        self._put = _worker_put() if _hash_worker() else None
         self._pending = None
         self._digest = None
         self._error = None
@@ -106,7 +111,8 @@ cdef class LeasedValue:
 
     def advance(self, Py_ssize_t nbytes):
         """``nbytes`` were written into the view :meth:`target` returned; when they fill the
-        current buffer (or complete the value) it is hashed, whole, now.
+        current buffer (or complete the value) it is hashed, whole, now (queued to the hash worker
+        instead where ``ringblob.digest.hash_worker()``: keep the bytes unchanged until :meth:`release`).
 
         Raises ``ValueError`` when they do not fit that view (or the value was released).
         """
@@ -189,7 +195,7 @@ cdef class LeasedValue:
     def digest(self):
         """The BLAKE3 digest (32 bytes) of the value. ``ValueError`` before it is complete.
 
-        With ``parallel_hash`` on, the value's buffers were hashed by the hash worker
+        With the hash worker (``ringblob.digest.hash_worker()``), the value's buffers were hashed there
         (:func:`ringblob.digest.worker_put`): this waits for its last one, which is what a large
         PUT's data write overlaps; ``RuntimeError`` if that hashing failed.
         """

@@ -421,7 +421,7 @@ cdef class PutPath:
             return False
         try:
             key = self._put_key(key)
-            # with parallel_hash on, the hash worker may still be hashing the value's last buffer
+            # the hash worker (ringblob.digest.hash_worker()) may still be hashing its last buffer
             # (ringblob._leased): wait for it only to check the digest now, else once the data
             # write completed (_LeasedWrite), which overlaps it
             digest = value.digest() if verify else None

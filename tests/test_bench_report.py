@@ -191,8 +191,9 @@ def test_serve_flags_reach_the_daemons_and_the_report(bench):
     assert bench.daemon_flags(argparse.Namespace(sync_method=None, serve_flags="")) == []
     argv = bench.Daemon("/w", "/w/d.data", 1 << 20, "uring", flags).argv
     assert argv[argv.index("--parallel-hash") + 1] == "on"
-    d = bench.stat_delta({"puts": 1, "parallel_hash": True}, {"puts": 5, "parallel_hash": True})
-    assert d["puts"] == 4 and d["parallel_hash"] is True
+    d = bench.stat_delta({"puts": 1, "parallel_hash": True, "hash_worker": True},
+                         {"puts": 5, "parallel_hash": True, "hash_worker": False})
+    assert d["puts"] == 4 and d["parallel_hash"] is True and d["hash_worker"] is False
     doc = {"mode": "quick", "mode_params": bench.MODES["quick"], "clients": 2, "load_generator": "native",
            "repeat": 1, "machine": bench.machine_stamp(str(ROOT)), "results": [], "ratios": {}, "targets": [],
            "references": [], "errors": [], "serve_flags": flags}

@@ -13,22 +13,35 @@ from ringblob import config, digest
 
 @pytest.fixture(autouse=True)
 def _restore():
-    was = "on" if digest.parallel() else "off"
+    was = digest.mode()
     yield
     digest.configure(was)
 
 
-def test_modes_and_the_setting():
-    assert digest.configure("on") is True and digest.parallel()
-    assert digest.configure("off") is False and not digest.parallel()
-    with pytest.raises(ValueError, match="parallel_hash: 'auto' is not one of off, on"):
-        digest.configure("auto")
-    assert not digest.parallel()  # a refused mode changes nothing
+def test_modes_and_the_setting(monkeypatch, caplog):
+    """on: BLAKE3's pool and the hash worker; auto: the worker only, and only where the process
+    may run on 2 CPUs or more; off: neither. The setting defaults to auto."""
+    assert digest.configure("on") is True and digest.parallel() and digest.hash_worker()
+    assert digest.mode() == "on"
+    assert digest.configure("off") is False and not digest.parallel() and not digest.hash_worker()
+    with pytest.raises(ValueError, match="parallel_hash: 'fast' is not one of off, auto, on"):
+        digest.configure("fast")
+    assert digest.mode() == "off" and not digest.parallel()  # a refused mode changes nothing
+    monkeypatch.setattr(digest.os, "sched_getaffinity", lambda pid: {0, 1})
+    with caplog.at_level("INFO", logger="ringblob.digest"):
+        assert digest.configure("auto") is False
+    assert digest.hash_worker() and not digest.parallel()
+    assert "a large PUT's buffers by the hash worker thread (2 usable CPUs)" in caplog.text
+    monkeypatch.setattr(digest.os, "sched_getaffinity", lambda pid: {3})
+    digest.configure("auto")
+    assert not digest.hash_worker() and not digest.parallel()  # one CPU: the worker only adds switches
+    digest.configure("on")
+    assert digest.hash_worker() and digest.parallel()  # on means on, even there
     assert config.PARALLEL_HASH_MODES == digest.PARALLEL_MODES
-    assert config.Settings().parallel_hash == "off"
+    assert config.Settings().parallel_hash == "auto"
 
 
-@pytest.mark.parametrize("mode", ["on", "off"])
+@pytest.mark.parametrize("mode", ["on", "auto", "off"])
 def test_digests_are_blake3_on_both_sides_of_the_threshold(mode):
     digest.configure(mode)
     m = digest.PARALLEL_MIN
@@ -57,3 +70,29 @@ def test_thread_pool_is_taken_for_large_values_only(monkeypatch):
     digest.configure("off")
     digest.digest(b"x" * digest.PARALLEL_MIN)
     assert seen == [1, auto, 1]
+
+
+def test_hash_worker_runs_jobs_in_order_off_the_caller_and_survives_a_failing_job(caplog):
+    """worker_put: one daemon thread runs (fn, arg) jobs in the order they were put, not on the
+    caller's thread; a job that raises is logged and the jobs after it still run."""
+    import threading
+
+    put = digest.worker_put()
+    assert digest.worker_put() == put  # one worker per process
+    seen, done = [], threading.Event()
+
+    def job(i):
+        seen.append((i, threading.current_thread().name))
+
+    def boom(_):
+        raise RuntimeError("job failed on purpose")
+
+    with caplog.at_level("ERROR", logger="ringblob.digest"):
+        for i in range(5):
+            put((job, i))
+        put((boom, None))
+        put((job, 5))
+        put((lambda _: done.set(), None))
+        assert done.wait(10)
+    assert seen == [(i, "ringblob-hash") for i in range(6)]
+    assert "hash worker: a job failed" in caplog.text and "job failed on purpose" in caplog.text

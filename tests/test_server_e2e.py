@@ -230,22 +230,35 @@ def test_connection_limits_and_access_control(daemons, workdir):
 def test_parallel_hash_on_serves_large_values_and_stat_says_so(daemons, workdir):
     """--parallel-hash on: large values hashed by BLAKE3's thread pool (a 200 KiB value the store
     has whole, a 1 MiB one received into leased buffers, both checked on GET) read back intact;
-    STAT and the log say which mode is in force."""
+    values received into leased buffers are hashed by the hash worker, and a content-addressed
+    PUT of one is checked against its key before anything is stored; STAT and the log say which
+    mode is in force."""
     d = spawn(daemons, workdir, "--parallel-hash", "on")
     c = Raw(d.sock)
     mid, big = os.urandom(200 << 10), os.urandom(1 << 20)
     c.ok(P.encode_put(1, b"mid", mid, sync=True))
     c.ok(P.encode_put(2, b"big", big, sync=True))
     assert c.ok(P.encode_get(3, b"mid")) == mid and c.ok(P.encode_get(4, b"big")) == big
-    assert P.decode_stat_reply(c.ok(P.encode_stat(5)))["parallel_hash"] is True
+    cas = blake3.blake3(big[::-1]).digest()
+    c.ok(P.encode_put(8, cas, big[::-1], verify=True))
+    with pytest.raises(errors.DigestMismatch):
+        c.ok(P.encode_put(9, blake3.blake3(b"other").digest(), big, verify=True, sync=True))
+    with pytest.raises(errors.NotFound):
+        c.ok(P.encode_get(10, blake3.blake3(b"other").digest()))
+    assert c.ok(P.encode_get(11, cas)) == big[::-1]
+    st = P.decode_stat_reply(c.ok(P.encode_stat(5)))
+    assert st["parallel_hash"] is True and st["hash_worker"] is True
     c.close()
     assert d.stop() == 0
     with open(d.log_path) as f:
         assert "parallel_hash on: whole values of 128 KiB or more are hashed by BLAKE3's thread pool" in f.read()
-    d2 = spawn(daemons, workdir)  # the default, on the same data: the same digests
+    d2 = spawn(daemons, workdir)  # the default (auto), on the same data: the same digests
     c = Raw(d2.sock)
     assert c.ok(P.encode_get(6, b"big")) == big
-    assert P.decode_stat_reply(c.ok(P.encode_stat(7)))["parallel_hash"] is False
+    c.ok(P.encode_put(12, b"big2", big[::-1], sync=True))
+    assert c.ok(P.encode_get(13, b"big2")) == big[::-1]
+    st = P.decode_stat_reply(c.ok(P.encode_stat(7)))  # auto: the worker wherever 2+ CPUs are usable
+    assert st["parallel_hash"] is False and st["hash_worker"] is (len(os.sched_getaffinity(0)) >= 2)
     c.close()
     assert d2.stop() == 0
 

@@ -15,6 +15,7 @@ import random
 import shutil
 import subprocess
 import sys
+import threading
 import uuid
 
 import blake3
@@ -62,11 +63,13 @@ def engine(request):
 
 @pytest.fixture(params=["off", "on"])
 def parallel_hash(request):
-    """ringblob.digest's mode for large values (the daemon's parallel_hash setting), restored after."""
-    was = digest.parallel()
+    """ringblob.digest's mode for large values (the daemon's parallel_hash setting), restored after:
+    off (every digest on the loop's thread) and on (BLAKE3's pool and the hash worker; auto is
+    one of the two, per CPU count: tests/test_digest.py)."""
+    was = digest.mode()
     digest.configure(request.param)
     yield request.param
-    digest.configure("on" if was else "off")
+    digest.configure(was)
 
 
 def run(coro):
@@ -541,6 +544,7 @@ def test_flipped_data_bit_is_corrupt_on_get_and_scrub(tdir, engine, parallel_has
         with pytest.raises(Corrupt):
             await s.get(b"big")
         assert s.stat()["parallel_hash"] is (parallel_hash == "on")
+        assert s.stat()["hash_worker"] is (parallel_hash == "on")
         rep = await s.scrub()
         assert sorted(rep["bad_keys"]) == [b"bad", b"big"]
         assert rep["checked"] == 3
@@ -2158,10 +2162,11 @@ def _record(aio, real, seen):
     return submit_now
 
 
-def test_leased_value_takes_pieces_in_order_and_refuses_what_does_not_fit():
+def test_leased_value_takes_pieces_in_order_and_refuses_what_does_not_fit(parallel_hash):
     """LeasedValue (C) over plain buffers: targets never pass a buffer's end nor the value's,
-    pieces of any size (1 byte, across buffer ends by write) hash to the value's digest, and
-    advance / digest / the constructor refuse what cannot be."""
+    pieces of any size (1 byte, across buffer ends by write) hash to the value's digest (on
+    the caller's thread, or on the hash worker with parallel_hash on), and advance / digest /
+    the constructor refuse what cannot be."""
     from ringblob.store.leased import LeasedValue
 
     class Buf:
@@ -2211,6 +2216,57 @@ def test_leased_value_takes_pieces_in_order_and_refuses_what_does_not_fit():
         lv.buffers
     with pytest.raises(ValueError):
         lv.advance(0)
+
+
+def test_parallel_hash_on_hashes_a_leased_value_on_the_hash_worker_and_release_waits_for_it():
+    """With parallel_hash on, a filled buffer is queued to the hash worker (advance returns while
+    the worker is busy elsewhere); digest() waits for the worker's last job of the value; and
+    release() of a value given up half way does not hand its buffers back while the worker may
+    still read them."""
+    from ringblob.store.leased import LeasedValue
+
+    class Buf:
+        def __init__(self, n):
+            self.view = memoryview(bytearray(n))
+
+    was = digest.mode()
+    digest.configure("on")
+    try:
+        put = digest.worker_put()
+        bsz = 64 * 1024
+        v = os.urandom(3 * bsz - 7)
+        gate = threading.Event()
+        put((lambda _: gate.wait(10), None))  # the worker is busy until the gate opens
+        lv = LeasedValue([Buf(bsz) for _ in range(3)], len(v), bsz, lambda bufs: None)
+        _receive(lv, v)  # every buffer filled and queued, none hashed yet
+        got = []
+        t = threading.Thread(target=lambda: got.append(lv.digest()))
+        t.start()
+        t.join(0.3)
+        assert t.is_alive() and not got  # digest() waits for the worker
+        gate.set()
+        t.join(10)
+        assert got == [blake3.blake3(v).digest()]
+        assert lv.digest() == got[0]  # asked again: the same, at once
+
+        gate2 = threading.Event()
+        put((lambda _: gate2.wait(10), None))
+        released = []
+        lv2 = LeasedValue([Buf(bsz) for _ in range(3)], len(v), bsz, released.append)
+        t = lv2.target()
+        t[:] = v[:bsz]
+        t.release()
+        lv2.advance(bsz)  # one buffer queued for the worker; the connection then goes away
+        r = threading.Thread(target=lv2.release)
+        r.start()
+        r.join(0.3)
+        assert r.is_alive() and released == []  # the worker has not read the buffer yet
+        gate2.set()
+        r.join(10)
+        assert len(released) == 1 and lv2.released
+        assert any(th.name == "ringblob-hash" and th.daemon for th in threading.enumerate())
+    finally:
+        digest.configure(was)
 
 
 # -- put_leased_nowait: the request path's large PUT, with no coroutine ----------------------

@@ -207,7 +207,7 @@ _ADDR = _Kind("HOST:PORT", lambda t, n: t, _want((str,), "a \"HOST:PORT\" string
 ENGINES = ("auto", "uring", "psync")
 LOOPS = ("auto", "uvloop", "asyncio")
 SYNC_METHODS = ("auto", "dsync", "fdatasync")  # the store's SYNC_METHODS (the store does not import config)
-PARALLEL_HASH_MODES = ("off", "on")  # ringblob.digest.PARALLEL_MODES
+PARALLEL_HASH_MODES = ("off", "auto", "on")  # ringblob.digest.PARALLEL_MODES
 
 
 def _setting(default: Any, kind: _Kind, help: str, *, group: str, choices: tuple | None = None,
@@ -236,7 +236,7 @@ class Settings:
     buffer_count: int = _setting(64, _INT, "number of registered buffers (buffer_size x buffer_count is locked memory; at least 3)", group="store", minimum=3)
     queue_depth: int = _setting(128, _INT, "io_uring submission queue depth (SQEs queued plus in flight)", group="store", minimum=1)
     sync_method: str = _setting("auto", _STR, "how a group commit of sync puts is made durable: dsync = its writes carry RWF_DSYNC (per-write O_DSYNC) and no fdatasync follows, wherever nothing written earlier still needs one; fdatasync = the writes, then one fdatasync; auto = dsync where the device needs no cache flush for a RWF_DSYNC write (FUA, or no volatile write cache), else fdatasync", group="store", choices=SYNC_METHODS)
-    parallel_hash: str = _setting("off", _STR, "on = whole values of 128 KiB or more (a GET's check, a put of a value in hand, recovery) are BLAKE3-hashed by BLAKE3's thread pool (one thread per CPU; the same digest): on 16 CPUs 1 MiB GETs ran 38% faster for ~2.7x the CPU per GET; off = on the event loop's thread alone (a value larger than buffer_size arriving from a client is hashed there as its buffers fill, either way)", group="store", choices=PARALLEL_HASH_MODES)
+    parallel_hash: str = _setting("auto", _STR, "which thread BLAKE3-hashes large values (the same digest in every mode): auto = a value larger than buffer_size arriving from a client is hashed buffer by buffer, as they fill, by one hash worker thread while the event loop receives the next, where the daemon may run on 2 CPUs or more (1 MiB PUTs +10% on 2 CPUs, +30% on 16, for 4-7% more CPU), else on the loop's thread; on = that worker always, and whole values of 128 KiB or more (a GET's check, a put of a value in hand, recovery) by BLAKE3's thread pool (one thread per CPU: on 16 CPUs 1 MiB GETs +38% for ~2.7x the CPU per GET; on 2 CPUs no gain); off = everything on the event loop's thread", group="store", choices=PARALLEL_HASH_MODES)
     zero_fill: bool = _setting(True, _BOOL, "when formatting a new data file, write zeros over all of it first so writes never land in unwritten extents (~0.5 s per GiB; block devices never)", group="store")
     # server
     socket: str = _setting("./var/ringblob.sock", _PATH, "Unix socket the daemon listens on (ignored under socket activation)", group="server")

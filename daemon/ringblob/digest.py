@@ -1,22 +1,30 @@
-"""BLAKE3 digests of whole values, and whether a large one is hashed by BLAKE3's thread pool.
+"""BLAKE3 digests of large values, and which thread hashes them (the ``parallel_hash`` setting).
 
 Every value's 32-byte BLAKE3 digest is computed when it is put and checked when
-it is read (DESIGN.md: the store never returns bytes that fail it). By default
-every digest is computed on the caller's thread (the event loop's, in the
-daemon). With the ``parallel_hash`` setting on, a whole value of at least
-:data:`PARALLEL_MIN` bytes is hashed by BLAKE3's multithreaded mode instead
-(the ``blake3`` package's ``max_threads=blake3.blake3.AUTO``: its shared thread
-pool, one thread per CPU, the calling thread taking part; the digest is the
-same). Measured on 16 CPUs (bench/results/analysis.md, session 10): 1 MiB GETs
-at 8 concurrent +38 % (1,047 -> 1,450 MiB/s), but ~2.7x the daemon's CPU per
-GET (the pool's threads spin while they wait for work); on 2 CPUs no gain.
+it is read (DESIGN.md: the store never returns bytes that fail it), on the
+caller's thread (the event loop's, in the daemon), but for two kinds of large
+value, per mode (:data:`PARALLEL_MODES`; the digest is the same in all):
 
-A large PUT received from a socket is hashed piece by piece as its fixed
-buffers fill (``ringblob._leased``), one buffer at a time on one thread: there
-the pool measured no faster end to end and ~8x the CPU. With the mode on, that
-thread is the process's **hash worker** (:func:`worker_put`: one thread, jobs
-in order) instead of the event loop's, so the loop receives the next buffer
-while the last one is hashed.
+* **a large PUT received from a socket** is hashed buffer by buffer as its
+  fixed buffers fill (``ringblob._leased``). With ``"auto"`` (the default,
+  where the process may run on at least 2 CPUs) and ``"on"`` that is done by
+  the process's **hash worker** (:func:`worker_put`: one thread, jobs in
+  order) while the event loop receives the next buffer; the loop waits for
+  the digest only once the value's data write completed. Measured
+  (bench/results/analysis.md, session 11), alternating runs of ``put_1m_c8``:
+  on 16 CPUs +30 % (1,232 -> 1,606 MiB/s, medians of 6 a side), on the 2-CPU
+  VM +10 % (2,121 -> 2,335, 8 a side), for 4-7 % more CPU per MiB. Confined
+  to one CPU the worker only adds thread switches (-27 % there), hence
+  ``"auto"``. BLAKE3's thread pool measured no faster than one thread per
+  256 KiB buffer and ~8x the CPU, so it is never used there;
+* **a whole value of at least** :data:`PARALLEL_MIN` **bytes** (a GET's
+  check, a put of a value in hand, recovery) is hashed by BLAKE3's
+  multithreaded mode with ``"on"`` only (the ``blake3`` package's
+  ``max_threads=blake3.blake3.AUTO``: its shared thread pool, one thread per
+  CPU, the calling thread taking part). Measured on 16 CPUs (session 10):
+  1 MiB GETs at 8 concurrent +38 % (1,047 -> 1,450 MiB/s), but ~2.7x the
+  daemon's CPU per GET (the pool's threads spin while they wait for work); on
+  2 CPUs no gain.
 
 :func:`configure` sets the mode once for the process (the daemon does it from
 the setting); :func:`digest` follows it. The store's C paths keep hashing small
@@ -27,6 +35,7 @@ sockets or the disk.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from _queue import SimpleQueue
 
@@ -34,36 +43,71 @@ import blake3
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PARALLEL_MIN", "PARALLEL_MODES", "configure", "parallel", "digest", "worker_put"]
+__all__ = ["PARALLEL_MIN", "PARALLEL_MODES", "configure", "mode", "parallel", "hash_worker", "digest", "worker_put"]
 
 PARALLEL_MIN = 128 * 1024
 """Bytes: values below this are always hashed on one thread (BLAKE3's pool gains nothing on
 them: 64 KiB took 50 µs either way on 16 CPUs, and twice as long in the pool on 2)."""
 
-PARALLEL_MODES = ("off", "on")
+PARALLEL_MODES = ("off", "auto", "on")
+"""The ``parallel_hash`` setting's choices (its default is ``"auto"``; this module's, until
+:func:`configure` is called, ``"off"``). ``"off"``: every digest on the caller's thread; ``"auto"``: a large received PUT's buffers
+by the hash worker where the process may run on 2 CPUs or more (its CPU affinity); ``"on"``:
+those by the hash worker always, and whole values of :data:`PARALLEL_MIN` bytes or more by
+BLAKE3's thread pool."""
 
 _AUTO = blake3.blake3.AUTO  # max_threads: as many as BLAKE3's shared pool has (one per CPU)
 _max_threads = 1  # 1 or _AUTO, for values of at least PARALLEL_MIN bytes
+_worker = False  # a large received PUT's buffers hashed by the hash worker (ringblob._leased)
+_mode = "off"  # as configured; "off" until configure() is called (the daemon always calls it)
+
+
+def _usable_cpus() -> int:
+    """CPUs this process may run on (its affinity; os.cpu_count() where that is unknown)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 def configure(mode: str) -> bool:
-    """Set how whole values of at least :data:`PARALLEL_MIN` bytes are hashed, for the whole
-    process: ``"on"`` (BLAKE3's thread pool) or ``"off"`` (the calling thread alone). Returns
-    whether the pool is now used (and logs which, at INFO). Raises ``ValueError`` naming the
-    choices for any other mode.
+    """Set which thread hashes large values, for the whole process (one of
+    :data:`PARALLEL_MODES`; the daemon calls it once, from the ``parallel_hash`` setting): whole
+    values of at least :data:`PARALLEL_MIN` bytes by BLAKE3's thread pool (``"on"``) or the
+    calling thread, and a large PUT's buffers, in each ``ringblob._leased.LeasedValue`` made from
+    then on, by the hash worker of :func:`worker_put` (``"on"``, and ``"auto"`` on 2 CPUs or
+    more) or the thread that fills them. Returns whether the pool is now used (see also
+    :func:`hash_worker`) and logs what was decided, at INFO. Raises ``ValueError`` naming the
+    choices for any other mode, changing nothing.
     """
-    global _max_threads
+    global _max_threads, _worker, _mode
     if mode not in PARALLEL_MODES:
         raise ValueError(f"parallel_hash: {mode!r} is not one of {', '.join(PARALLEL_MODES)}")
+    cpus = _usable_cpus()
     _max_threads = _AUTO if mode == "on" else 1
-    log.info("parallel_hash %s: whole values of %d KiB or more are hashed %s", mode, PARALLEL_MIN // 1024,
-             "by BLAKE3's thread pool" if _max_threads != 1 else "on the event loop's thread")
+    _worker = mode == "on" or (mode == "auto" and cpus >= 2)
+    _mode = mode
+    log.info("parallel_hash %s: whole values of %d KiB or more are hashed %s; a large PUT's buffers %s "
+             "(%d usable CPU%s)", mode, PARALLEL_MIN // 1024,
+             "by BLAKE3's thread pool" if _max_threads != 1 else "on the event loop's thread",
+             "by the hash worker thread" if _worker else "on the event loop's thread", cpus,
+             "" if cpus == 1 else "s")
     return _max_threads != 1
 
 
 def parallel() -> bool:
     """Whether whole large values are hashed by BLAKE3's thread pool (see :func:`configure`)."""
     return _max_threads != 1
+
+
+def mode() -> str:
+    """The mode :func:`configure` last set (``"off"`` before it was ever called)."""
+    return _mode
+
+
+def hash_worker() -> bool:
+    """Whether a large PUT's buffers go to the hash worker (see :func:`configure`)."""
+    return _worker
 
 
 def digest(data) -> bytes:

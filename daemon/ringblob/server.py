@@ -1324,8 +1324,10 @@ def main(argv: list[str] | None = None) -> int:
 
     ap.add_argument("--sync-method", default="auto", choices=SYNC_METHODS,
                     help="how a group commit is made durable (the store's sync_method; default auto)")
-    ap.add_argument("--parallel-hash", default="off", choices=PARALLEL_HASH_MODES,
-                    help="on: whole values of 128 KiB or more are hashed by BLAKE3's thread pool (default off)")
+    ap.add_argument("--parallel-hash", default="auto", choices=PARALLEL_HASH_MODES,
+                    help="which thread hashes large values: auto (default) = a large PUT's buffers by a hash "
+                         "worker thread on 2+ CPUs; on = that, and whole values of 128 KiB or more by BLAKE3's "
+                         "thread pool; off = all on the event loop's thread")
     ap.add_argument("--max-blob-size", type=int, default=None, help="largest value in bytes (store default when omitted)")
     ap.add_argument("--metrics-addr", default="", help="HOST:PORT for /metrics ('' disables; default disabled)")
     ap.add_argument("--loop", default="auto", choices=("auto", "uvloop", "asyncio"))

@@ -1848,7 +1848,8 @@ class BlobStore:
         journal_capacity_bytes, journal_since_checkpoint_bytes, checkpoints, fragmentation
         (0..1), free_extents, largest_free_bytes, read_only, read_only_reason, needs_flush,
         sync_method (the one taken: ``"dsync"`` or ``"fdatasync"``), parallel_hash (True where
-        values of 128 KiB or more are hashed by BLAKE3's thread pool: :mod:`ringblob.digest`), engine, sequence, durable_sequence, recovery_seconds, index_bytes; cumulative
+        values of 128 KiB or more are hashed by BLAKE3's thread pool: :mod:`ringblob.digest`),
+        hash_worker (True where a large received PUT's buffers are hashed by the hash worker), engine, sequence, durable_sequence, recovery_seconds, index_bytes; cumulative
         counters: puts, gets, deletes, fdatasyncs, group_commits, group_commit_writes,
         dsync_commits (rounds made durable by RWF_DSYNC writes instead of an fdatasync),
         flushes, flushes_skipped, checksum_failures, bytes_read, bytes_written,
@@ -1882,6 +1883,7 @@ class BlobStore:
             "needs_flush": self.needs_flush,
             "sync_method": self.sync_method,
             "parallel_hash": _digest.parallel(),
+            "hash_worker": _digest.hash_worker(),
             "engine": self._aio.name,
             "sequence": self._written_seq,
             "durable_sequence": self._durable_seq,
