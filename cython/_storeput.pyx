@@ -193,13 +193,6 @@ cdef class _LeasedWrite:
         done, self.done = self.done, None
         ops, self.ops = self.ops, None
         try:
-            if self.digest is None:
-                try:
-                    self.digest = value.digest()
-                except Exception as exc:  # the hash worker failed: nothing refers to the extent yet
-                    path.alloc_free(self.page, self.npages)
-                    err = exc
-                    ops = ()
             for op, r in zip(ops, results):
                 if type(r) is int and <long long>r == <long long>op[3]:
                     continue
@@ -215,6 +208,14 @@ cdef class _LeasedWrite:
                 else:
                     err = r if isinstance(r, BaseException) else RuntimeError(f"write: unexpected result {r!r}")
                 break
+            if err is None and self.digest is None:
+                # the hash worker's digest (put_leased_nowait did not wait for it): by now it has
+                # almost always hashed the last buffer
+                try:
+                    self.digest = value.digest()
+                except Exception as exc:  # its hashing failed: nothing refers to the extent yet
+                    path.alloc_free(self.page, self.npages)
+                    err = exc
         finally:
             value.release()  # a buffer still in flight (a failed batch) goes back at its CQE
         if err is None:

@@ -2273,10 +2273,11 @@ def test_parallel_hash_on_hashes_a_leased_value_on_the_hash_worker_and_release_w
 
 
 @pytest.mark.parametrize("length", [BSZ + 1, BSZ + 4096, 2 * BSZ - 1, 4 * BSZ, 4 * BSZ + 4097])
-def test_put_leased_nowait_round_trips_and_survives_a_crash_and_reopen(tdir, engine, length):
+def test_put_leased_nowait_round_trips_and_survives_a_crash_and_reopen(tdir, engine, length, parallel_hash):
     """put_leased_nowait writes the leased buffers, releases them once the write completed and
-    queues the item: done(None, None) once, the value reads back, the sync=True one survives a
-    crash and both a reopen; every buffer goes back to the pool."""
+    queues the item (with the hash worker, the digest taken then): done(None, None) once, the
+    value reads back, the sync=True one survives a crash and both a reopen; every buffer goes
+    back to the pool."""
 
     async def main():
         p = os.path.join(tdir, "d")
@@ -2314,7 +2315,7 @@ def test_put_leased_nowait_round_trips_and_survives_a_crash_and_reopen(tdir, eng
     run(main())
 
 
-def test_put_leased_nowait_refusals_and_errors_release_or_keep_the_buffers(tdir, engine):
+def test_put_leased_nowait_refusals_and_errors_release_or_keep_the_buffers(tdir, engine, parallel_hash):
     """A bad key, verify with a wrong digest and no space raise at once with the buffers released
     and nothing written; an incomplete value or one over a submit window is declined (False) with
     the value still the caller's; the right digest with verify=True is stored."""
@@ -2369,9 +2370,55 @@ def test_put_leased_nowait_refusals_and_errors_release_or_keep_the_buffers(tdir,
     run(main())
 
 
-def test_put_leased_nowait_failed_data_write_answers_ioerror_and_releases(tdir, engine):
+def test_put_leased_nowait_digest_failing_after_the_write_frees_the_extent(tdir, engine, monkeypatch):
+    """The digest put_leased_nowait did not wait for (the hash worker's) fails when the data write
+    has completed: done gets that error, the extent goes back to the free space, nothing is
+    stored, the buffers go back to the pool and the store stays writable."""
+    from ringblob.store import blobstore, leased
+
+    class FailingDigest(leased.LeasedValue):  # (the C class itself cannot be patched)
+        def digest(self):
+            raise RuntimeError("LeasedValue: hashing the value on the hash worker failed: test")
+
+    monkeypatch.setattr(blobstore, "LeasedValue", FailingDigest)
+
+    async def main():
+        p = os.path.join(tdir, "d")
+        s = await BlobStore.create(p, 16 * MiB, engine=engine)
+        await s.put(b"first", b"1")
+        free0, st0 = s._aio.engine.free_buffers, s.stat()
+        v = os.urandom(MiB + 5)
+        lv = s.lease_value(len(v))
+        assert isinstance(lv, FailingDigest)
+        _receive(lv, v)
+        fut = asyncio.get_running_loop().create_future()
+        assert s.put_leased_nowait(b"k", lv, lambda value, err: fut.set_result(err), sync=True) is True
+        err = await fut
+        assert isinstance(err, RuntimeError) and "hash worker failed" in str(err)
+        st = s.stat()
+        assert lv.released and s._aio.engine.free_buffers == free0 and st["receive_buffers_held"] == 0
+        assert st["free_bytes"] == st0["free_bytes"] and st["blob_count"] == 1 and not st["read_only"]
+        assert not s.has(b"k")
+        await s.put(b"k", v, sync=True)  # the same space, taken again
+        assert await s.get(b"k") == v
+        await s.close()
+
+    run(main())
+
+
+@pytest.mark.parametrize("digest_fails", [False, True])
+def test_put_leased_nowait_failed_data_write_answers_ioerror_and_releases(tdir, engine, digest_fails, monkeypatch):
     """EIO on the value's data write: done gets IOFailed, the store turns read-only, the buffers go
-    back to the pool and reads go on."""
+    back to the pool and reads go on — also when the digest taken after the write (the hash
+    worker's) would have failed too: the failed write decides."""
+    if digest_fails:
+        from ringblob.store import blobstore, leased
+
+        class FailingDigest(leased.LeasedValue):
+            def digest(self):
+                raise RuntimeError("LeasedValue: hashing the value on the hash worker failed: test")
+
+        monkeypatch.setattr(blobstore, "LeasedValue", FailingDigest)
 
     async def main():
         holder, s, free0, v, lv = await _received_on_faulty_store(tdir, engine)
