@@ -43,7 +43,8 @@ import blake3
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PARALLEL_MIN", "PARALLEL_MODES", "configure", "mode", "parallel", "hash_worker", "digest", "worker_put"]
+__all__ = ["PARALLEL_MIN", "PARALLEL_MODES", "configure", "mode", "parallel", "hash_worker", "digest",
+           "worker_put"]
 
 PARALLEL_MIN = 128 * 1024
 """Bytes: values below this are always hashed on one thread (BLAKE3's pool gains nothing on
@@ -51,10 +52,10 @@ them: 64 KiB took 50 µs either way on 16 CPUs, and twice as long in the pool on
 
 PARALLEL_MODES = ("off", "auto", "on")
 """The ``parallel_hash`` setting's choices (its default is ``"auto"``; this module's, until
-:func:`configure` is called, ``"off"``). ``"off"``: every digest on the caller's thread; ``"auto"``: a large received PUT's buffers
-by the hash worker where the process may run on 2 CPUs or more (its CPU affinity); ``"on"``:
-those by the hash worker always, and whole values of :data:`PARALLEL_MIN` bytes or more by
-BLAKE3's thread pool."""
+:func:`configure` is called, ``"off"``). ``"off"``: every digest on the caller's thread;
+``"auto"``: a large received PUT's buffers by the hash worker where the process may run on 2
+CPUs or more (its CPU affinity); ``"on"``: those by the hash worker always, and whole values
+of :data:`PARALLEL_MIN` bytes or more by BLAKE3's thread pool."""
 
 _AUTO = blake3.blake3.AUTO  # max_threads: as many as BLAKE3's shared pool has (one per CPU)
 _max_threads = 1  # 1 or _AUTO, for values of at least PARALLEL_MIN bytes
