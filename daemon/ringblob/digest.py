@@ -13,7 +13,8 @@ value, per mode (:data:`PARALLEL_MODES`; the digest is the same in all):
   the digest only once the value's data write completed. Measured
   (bench/results/analysis.md, session 11), alternating runs of ``put_1m_c8``:
   on 16 CPUs +30 % (1,232 -> 1,606 MiB/s, medians of 6 a side), on the 2-CPU
-  VM +10 % (2,121 -> 2,335, 8 a side), for 4-7 % more CPU per MiB. Confined
+  VM +4 % (2,075 -> 2,169, 21 a side over three sets), for 5-10 % more CPU
+  per MiB. Confined
   to one CPU the worker only adds thread switches (-27 % there), hence
   ``"auto"``. BLAKE3's thread pool measured no faster than one thread per
   256 KiB buffer and ~8x the CPU, so it is never used there;
