@@ -96,3 +96,46 @@ def test_hash_worker_runs_jobs_in_order_off_the_caller_and_survives_a_failing_jo
         assert done.wait(10)
     assert seen == [(i, "ringblob-hash") for i in range(6)]
     assert "hash worker: a job failed" in caplog.text and "job failed on purpose" in caplog.text
+
+
+def _cgroup_tree(tmp_path, proc_line: str, files: dict) -> None:
+    (tmp_path / "proc_cgroup").write_text(proc_line)
+    for rel, text in files.items():
+        f = tmp_path / "cg" / rel
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_text(text)
+
+
+@pytest.mark.parametrize("proc_line, files, want", [
+    # cgroup v2: the service's own quota (systemd CPUQuota=100%)
+    ("0::/system.slice/ringblob.service\n",
+     {"cgroup.controllers": "cpu io", "system.slice/cpu.max": "max 100000",
+      "system.slice/ringblob.service/cpu.max": "100000 100000"}, 1.0),
+    # cgroup v2: an ancestor's quota caps the leaf's
+    ("0::/a/b\n", {"cgroup.controllers": "cpu", "a/cpu.max": "150000 100000", "a/b/cpu.max": "max 100000"}, 1.5),
+    # cgroup v2 without a quota anywhere
+    ("0::/a\n", {"cgroup.controllers": "cpu", "a/cpu.max": "max 100000"}, None),
+    # cgroup v1 (hybrid hierarchy, as docker --cpus=0.5 sets it)
+    ("4:cpu,cpuacct:/docker/abc\n0::/\n",
+     {"cpu,cpuacct/docker/abc/cpu.cfs_quota_us": "50000", "cpu,cpuacct/docker/abc/cpu.cfs_period_us": "100000",
+      "cpu,cpuacct/cpu.cfs_quota_us": "-1", "cpu,cpuacct/cpu.cfs_period_us": "100000"}, 0.5),
+    # cgroup v1 without a quota
+    ("1:cpu:/\n", {"cpu/cpu.cfs_quota_us": "-1", "cpu/cpu.cfs_period_us": "100000"}, None),
+])
+def test_cgroup_cpu_quota_caps_the_usable_cpus(tmp_path, monkeypatch, proc_line, files, want):
+    """auto counts the CPUs the daemon may use: its affinity, capped by its cgroup's CPU quota
+    (v2 cpu.max up the tree, or v1 cfs quota / period), rounded up; no quota, no cap."""
+    _cgroup_tree(tmp_path, proc_line, files)
+    monkeypatch.setattr(digest, "_PROC_CGROUP", str(tmp_path / "proc_cgroup"))
+    monkeypatch.setattr(digest, "_CGROUP_ROOT", str(tmp_path / "cg"))
+    monkeypatch.setattr(digest.os, "sched_getaffinity", lambda pid: set(range(8)))
+    assert digest._cgroup_cpu_limit() == want
+    assert digest._usable_cpus() == (8 if want is None else max(1, -(-want // 1)))
+    digest.configure("auto")
+    assert digest.hash_worker() is (want is None or want > 1)
+
+
+def test_unreadable_cgroup_files_leave_the_affinity(tmp_path, monkeypatch):
+    monkeypatch.setattr(digest, "_PROC_CGROUP", str(tmp_path / "missing"))
+    monkeypatch.setattr(digest.os, "sched_getaffinity", lambda pid: {0, 1, 2})
+    assert digest._cgroup_cpu_limit() is None and digest._usable_cpus() == 3

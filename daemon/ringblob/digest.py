@@ -7,16 +7,15 @@ value, per mode (:data:`PARALLEL_MODES`; the digest is the same in all):
 
 * **a large PUT received from a socket** is hashed buffer by buffer as its
   fixed buffers fill (``ringblob._leased``). With ``"auto"`` (the default,
-  where the process may run on at least 2 CPUs) and ``"on"`` that is done by
-  the process's **hash worker** (:func:`worker_put`: one thread, jobs in
-  order) while the event loop receives the next buffer; the loop waits for
-  the digest only once the value's data write completed. Measured
-  (bench/results/analysis.md, session 11), alternating runs of ``put_1m_c8``:
-  on 16 CPUs +30 % (1,232 -> 1,606 MiB/s, medians of 6 a side), on the 2-CPU
-  VM +4 % (2,075 -> 2,169, 21 a side over three sets), for 5-10 % more CPU
-  per MiB. Confined
-  to one CPU the worker only adds thread switches (-27 % there), hence
-  ``"auto"``. BLAKE3's thread pool measured no faster than one thread per
+  where the process may use at least 2 CPUs: its affinity, capped by its
+  cgroup's CPU quota) and ``"on"`` that is done by the process's **hash
+  worker** (:func:`worker_put`: one thread, jobs in order) while the event
+  loop receives the next buffer; the loop waits for the digest only once
+  the value's data write completed. Measured (bench/results/analysis.md,
+  session 11), alternating runs of ``put_1m_c8``: on 16 CPUs +30 % (1,232 ->
+  1,606 MiB/s, medians of 6 a side), on the 2-CPU VM +4 % (2,075 -> 2,169,
+  21 a side over three sets), for 5-10 % more CPU per MiB. Confined to one
+  CPU the worker only adds thread switches (-27 % there), hence ``"auto"``. BLAKE3's thread pool measured no faster than one thread per
   256 KiB buffer and ~8x the CPU, so it is never used there;
 * **a whole value of at least** :data:`PARALLEL_MIN` **bytes** (a GET's
   check, a put of a value in hand, recovery) is hashed by BLAKE3's
@@ -36,6 +35,7 @@ sockets or the disk.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 from _queue import SimpleQueue
@@ -54,8 +54,8 @@ them: 64 KiB took 50 µs either way on 16 CPUs, and twice as long in the pool on
 PARALLEL_MODES = ("off", "auto", "on")
 """The ``parallel_hash`` setting's choices (its default is ``"auto"``; this module's, until
 :func:`configure` is called, ``"off"``). ``"off"``: every digest on the caller's thread;
-``"auto"``: a large received PUT's buffers by the hash worker where the process may run on 2
-CPUs or more (its CPU affinity); ``"on"``: those by the hash worker always, and whole values
+``"auto"``: a large received PUT's buffers by the hash worker where the process may use 2
+CPUs or more (its CPU affinity, capped by its cgroup's CPU quota); ``"on"``: those by the hash worker always, and whole values
 of :data:`PARALLEL_MIN` bytes or more by BLAKE3's thread pool."""
 
 _AUTO = blake3.blake3.AUTO  # max_threads: as many as BLAKE3's shared pool has (one per CPU)
@@ -64,12 +64,76 @@ _worker = False  # a large received PUT's buffers hashed by the hash worker (rin
 _mode = "off"  # as configured; "off" until configure() is called (the daemon always calls it)
 
 
-def _usable_cpus() -> int:
-    """CPUs this process may run on (its affinity; os.cpu_count() where that is unknown)."""
+_PROC_CGROUP = "/proc/self/cgroup"
+_CGROUP_ROOT = "/sys/fs/cgroup"
+
+
+def _read(path: str) -> str | None:
     try:
-        return len(os.sched_getaffinity(0))
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def _cgroup_cpu_limit() -> float | None:
+    """CPUs per period the process's cgroup and its ancestors allow (the smallest CPU quota
+    divided by its period: cgroup v2's ``cpu.max``, else v1's ``cpu.cfs_quota_us`` /
+    ``cpu.cfs_period_us``, as systemd's ``CPUQuota=`` or ``docker --cpus`` set them); None when
+    none is set or the files cannot be read."""
+    text = _read(_PROC_CGROUP)
+    if text is None:
+        return None
+    v2 = v1 = None
+    for line in text.splitlines():
+        hier, _, rest = line.partition(":")
+        ctrls, _, path = rest.partition(":")
+        if hier == "0" and ctrls == "":
+            v2 = path
+        elif "cpu" in ctrls.split(","):
+            v1 = (ctrls, path)
+    limits = []
+    if v2 is not None and _read(os.path.join(_CGROUP_ROOT, "cgroup.controllers")) is not None:
+        parts = [p for p in v2.split("/") if p]
+        for i in range(len(parts), -1, -1):
+            got = _read(os.path.join(_CGROUP_ROOT, *parts[:i], "cpu.max"))
+            fields = got.split() if got else []
+            if len(fields) == 2 and fields[0] != "max":
+                try:
+                    limits.append(int(fields[0]) / int(fields[1]))
+                except (ValueError, ZeroDivisionError):
+                    pass
+    elif v1 is not None:
+        ctrls, path = v1
+        parts = [p for p in path.split("/") if p]
+        for mount in (ctrls, "cpu", "cpu,cpuacct"):
+            base = os.path.join(_CGROUP_ROOT, mount)
+            if not os.path.isdir(base):
+                continue
+            for i in range(len(parts), -1, -1):
+                quota = _read(os.path.join(base, *parts[:i], "cpu.cfs_quota_us"))
+                period = _read(os.path.join(base, *parts[:i], "cpu.cfs_period_us"))
+                try:
+                    q, p = int(quota), int(period)  # (TypeError: a file not there)
+                except (TypeError, ValueError):
+                    continue
+                if q > 0 and p > 0:
+                    limits.append(q / p)
+            break
+    return min(limits) if limits else None
+
+
+def _usable_cpus() -> int:
+    """CPUs this process may use: its CPU affinity (os.cpu_count() where that is unknown),
+    capped by its cgroup's CPU quota rounded up (:func:`_cgroup_cpu_limit`)."""
+    try:
+        n = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
-        return os.cpu_count() or 1
+        n = os.cpu_count() or 1
+    limit = _cgroup_cpu_limit()
+    if limit is not None:
+        n = min(n, max(1, math.ceil(limit)))
+    return n
 
 
 def configure(mode: str) -> bool:
