@@ -532,3 +532,28 @@ def test_large_puts_into_fixed_buffers_survive_sigkill_and_clients_leaving(daemo
                             for j in range(4)],
         want=24, wait_s=max(0.0, deadline - time.monotonic()) + 20, max_puts=60)
     _all_there(spawn(daemons, workdir, size=str(96 << 20)), acked)
+
+
+def test_parallel_hash_auto_on_one_cpu_keeps_large_puts_on_the_loop(workdir):
+    """`ringblob serve` with the default parallel_hash (auto) confined to one CPU (taskset, as
+    systemd's CPUAffinity= would): no hash worker — STAT and the log say so — and large values
+    round-trip intact, checked on GET."""
+    import pathlib
+
+    import conftest
+
+    d = conftest.Daemon(pathlib.Path(workdir), size="32M")  # (`ringblob serve`, not the dev entry)
+    d.args = ["taskset", "-c", str(min(os.sched_getaffinity(0))), *d.args]
+    d.start()
+    try:
+        c = Raw(str(d.socket))
+        big = os.urandom((1 << 20) + 3)
+        c.ok(P.encode_put(1, b"big", big, sync=True))
+        assert c.ok(P.encode_get(2, b"big")) == big
+        st = P.decode_stat_reply(c.ok(P.encode_stat(3)))
+        assert st["hash_worker"] is False and st["parallel_hash"] is False and st["values_leased"] == 1
+        c.close()
+    finally:
+        assert d.stop() == 0
+    log = d.output()
+    assert "parallel_hash auto: " in log and "a large PUT's buffers on the event loop's thread (1 usable CPU)" in log
