@@ -129,7 +129,7 @@ def test_cgroup_cpu_quota_caps_the_usable_cpus(tmp_path, monkeypatch, proc_line,
     monkeypatch.setattr(digest, "_PROC_CGROUP", str(tmp_path / "proc_cgroup"))
     monkeypatch.setattr(digest, "_CGROUP_ROOT", str(tmp_path / "cg"))
     monkeypatch.setattr(digest.os, "sched_getaffinity", lambda pid: set(range(8)))
-    assert digest._cgroup_cpu_limit() == want
+    assert digest.cgroup_cpu_limit() == want
     assert digest._usable_cpus() == (8 if want is None else max(1, -(-want // 1)))
     digest.configure("auto")
     assert digest.hash_worker() is (want is None or want > 1)
@@ -138,4 +138,4 @@ def test_cgroup_cpu_quota_caps_the_usable_cpus(tmp_path, monkeypatch, proc_line,
 def test_unreadable_cgroup_files_leave_the_affinity(tmp_path, monkeypatch):
     monkeypatch.setattr(digest, "_PROC_CGROUP", str(tmp_path / "missing"))
     monkeypatch.setattr(digest.os, "sched_getaffinity", lambda pid: {0, 1, 2})
-    assert digest._cgroup_cpu_limit() is None and digest._usable_cpus() == 3
+    assert digest.cgroup_cpu_limit() is None and digest._usable_cpus() == 3

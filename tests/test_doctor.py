@@ -29,7 +29,7 @@ from ringblob.store.blobstore import choose_sync_method
 ROOT = Path(__file__).resolve().parent.parent
 RINGBLOB = str(Path(sys.executable).parent / "ringblob")
 DENY = str(ROOT / "tests" / "deny_io_uring.py")
-NAMES = ["kernel", "liburing", "io_uring", "opcodes", "extension", "store", "data", "memlock", "engine", "sync"]
+NAMES = ["kernel", "liburing", "io_uring", "opcodes", "extension", "store", "data", "memlock", "engine", "sync", "hash"]
 LINE = re.compile(r"^(OK|WARN|FAIL) +([a-z_]+) +\S")
 NOBODY = 65534
 
@@ -147,6 +147,32 @@ def test_sync_check_reports_the_configured_method(repo_tmp):
     s = checks(d)["sync"]
     assert rc == 0 and s["details"]["requested"] == "fdatasync" and s["details"]["chosen"] == "fdatasync"
     assert "as configured" in s["message"]
+
+
+def test_hash_check_says_what_parallel_hash_comes_to_here(repo_tmp):
+    """The hash check: auto puts a large PUT's buffers on the hash worker where 2+ CPUs are usable
+    (not under taskset -c 0), on adds BLAKE3's pool, off neither; --config supplies the mode and
+    the flag wins; informational, never a failure."""
+    data = str(repo_tmp / "x.data")
+    cpus = len(os.sched_getaffinity(0))
+    rc, d = doctor_json("--data", data, "--engine", "psync")
+    h = checks(d)["hash"]
+    assert rc == 0 and h["status"] == "OK" and h["details"]["requested"] == "auto"
+    assert h["details"]["hash_worker"] is (cpus >= 2) and h["details"]["thread_pool"] is False
+    assert h["details"]["usable_cpus"] == cpus and f"({cpus} usable CPU" in h["message"]
+    rc, d = doctor_json("--data", data, "--engine", "psync", wrap=["taskset", "-c", str(min(os.sched_getaffinity(0)))])
+    h = checks(d)["hash"]
+    assert rc == 0 and h["details"]["hash_worker"] is False and h["details"]["usable_cpus"] == 1
+    assert h["message"].startswith("parallel_hash auto: a large PUT's buffers on the event loop")
+    cfg = repo_tmp / "ringblob.toml"
+    cfg.write_text(f'data = "{data}"\nengine = "psync"\nparallel_hash = "on"\n')
+    rc, d = doctor_json("--config", str(cfg))
+    h = checks(d)["hash"]
+    assert rc == 0 and h["details"]["thread_pool"] is True and h["details"]["hash_worker"] is True
+    rc, d = doctor_json("--config", str(cfg), "--parallel-hash", "off")
+    h = checks(d)["hash"]
+    assert rc == 0 and h["details"]["requested"] == "off" and not h["details"]["hash_worker"]
+    assert list(repo_tmp.iterdir()) == [cfg]
 
 
 def test_existing_data_file_is_read_not_written(repo_tmp):

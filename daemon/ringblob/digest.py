@@ -44,8 +44,8 @@ import blake3
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PARALLEL_MIN", "PARALLEL_MODES", "configure", "mode", "parallel", "hash_worker", "digest",
-           "worker_put"]
+__all__ = ["PARALLEL_MIN", "PARALLEL_MODES", "configure", "resolve", "mode", "parallel", "hash_worker",
+           "cgroup_cpu_limit", "digest", "worker_put"]
 
 PARALLEL_MIN = 128 * 1024
 """Bytes: values below this are always hashed on one thread (BLAKE3's pool gains nothing on
@@ -76,7 +76,7 @@ def _read(path: str) -> str | None:
         return None
 
 
-def _cgroup_cpu_limit() -> float | None:
+def cgroup_cpu_limit() -> float | None:
     """CPUs per period the process's cgroup and its ancestors allow (the smallest CPU quota
     divided by its period: cgroup v2's ``cpu.max``, else v1's ``cpu.cfs_quota_us`` /
     ``cpu.cfs_period_us``, as systemd's ``CPUQuota=`` or ``docker --cpus`` set them); None when
@@ -125,12 +125,12 @@ def _cgroup_cpu_limit() -> float | None:
 
 def _usable_cpus() -> int:
     """CPUs this process may use: its CPU affinity (os.cpu_count() where that is unknown),
-    capped by its cgroup's CPU quota rounded up (:func:`_cgroup_cpu_limit`)."""
+    capped by its cgroup's CPU quota rounded up (:func:`cgroup_cpu_limit`)."""
     try:
         n = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         n = os.cpu_count() or 1
-    limit = _cgroup_cpu_limit()
+    limit = cgroup_cpu_limit()
     if limit is not None:
         n = min(n, max(1, math.ceil(limit)))
     return n
@@ -147,11 +147,9 @@ def configure(mode: str) -> bool:
     choices for any other mode, changing nothing.
     """
     global _max_threads, _worker, _mode
-    if mode not in PARALLEL_MODES:
-        raise ValueError(f"parallel_hash: {mode!r} is not one of {', '.join(PARALLEL_MODES)}")
-    cpus = _usable_cpus()
-    _max_threads = _AUTO if mode == "on" else 1
-    _worker = mode == "on" or (mode == "auto" and cpus >= 2)
+    pool, worker, cpus = resolve(mode)
+    _max_threads = _AUTO if pool else 1
+    _worker = worker
     _mode = mode
     log.info("parallel_hash %s: whole values of %d KiB or more are hashed %s; a large PUT's buffers %s "
              "(%d usable CPU%s)", mode, PARALLEL_MIN // 1024,
@@ -164,6 +162,17 @@ def configure(mode: str) -> bool:
 def parallel() -> bool:
     """Whether whole large values are hashed by BLAKE3's thread pool (see :func:`configure`)."""
     return _max_threads != 1
+
+
+def resolve(mode: str) -> tuple[bool, bool, int]:
+    """What :func:`configure` would set for ``mode`` on this host, changing nothing: ``(pool,
+    worker, usable_cpus)`` — BLAKE3's thread pool for whole values, the hash worker for a large
+    PUT's buffers, and the CPUs counted for ``"auto"`` (affinity capped by the cgroup's CPU quota).
+    Raises ``ValueError`` naming the choices for a mode not in :data:`PARALLEL_MODES`."""
+    if mode not in PARALLEL_MODES:
+        raise ValueError(f"parallel_hash: {mode!r} is not one of {', '.join(PARALLEL_MODES)}")
+    cpus = _usable_cpus()
+    return mode == "on", mode == "on" or (mode == "auto" and cpus >= 2), cpus
 
 
 def mode() -> str:

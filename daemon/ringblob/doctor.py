@@ -35,7 +35,12 @@ The checks:
   and closing it again;
 * ``sync`` — which ``sync_method`` the store takes on the data path's device
   (``auto``: dsync where the device has FUA or no volatile write cache, else
-  fdatasync) and why; informational, never a failure.
+  fdatasync) and why; informational, never a failure;
+* ``hash`` — what ``parallel_hash`` comes to on this host
+  (:func:`ringblob.digest.resolve`): whether a large PUT's buffers go to the
+  hash worker thread (``auto``: where the daemon may use 2 CPUs or more, its
+  CPU affinity capped by its cgroup's CPU quota) and whether BLAKE3's thread
+  pool hashes whole large values (``on``); informational, never a failure.
 
 A check's status depends on the engine asked for: io_uring problems are FAIL
 for ``--engine uring``, WARN for ``auto`` (which falls back to psync) and
@@ -162,16 +167,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sync-method", choices=SYNC_METHODS, default=None,
                         help="how group commits will be made durable (default auto): the check says which "
                         "method auto takes for the data path's device, and why")
+    from .config import PARALLEL_HASH_MODES
+
+    parser.add_argument("--parallel-hash", choices=PARALLEL_HASH_MODES, default=None,
+                        help="which thread hashes large values (default auto): the check says what it comes "
+                        "to on this host")
 
 
 def settings_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    """``data``, ``engine``, ``buffer_size``, ``buffer_count``, ``sync_method`` from flags > ``--config`` TOML > defaults.
+    """``data``, ``engine``, ``buffer_size``, ``buffer_count``, ``sync_method``, ``parallel_hash`` from flags >
+    ``--config`` TOML > defaults.
 
     Raises :class:`~ringblob.errors.ConfigError` for a bad or unreadable TOML file and for
     values ``ringblob serve`` would refuse (e.g. fewer buffers than the store needs).
     """
     values: dict[str, Any] = {"data": DEFAULT_DATA, "engine": "auto", "buffer_size": DEFAULT_BUFFER_SIZE,
-                              "buffer_count": DEFAULT_BUFFER_COUNT, "sync_method": "auto"}
+                              "buffer_count": DEFAULT_BUFFER_COUNT, "sync_method": "auto", "parallel_hash": "auto"}
     if getattr(args, "config", None):
         from .config import load_toml
 
@@ -456,15 +467,33 @@ def _check_sync(target: str, sync_method: str) -> Check:
     return Check("sync", OK, f"sync_method {sync_method} -> {chosen} ({why})", details)
 
 
+def _check_hash(parallel_hash: str) -> Check:
+    """What ``parallel_hash`` comes to on this host (``ringblob.digest.resolve``): informational."""
+    from .digest import cgroup_cpu_limit, resolve
+
+    pool, worker, cpus = resolve(parallel_hash)
+    quota = cgroup_cpu_limit()
+    details = {"requested": parallel_hash, "hash_worker": worker, "thread_pool": pool, "usable_cpus": cpus,
+               "cgroup_cpu_quota": quota}
+    where = f"{cpus} usable CPU{'' if cpus == 1 else 's'}" + (
+        f", cgroup CPU quota {quota:g}" if quota is not None else "")
+    put_side = "by the hash worker thread" if worker else "on the event loop"
+    whole = "by BLAKE3's thread pool" if pool else "on the event loop"
+    return Check("hash", OK, f"parallel_hash {parallel_hash}: a large PUT's buffers {put_side}, whole large "
+                 f"values {whole} ({where})", details)
+
+
 def diagnose(data: str = DEFAULT_DATA, engine: str = "auto", buffer_size: int = DEFAULT_BUFFER_SIZE,
-             buffer_count: int = DEFAULT_BUFFER_COUNT, sync_method: str = "auto") -> Report:
+             buffer_count: int = DEFAULT_BUFFER_COUNT, sync_method: str = "auto",
+             parallel_hash: str = "auto") -> Report:
     """Run every check and return the :class:`Report` (never raises for a host problem).
 
     ``data``: the data file or block device path; ``engine``: ``auto``,
     ``uring`` or ``psync``; ``buffer_size`` (bytes) x ``buffer_count``: the
     registered buffer pool to check memlock and engine creation against;
     ``sync_method``: ``auto``, ``dsync`` or ``fdatasync`` (the ``sync`` check
-    says which one the store takes on the data path's device).
+    says which one the store takes on the data path's device); ``parallel_hash``:
+    ``off``, ``auto`` or ``on`` (the ``hash`` check says what it comes to here).
     """
     from .probe import INSTALL_HINT, REQUIRED_OPCODES, probe
 
@@ -585,6 +614,7 @@ def diagnose(data: str = DEFAULT_DATA, engine: str = "auto", buffer_size: int = 
     finally:
         data_probe.close()
     checks.append(_check_sync(data_probe.where or data, sync_method))
+    checks.append(_check_hash(parallel_hash))
 
     return Report(version=__version__, engine_requested=engine, engine=chosen, data=data,
                   buffer_size=buffer_size, buffer_count=buffer_count, checks=checks,
