@@ -2162,6 +2162,13 @@ def _record(aio, real, seen):
     return submit_now
 
 
+class _PlainBuf:
+    """A stand-in for a fixed buffer (its ``view``) for LeasedValue tests without a store."""
+
+    def __init__(self, n):
+        self.view = memoryview(bytearray(n))
+
+
 def test_leased_value_takes_pieces_in_order_and_refuses_what_does_not_fit(parallel_hash):
     """LeasedValue (C) over plain buffers: targets never pass a buffer's end nor the value's,
     pieces of any size (1 byte, across buffer ends by write) hash to the value's digest (on
@@ -2169,21 +2176,17 @@ def test_leased_value_takes_pieces_in_order_and_refuses_what_does_not_fit(parall
     the constructor refuse what cannot be."""
     from ringblob.store.leased import LeasedValue
 
-    class Buf:
-        def __init__(self, n):
-            self.view = memoryview(bytearray(n))
-
     bsz = 4096
     length = 3 * bsz - 5
     v = os.urandom(length)
     released = []
     with pytest.raises(ValueError):
-        LeasedValue([Buf(bsz), Buf(bsz)], length, bsz, released.append)
+        LeasedValue([_PlainBuf(bsz), _PlainBuf(bsz)], length, bsz, released.append)
     with pytest.raises(ValueError):
-        LeasedValue([Buf(bsz)] * 4, length, bsz, released.append)
+        LeasedValue([_PlainBuf(bsz)] * 4, length, bsz, released.append)
     with pytest.raises(ValueError):
         LeasedValue([], 0, bsz, released.append)
-    bufs = [Buf(bsz) for _ in range(3)]
+    bufs = [_PlainBuf(bsz) for _ in range(3)]
     lv = LeasedValue(bufs, length, bsz, released.append)
     assert lv.length == length and lv.received == 0 and not lv.complete and lv.buffers == bufs
     pos = 0
@@ -2225,10 +2228,6 @@ def test_parallel_hash_on_hashes_a_leased_value_on_the_hash_worker_and_release_w
     still read them."""
     from ringblob.store.leased import LeasedValue
 
-    class Buf:
-        def __init__(self, n):
-            self.view = memoryview(bytearray(n))
-
     was = digest.mode()
     digest.configure("on")
     try:
@@ -2237,7 +2236,7 @@ def test_parallel_hash_on_hashes_a_leased_value_on_the_hash_worker_and_release_w
         v = os.urandom(3 * bsz - 7)
         gate = threading.Event()
         put((lambda _: gate.wait(10), None))  # the worker is busy until the gate opens
-        lv = LeasedValue([Buf(bsz) for _ in range(3)], len(v), bsz, lambda bufs: None)
+        lv = LeasedValue([_PlainBuf(bsz) for _ in range(3)], len(v), bsz, lambda bufs: None)
         _receive(lv, v)  # every buffer filled and queued, none hashed yet
         got = []
         t = threading.Thread(target=lambda: got.append(lv.digest()))
@@ -2252,7 +2251,7 @@ def test_parallel_hash_on_hashes_a_leased_value_on_the_hash_worker_and_release_w
         gate2 = threading.Event()
         put((lambda _: gate2.wait(10), None))
         released = []
-        lv2 = LeasedValue([Buf(bsz) for _ in range(3)], len(v), bsz, released.append)
+        lv2 = LeasedValue([_PlainBuf(bsz) for _ in range(3)], len(v), bsz, released.append)
         t = lv2.target()
         t[:] = v[:bsz]
         t.release()
@@ -2370,17 +2369,24 @@ def test_put_leased_nowait_refusals_and_errors_release_or_keep_the_buffers(tdir,
     run(main())
 
 
-def test_put_leased_nowait_digest_failing_after_the_write_frees_the_extent(tdir, engine, monkeypatch):
-    """The digest put_leased_nowait did not wait for (the hash worker's) fails when the data write
-    has completed: done gets that error, the extent goes back to the free space, nothing is
-    stored, the buffers go back to the pool and the store stays writable."""
+def _lease_values_whose_digest_fails(monkeypatch):
+    """Make the store lease values whose digest() raises as a failed hash worker's does; returns
+    their class (a subclass: the C class itself cannot be patched)."""
     from ringblob.store import blobstore, leased
 
-    class FailingDigest(leased.LeasedValue):  # (the C class itself cannot be patched)
+    class FailingDigest(leased.LeasedValue):
         def digest(self):
             raise RuntimeError("LeasedValue: hashing the value on the hash worker failed: test")
 
     monkeypatch.setattr(blobstore, "LeasedValue", FailingDigest)
+    return FailingDigest
+
+
+def test_put_leased_nowait_digest_failing_after_the_write_frees_the_extent(tdir, engine, monkeypatch):
+    """The digest put_leased_nowait did not wait for (the hash worker's) fails when the data write
+    has completed: done gets that error, the extent goes back to the free space, nothing is
+    stored, the buffers go back to the pool and the store stays writable."""
+    FailingDigest = _lease_values_whose_digest_fails(monkeypatch)
 
     async def main():
         p = os.path.join(tdir, "d")
@@ -2412,13 +2418,7 @@ def test_put_leased_nowait_failed_data_write_answers_ioerror_and_releases(tdir, 
     back to the pool and reads go on — also when the digest taken after the write (the hash
     worker's) would have failed too: the failed write decides."""
     if digest_fails:
-        from ringblob.store import blobstore, leased
-
-        class FailingDigest(leased.LeasedValue):
-            def digest(self):
-                raise RuntimeError("LeasedValue: hashing the value on the hash worker failed: test")
-
-        monkeypatch.setattr(blobstore, "LeasedValue", FailingDigest)
+        _lease_values_whose_digest_fails(monkeypatch)
 
     async def main():
         holder, s, free0, v, lv = await _received_on_faulty_store(tdir, engine)

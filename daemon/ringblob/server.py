@@ -855,10 +855,11 @@ class Server(ServerCore):
             P.Op.STAT: self._op_stat_now,
         }
         has = getattr(store, "has", None)
-        if not inspect.iscoroutinefunction(has):
+        has_is_plain = not inspect.iscoroutinefunction(has)
+        if has_is_plain:
             self._inline[P.Op.HAS] = self._op_has_now
         # HAS and PING of a plain read are answered in C (ConnCore._take_scratch) the same way
-        self._has_now = has if callable(has) and not inspect.iscoroutinefunction(has) else None
+        self._has_now = has if has_is_plain and callable(has) else None
         self._handlers: dict[P.Op, Callable[[P.Request], Awaitable[list]]] = {
             P.Op.PUT: self._op_put,
             P.Op.GET: self._op_get,
