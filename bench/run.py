@@ -1046,7 +1046,7 @@ class RingblobSide:
 
 STAT_COUNTERS = ("gets", "puts", "fdatasyncs", "dsync_commits", "group_commits", "group_commit_writes",
                  "journal_batches", "journal_bytes_written", "flushes", "flushes_skipped", "checkpoints", "bytes_read",
-                 "bytes_written")
+                 "bytes_written", "values_leased", "values_streamed")
 
 
 def _sync_methods_note(rows: list) -> str:

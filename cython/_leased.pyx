@@ -14,7 +14,9 @@ copy included). With the hash worker (``ringblob.digest``:
 instead, which hashes it while the caller receives the next:
 :meth:`LeasedValue.digest` waits for the worker's last job of the value and
 :meth:`LeasedValue.release` for all of them (the worker reads the buffers
-until then). It knows nothing of sockets or keys.
+until then). A ``writer`` the store attaches (``PutPath.stream``) is told
+each time a buffer holds its final bytes, so the store can write it while the
+rest arrives. It knows nothing of sockets or keys.
 """
 
 cimport cython
@@ -36,7 +38,11 @@ cdef class LeasedValue:
     last when the value is complete), or
     :meth:`write` (copies). :meth:`release` gives the buffers back (idempotent; ``on_release``
     is called once with them); :meth:`BlobStore.put_leased` releases them itself.
-    Attributes: ``length`` and ``received`` (bytes), ``complete``, ``released``.
+    Attributes: ``length`` and ``received`` (bytes), ``complete``, ``released``, and ``writer``:
+    None, or an object whose ``buffer_full(index)`` is called each time buffer ``index`` holds its
+    final bytes (every buffer once, in order: a full one as it fills, the last when the value is
+    complete; they must not change from then on) and whose ``abandon()`` is called by
+    :meth:`release` before the buffers go back (the store's ``PutPath.stream`` sets it).
 
     ``ValueError`` from the constructor when the buffers cannot hold exactly ``length`` bytes.
     """
@@ -56,6 +62,7 @@ cdef class LeasedValue:
     cdef object _pending  # a lock held while the worker has jobs of this value left (else None)
     cdef bytes _digest  # computed by the worker
     cdef object _error  # what the worker's hashing raised, if anything
+    cdef public object writer  # told of each buffer with its final bytes (see the class docstring)
 
     def __init__(self, bufs, Py_ssize_t length, Py_ssize_t buffer_size, on_release):
         bufs = list(bufs)
@@ -83,6 +90,7 @@ cdef class LeasedValue:
         self._pending = None
         self._digest = None
         self._error = None
+        self.writer = None
 
     @property
     def complete(self):
@@ -112,7 +120,8 @@ cdef class LeasedValue:
     def advance(self, Py_ssize_t nbytes):
         """``nbytes`` were written into the view :meth:`target` returned; when they fill the
         current buffer (or complete the value) it is hashed, whole, now (queued to the hash worker
-        instead where ``ringblob.digest.hash_worker()``: keep the bytes unchanged until :meth:`release`).
+        instead where ``ringblob.digest.hash_worker()``: keep the bytes unchanged until :meth:`release`),
+        and then the ``writer``, if any, is told (``buffer_full``).
 
         Raises ``ValueError`` when they do not fit that view (or the value was released).
         """
@@ -140,6 +149,8 @@ cdef class LeasedValue:
                 self._put((self._hash_job, self._views[self._i]))
                 if self.received == self.length:
                     self._put((self._finish_job, self._pending))
+            if self.writer is not None:
+                self.writer.buffer_full(self._i)
             self._i += 1
             self._off = 0
             self._cur_len = len(self._views[self._i]) if self.received < self.length else 0
@@ -210,10 +221,14 @@ cdef class LeasedValue:
         return self._digest
 
     def release(self):
-        """Give the buffers back (idempotent). After it, nothing may write into views of them."""
+        """Give the buffers back (idempotent; the ``writer``'s ``abandon()`` first). After it,
+        nothing may write into views of them."""
         bufs, self._bufs = self._bufs, None
         if bufs is not None:
             self._wait()  # the hash worker reads the buffers until then
+            w, self.writer = self.writer, None
+            if w is not None:
+                w.abandon()  # (a write still in flight keeps its buffer: the engine defers it to its CQE)
             self._views = []
             self._on_release(bufs)
 

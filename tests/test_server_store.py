@@ -179,14 +179,19 @@ async def serve_opts(workdir, size=32 << 20, **opts):
     return srv, store, c
 
 
-async def settle(store, free0) -> None:
-    """Wait (briefly) until every fixed buffer but the committer's is back in the pool."""
+async def settle(store, free0, free_bytes=None) -> None:
+    """Wait (briefly) until every fixed buffer but the committer's is back in the pool (and, given
+    ``free_bytes``, the store's free space is at least that again: no extent of a value given up
+    is kept)."""
     for _ in range(100):
-        if store._aio.engine.free_buffers == free0 and store.stat()["receive_buffers_held"] == 0:
+        st = store.stat()
+        if (store._aio.engine.free_buffers == free0 and st["receive_buffers_held"] == 0
+                and (free_bytes is None or st["free_bytes"] >= free_bytes)):
             return
         await asyncio.sleep(0.01)
-    raise AssertionError(f"buffers leaked: {store._aio.engine.free_buffers} free of {free0}, "
-                         f"{store.stat()['receive_buffers_held']} held by values being received")
+    raise AssertionError(f"buffers or space leaked: {store._aio.engine.free_buffers} free of {free0}, "
+                         f"{store.stat()['receive_buffers_held']} held by values being received, "
+                         f"{store.stat()['free_bytes']} bytes free (want {free_bytes})")
 
 
 def test_large_puts_are_received_into_fixed_buffers_and_round_trip(workdir):
@@ -211,13 +216,14 @@ def test_large_puts_are_received_into_fixed_buffers_and_round_trip(workdir):
         v = os.urandom(MiB)
         digest = blake3.blake3(v).digest()
         P.raise_for_status(await c.call(P.encode_put(rid, digest, v, verify=True, sync=True)))
+        space = store.stat()["free_bytes"]
         f = await c.call(P.encode_put(rid + 1, b"\x01" * 32, v, verify=True))
         assert isinstance(P.reply_error(f), errors.DigestMismatch)
         assert (await c.call(P.encode_get(rid + 2, digest))).body == v
         assert isinstance(P.reply_error(await c.call(P.encode_get(rid + 3, b"\x01" * 32))), errors.NotFound)
         st = store.stat()
-        assert st["values_leased"] == len(sizes) + 2 and st["lease_value_refused"] == 0
-        await settle(store, free0)
+        assert st["values_leased"] == st["values_streamed"] == len(sizes) + 2 and st["lease_value_refused"] == 0
+        await settle(store, free0, space)  # the wrong digest's extent: freed, as nothing was stored
         c.w.close()
         await srv.shutdown()
         # durable across a restart (the close checkpoints; the journal records are the same)
@@ -230,11 +236,13 @@ def test_large_puts_are_received_into_fixed_buffers_and_round_trip(workdir):
 
 def test_client_leaving_mid_body_gives_every_buffer_back(workdir):
     """A client that disconnects while its PUT's key or value is arriving (in the key, in the
-    first buffer, on a buffer boundary, in the last buffer) leaves no buffer leased."""
+    first buffer, on a buffer boundary, in the last buffer) leaves no buffer leased, and the
+    extent its value was being written into (buffer by buffer, a stream) is free again."""
 
     async def main():
         srv, store, c = await serve_opts(workdir)
         free0 = store._aio.engine.free_buffers
+        space0 = store.stat()["free_bytes"]
         frame = P.encode_put(1, b"gone", os.urandom(3 * BSZ + 5))
         head = P.HEADER_SIZE + 1 + 4
         for cut in (P.HEADER_SIZE + 1, head + 1, head + BSZ, head + 2 * BSZ + 100, len(frame) - 1):
@@ -245,10 +253,12 @@ def test_client_leaving_mid_body_gives_every_buffer_back(workdir):
                 if srv.metrics.bytes_received >= cut and (cut <= head or store.stat()["receive_buffers_held"]):
                     break
                 await asyncio.sleep(0.01)
+            if cut > head:
+                assert store.stat()["free_bytes"] < space0  # the value's extent, taken when it was leased
             w.close()
-            await settle(store, free0)
+            await settle(store, free0, space0)
             srv.metrics.bytes_received = 0
-        assert not store.has(b"gone")
+        assert not store.has(b"gone") and store.stat()["values_streamed"] == 4
         P.raise_for_status(await c.call(P.encode_put(9, b"after", b"a" * (2 * BSZ), sync=True)))
         assert (await c.call(P.encode_get(10, b"after"))).body == b"a" * (2 * BSZ)
         await settle(store, free0)

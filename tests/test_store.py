@@ -2076,9 +2076,11 @@ def test_lease_value_declines_small_values_past_the_cap_and_when_not_writable(td
     run(main())
 
 
-async def _received_on_faulty_store(tdir, engine):
+async def _received_on_faulty_store(tdir, engine, failing_write=1):
     """A store on a fault-injecting engine holding ``a`` -> ``1`` (durable), and a 1 MiB value
-    received into leased buffers: ``(holder, store, free buffers before the lease, value, leased)``."""
+    received into leased buffers whose writes (queued buffer by buffer as they filled: a
+    stream) include one that fails, the ``failing_write``-th: ``(holder, store, free buffers before the
+    lease, value, leased)``."""
     p = os.path.join(tdir, "d")
     holder, wrap = _faulty_open(p, engine)
     s = await BlobStore.create(p, 8 * MiB, engine=engine, wrap_engine=wrap)
@@ -2086,6 +2088,8 @@ async def _received_on_faulty_store(tdir, engine):
     free0 = s._aio.engine.free_buffers
     v = os.urandom(MiB)
     lv = s.lease_value(len(v))
+    assert lv.writer is not None
+    holder["e"].fail_next("write", failing_write)
     _receive(lv, v)
     return holder, s, free0, v, lv
 
@@ -2093,7 +2097,6 @@ async def _received_on_faulty_store(tdir, engine):
 def test_put_leased_write_error_turns_read_only_and_releases(tdir, engine):
     async def main():
         holder, s, free0, v, lv = await _received_on_faulty_store(tdir, engine)
-        holder["e"].fail_next("write")
         with pytest.raises(IOFailed):
             await s.put_leased(b"big", lv, sync=True)
         stand_in = 1 if holder["e"]._scratch is not None else 0  # the wrapper's buffer for the failed op
@@ -2332,9 +2335,13 @@ def test_put_leased_nowait_refusals_and_errors_release_or_keep_the_buffers(tdir,
         for exc, key, kw in ((DigestMismatch, b"\x00" * 32, {"verify": True}), (InvalidKey, b"", {})):
             before = s.stat()
             lv = s.lease_value(len(v))
+            stream = lv.writer  # its buffers are written as they fill (a stream)
+            assert stream is not None and s.stat()["free_bytes"] < before["free_bytes"]
             _receive(lv, v)
             with pytest.raises(exc):
                 s.put_leased_nowait(key, lv, never, **kw)
+            assert lv.released and lv.writer is None
+            await _stream_idle(stream)  # the writes in flight complete, then the extent is freed
             after = s.stat()
             assert lv.released and s._aio.engine.free_buffers == free0 and after["receive_buffers_held"] == 0
             assert after["bytes_written"] == before["bytes_written"] and after["free_bytes"] == before["free_bytes"]
@@ -2367,6 +2374,13 @@ def test_put_leased_nowait_refusals_and_errors_release_or_keep_the_buffers(tdir,
         await s.close()
 
     run(main())
+
+
+async def _stream_idle(stream) -> None:
+    """Wait until no write of a value's stream (its ``writer``) is in flight."""
+    f = stream.wait_idle()
+    if f is not None:
+        await f
 
 
 def _lease_values_whose_digest_fails(monkeypatch):
@@ -2421,8 +2435,7 @@ def test_put_leased_nowait_failed_data_write_answers_ioerror_and_releases(tdir, 
         _lease_values_whose_digest_fails(monkeypatch)
 
     async def main():
-        holder, s, free0, v, lv = await _received_on_faulty_store(tdir, engine)
-        holder["e"].fail_next("write", 2)
+        holder, s, free0, v, lv = await _received_on_faulty_store(tdir, engine, 2)
         fut = asyncio.get_running_loop().create_future()
         assert s.put_leased_nowait(b"big", lv, lambda value, err: fut.set_result(err), sync=True)
         err = await fut
@@ -2604,6 +2617,123 @@ def test_store_resolves_auto_for_its_device_and_says_so(tdir, caplog):
         await s.close()
         s = await BlobStore.open(p, engine="psync", sync_method="dsync")
         assert s.sync_method == "dsync" and s.stat()["sync_method"] == "dsync"
+        await s.close()
+
+    run(main())
+
+
+async def _writes_done(stream) -> None:
+    """Let the loop turn's submit go out and wait until no write of ``stream`` is in flight."""
+    await asyncio.sleep(0)
+    await _stream_idle(stream)
+
+
+def test_a_leased_value_is_written_buffer_by_buffer_while_it_arrives(tdir, engine, parallel_hash):
+    """lease_value allocates the value's extent at once (a stream: values_streamed), and each
+    buffer is on the disk as soon as it is full, before the rest of the value has arrived; the
+    put then takes that extent: the value reads back, survives a crash and a reopen, and every
+    buffer goes back to the pool."""
+
+    async def main():
+        p = os.path.join(tdir, "d")
+        s = await BlobStore.create(p, 16 * MiB, engine=engine)
+        await s.put(b"first", b"1")
+        free0, space0 = s._aio.engine.free_buffers, s.stat()["free_bytes"]
+        v = os.urandom(3 * BSZ + 5000)
+        lv = s.lease_value(len(v))
+        stream = lv.writer
+        assert stream is not None and s.stat()["values_streamed"] == 1
+        extent = stream.npages * s.page_size
+        assert extent == -(-len(v) // s.page_size) * s.page_size and s.stat()["free_bytes"] == space0 - extent
+        offset = stream.page * s.page_size
+        lv.write(v[: BSZ + 100])  # the first buffer full, the second begun
+        assert stream.issued == 1
+        await _writes_done(stream)
+        with open(p, "rb") as f:
+            assert os.pread(f.fileno(), BSZ, offset) == v[:BSZ]  # on the disk, the value incomplete
+        lv.write(v[BSZ + 100 :])
+        assert lv.complete and stream.issued == 4 and not stream.stopped
+        fut = asyncio.get_running_loop().create_future()
+        assert s.put_leased_nowait(b"k", lv, lambda _r, err: fut.set_result(err), sync=True)
+        assert lv.writer is None  # the put took the stream's extent
+        assert await fut is None and await s.get(b"k") == v
+        assert s.stat()["free_bytes"] == space0 - extent and s.stat()["bytes_written"] >= len(v)
+        assert lv.released and s._aio.engine.free_buffers == free0
+        with open(p, "rb") as f:
+            assert os.pread(f.fileno(), len(v), offset) == v
+        await s.abandon()  # crash: acknowledged with sync=True
+        s = await BlobStore.open(p, engine=engine)
+        assert await s.get(b"k") == v
+        await s.close()
+        s = await BlobStore.open(p, engine=engine)
+        assert await s.get(b"k") == v
+        await s.close()
+
+    run(main())
+
+
+def test_a_value_given_up_frees_its_extent_only_once_its_writes_completed(tdir, engine):
+    """A value released half way (the client went away) while its buffers' writes are in flight
+    keeps its extent until they completed — an extent freed earlier could be given to the next
+    put and then overwritten by the stale write — and then frees it; the space is taken again by
+    later puts, which read back their own bytes."""
+
+    async def main():
+        p = os.path.join(tdir, "d")
+        s = await BlobStore.create(p, 16 * MiB, engine=engine)
+        await s.put(b"first", b"1")
+        free0, space0 = s._aio.engine.free_buffers, s.stat()["free_bytes"]
+        v = os.urandom(4 * BSZ)
+        lv = s.lease_value(len(v))
+        stream = lv.writer
+        lv.write(v[: 2 * BSZ + 7])  # two buffers' writes queued
+        assert stream.issued == 2 and stream.inflight == 2
+        lv.release()
+        assert lv.released and lv.writer is None
+        assert s.stat()["free_bytes"] == space0 - 4 * BSZ  # not yet: its writes are in flight
+        await _writes_done(stream)
+        assert stream.inflight == 0 and s.stat()["free_bytes"] == space0
+        assert s._aio.engine.free_buffers == free0 and s.stat()["receive_buffers_held"] == 0
+        w = os.urandom(4 * BSZ)
+        lv2 = s.lease_value(len(w))
+        _receive(lv2, w)
+        await s.put_leased(b"w", lv2, sync=True)
+        await s.put(b"x", os.urandom(3000), sync=True)
+        assert await s.get(b"w") == w and not s.has(b"v")
+        # given up before any buffer was full: nothing in flight, the extent is free at once
+        lv3 = s.lease_value(len(v))
+        lv3.write(v[:100])
+        before = s.stat()["free_bytes"]
+        lv3.release()
+        assert s.stat()["free_bytes"] == before + 4 * BSZ
+        await s.close()
+
+    run(main())
+
+
+def test_a_stream_that_finds_no_queue_slots_is_finished_by_the_put(tdir, engine):
+    """queue_depth 4: a second value's buffer writes find the slots taken by the first's, so its
+    stream stops; put_leased_nowait declines (its last writes find no slots either) and
+    put_leased gives the stream up (its extent freed once its write completed) and writes the
+    value anew. Both values read back, and no space or buffer is left behind."""
+
+    async def main():
+        p = os.path.join(tdir, "d")
+        s = await BlobStore.create(p, 16 * MiB, engine=engine, queue_depth=4, buffer_count=16)
+        await s.put(b"first", b"1")
+        free0, space0 = s._aio.engine.free_buffers, s.stat()["free_bytes"]
+        a, b = os.urandom(3 * BSZ), os.urandom(3 * BSZ - 1)
+        la, lb = s.lease_value(len(a)), s.lease_value(len(b))
+        _receive(la, a)
+        _receive(lb, b)
+        assert la.writer.issued == 3 and not la.writer.stopped
+        assert lb.writer.issued == 1 and lb.writer.stopped
+        assert s.put_leased_nowait(b"b", lb, lambda _r, _e: None) is False and lb.writer is not None
+        await s.put_leased(b"b", lb, sync=True)
+        await s.put_leased(b"a", la, sync=True)
+        assert await s.get(b"a") == a and await s.get(b"b") == b
+        assert s.stat()["free_bytes"] == space0 - 6 * BSZ
+        assert s._aio.engine.free_buffers == free0 and s.stat()["receive_buffers_held"] == 0
         await s.close()
 
     run(main())

@@ -58,6 +58,7 @@ Every series (all names ``ringblob_``-prefixed, base units)::
   ringblob_fragmentation_ratio                  1 - largest free extent / free bytes (0..1)
   ringblob_checksum_failures_total              blobs whose bytes failed their BLAKE3 digest
   ringblob_values_leased_total                  large PUT values received straight into fixed buffers
+  ringblob_values_streamed_total                of those, values written buffer by buffer as they arrived
   ringblob_values_lease_refused_total           large PUT values that took the copying path instead
   ringblob_receive_buffers_held                 fixed buffers such values hold now
   ringblob_read_only                            1 when the store turned read-only after an I/O error
@@ -412,6 +413,8 @@ class _StoreCollector(_Collector):
             gauge("ringblob_needs_flush", "1 when acknowledged writes await a flush", st.get("needs_flush"), 0),
             counter("ringblob_values_leased", "Large PUT values received straight into fixed buffers (no copy)",
                     c.get("values_leased")),
+            counter("ringblob_values_streamed", "Large PUT values written buffer by buffer as they arrived",
+                    c.get("values_streamed")),
             counter("ringblob_values_lease_refused", "Large PUT values that took the copying receive path "
                     "(buffers at their cap of half the pool, or the pool short)", c.get("lease_value_refused")),
             gauge("ringblob_receive_buffers_held", "Fixed buffers that large PUT values being received hold now",

@@ -642,7 +642,7 @@ class BlobStore:
             ("puts", "gets", "deletes", "fdatasyncs", "group_commits", "group_commit_writes", "flushes",
              "flushes_skipped", "checksum_failures", "bytes_read", "bytes_written", "journal_batches",
              "journal_bytes_written", "recovered_records", "recovery_dropped_records", "values_leased",
-             "lease_value_refused", "dsync_commits"), 0)
+             "values_streamed", "lease_value_refused", "dsync_commits"), 0)
         self._counters["recovered_records"] = applied
         self._counters["recovery_dropped_records"] = dropped
         # the GET request path in C (get_nowait); it shares the index, pins and counters above
@@ -1049,6 +1049,12 @@ class BlobStore:
         the other half, and slow senders hold at most that), or when
         the pool is short or others wait for it. Release the value
         (:meth:`LeasedValue.release`) if it is not handed to :meth:`put_leased`.
+
+        Where there is room now, the value's extent is allocated here too and each
+        buffer is written as soon as it is full, while the rest arrives (a stream,
+        ``PutPath.stream``; STAT ``values_streamed``): the disk write overlaps the
+        receive. Until the put commits that extent is free space no reader or recovery
+        sees; a value released instead frees it once the writes in flight completed.
         """
         aio = self._aio
         bsz = aio.buffer_size
@@ -1062,7 +1068,10 @@ class BlobStore:
             return None
         self._recv_held += n
         self._counters["values_leased"] += 1
-        return LeasedValue(bufs, length, bsz, self._return_leased)
+        lv = LeasedValue(bufs, length, bsz, self._return_leased)
+        if self._putpath.stream(lv):
+            self._counters["values_streamed"] += 1
+        return lv
 
     def _return_leased(self, bufs: list) -> None:
         self._recv_held -= len(bufs)
@@ -1098,8 +1107,18 @@ class BlobStore:
         commit is awaited), or at the first error. Same durability and errors as :meth:`put`:
         :class:`InvalidKey`, :class:`TooLarge`, :class:`DigestMismatch` (``verify=True``;
         nothing written), :class:`NoSpace` (nothing written), :class:`ReadOnly`,
-        :class:`IOFailed`; ``ValueError`` when ``value`` is not complete.
+        :class:`IOFailed`; ``ValueError`` when ``value`` is not complete. A value whose
+        buffers were written as they arrived (see :meth:`lease_value`) is finished as
+        :meth:`put_leased_nowait` does; when it raises, it has waited until those writes
+        completed and the extent was freed.
         """
+        w = getattr(value, "writer", None)
+        if w is not None:
+            if await self._put_streamed(key, value, w, sync, verify):
+                return
+            value.writer = None  # no queue slots for its last writes: write it anew below
+            w.abandon()
+            await self._stream_idle(w)
         try:
             key = _check_key(key)
             self._check_writable()
@@ -1118,6 +1137,33 @@ class BlobStore:
             value.release()
         self._enqueue(item)
         await item.fut
+
+    async def _put_streamed(self, key, value: LeasedValue, writer, sync: bool, verify: bool) -> bool:
+        """:meth:`put_leased` of a value with a stream, through :meth:`put_leased_nowait`: True
+        once stored, False (nothing changed) when that declines."""
+        fut = asyncio.get_running_loop().create_future()
+
+        def done(_result, err):
+            if not fut.done():
+                if err is None:
+                    fut.set_result(None)
+                else:
+                    fut.set_exception(err)
+
+        try:
+            if not self.put_leased_nowait(key, value, done, sync=sync, verify=verify):
+                return False
+        except BaseException:
+            await self._stream_idle(writer)  # the value was released: its extent is freed after its writes
+            raise
+        await fut
+        return True
+
+    @staticmethod
+    async def _stream_idle(writer) -> None:
+        f = writer.wait_idle()
+        if f is not None:
+            await asyncio.shield(f)
 
     async def put_cas(self, value, *, sync: bool = False) -> bytes:
         """Store ``value`` under its 32-byte BLAKE3 digest; returns the digest (the value is hashed once)."""
@@ -1855,6 +1901,7 @@ class BlobStore:
         flushes, flushes_skipped, checksum_failures, bytes_read, bytes_written,
         journal_batches, journal_bytes_written, recovered_records, recovery_dropped_records,
         values_leased (values :meth:`lease_value` leased fixed buffers for),
+        values_streamed (of those, values written buffer by buffer as they arrived),
         lease_value_refused (values over the buffer size that :meth:`lease_value` turned
         away: over ``receive_buffers`` or the pool short; they took the copying path);
         receive_buffers_held (a gauge: buffers such values hold now); and
