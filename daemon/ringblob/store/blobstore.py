@@ -1106,11 +1106,12 @@ class BlobStore:
         The buffers are released in every case: once the data write completed (before the
         commit is awaited), or at the first error. Same durability and errors as :meth:`put`:
         :class:`InvalidKey`, :class:`TooLarge`, :class:`DigestMismatch` (``verify=True``;
-        nothing written), :class:`NoSpace` (nothing written), :class:`ReadOnly`,
+        nothing stored), :class:`NoSpace` (nothing written), :class:`ReadOnly`,
         :class:`IOFailed`; ``ValueError`` when ``value`` is not complete. A value whose
         buffers were written as they arrived (see :meth:`lease_value`) is finished as
-        :meth:`put_leased_nowait` does; when it raises, it has waited until those writes
-        completed and the extent was freed.
+        :meth:`put_leased_nowait` does (its writes went to free pages: a failed put stores
+        nothing); when it raises, it has waited until those writes completed and the extent
+        was freed.
         """
         w = getattr(value, "writer", None)
         if w is not None:
