@@ -652,7 +652,7 @@ cdef class PutPath:
         if type(wr) is _StreamWrite and (<_StreamWrite>wr).path is self:
             st = <_StreamWrite>wr  # its extent is allocated and (most of) its writes issued
         try:
-            if st is not None and st.err is not None:
+            if st is not None and type(st.err) is IOFailed:
                 raise st.err  # a write of the value failed already (the store is read-only since)
             key = self._put_key(key)
             # the hash worker (ringblob.digest.hash_worker()) may still be hashing its last buffer

@@ -2737,3 +2737,33 @@ def test_a_stream_that_finds_no_queue_slots_is_finished_by_the_put(tdir, engine)
         await s.close()
 
     run(main())
+
+
+def test_a_store_closed_while_a_value_streams_fails_its_writes_and_its_put(tdir, engine):
+    """close() with a value half received and two of its writes in flight: the writes end with
+    the engine, the rest of the value is still taken (no write is queued any more), releasing it
+    is safe, and a put of a value leased before the close answers that the store is closed."""
+
+    async def main():
+        p = os.path.join(tdir, "d")
+        s = await BlobStore.create(p, 16 * MiB, engine=engine)
+        v = os.urandom(4 * BSZ)
+        lv = s.lease_value(len(v))
+        stream = lv.writer
+        lv.write(v[: 2 * BSZ + 1])
+        assert stream.inflight == 2
+        late = s.lease_value(len(v))
+        late.write(v)
+        await s.close()
+        assert stream.inflight == 0 and stream.stopped
+        lv.write(v[2 * BSZ + 1 :])
+        assert lv.complete and stream.issued == 2
+        lv.release()
+        with pytest.raises(EngineClosed, match="closed"):
+            await s.put_leased(b"late", late)
+        assert late.released
+        s = await BlobStore.open(p, engine=engine)
+        assert s.stat()["blob_count"] == 0 and not s.has(b"late")
+        await s.close()
+
+    run(main())
