@@ -1082,8 +1082,9 @@ class BlobStore:
         (``value`` received in full into the fixed buffers :meth:`lease_value` leased).
 
         Returns True when the digest is checked, the extent allocated and the value's data
-        write queued (one WRITE_FIXED per buffer, this loop turn's submit); when the write
-        completes the buffers are released and the item queued for the group commit. Then
+        write queued (one WRITE_FIXED per buffer, this loop turn's submit; for a value written
+        as it arrived, see :meth:`lease_value`, its extent and the writes not queued yet); when
+        the write completes the buffers are released and the item queued for the group commit. Then
         ``done(None, error)`` is called exactly once, later, on the loop's thread: ``error``
         None once the put is acknowledged (durable first with ``sync=True``), else what
         :meth:`put_leased` would raise (:class:`IOFailed`, :class:`ReadOnly`, the engine's
@@ -1092,8 +1093,10 @@ class BlobStore:
         :meth:`put_leased` does: an incomplete value or one over ``max_blob_size``, more
         buffers than one submit window (a quarter of the pool), no room until pending frees
         are reclaimed, or no queue slots free at once. Raises at once, having released
-        ``value`` and written nothing, :class:`InvalidKey`, :class:`DigestMismatch`
-        (``verify=True``), :class:`NoSpace`, :class:`ReadOnly`.
+        ``value`` and stored nothing (a streamed value's extent is freed once its writes in
+        flight completed), :class:`InvalidKey`, :class:`DigestMismatch` (``verify=True``),
+        :class:`NoSpace`, :class:`ReadOnly`, or :class:`IOFailed` when a write of a streamed
+        value failed already.
         """
         return self._putpath.put_leased_nowait(key, value, done, sync=sync, verify=verify)
 
@@ -1117,7 +1120,9 @@ class BlobStore:
         if w is not None:
             if await self._put_streamed(key, value, w, sync, verify):
                 return
-            value.writer = None  # no queue slots for its last writes: write it anew below
+            # declined (an incomplete value, or no queue slots for the stream's last writes): give
+            # the stream up, wait for its writes in flight, and take the path below
+            value.writer = None
             w.abandon()
             await self._stream_idle(w)
         try:
