@@ -2,7 +2,8 @@
 
 SQLite's I/O-error loop for ringblob. One *run* executes a fixed, seeded
 workload (format, close, reopen, puts sync and not, a large streamed value,
-deletes, put_many, flush, get, list, checkpoint, a group commit of concurrent
+a large value received into leased buffers and written as it arrives, one
+given up half way, deletes, put_many, flush, get, list, checkpoint, a group commit of concurrent
 sync puts, a crash (``abandon``) and a recovery, close) over an engine wrapped
 by :class:`CountingFaulty` (a :class:`ringblob.engine.faulty.FaultyEngine`
 that counts *every* engine op — read, write, fdatasync, across every open of
@@ -295,6 +296,51 @@ class _Run:
         if ok:
             self.model.ack(key, i, sync)
 
+    async def put_leased(self, key: bytes, value: bytes, sync: bool) -> None:
+        """The daemon's large PUT: the value received into leased fixed buffers in pieces, each
+        buffer written as soon as it is full while the rest arrives (a stream), then put_leased."""
+        i = self.model.issue(key, blake3.blake3(value).digest())
+
+        async def go():
+            lv = self.store.lease_value(len(value))
+            if lv is None:  # not writable (or the pool short): the daemon takes put()
+                return await self.store.put(key, value, sync=sync)
+            try:
+                piece = BUFFER_SIZE // 2 + 1
+                for pos in range(0, len(value), piece):
+                    lv.write(value[pos : pos + piece])
+                    await asyncio.sleep(0)  # the turn's submit: the full buffers' writes go out
+            except BaseException:
+                lv.release()
+                raise
+            return await self.store.put_leased(key, lv, sync=sync)
+
+        ok, _ = await self._step(f"put_leased {key.decode()} {len(value)}B sync={sync}", go, kind="write")
+        if ok:
+            self.model.ack(key, i, sync)
+
+    async def give_up_leased(self, value: bytes) -> None:
+        """A value received into leased buffers all but its last byte (its full buffers' writes
+        issued), then given up as when its client goes away: once those writes completed, failed
+        or not, its extent is free again and nothing was stored."""
+        self.shared["step"] = "leased value given up"
+        self.res.steps += 1
+        before = self.store.stat()["free_bytes"]
+        lv = self.store.lease_value(len(value))
+        if lv is None:
+            return
+        stream = lv.writer
+        lv.write(value[:-1])
+        await asyncio.sleep(0)
+        lv.release()
+        if stream is not None:
+            f = stream.wait_idle()
+            if f is not None:
+                await asyncio.wait_for(f, STEP_TIMEOUT)
+        after = self.store.stat()["free_bytes"]
+        if after < before:
+            self.violation(f"a leased value given up kept {before - after} bytes of free space")
+
     async def delete(self, key: bytes, sync: bool) -> None:
         i = self.model.issue(key, ABSENT)
         ok, _ = await self._step(f"delete {key.decode()} sync={sync}",
@@ -397,6 +443,8 @@ class _Run:
         await self.put(K[1], _value(rng), sync=False)
         await self.put(K[2], _value(rng), sync=True)
         await self.put(K[3], _value(rng, big=True), sync=rng.random() < 0.5)  # streamed before its record
+        await self.put_leased(K[2], _value(rng, big=True), sync=True)  # written as it arrives
+        await self.give_up_leased(_value(rng, big=True))
         await self.delete(K[0], sync=False)
         await self.put_many({K[4]: _value(rng), K[5]: _value(rng), K[6]: _value(rng)}, sync=True)
         await self.put_many({K[7]: _value(rng), K[1]: _value(rng)}, sync=False)
