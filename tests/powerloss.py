@@ -8,8 +8,9 @@ One round (all of it decided by its seed, so a failing seed reproduces exactly):
    deterministic mode, cutting the power after a seeded number of engine ops
    (``sync_method`` "dsync" for even seeds, "fdatasync" for odd ones; 32 KiB
    fixed buffers, so larger values are written ahead of their round);
-3. run a seeded workload of puts, deletes, put_many, flushes and checkpoints
-   from several concurrent tasks (each task owns its keys, so each key's
+3. run a seeded workload of puts (half the values over one buffer received
+   into leased buffers and written as they arrive, as the daemon's large PUT),
+   deletes, put_many, flushes and checkpoints from several concurrent tasks (each task owns its keys, so each key's
    operations are ordered) until the cut; abandon the store as a crash would;
 4. :func:`simulate_power_loss`: undo every write not covered by a completed
    fdatasync (nor completed with RWF_DSYNC), re-apply a seeded subset with 4 KiB sectors written, dropped
@@ -104,8 +105,26 @@ class _Model:
 
 
 def _value(rng: random.Random) -> bytes:
-    size = rng.choice((0, 1, 100, 4095, 4096, 4097, 9000, rng.randrange(0, 40000)))
+    size = rng.choice((0, 1, 100, 4095, 4096, 4097, 9000, rng.randrange(0, 40000), 2 * BUFFER_SIZE + 100))
     return rng.randbytes(size)
+
+
+async def _put_leased(store: BlobStore, key: bytes, value: bytes, sync: bool) -> None:
+    """The daemon's large PUT: received into leased fixed buffers in pieces, each buffer written
+    as soon as it is full while the rest arrives, then put_leased (put() when none is leased)."""
+    lv = store.lease_value(len(value))
+    if lv is None:
+        await store.put(key, value, sync=sync)
+        return
+    try:
+        piece = BUFFER_SIZE // 2 + 1
+        for pos in range(0, len(value), piece):
+            lv.write(value[pos : pos + piece])
+            await asyncio.sleep(0)  # the turn's submit: the full buffers' writes go out
+    except BaseException:
+        lv.release()
+        raise
+    await store.put_leased(key, lv, sync=sync)
 
 
 async def _task(store: BlobStore, model: _Model, rng: random.Random, tid: int, nops: int) -> None:
@@ -117,7 +136,10 @@ async def _task(store: BlobStore, model: _Model, rng: random.Random, tid: int, n
         if r < 0.55:
             value = _value(rng)
             i = model.issue(key, blake3.blake3(value).digest())
-            await store.put(key, value, sync=sync)
+            if len(value) > BUFFER_SIZE and rng.random() < 0.5:
+                await _put_leased(store, key, value, sync)
+            else:
+                await store.put(key, value, sync=sync)
             model.ack(key, i, sync)
         elif r < 0.70:
             i = model.issue(key, ABSENT)
