@@ -1074,7 +1074,8 @@ def stat_delta(s0: dict, s1: dict) -> dict:
             out["engine_" + k] = v - e0[k]
     if isinstance(s1.get("sync_method"), str):
         out["sync_method"] = s1["sync_method"]  # the one the store took (not a counter)
-    for k in ("parallel_hash", "hash_worker"):  # large values hashed by BLAKE3's pool / the hash worker
+    for k in ("stream_writes", "parallel_hash", "hash_worker"):  # large PUTs written as they arrive; large
+        # values hashed by BLAKE3's pool / the hash worker
         if isinstance(s1.get(k), bool):
             out[k] = s1[k]
     for k in ("fragmentation", "largest_free_bytes"):  # the free space after the workload (not counters):

@@ -230,17 +230,19 @@ def test_docs_table_matches_settings():
         assert f"`{f.name}`" in m.group(1)
 
 
-def test_zero_fill_boolean_from_flag_and_toml(tmp_path):
-    assert Settings().zero_fill is True
-    assert resolve(parse(["--zero-fill", "false"])).zero_fill is False
-    assert resolve(parse(["--zero-fill", "yes"])).zero_fill is True
-    assert resolve(config=write(tmp_path, "zero_fill = false\n")).zero_fill is False
-    assert resolve(parse(["--zero-fill", "true"]), config=write(tmp_path, "zero_fill = false\n")).zero_fill is True
-    with pytest.raises(ConfigError, match="zero_fill"):
-        resolve(parse(["--zero-fill", "maybe"]))
-    with pytest.raises(ConfigError, match="zero_fill"):
-        resolve(config=write(tmp_path, 'zero_fill = "false"\n'))  # a string is not a boolean
-    off = Settings(zero_fill=False)
+@pytest.mark.parametrize("name", ["zero_fill", "stream_writes"])
+def test_boolean_settings_from_flag_and_toml(tmp_path, name):
+    flag = "--" + name.replace("_", "-")
+    assert getattr(Settings(), name) is True
+    assert getattr(resolve(parse([flag, "false"])), name) is False
+    assert getattr(resolve(parse([flag, "yes"])), name) is True
+    assert getattr(resolve(config=write(tmp_path, f"{name} = false\n")), name) is False
+    assert getattr(resolve(parse([flag, "true"]), config=write(tmp_path, f"{name} = false\n")), name) is True
+    with pytest.raises(ConfigError, match=name):
+        resolve(parse([flag, "maybe"]))
+    with pytest.raises(ConfigError, match=name):
+        resolve(config=write(tmp_path, f'{name} = "false"\n'))  # a string is not a boolean
+    off = Settings(**{name: False})
     assert resolve(config=write(tmp_path, config.to_toml(off))) == off
 
 

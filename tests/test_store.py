@@ -2767,3 +2767,31 @@ def test_a_store_closed_while_a_value_streams_fails_its_writes_and_its_put(tdir,
         await s.close()
 
     run(main())
+
+
+def test_stream_writes_off_writes_a_leased_value_once_complete(tdir, engine):
+    """stream_writes=False: lease_value allocates nothing and attaches no writer (no write before
+    the value is complete; values_streamed stays 0), and the value is written and stored by the
+    put as before, reading back after a reopen."""
+
+    async def main():
+        p = os.path.join(tdir, "d")
+        s = await BlobStore.create(p, 16 * MiB, engine=engine, stream_writes=False)
+        space0 = s.stat()["free_bytes"]
+        v = os.urandom(3 * BSZ + 1)
+        lv = s.lease_value(len(v))
+        assert lv is not None and lv.writer is None and s.stat()["free_bytes"] == space0
+        ops0 = s._aio.ops
+        lv.write(v[: 2 * BSZ])
+        await asyncio.sleep(0)
+        assert s._aio.ops == ops0  # nothing written yet
+        lv.write(v[2 * BSZ :])
+        await s.put_leased(b"k", lv, sync=True)
+        st = s.stat()
+        assert st["stream_writes"] is False and st["values_leased"] == 1 and st["values_streamed"] == 0
+        await s.close()
+        s = await BlobStore.open(p, engine=engine)
+        assert await s.get(b"k") == v and s.stat()["stream_writes"] is True  # the default again
+        await s.close()
+
+    run(main())

@@ -155,6 +155,7 @@ def run(args: argparse.Namespace) -> int:
             queue_depth=settings.queue_depth,
             zero_fill=settings.zero_fill,
             sync_method=settings.sync_method,
+            stream_writes=settings.stream_writes,
             observer=metrics,
         )
         engine[0] = _engine_name(store)

@@ -224,7 +224,10 @@ class BlobStore:
     about 0.5 s per GiB at 2 GB/s; block devices are never zero-filled),
     ``receive_buffers`` (fixed buffers that values being received through
     :meth:`lease_value` may hold at once, until written; default half of
-    ``buffer_count``, 0 turns it off), ``sync_method`` (``"auto"``, the
+    ``buffer_count``, 0 turns it off), ``stream_writes`` (default True: such a
+    value's extent is allocated when its buffers are leased and each buffer is
+    written as soon as it is full; False: written once complete, see
+    :meth:`lease_value`), ``sync_method`` (``"auto"``, the
     default, ``"dsync"`` or ``"fdatasync"``): how a round of sync requests is
     made durable. ``"fdatasync"``: the round's data and journal writes, then one
     fdatasync issued once they completed (two waits per round, the fdatasync
@@ -293,10 +296,12 @@ class BlobStore:
                     buffer_count: int = DEFAULT_BUFFER_COUNT, queue_depth: int = DEFAULT_QUEUE_DEPTH,
                     checkpoint_threshold: int | None = None, read_only: bool = False,
                     wrap_engine=None, observer=None, zero_fill: bool = True,
-                    receive_buffers: int | None = None, sync_method: str = "auto") -> "BlobStore":
+                    receive_buffers: int | None = None, sync_method: str = "auto",
+                    stream_writes: bool = True) -> "BlobStore":
         self = cls(_OPEN_TOKEN)
         self.path = path
         self._zero_fill_on_format = bool(zero_fill)
+        self.stream_writes = bool(stream_writes)
         choose_sync_method(sync_method, None)  # a bad name fails here, before anything is opened
         self.sync_method = sync_method  # resolved once the file is open
         self.max_blob_size = int(max_blob_size)
@@ -1050,10 +1055,10 @@ class BlobStore:
         the pool is short or others wait for it. Release the value
         (:meth:`LeasedValue.release`) if it is not handed to :meth:`put_leased`.
 
-        Where there is room now, the value's extent is allocated here too and each
-        buffer is written as soon as it is full, while the rest arrives (a stream,
-        ``PutPath.stream``; STAT ``values_streamed``): the disk write overlaps the
-        receive. Until the put commits that extent is free space no reader or recovery
+        Where there is room now (and the store's ``stream_writes`` is on, the default),
+        the value's extent is allocated here too and each buffer is written as soon as
+        it is full, while the rest arrives (a stream, ``PutPath.stream``; STAT
+        ``values_streamed``): the disk write overlaps the receive. Until the put commits that extent is free space no reader or recovery
         sees; a value released instead frees it once the writes in flight completed.
         """
         aio = self._aio
@@ -1069,7 +1074,7 @@ class BlobStore:
         self._recv_held += n
         self._counters["values_leased"] += 1
         lv = LeasedValue(bufs, length, bsz, self._return_leased)
-        if self._putpath.stream(lv):
+        if self.stream_writes and self._putpath.stream(lv):
             self._counters["values_streamed"] += 1
         return lv
 
@@ -1899,7 +1904,8 @@ class BlobStore:
         page_size, journal_bytes (live journal: from the older superblock's replay point),
         journal_capacity_bytes, journal_since_checkpoint_bytes, checkpoints, fragmentation
         (0..1), free_extents, largest_free_bytes, read_only, read_only_reason, needs_flush,
-        sync_method (the one taken: ``"dsync"`` or ``"fdatasync"``), parallel_hash (True where
+        sync_method (the one taken: ``"dsync"`` or ``"fdatasync"``), stream_writes (the
+        setting: large PUT values written as they arrive), parallel_hash (True where
         values of 128 KiB or more are hashed by BLAKE3's thread pool: :mod:`ringblob.digest`),
         hash_worker (True where a large received PUT's buffers are hashed by the hash worker), engine, sequence, durable_sequence, recovery_seconds, index_bytes; cumulative
         counters: puts, gets, deletes, fdatasyncs, group_commits, group_commit_writes,
@@ -1935,6 +1941,7 @@ class BlobStore:
             "read_only_reason": self._read_only,
             "needs_flush": self.needs_flush,
             "sync_method": self.sync_method,
+            "stream_writes": self.stream_writes,
             "parallel_hash": _digest.parallel(),
             "hash_worker": _digest.hash_worker(),
             "engine": self._aio.name,
