@@ -57,6 +57,7 @@ from dataclasses import dataclass, field
 
 import blake3
 
+import powerloss  # (tests/: its put_leased, the daemon's large PUT)
 from ringblob.engine.faulty import FaultyEngine
 from ringblob.errors import Corrupt, IOFailed, NotFound, ReadOnly
 from ringblob.store import BlobStore
@@ -301,21 +302,9 @@ class _Run:
         buffer written as soon as it is full while the rest arrives (a stream), then put_leased."""
         i = self.model.issue(key, blake3.blake3(value).digest())
 
-        async def go():
-            lv = self.store.lease_value(len(value))
-            if lv is None:  # not writable (or the pool short): the daemon takes put()
-                return await self.store.put(key, value, sync=sync)
-            try:
-                piece = BUFFER_SIZE // 2 + 1
-                for pos in range(0, len(value), piece):
-                    lv.write(value[pos : pos + piece])
-                    await asyncio.sleep(0)  # the turn's submit: the full buffers' writes go out
-            except BaseException:
-                lv.release()
-                raise
-            return await self.store.put_leased(key, lv, sync=sync)
-
-        ok, _ = await self._step(f"put_leased {key.decode()} {len(value)}B sync={sync}", go, kind="write")
+        ok, _ = await self._step(f"put_leased {key.decode()} {len(value)}B sync={sync}",
+                                 lambda: powerloss.put_leased(self.store, key, value, sync, BUFFER_SIZE // 2 + 1),
+                                 kind="write")
         if ok:
             self.model.ack(key, i, sync)
 

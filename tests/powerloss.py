@@ -109,15 +109,16 @@ def _value(rng: random.Random) -> bytes:
     return rng.randbytes(size)
 
 
-async def _put_leased(store: BlobStore, key: bytes, value: bytes, sync: bool) -> None:
-    """The daemon's large PUT: received into leased fixed buffers in pieces, each buffer written
-    as soon as it is full while the rest arrives, then put_leased (put() when none is leased)."""
+async def put_leased(store: BlobStore, key: bytes, value: bytes, sync: bool, piece: int) -> None:
+    """The daemon's large PUT: ``value`` received into leased fixed buffers in pieces of
+    ``piece`` bytes (socket reads), each buffer written as soon as it is full while the rest
+    arrives, then put_leased; put() when none is leased (the store not writable, the pool short).
+    Also the I/O-error loop's (tests/ioerrors.py)."""
     lv = store.lease_value(len(value))
     if lv is None:
         await store.put(key, value, sync=sync)
         return
     try:
-        piece = BUFFER_SIZE // 2 + 1
         for pos in range(0, len(value), piece):
             lv.write(value[pos : pos + piece])
             await asyncio.sleep(0)  # the turn's submit: the full buffers' writes go out
@@ -137,7 +138,7 @@ async def _task(store: BlobStore, model: _Model, rng: random.Random, tid: int, n
             value = _value(rng)
             i = model.issue(key, blake3.blake3(value).digest())
             if len(value) > BUFFER_SIZE and rng.random() < 0.5:
-                await _put_leased(store, key, value, sync)
+                await put_leased(store, key, value, sync, BUFFER_SIZE // 2 + 1)
             else:
                 await store.put(key, value, sync=sync)
             model.ack(key, i, sync)
