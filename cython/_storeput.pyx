@@ -191,6 +191,16 @@ cdef object _write_error(PutPath path, tuple op, r, long long length):
     return r if isinstance(r, BaseException) else RuntimeError(f"write: unexpected result {r!r}")
 
 
+cdef tuple _buffer_op(PutPath path, list bufs, long long page, long long length, Py_ssize_t i):
+    """The WRITE_FIXED op of buffer ``i`` of a leased value of ``length`` bytes whose extent starts
+    at ``page``: every buffer full but the last, which is zero-padded to a block (O_DIRECT)."""
+    cdef Py_ssize_t nb = PyList_GET_SIZE(bufs)
+    cdef long long off = page * path.P + i * path.bsz
+    if i < nb - 1:
+        return ("write", bufs[i], off, path.bsz, 0)
+    return ("write", bufs[i], off, path.aio._pad(bufs[i], length - path.bsz * (nb - 1)), 0)
+
+
 @cython.final
 cdef class _LeasedWrite:
     """The data write of a :meth:`PutPath.put_leased_nowait`: called once with the write ops'
@@ -292,29 +302,21 @@ cdef class _StreamWrite:
     cdef bint abandoned  # the value was given up: the extent is freed once inflight == 0
     cdef bint freed
     cdef object err  # what the first failed write ended with (IOFailed, EngineClosed)
+    cdef list ops  # per buffer: its write op once queued, None before
     cdef list results  # per buffer: its write's result (int or exception), None before
     cdef object fin  # the put's _LeasedWrite once take() was called
     cdef list idle  # futures of wait_idle()
 
-    cdef tuple _op(self, Py_ssize_t i):
-        cdef PutPath path = self.path
-        off = (self.page * path.P) + i * path.bsz
-        if i < self.nb - 1:
-            return ("write", self.bufs[i], off, path.bsz, 0)
-        return ("write", self.bufs[i], off, path.aio._pad(self.bufs[i], self.length - path.bsz * (self.nb - 1)), 0)
-
-    cdef list ops(self):
-        """Every buffer's write op, in order (the last padded: call once the value is complete)."""
-        return [self._op(i) for i in range(self.nb)]
-
     cdef bint _issue(self, Py_ssize_t first, Py_ssize_t last) except? -1:
         """Queue the writes of buffers ``first`` to ``last - 1``; False when there is no room."""
         cdef _StreamPart part = _StreamPart.__new__(_StreamPart)
+        cdef Py_ssize_t i
         part.stream = self
         part.first = first
-        ops = [self._op(i) for i in range(first, last)]
+        ops = [_buffer_op(self.path, self.bufs, self.page, self.length, i) for i in range(first, last)]
         if not self.path.run_nowait(ops, part):
             return False
+        self.ops[first:last] = ops
         self.issued = last
         self.inflight += last - first
         return True
@@ -344,33 +346,21 @@ cdef class _StreamWrite:
 
     cdef int _part_done(self, Py_ssize_t first, list results) except -1:
         cdef Py_ssize_t k, i
-        cdef long long oplen
-        cdef PutPath path = self.path
         for k in range(len(results)):
             i = first + k
             r = results[k]
             self.results[i] = r
-            oplen = self._op_len(i)
-            if not (type(r) is int and <long long>r == oplen):
+            # a failed write turns the store read-only now, whether or not the value is still
+            # wanted (ringblob's rule for failed writes); the put answers with this error
+            err = _write_error(self.path, <tuple>self.ops[i], r, self.length)
+            if err is not None:
                 self.stopped = True
-                # a failed write turns the store read-only now, whether or not the value is still
-                # wanted (ringblob's rule for failed writes); the put answers with this error
-                err = _write_error(path, ("write", None, self.page * path.P + i * path.bsz, oplen, 0), r,
-                                   self.length)
                 if self.err is None:
                     self.err = err
         self.inflight -= len(results)
         if self.inflight == 0:
             self._settle()
         return 0
-
-    cdef long long _op_len(self, Py_ssize_t i):
-        cdef PutPath path = self.path
-        cdef long long bs = path.bs, tail
-        if i < self.nb - 1:
-            return path.bsz
-        tail = self.length - path.bsz * (self.nb - 1)
-        return (tail + bs - 1) // bs * bs
 
     cdef int _settle(self) except -1:
         """No write in flight: free an abandoned value's extent, or hand a taken one's results
@@ -595,8 +585,6 @@ cdef class PutPath:
         nb = PyList_GET_SIZE(bufs)
         if value.received or value.writer is not None or nb > self.window or length > self.max_blob:
             return False
-        if nb != (length + self.bsz - 1) // self.bsz:
-            return False
         n = (length + self.P - 1) // self.P
         try:
             page = self._allocate_n(n, 1 + 255 + self.entry_size)
@@ -611,6 +599,7 @@ cdef class PutPath:
         s.npages = n
         s.length = length
         s.nb = nb
+        s.ops = [None] * nb
         s.results = [None] * nb
         value.writer = s
         return True
@@ -635,7 +624,7 @@ cdef class PutPath:
         exactly once, later, on the loop's thread (``error`` None once acknowledged, else
         :class:`IOFailed` for a failed data write, :class:`ReadOnly`, or the engine's
         :class:`EngineClosed`); the buffers are released when the data write completes."""
-        cdef long long length, n, nb, last, i, pg
+        cdef long long length, n, nb, i, pg
         cdef list bufs, ops
         cdef _LeasedWrite w
         cdef _StreamWrite st = None
@@ -687,17 +676,11 @@ cdef class PutPath:
         w.done = done
         w.value = value
         if st is not None:
-            w.ops = st.ops()
+            w.ops = st.ops  # every buffer's write is queued by now
             value.writer = None  # the put owns the extent now
             st.take(w)
             return True
-        # every buffer full but the last, which is zero-padded to a block (O_DIRECT)
-        last = length - self.bsz * (nb - 1)
-        aio = self.aio
-        ops = []
-        for i in range(nb - 1):
-            ops.append(("write", bufs[i], pg * self.P + i * self.bsz, self.bsz, 0))
-        ops.append(("write", bufs[nb - 1], pg * self.P + (nb - 1) * self.bsz, aio._pad(bufs[nb - 1], last), 0))
+        ops = [_buffer_op(self, bufs, pg, length, i) for i in range(nb)]
         w.ops = ops
         try:
             queued = self.run_nowait(ops, w)

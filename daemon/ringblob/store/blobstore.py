@@ -1058,8 +1058,9 @@ class BlobStore:
         Where there is room now (and the store's ``stream_writes`` is on, the default),
         the value's extent is allocated here too and each buffer is written as soon as
         it is full, while the rest arrives (a stream, ``PutPath.stream``; STAT
-        ``values_streamed``): the disk write overlaps the receive. Until the put commits that extent is free space no reader or recovery
-        sees; a value released instead frees it once the writes in flight completed.
+        ``values_streamed``): the disk write overlaps the receive. Until the put commits
+        that extent is free space no reader or recovery sees; a value released instead
+        frees it once the writes in flight completed.
         """
         aio = self._aio
         bsz = aio.buffer_size
@@ -1907,7 +1908,8 @@ class BlobStore:
         sync_method (the one taken: ``"dsync"`` or ``"fdatasync"``), stream_writes (the
         setting: large PUT values written as they arrive), parallel_hash (True where
         values of 128 KiB or more are hashed by BLAKE3's thread pool: :mod:`ringblob.digest`),
-        hash_worker (True where a large received PUT's buffers are hashed by the hash worker), engine, sequence, durable_sequence, recovery_seconds, index_bytes; cumulative
+        hash_worker (True where a large received PUT's buffers are hashed by the hash
+        worker), engine, sequence, durable_sequence, recovery_seconds, index_bytes; cumulative
         counters: puts, gets, deletes, fdatasyncs, group_commits, group_commit_writes,
         dsync_commits (rounds made durable by RWF_DSYNC writes instead of an fdatasync),
         flushes, flushes_skipped, checksum_failures, bytes_read, bytes_written,
