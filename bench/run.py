@@ -13,6 +13,12 @@ What it runs (``make bench``; ``make bench-quick`` is ``--quick``):
   flight and promises nothing about them, so the O_DSYNC job (each write
   durable when it completes, what a ``sync=True`` put promises) is reported as
   a like-for-like reference beside the targets (not one of them).
+* **the group-commit ceiling** (``bench/groupcommit.py``, right beside the
+  4 KiB sync PUT at 32): durable group-commit rounds on fio's file through
+  ringblob's engine with no daemon, socket or client cost — how many 4 KiB
+  writes per second, each acknowledged only after an fdatasync that began
+  once it completed, the disk gives at 32 in flight; reported as references
+  beside the ringblob sync PUT and beside fio's fdatasync=32 job.
 * **ringblob** through its Unix socket, ``ringblob serve --engine uring`` and
   ``--engine psync`` (each on its own data file, filled once): PING (no I/O,
   the per-request floor), 4 KiB GET of random keys
@@ -53,6 +59,7 @@ import asyncio
 import csv
 import io
 import json
+import mmap
 import multiprocessing as mp
 import os
 import platform
@@ -159,20 +166,30 @@ COUNTERPARTS = {
     "put_1m_c8": ("write_1m_qd8", None),
 }
 
-# ringblob workload -> more fio jobs run right beside it (after its counterpart), so that the
-# durability references below divide figures taken moments apart
+# ringblob workload -> more reference runs, (side, name), right beside it (after its counterpart),
+# so that the durability references below divide figures taken moments apart
 BESIDE = {
-    "put_4k_sync_c32": ("randwrite_4k_qd32_fdatasync1", "randwrite_4k_qd32_dsync"),
+    "put_4k_sync_c32": (("fio", "randwrite_4k_qd32_fdatasync1"), ("fio", "randwrite_4k_qd32_dsync"),
+                        ("groupcommit", "groupcommit_4k_c32")),
 }
 
+# group-commit ceilings (bench/groupcommit.py on fio's file): name -> values in flight
+GROUPCOMMIT_RUNS = {"groupcommit_4k_c32": 32}
+
 # like-for-like references, reported beside the targets but not targets of issue 5:
-# (label, ringblob workload, (counterpart system, its run))
+# (label, (system, run) divided, (system, run) it is divided by)
 REFERENCES = [
     ("4 KiB PUT sync c32 / fio randwrite QD32 O_DSYNC (each write durable when it completes)",
-     "put_4k_sync_c32", ("fio", "randwrite_4k_qd32_dsync")),
-    ("4 KiB PUT sync c128 / fio randwrite QD32 O_DSYNC", "put_4k_sync_c128", ("fio", "randwrite_4k_qd32_dsync")),
+     ("ringblob-uring", "put_4k_sync_c32"), ("fio", "randwrite_4k_qd32_dsync")),
+    ("4 KiB PUT sync c128 / fio randwrite QD32 O_DSYNC", ("ringblob-uring", "put_4k_sync_c128"),
+     ("fio", "randwrite_4k_qd32_dsync")),
+    ("4 KiB PUT sync c32 / the group-commit ceiling at 32 in flight (bench/groupcommit.py: durable "
+     "rounds' I/O alone, no daemon)", ("ringblob-uring", "put_4k_sync_c32"), ("groupcommit", "groupcommit_4k_c32")),
+    ("the group-commit ceiling at 32 in flight / fio randwrite QD32 fdatasync=32 (where below 0.8, the "
+     "sync PUT target's baseline is above what durable group commits got from this disk)",
+     ("groupcommit", "groupcommit_4k_c32"), ("fio", "randwrite_4k_qd32_fdatasync32")),
     ("4 KiB PUT sync c32 over 32 connections of 1 (redis-benchmark's shape) / Redis SET c32",
-     "put_4k_sync_c32_conn32", ("redis", "set_c32")),
+     ("ringblob-uring", "put_4k_sync_c32_conn32"), ("redis", "set_c32")),
 ]
 
 
@@ -389,6 +406,30 @@ def ensure_tool(binary: str, package: str) -> bool:
     return False
 
 
+def layout_fio_file(path: str, size: int) -> None:
+    """Write fio's test file in full (an fallocated file reads as zeros without touching the device,
+    and its first writes change extents): with fio when installed, else from Python, O_DIRECT."""
+    if os.path.exists(path) and os.path.getsize(path) >= size:
+        return
+    log(f"fio: writing the {size // MIB} MiB test file {path}")
+    if shutil.which("fio"):
+        subprocess.run(
+            ["fio", "--name=layout", f"--filename={path}", f"--size={size}", "--rw=write", "--bs=1m",
+             "--direct=1", "--ioengine=io_uring", "--iodepth=8", "--output-format=terse"],
+            stdout=subprocess.DEVNULL, check=False,
+        )
+        return
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o644)
+    try:
+        buf = mmap.mmap(-1, MIB)  # page-aligned, as O_DIRECT needs
+        buf.write(os.urandom(MIB))
+        for off in range(0, size, MIB):
+            os.pwrite(fd, buf, off)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class Fio:
     """fio jobs on one file under the work directory (laid out with real writes first)."""
 
@@ -404,14 +445,7 @@ class Fio:
             for name in FIO_JOBS:
                 log("skipped (no fio): " + shlex.join(fio_command(name, self.path, self.size, self.mode)))
             return ["fio is not installed"]
-        # An fallocated file reads as zeros without touching the device: write it for real.
-        if not os.path.exists(self.path) or os.path.getsize(self.path) < self.size:
-            log(f"fio: writing the {self.size // MIB} MiB test file {self.path}")
-            subprocess.run(
-                ["fio", "--name=layout", f"--filename={self.path}", f"--size={self.size}", "--rw=write", "--bs=1m",
-                 "--direct=1", "--ioengine=io_uring", "--iodepth=8", "--output-format=terse"],
-                stdout=subprocess.DEVNULL, check=False,
-            )
+        layout_fio_file(self.path, self.size)
         self.ok = True
         return []
 
@@ -434,6 +468,54 @@ class Fio:
         row["command"] = shlex.join(argv[:-1])
         log(f"fio: {name}: {row['ops_per_s']:.0f} op/s {row['bytes_per_s'] / MIB:.1f} MiB/s "
             f"p50 {row['p50_us']:.0f} µs p99 {row['p99_us']:.0f} µs")
+        return row, []
+
+    def stop(self) -> list[str]:
+        return []
+
+
+class GroupCommitSide:
+    """The group-commit ceiling (bench/groupcommit.py) on fio's file: durable rounds' I/O at a
+    concurrency with no daemon, in its own process; a row per :data:`GROUPCOMMIT_RUNS` run whose
+    figures are the best shape's (``shape``, ``rounds_in_flight``; every shape in ``shapes``)."""
+
+    def __init__(self, workdir: str, mode: dict, size: int):
+        self.path = os.path.join(workdir, "fio.dat")
+        self.mode = mode
+        self.size = size
+        self.ok = False
+
+    def start(self) -> list[str]:
+        layout_fio_file(self.path, self.size)
+        self.ok = os.path.exists(self.path)
+        return [] if self.ok else [f"groupcommit: no test file {self.path}"]
+
+    def argv(self, name: str) -> list[str]:
+        return [sys.executable, os.path.join(ROOT, "bench", "groupcommit.py"), "--file", self.path,
+                "--conc", str(GROUPCOMMIT_RUNS[name]), "--duration", str(self.mode["duration"]),
+                "--warmup", str(min(0.5, self.mode["warmup"]))]
+
+    def run(self, name: str) -> tuple[dict | None, list[str]]:
+        """Run ``name``; (row, errors)."""
+        if not self.ok:
+            return None, []
+        argv = self.argv(name)
+        proc = subprocess.run(argv, capture_output=True, text=True)
+        if proc.returncode != 0:
+            return None, [f"groupcommit {name}: exit {proc.returncode}: {proc.stderr.strip()[-300:]}"]
+        try:
+            doc = json.loads(proc.stdout)
+            best = doc["best"]
+        except (ValueError, KeyError) as exc:
+            return None, [f"groupcommit {name}: cannot parse its JSON: {exc}"]
+        row = {"system": "groupcommit", "workload": name, "concurrency": best["concurrency"],
+               "block_size": 4 * KIB, "ops_per_s": best["ops_per_s"], "bytes_per_s": best["ops_per_s"] * 4 * KIB,
+               "p50_us": best["p50_us"], "p99_us": best["p99_us"], "shape": best["shape"],
+               "rounds_in_flight": best["rounds_in_flight"], "values_per_round": best["values_per_round"],
+               "shapes": doc["results"], "command": shlex.join(argv)}
+        log(f"groupcommit: {name}: best {best['ops_per_s']:.0f} acknowledged writes/s ({best['shape']}, "
+            f"{best['rounds_in_flight']} rounds in flight); "
+            + ", ".join(f"{r['shape']}/{r['rounds_in_flight']} {r['ops_per_s']:.0f}" for r in doc["results"]))
         return row, []
 
     def stop(self) -> list[str]:
@@ -1315,7 +1397,7 @@ def references(rows: list[dict]) -> list[dict]:
     """The like-for-like references (:data:`REFERENCES`: durability, connection shape): ratios only,
     not targets."""
     idx = index(rows)
-    return [_compare(idx, label, ("ringblob-uring", wl), other, None) for label, wl, other in REFERENCES]
+    return [_compare(idx, label, a, b, None) for label, a, b in REFERENCES]
 
 
 def targets(rows: list[dict]) -> list[dict]:
@@ -1444,6 +1526,20 @@ def markdown(doc: dict) -> str:
                     else f"fdatasync every {r['fdatasync_every']}" if r.get("fdatasync_every") else "–")
             lines.append(f"| {r['workload']} | {r['concurrency']} | {sync} | {_fmt(r['ops_per_s'])} | "
                          f"{_fmt(r['bytes_per_s'] / MIB, 1)} | {_fmt(r['p50_us'])} | {_fmt(r['p99_us'])} |")
+    ceil = [r for r in rows if r["system"] == "groupcommit"]
+    if ceil:
+        lines += ["", "Group-commit ceiling (bench/groupcommit.py on fio's file through ringblob's engine, no daemon, "
+                  "socket or client: each 4 KiB write acknowledged once an fdatasync that began after it completed "
+                  "succeeded, an acknowledged slot's next write ready at once; a round's values are one merged "
+                  "write, `journal` adds a 4 KiB journal write beside it as ringblob's rounds do; the best shape "
+                  "is the row's figure):", "",
+                  "| run | in flight | best shape | acknowledged writes/s | values per round | p50 µs | p99 µs | "
+                  "every shape (rounds in flight: writes/s) |", "|---|---:|---|---:|---:|---:|---:|---|"]
+        for r in ceil:
+            shapes = ", ".join(f"{x['shape']} {x['rounds_in_flight']}: {_fmt(x['ops_per_s'])}" for x in r.get("shapes", []))
+            lines.append(f"| {r['workload']} | {r['concurrency']} | {r.get('shape', '–')} {r.get('rounds_in_flight', '')} | "
+                         f"{_fmt(r['ops_per_s'])} | {_fmt(r.get('values_per_round'), 1)} | {_fmt(r.get('p50_us'))} | "
+                         f"{_fmt(r.get('p99_us'))} | {shapes or '–'} |")
     lines += ["", "## Targets (ratios within this run)", "",
               "The ratio is of the two sides' median rounds; `per round` divides the figures each round "
               "took moments apart (a stalled round of either side shows there as an outlier).", "",
@@ -1461,7 +1557,8 @@ def markdown(doc: dict) -> str:
                   "fdatasync every 32 writes runs at about the disk's raw write rate (see `randwrite_4k_qd32_fdatasync1` "
                   "in the fio runs: an fdatasync after every write). A `sync=True` put is acknowledged only once "
                   "an fdatasync that began after its write completed has succeeded; fio with O_DSYNC (each "
-                  "write durable when it completes) gives the same promise. Connections: the ringblob rows come "
+                  "write durable when it completes) gives the same promise, and the group-commit ceiling above "
+                  "measures what such acknowledgements cost the disk alone. Connections: the ringblob rows come "
                   "from a few client processes, each one connection pipelining its share of the concurrency "
                   "(several requests per socket read and reply write), while `redis-benchmark -c 32` opens 32 "
                   "connections of one request each; `put_4k_sync_c32_conn32` drives ringblob that way too.", "",
@@ -1795,7 +1892,7 @@ def schedule() -> list[tuple[str, str]]:
         if WORKLOAD_FILTER and name not in WORKLOAD_FILTER:
             continue
         fio_name, redis_name = COUNTERPARTS[name]
-        beside = tuple(("fio", n) for n in BESIDE.get(name, ()))
+        beside = BESIDE.get(name, ())
         for side, n in (("fio", fio_name), *beside, ("uring", name), ("psync", name), ("redis", redis_name)):
             if n and (side, n) not in order:
                 order.append((side, n))
@@ -1860,7 +1957,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="what drives ringblob: native = bench/loadgen.c (compiled with cc into the work directory, "
                          "one pipelining connection per client process; the default when cc exists), python = "
                          "multiprocessing children each with one AsyncClient (the default without cc)")
-    ap.add_argument("--only", default="fio,uring,psync,redis", help="comma-separated subset of fio,uring,psync,redis")
+    ap.add_argument("--only", default="fio,uring,psync,redis,groupcommit",
+                    help="comma-separated subset of fio,uring,psync,redis,groupcommit (groupcommit: the durable "
+                         "group-commit ceiling, bench/groupcommit.py, beside the sync PUT at 32)")
     ap.add_argument("--workloads", default="", help="comma-separated subset of the ringblob workloads (default: all)")
     ap.add_argument("--repeat", type=int, default=1, help="rounds over every configuration; the median round is reported")
     ap.add_argument("--quiet-wait", type=float, default=None,
@@ -1941,6 +2040,8 @@ def main(argv: list[str] | None = None) -> int:
     sides: dict = {}
     if "fio" in only:
         sides["fio"] = Fio(workdir, mode, max(mode["get_set"], 256 * MIB))
+    if "groupcommit" in only:
+        sides["groupcommit"] = GroupCommitSide(workdir, mode, max(mode["get_set"], 256 * MIB))
     for engine in ("uring", "psync"):
         if engine in only:
             sides[engine] = RingblobSide(engine, workdir, mode, args.clients, data_size, daemon_flags(args))

@@ -59,8 +59,9 @@ def test_the_references_run_right_beside_the_sync_put(bench):
     def check(order):
         i = order.index(("fio", "randwrite_4k_qd32_fdatasync32"))
         j = order.index(("uring", "put_4k_sync_c32"))
-        beside = [("fio", n) for n in bench.BESIDE["put_4k_sync_c32"]]
+        beside = list(bench.BESIDE["put_4k_sync_c32"])
         assert order[i + 1 : j] == beside  # between the counterpart and ringblob, nothing else
+        assert ("groupcommit", "groupcommit_4k_c32") in beside and ("fio", "randwrite_4k_qd32_dsync") in beside
         assert len(order) == len(set(order))
 
     check(bench.schedule())
@@ -214,3 +215,42 @@ def test_the_connection_shape_reference_drives_32_connections_and_divides_by_red
     assert ref["ratio"] == pytest.approx(1.05) and "result" not in ref
     order = bench.schedule()
     assert order.index(("uring", "put_4k_sync_c32_conn32")) == order.index(("psync", "put_4k_sync_c32")) + 2
+
+
+def test_the_group_commit_ceiling_is_a_reference_beside_the_sync_put_and_fio(bench):
+    rows = [
+        _row("ringblob-uring", "put_4k_sync_c32", 54_000, [50_000, 54_000, 60_000]),
+        _row("fio", "randwrite_4k_qd32_fdatasync32", 120_000, [120_000, 130_000, 120_000]),
+        _row("groupcommit", "groupcommit_4k_c32", 72_000, [60_000, 72_000, 80_000], shape="minimal",
+             rounds_in_flight=2, values_per_round=16.0,
+             shapes=[{"shape": "journal", "rounds_in_flight": 2, "ops_per_s": 65_000.0},
+                     {"shape": "minimal", "rounds_in_flight": 2, "ops_per_s": 72_000.0}]),
+    ]
+    refs = {r["target"]: r for r in bench.references(rows)}
+    put = next(r for k, r in refs.items() if k.startswith("4 KiB PUT sync c32 / the group-commit ceiling"))
+    assert put["ratio"] == pytest.approx(0.75) and put["per_round"] == pytest.approx([50 / 60, 54 / 72, 60 / 80])
+    ceil = next(r for k, r in refs.items() if k.startswith("the group-commit ceiling at 32 in flight / fio"))
+    assert ceil["ratio"] == pytest.approx(0.6) and "result" not in ceil
+    # the ceiling is no target: the verdicts are the issue's, unchanged
+    assert {t["target"] for t in bench.targets(rows)} == {t["target"] for t in bench.targets(rows[:2])}
+    doc = {
+        "mode": "quick", "clients": 2, "load_generator": "native", "repeat": 3,
+        "mode_params": {"duration": 1.0, "warmup": 0.2, "get_set": 32 << 20, "big_set": 16},
+        "machine": {"nproc": 2, "cpu_model": "test", "mem_bytes": 1 << 30, "kernel": "k", "os": "os",
+                    "filesystem": "ext4", "workdir": "/x", "fio": "fio-x", "redis": "redis-x",
+                    "git_commit": "abc", "date_utc": "now"},
+        "results": rows, "ratios": bench.ratios(rows), "targets": bench.targets(rows),
+        "references": bench.references(rows),
+    }
+    md = bench.markdown(doc)
+    assert "| groupcommit_4k_c32 | 32 | minimal 2 | 72,000 | 16.0 |" in md
+    assert "journal 2: 65,000, minimal 2: 72,000" in md
+    assert "| 0.60 | 0.50 / 0.55 / 0.67 |" in md  # the ceiling over fio's fdatasync=32 job, round by round
+
+
+def test_groupcommit_side_command_line(bench):
+    side = bench.GroupCommitSide("/w", bench.MODES["quick"], 256 << 20)
+    argv = side.argv("groupcommit_4k_c32")
+    assert argv[1].endswith("bench/groupcommit.py")
+    assert argv[argv.index("--file") + 1] == "/w/fio.dat" and argv[argv.index("--conc") + 1] == "32"
+    assert float(argv[argv.index("--duration") + 1]) == bench.MODES["quick"]["duration"]
