@@ -40,6 +40,19 @@ def _row(system, workload, ops, samples=None, **kw):
     return r
 
 
+def _doc(bench, rows):
+    """A run.json document around ``rows`` (3 rounds, quick mode), with the report's derived parts."""
+    return {
+        "mode": "quick", "clients": 2, "load_generator": "native", "repeat": 3,
+        "mode_params": {"duration": 1.0, "warmup": 0.2, "get_set": 32 << 20, "big_set": 16},
+        "machine": {"nproc": 2, "cpu_model": "test", "mem_bytes": 1 << 30, "kernel": "k", "os": "os",
+                    "filesystem": "ext4", "workdir": "/x", "fio": "fio-x", "redis": "redis-x",
+                    "git_commit": "abc", "date_utc": "now"},
+        "results": rows, "ratios": bench.ratios(rows), "targets": bench.targets(rows),
+        "references": bench.references(rows),
+    }
+
+
 def test_fio_command_lines_of_the_sync_jobs(bench):
     mode = bench.MODES["quick"]
     dsync = bench.fio_command("randwrite_4k_qd32_dsync", "/x/fio.dat", 1 << 20, mode)
@@ -133,15 +146,7 @@ def test_markdown_prints_the_reference_table_only_with_a_ratio(bench):
         _row("fio", "randwrite_4k_qd32_dsync", 75_000, [100_000, 75_000, 70_000], sync="dsync"),
         _row("fio", "randwrite_4k_qd32_fdatasync1", 120_000, fdatasync_every=1),
     ]
-    doc = {
-        "mode": "quick", "clients": 2, "load_generator": "native", "repeat": 3,
-        "mode_params": {"duration": 1.0, "warmup": 0.2, "get_set": 32 << 20, "big_set": 16},
-        "machine": {"nproc": 2, "cpu_model": "test", "mem_bytes": 1 << 30, "kernel": "k", "os": "os",
-                    "filesystem": "ext4", "workdir": "/x", "fio": "fio-x", "redis": "redis-x",
-                    "git_commit": "abc", "date_utc": "now"},
-        "results": rows, "ratios": bench.ratios(rows), "targets": bench.targets(rows),
-        "references": bench.references(rows),
-    }
+    doc = _doc(bench, rows)
     md = bench.markdown(doc)
     assert "Like-for-like references" in md
     assert "| 0.80 | 0.50 / 0.80 / 1.00 |" in md
@@ -233,15 +238,7 @@ def test_the_group_commit_ceiling_is_a_reference_beside_the_sync_put_and_fio(ben
     assert ceil["ratio"] == pytest.approx(0.6) and "result" not in ceil
     # the ceiling is no target: the verdicts are the issue's, unchanged
     assert {t["target"] for t in bench.targets(rows)} == {t["target"] for t in bench.targets(rows[:2])}
-    doc = {
-        "mode": "quick", "clients": 2, "load_generator": "native", "repeat": 3,
-        "mode_params": {"duration": 1.0, "warmup": 0.2, "get_set": 32 << 20, "big_set": 16},
-        "machine": {"nproc": 2, "cpu_model": "test", "mem_bytes": 1 << 30, "kernel": "k", "os": "os",
-                    "filesystem": "ext4", "workdir": "/x", "fio": "fio-x", "redis": "redis-x",
-                    "git_commit": "abc", "date_utc": "now"},
-        "results": rows, "ratios": bench.ratios(rows), "targets": bench.targets(rows),
-        "references": bench.references(rows),
-    }
+    doc = _doc(bench, rows)
     md = bench.markdown(doc)
     assert "| groupcommit_4k_c32 | 32 | minimal 2 | 72,000 | 16.0 |" in md
     assert "journal 2: 65,000, minimal 2: 72,000" in md
