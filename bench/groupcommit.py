@@ -26,7 +26,12 @@ Shapes measured (each ``--duration`` seconds, in this order):
 
 * ``journal``, 2 rounds in flight — the I/O pattern of ringblob's rounds;
 * ``minimal``, 1, 2 and 4 rounds in flight — one merged write then the
-  fdatasync: the least I/O any store that keeps the promise above does.
+  fdatasync: the least I/O any store that keeps the promise above does;
+* ``minimal-dsync``, 2 and 4 rounds in flight — the merged write carries
+  RWF_DSYNC (durable when it completes: on a device with a volatile write
+  cache and no FUA the kernel flushes the cache after it) and no fdatasync
+  follows, so rounds need no order among them (ringblob's ``sync_method =
+  "dsync"`` without the journal write).
 
 The best of these is an estimate (not a proof) of the ceiling for a sync PUT
 at this concurrency on this device, set beside fio in bench/run.py: fio's
@@ -76,13 +81,16 @@ def _percentile(sorted_vals: list[float], p: float) -> float:
     return sorted_vals[min(len(sorted_vals) - 1, int(len(sorted_vals) * p / 100))]
 
 
-async def measure(aio: AsyncEngine, pages: int, conc: int, duration: float, journal: bool,
+async def measure(aio: AsyncEngine, pages: int, conc: int, duration: float, shape: str,
                   rounds_in_flight: int) -> dict:
-    """Run group-commit rounds for ``duration`` seconds; the row described in the module docstring.
+    """Run group-commit rounds of ``shape`` (``journal``, ``minimal`` or ``minimal-dsync``) for
+    ``duration`` seconds; the row described in the module docstring.
 
     ``pages``: 4 KiB pages in the file (values cycle over pages ``JOURNAL_PAGES`` to ``pages - 1``).
     Raises ``OSError`` when a write or fdatasync fails or writes short.
     """
+    journal = shape == "journal"
+    dsync = shape == "minimal-dsync"
     per_round = -(-conc // rounds_in_flight)
     bsz = aio.buffer_size
     bufs = await aio.lease(-(-per_round * BS // bsz) + 1)  # a round's values, then the journal's
@@ -124,11 +132,12 @@ async def measure(aio: AsyncEngine, pages: int, conc: int, duration: float, jour
         if journal:
             ops.append((WRITE, jbuf, (state["jpos"] % JOURNAL_PAGES) * BS, BS, 0))
             state["jpos"] += 1
-        check(await aio.run(ops, link=False), ops)
-        if prev is not None:
-            await prev  # fdatasyncs in order: a round is acknowledged after the one before it
-        sync = [(FSYNC,)]
-        check(await aio.run(sync), sync)
+        check(await aio.run(ops, link=False, dsync=dsync), ops)
+        if not dsync:  # (a RWF_DSYNC write is durable when it completes)
+            if prev is not None:
+                await prev  # fdatasyncs in order: a round is acknowledged after the one before it
+            sync = [(FSYNC,)]
+            check(await aio.run(sync), sync)
         now = time.perf_counter()
         for t in born:
             if t >= t_meas and now <= t_end:
@@ -167,7 +176,7 @@ async def measure(aio: AsyncEngine, pages: int, conc: int, duration: float, jour
     cpu = time.process_time() - cpu0
     waits.sort()
     return {
-        "shape": "journal" if journal else "minimal",
+        "shape": shape,
         "rounds_in_flight": rounds_in_flight,
         "concurrency": conc,
         "ops_per_s": state["acked"] / duration,
@@ -180,7 +189,7 @@ async def measure(aio: AsyncEngine, pages: int, conc: int, duration: float, jour
     }
 
 
-SHAPES = (("journal", 2), ("minimal", 1), ("minimal", 2), ("minimal", 4))
+SHAPES = (("journal", 2), ("minimal", 1), ("minimal", 2), ("minimal", 4), ("minimal-dsync", 2), ("minimal-dsync", 4))
 
 
 async def run(path: str, conc: int, duration: float, warmup: float) -> dict:
@@ -197,8 +206,8 @@ async def run(path: str, conc: int, duration: float, warmup: float) -> dict:
             rows = []
             for shape, r in SHAPES:
                 if warmup > 0:
-                    await measure(aio, pages, conc, warmup, shape == "journal", r)
-                rows.append(await measure(aio, pages, conc, duration, shape == "journal", r))
+                    await measure(aio, pages, conc, warmup, shape, r)
+                rows.append(await measure(aio, pages, conc, duration, shape, r))
         finally:
             aio.close()  # closes the engine too
     finally:

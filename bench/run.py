@@ -1531,8 +1531,9 @@ def markdown(doc: dict) -> str:
         lines += ["", "Group-commit ceiling (bench/groupcommit.py on fio's file through ringblob's engine, no daemon, "
                   "socket or client: each 4 KiB write acknowledged once an fdatasync that began after it completed "
                   "succeeded, an acknowledged slot's next write ready at once; a round's values are one merged "
-                  "write, `journal` adds a 4 KiB journal write beside it as ringblob's rounds do; the best shape "
-                  "is the row's figure):", "",
+                  "write, `journal` adds a 4 KiB journal write beside it as ringblob's rounds do, `minimal-dsync` "
+                  "writes it with RWF_DSYNC instead of following it with an fdatasync; the best shape is the "
+                  "row's figure):", "",
                   "| run | in flight | best shape | acknowledged writes/s | values per round | p50 µs | p99 µs | "
                   "every shape (rounds in flight: writes/s) |", "|---|---:|---|---:|---:|---:|---:|---|"]
         for r in ceil:
