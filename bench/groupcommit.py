@@ -24,7 +24,9 @@ previous round's fdatasync).
 
 Shapes measured (each ``--duration`` seconds, in this order):
 
-* ``journal``, 2 rounds in flight — the I/O pattern of ringblob's rounds;
+* ``journal``, 2 rounds in flight — the I/O pattern of ringblob's rounds —
+  and 1 (each round's writes wait for the previous round's fdatasync: with
+  clients that answer at once, rounds of every value in flight);
 * ``minimal``, 1, 2 and 4 rounds in flight — one merged write then the
   fdatasync: the least I/O any store that keeps the promise above does;
 * ``minimal-dsync``, 2 and 4 rounds in flight — the merged write carries
@@ -189,7 +191,7 @@ async def measure(aio: AsyncEngine, pages: int, conc: int, duration: float, shap
     }
 
 
-SHAPES = (("journal", 2), ("minimal", 1), ("minimal", 2), ("minimal", 4), ("minimal-dsync", 2), ("minimal-dsync", 4))
+SHAPES = (("journal", 2), ("journal", 1), ("minimal", 1), ("minimal", 2), ("minimal", 4), ("minimal-dsync", 2), ("minimal-dsync", 4))
 
 
 async def run(path: str, conc: int, duration: float, warmup: float) -> dict:
