@@ -491,9 +491,12 @@ class GroupCommitSide:
         return [] if self.ok else [f"groupcommit: no test file {self.path}"]
 
     def argv(self, name: str) -> list[str]:
+        # it measures seven shapes one after another: in quick mode (a harness check in under a
+        # minute) each gets 0.3 s
+        quick = self.mode["duration"] < 1
         return [sys.executable, os.path.join(ROOT, "bench", "groupcommit.py"), "--file", self.path,
-                "--conc", str(GROUPCOMMIT_RUNS[name]), "--duration", str(self.mode["duration"]),
-                "--warmup", str(min(0.5, self.mode["warmup"]))]
+                "--conc", str(GROUPCOMMIT_RUNS[name]), "--duration", str(0.3 if quick else self.mode["duration"]),
+                "--warmup", str(0.05 if quick else min(0.5, self.mode["warmup"]))]
 
     def run(self, name: str) -> tuple[dict | None, list[str]]:
         """Run ``name``; (row, errors)."""

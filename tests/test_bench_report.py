@@ -250,4 +250,6 @@ def test_groupcommit_side_command_line(bench):
     argv = side.argv("groupcommit_4k_c32")
     assert argv[1].endswith("bench/groupcommit.py")
     assert argv[argv.index("--file") + 1] == "/w/fio.dat" and argv[argv.index("--conc") + 1] == "32"
-    assert float(argv[argv.index("--duration") + 1]) == bench.MODES["quick"]["duration"]
+    assert float(argv[argv.index("--duration") + 1]) == 0.3  # seven shapes: quick mode stays under a minute
+    full = bench.GroupCommitSide("/w", bench.MODES["full"], 256 << 20).argv("groupcommit_4k_c32")
+    assert float(full[full.index("--duration") + 1]) == bench.MODES["full"]["duration"]
