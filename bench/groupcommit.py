@@ -191,7 +191,9 @@ async def measure(aio: AsyncEngine, pages: int, conc: int, duration: float, shap
     }
 
 
-SHAPES = (("journal", 2), ("journal", 1), ("minimal", 1), ("minimal", 2), ("minimal", 4), ("minimal-dsync", 2), ("minimal-dsync", 4))
+#: (shape, rounds in flight), measured in this order
+SHAPES = (("journal", 2), ("journal", 1), ("minimal", 1), ("minimal", 2), ("minimal", 4),
+          ("minimal-dsync", 2), ("minimal-dsync", 4))
 
 
 async def run(path: str, conc: int, duration: float, warmup: float) -> dict:

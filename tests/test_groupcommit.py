@@ -36,8 +36,8 @@ def test_every_shape_acknowledges_writes_in_rounds_no_larger_than_its_share(work
     assert out.returncode == 0, out.stderr
     doc = json.loads(out.stdout)
     shapes = [(r["shape"], r["rounds_in_flight"]) for r in doc["results"]]
-    assert shapes == [("journal", 2), ("journal", 1), ("minimal", 1), ("minimal", 2), ("minimal", 4), ("minimal-dsync", 2),
-                      ("minimal-dsync", 4)]
+    assert shapes == [("journal", 2), ("journal", 1), ("minimal", 1), ("minimal", 2), ("minimal", 4),
+                      ("minimal-dsync", 2), ("minimal-dsync", 4)]
     for r in doc["results"]:
         assert r["ops_per_s"] > 0 and r["rounds_per_s"] > 0, r
         assert r["concurrency"] == 8
