@@ -46,7 +46,7 @@ frames, which is where the Cython request path's time shows).
 Workload by workload, the fio counterpart, ringblob uring, ringblob psync and
 Redis run back to back, so both sides of a ratio are measured moments apart.
 Modes: ``--quick`` (< 1 minute, checks the harness, writes
-bench/results/quick/), ``--medium`` (~3 minutes), default full (~6-7 minutes
+bench/results/quick/), ``--medium`` (~3 minutes), default full (~7 minutes
 on 2 CPUs); ``--repeat N`` reports the median of N rounds, ``--nice -10``
 lifts every benchmarked process alike on a shared host. Only local processes
 are benchmarked: Unix sockets, files under the repository.
@@ -1951,7 +1951,7 @@ def main(argv: list[str] | None = None) -> int:
     g = ap.add_mutually_exclusive_group()
     g.add_argument("--quick", action="store_const", const="quick", dest="mode", help="under a minute: checks the harness")
     g.add_argument("--medium", action="store_const", const="medium", dest="mode", help="about 3 minutes")
-    g.add_argument("--full", action="store_const", const="full", dest="mode", help="the default: about 6 minutes on 2 CPUs")
+    g.add_argument("--full", action="store_const", const="full", dest="mode", help="the default: about 7 minutes on 2 CPUs")
     ap.add_argument("--workdir", default=os.path.join(ROOT, ".bench-tmp"), help="where the data files go (a real file system, not tmpfs)")
     ap.add_argument("--out", default=None,
                     help="where run.json/run.md/run.png go (default bench/results; bench/results/quick for --quick, "
