@@ -432,9 +432,9 @@ def test_a_burst_of_completions_is_delivered_reap_turn_per_loop_turn(dfile, kind
     df, data = dfile
 
     async def main():
-        aio = make(kind, df, buffer_count=32, buffer_size=65536)
-        loop = asyncio.get_running_loop()
         n = 3 * REAP_TURN + 1
+        aio = make(kind, df, buffer_count=n + 1, buffer_size=65536)
+        loop = asyncio.get_running_loop()
         dones = [_collector(loop) for _ in range(n)]
         for i, (done, _calls, _f) in enumerate(dones):
             assert aio.read_nowait(i * 8192, 4096, done) is True
@@ -447,7 +447,7 @@ def test_a_burst_of_completions_is_delivered_reap_turn_per_loop_turn(dfile, kind
         await asyncio.sleep(0.01)
         for i, (_d, calls, _f) in enumerate(dones):
             assert calls == [(data[i * 8192 : i * 8192 + 4096], None)]
-        assert aio.engine.free_buffers == 32 and aio.engine.in_flight == 0
+        assert aio.engine.free_buffers == n + 1 and aio.engine.in_flight == 0
         aio.close()
 
     asyncio.run(main())

@@ -1,7 +1,7 @@
 """asyncio adapter over any engine (``uring`` or ``psync``): futures for SQEs.
 
 :class:`AsyncEngine` watches the engine's ``eventfd`` with ``loop.add_reader``,
-reaps CQEs in groups of at most ``REAP_TURN`` (6) per loop turn and resolves one
+reaps CQEs in groups of at most ``REAP_TURN`` (16) per loop turn and resolves one
 asyncio future per op tag (the engine keeps its eventfd readable while CQEs are
 left, so the next turn takes the next group). A burst of reads completes
 together; delivering it in groups lets each group's replies go out and the
