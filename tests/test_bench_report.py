@@ -137,6 +137,26 @@ def test_parse_fio_marks_o_dsync_and_fdatasync_jobs(bench):
     f = bench.parse_fio(doc(True), "randwrite_4k_qd32_fdatasync1")
     assert f["fdatasync_every"] == 1 and "sync" not in f
     assert f["fdatasync_mean_us"] == 80 and f["fdatasync_p99_us"] == 200
+    # fio's own CPU per I/O: 45 % of one CPU at 80k writes/s is 5.625 µs each
+    assert d["cpu_us_per_op"] == pytest.approx(5.625)
+    quiet = doc(False)
+    quiet["jobs"][0].update(usr_cpu=0.0, sys_cpu=0.0)
+    assert bench.parse_fio(quiet, "randwrite_4k_qd32_dsync")["cpu_us_per_op"] is None  # not measured
+
+
+def test_the_cpu_column_gives_the_daemon_per_request_and_fio_per_io(bench):
+    """The 'All figures' table's CPU column shows the daemon's CPU per request on ringblob rows and
+    fio's own CPU per I/O on fio rows (what the same I/O costs any process on that machine)."""
+    rows = [
+        _row("ringblob-uring", "get_4k_c32", 40_000, daemon_cpu_us_per_op=21.4),
+        _row("fio", "randread_4k_qd32", 88_000, cpu_us_per_op=8.9),
+    ]
+    md = bench.markdown(_doc(bench, rows))
+    assert "| CPU µs/op | others' CPU |" in md
+    fio_line = next(line for line in md.splitlines() if line.startswith("| fio randread_4k_qd32 |"))
+    uring_line = next(line for line in md.splitlines() if line.startswith("| get_4k_c32 | ringblob-uring |"))
+    assert fio_line.split("|")[11].strip() == "9"
+    assert uring_line.split("|")[11].strip() == "21"
 
 
 def test_markdown_prints_the_reference_table_only_with_a_ratio(bench):
