@@ -563,12 +563,21 @@ class Daemon:
             "--metrics-addr", "", "--engine", self.engine, *self.extra,
         ]
 
-    def log_tail(self, n: int = 2000) -> str:
+    def log_tail(self, n: int = 2000, since: int = 0) -> str:
+        """The last ``n`` bytes of the daemon's log, of what was written at or after byte ``since``."""
         try:
             with open(self.log_path, "rb") as f:
-                return f.read()[-n:].decode("utf-8", "replace")
+                return f.read()[since:][-n:].decode("utf-8", "replace")
         except OSError:
             return ""
+
+    @staticmethod
+    def reason(tail: str) -> str:
+        """The line of a failed start's output that says why: the CLI's ``ringblob serve: ...`` error
+        line, else the last line."""
+        lines = [line for line in tail.splitlines() if line.strip()]
+        said = [line for line in lines if line.startswith("ringblob serve:")]
+        return (said or lines or ["no output"])[-1].strip()
 
     def start(self, timeout: float = 120.0) -> None:
         from ringblob.client import Client
@@ -576,13 +585,16 @@ class Daemon:
         if os.path.exists(self.socket):
             os.unlink(self.socket)
         logf = open(self.log_path, "ab")
+        since = logf.tell()  # this start's output: a failure names its own reason, not an earlier run's
         log("daemon: " + shlex.join(self.argv))
         self.proc = subprocess.Popen(self.argv, stdout=logf, stderr=subprocess.STDOUT, cwd=ROOT)
         logf.close()
         deadline = time.monotonic() + timeout
         while True:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"ringblob serve exited with status {self.proc.returncode}:\n{self.log_tail()}")
+                tail = self.log_tail(since=since)
+                raise RuntimeError(f"ringblob serve exited with status {self.proc.returncode}: "
+                                   f"{self.reason(tail)}\n{tail}")
             if os.path.exists(self.socket):
                 try:
                     with Client(self.socket, timeout=5) as c:
@@ -1066,8 +1078,8 @@ class RingblobSide:
             try:
                 self.daemon.start()
             except RuntimeError as exc:
-                if not os.path.exists(self.data):
-                    raise
+                if not os.path.exists(self.data) or "locked by another process" in str(exc):
+                    raise   # another daemon holds the file: formatting it under that daemon's feet helps nobody
                 log(f"{self.system}: the daemon did not start on the existing {self.data} "
                     f"({str(exc).splitlines()[0]}); formatting afresh")
                 os.unlink(self.data)

@@ -2,16 +2,21 @@
 the like-for-like durability references, fio result parsing and the markdown report.
 
 No benchmark runs here: these feed the functions hand-made rows and fio JSON and check what they
-decide and print, so a PASS/MISS or a reference ratio in bench/results/ can be trusted.
+decide and print, so a PASS/MISS or a reference ratio in bench/results/ can be trusted; one test
+starts real daemons to check what the harness does with a data file another daemon holds.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
+import os
 import pathlib
 import sys
 
 import pytest
+
+from conftest import ENGINES
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -273,3 +278,42 @@ def test_groupcommit_side_command_line(bench):
     assert float(argv[argv.index("--duration") + 1]) == 0.3  # seven shapes: quick mode stays under a minute
     full = bench.GroupCommitSide("/w", bench.MODES["full"], 256 << 20).argv("groupcommit_4k_c32")
     assert float(full[full.index("--duration") + 1]) == bench.MODES["full"]["duration"]
+
+
+def test_a_start_failure_names_its_own_reason(bench):
+    """A daemon that would not start is reported by the CLI's own error line, not the log's last
+    line of an earlier run (the log is appended across runs)."""
+    tail = ("2026 INFO ringblob.store: sync_method fdatasync\n"
+            "ringblob serve: /x/d.data: the data file is locked by another process (pid 7); stop that ringblob\n"
+            "2026 INFO ringblob.digest: parallel_hash auto\n")
+    assert bench.Daemon.reason(tail).startswith("ringblob serve: /x/d.data: the data file is locked")
+    assert bench.Daemon.reason("a\nlast words\n\n") == "last words"
+    assert bench.Daemon.reason("") == "no output"
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the daemon runs on Linux")
+def test_a_data_file_another_daemon_holds_is_reported_not_formatted_afresh(bench, workdir):
+    """When the bench's daemon cannot start because another process holds the data file's lock,
+    the harness says so and leaves the file alone (it used to unlink it and format a new one under
+    the other daemon's feet). Real daemons on a real file under the repository."""
+    from ringblob.client import Client
+
+    size = 256 << 20
+    engine = "uring" if "uring" in ENGINES else "psync"
+    side = bench.RingblobSide(engine, workdir, {"get_set": 1 << 20, "big_set": 1}, 1, size)
+    os.mkdir(os.path.join(workdir, "first"))
+    first = bench.Daemon(os.path.join(workdir, "first"), side.data, size, engine)
+    first.start()
+    try:
+        with open(side.data + ".json", "w") as f:
+            json.dump(side.shape, f)
+        inode = os.stat(side.data).st_ino
+        errors = side.start()
+        assert len(errors) == 1, errors
+        assert "locked by another process" in errors[0] and f"pid {first.pid}" in errors[0].splitlines()[0]
+        assert os.stat(side.data).st_ino == inode  # not unlinked, not formatted afresh
+        with Client(first.socket, timeout=5) as c:
+            c.ping()
+    finally:
+        side.daemon.stop()  # (had it formatted afresh, its own daemon would be running)
+        first.stop()
