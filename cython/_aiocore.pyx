@@ -185,10 +185,11 @@ cdef class AsyncCore:
         ``writev`` per connection that wakes its client, a ``read`` of the requests, an
         ``io_uring_enter`` whose virtio kick is a VM exit), and on a host where those cost more
         small groups spend the daemon's one core on them. On a second 2-CPU VM (fio's own CPU per
-        4 KiB read 8.9 µs against 5.2 on the first), 15 alternating rounds of GET at 32
-        concurrent: groups of 6 ~29k/s at ~30 µs of daemon CPU per GET, 12 ~37k/s at ~23 µs, 16
-        ~39k/s at ~21 µs, 32 ~33k/s; on the first VM 8 and 12 had cut CPU per GET at level
-        throughput. Two groups per burst of 32 keep the overlap."""
+        4 KiB read 8.9 µs against 5.2 on the first), alternating 3 s runs of GET at 32
+        concurrent (medians): groups of 6 28.0k/s at 27-31 µs of daemon CPU per GET (14 runs),
+        12 37.0k (7), 16 37.3k at 17-25 µs (15), 32 33.9k (9); the write workloads level. On
+        the first VM 8 and 12 had cut CPU per GET at level throughput. Two groups per burst of
+        32 keep the overlap (bench/results/analysis.md, "Session 14")."""
         cdef list cqes
         cdef object fut
         cdef PyObject *p
