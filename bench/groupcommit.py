@@ -71,7 +71,7 @@ sys.path.insert(0, os.path.join(ROOT, "daemon"))
 
 from ringblob.direct import open_direct  # noqa: E402
 from ringblob.engine import open_engine  # noqa: E402
-from ringblob.engine.aio import FSYNC, WRITE, AsyncEngine  # noqa: E402
+from ringblob.engine.aio import FSYNC, WRITE, AsyncEngine, check_result  # noqa: E402
 
 BS = 4096
 JOURNAL_PAGES = 4096  # the file's first 16 MiB take the journal writes; values go after
@@ -109,12 +109,8 @@ async def measure(aio: AsyncEngine, pages: int, conc: int, duration: float, shap
     t_end = t_meas + duration
 
     def check(res: list, ops: list) -> None:
-        for r, op in zip(res, ops):
-            if isinstance(r, BaseException):
-                raise r
-            want = op[3] if op[0] == WRITE else 0
-            if r != want:
-                raise OSError(f"groupcommit: {op[0]} returned {r}, expected {want}")
+        for r, op in zip(res, ops):  # a failed op's OSError, or EIO for a short write
+            check_result(r, op[3] if op[0] == WRITE else 0, f"groupcommit {op[0]}")
 
     async def one_round(born: list[float], prev: asyncio.Future | None) -> None:
         n = len(born)
