@@ -40,11 +40,11 @@ from ringblob.errors import Misaligned as _Misaligned
 
 #: read_nowait submits at once when this many ops wait for the turn's submit
 SUBMIT_EARLY = 8
-cdef Py_ssize_t _SUBMIT_EARLY = 8
+cdef Py_ssize_t _SUBMIT_EARLY = SUBMIT_EARLY
 #: the most CQEs one ``_on_ready`` call (one loop turn) reaps and delivers; the engine keeps its
 #: eventfd readable while more are left, so the next turn takes the next group
 REAP_TURN = 16
-cdef int _REAP_TURN = 16
+cdef int _REAP_TURN = REAP_TURN
 
 
 def check_result(res, want=None, str what="io"):
