@@ -542,6 +542,15 @@ def ringblob_binary() -> list[str]:
     return [sys.executable, "-m", "ringblob.cli"]
 
 
+class DaemonStartError(RuntimeError):
+    """``ringblob serve`` exited before it answered; ``status`` is its exit status
+    (``ringblob.serve.EXIT_LOCKED`` when another process holds the data file)."""
+
+    def __init__(self, message: str, status: int):
+        super().__init__(message)
+        self.status = status
+
+
 class Daemon:
     """``ringblob serve`` as a subprocess with its log in ``workdir``; ``start()`` waits for its socket."""
 
@@ -593,8 +602,8 @@ class Daemon:
         while True:
             if self.proc.poll() is not None:
                 tail = self.log_tail(since=since)
-                raise RuntimeError(f"ringblob serve exited with status {self.proc.returncode}: "
-                                   f"{self.reason(tail)}\n{tail}")
+                raise DaemonStartError(f"ringblob serve exited with status {self.proc.returncode}: "
+                                       f"{self.reason(tail)}\n{tail}", self.proc.returncode)
             if os.path.exists(self.socket):
                 try:
                     with Client(self.socket, timeout=5) as c:
@@ -1064,6 +1073,8 @@ class RingblobSide:
         self.ok = False
 
     def start(self) -> list[str]:
+        from ringblob.serve import EXIT_LOCKED
+
         # A data file is reused only when it was made for the same data set and size (see .json beside it).
         side = self.data + ".json"
         try:
@@ -1077,8 +1088,8 @@ class RingblobSide:
         try:
             try:
                 self.daemon.start()
-            except RuntimeError as exc:
-                if not os.path.exists(self.data) or "locked by another process" in str(exc):
+            except DaemonStartError as exc:
+                if not os.path.exists(self.data) or exc.status == EXIT_LOCKED:
                     raise   # another daemon holds the file: formatting it under that daemon's feet helps nobody
                 log(f"{self.system}: the daemon did not start on the existing {self.data} "
                     f"({str(exc).splitlines()[0]}); formatting afresh")

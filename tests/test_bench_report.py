@@ -311,6 +311,7 @@ def test_a_data_file_another_daemon_holds_is_reported_not_formatted_afresh(bench
         errors = side.start()
         assert len(errors) == 1, errors
         assert "locked by another process" in errors[0] and f"pid {first.pid}" in errors[0].splitlines()[0]
+        assert "exited with status 75" in errors[0]  # told apart by the exit status (EX_TEMPFAIL)
         assert os.stat(side.data).st_ino == inode  # not unlinked, not formatted afresh
         with Client(first.socket, timeout=5) as c:
             c.ping()

@@ -13,6 +13,7 @@ import io
 import json
 import os
 import pathlib
+import re
 import shutil
 import stat
 import subprocess
@@ -46,8 +47,9 @@ def ok(proc: subprocess.CompletedProcess) -> bytes:
     return proc.stdout
 
 
-def one_line_error(proc: subprocess.CompletedProcess, command: str) -> str:
-    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
+def one_line_error(proc: subprocess.CompletedProcess, command: str, status: int = 2) -> str:
+    """The one stderr line of a command that failed with exit ``status``."""
+    assert proc.returncode == status, (proc.returncode, proc.stdout, proc.stderr)
     err = proc.stderr.decode()
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1, f"expected one line on stderr, got:\n{err}"
@@ -224,18 +226,21 @@ def test_serve_print_config(tmp_path):
 def test_serve_rejects_bad_settings(tmp_path):
     cfg = tmp_path / "rb.toml"
     cfg.write_text('sockett = "/tmp/x"\n')
-    line = one_line_error(rb("serve", "--config", str(cfg)), "serve")
+    # a bad setting exits 78 (EX_CONFIG), which the systemd unit does not restart
+    line = one_line_error(rb("serve", "--config", str(cfg)), "serve", 78)
     assert "sockett" in line and str(cfg) in line
-    line = one_line_error(rb("serve", "--size", "lots"), "serve")
+    line = one_line_error(rb("serve", "--size", "lots"), "serve", 78)
     assert "size" in line
-    line = one_line_error(rb("serve", "--engine", "spdk"), "serve")
+    line = one_line_error(rb("serve", "--engine", "spdk"), "serve", 78)
     assert "engine" in line
+    unit = (ROOT / "systemd" / "ringblob.service").read_text()
+    assert re.search(r"^RestartPreventExitStatus=78$", unit, re.M)
 
 
 def test_second_daemon_on_same_data_file_is_refused(daemon):
     other_sock = daemon.workdir / "second.sock"
     p = rb("serve", "--data", str(daemon.data), "--socket", str(other_sock), "--metrics-addr", "", timeout=60)
-    assert p.returncode != 0
+    assert p.returncode == 75, p.stderr  # EX_TEMPFAIL: may start once the holder has stopped
     err = p.stderr.decode()
     assert "lock" in err.lower(), err
     assert str(daemon.data) in err or "ringblob.data" in err, err
@@ -322,12 +327,12 @@ def test_serve_config_file_end_to_end():
         # without the flag the file's metrics_addr is used: nothing can listen there (the store
         # opened first and logged, so the error is the last line)
         p = rb("serve", "--config", str(cfg))
-        assert p.returncode == 2
+        assert p.returncode == 78  # a setting to change (EX_CONFIG), not a failure a restart mends
         line = p.stderr.decode().strip().splitlines()[-1]
         assert line.startswith("ringblob serve: ") and "metrics_addr" in line and "192.0.2.1:9464" in line
         # a malformed value in the file is refused naming the key and the file
         cfg.write_text('metrics_addr = "not an address"\n')
-        line = one_line_error(rb("serve", "--config", str(cfg), "--metrics-addr", ""), "serve")
+        line = one_line_error(rb("serve", "--config", str(cfg), "--metrics-addr", ""), "serve", 78)
         assert "metrics_addr" in line and str(cfg) in line
     finally:
         shutil.rmtree(workdir, ignore_errors=True)

@@ -1,9 +1,10 @@
 """The ``ringblob`` command line.
 
 Each subcommand lives in its own module, which provides
-``add_arguments(parser)`` and ``run(args) -> int`` (the exit status); this
-module only wires them to argparse. Errors of :mod:`ringblob.errors` print one
-line to stderr and exit non-zero.
+``add_arguments(parser)`` and ``run(args) -> int`` (the exit status), and may
+provide ``exit_status(exc) -> int`` for the failures it tells apart (``serve``
+does); this module only wires them to argparse. Errors of :mod:`ringblob.errors`
+and ``OSError`` print one line to stderr and exit with that status, else 2.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         mod.add_arguments(p)
-        p.set_defaults(_run=mod.run)
+        p.set_defaults(_run=mod.run, _exit_status=getattr(mod, "exit_status", None))
     return parser
 
 
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(args._run(args) or 0)
     except RingblobError as exc:
         print(f"ringblob {args.command}: {exc}", file=sys.stderr)
-        return 2
+        return _status(args, exc)
     except BrokenPipeError:
         # the reader of our output went away (`ringblob list | head`): stop quietly, as a
         # process killed by SIGPIPE would (the client maps a broken socket to ConnectionLost)
@@ -82,9 +83,14 @@ def main(argv: list[str] | None = None) -> int:
         return 141
     except OSError as exc:
         print(f"ringblob {args.command}: {exc}", file=sys.stderr)
-        return 2
+        return _status(args, exc)
     except KeyboardInterrupt:
         return 130
+
+
+def _status(args: argparse.Namespace, exc: BaseException) -> int:
+    """The exit status of the subcommand's failure ``exc``: its module's ``exit_status``, else 2."""
+    return int(args._exit_status(exc)) if args._exit_status is not None else 2
 
 
 if __name__ == "__main__":

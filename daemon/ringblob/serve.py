@@ -11,6 +11,13 @@ as TOML and exits.
 SIGTERM or SIGINT (Ctrl-C) stops it cleanly: no new requests, the ones in
 flight finish, the store is flushed and checkpointed, exit status 0. A second
 daemon on the same data file refuses to start (StoreLocked).
+
+Exit status (sysexits.h, so a supervisor can tell the failures apart): 0 after
+a clean stop; 78 (EX_CONFIG) for a bad setting, a socket path another daemon
+serves or a metrics address it cannot listen on, which a restart does not mend
+(the systemd unit's RestartPreventExitStatus); 75 (EX_TEMPFAIL) when another process holds the data
+file's lock (the message names its pid); 2 for any other failure, as every
+ringblob command.
 """
 
 from __future__ import annotations
@@ -21,9 +28,29 @@ import os
 import sys
 
 from . import config
-from .errors import ConfigError
+from .errors import ConfigError, StoreLocked
 
 log = logging.getLogger("ringblob.serve")
+
+#: exit status for any failure that has no status of its own (as every ringblob command)
+EXIT_FAILURE = 2
+#: EX_TEMPFAIL: another process holds the data file's lock (StoreLocked); starting again once it
+#: has stopped can succeed
+EXIT_LOCKED = 75
+#: EX_CONFIG: a bad setting, the socket path served by another daemon or a metrics address it
+#: cannot listen on (ConfigError); starting again does not help until the configuration changes
+EXIT_CONFIG = 78
+
+
+def exit_status(exc: BaseException) -> int:
+    """The exit status of ``ringblob serve`` for the failure ``exc`` (see the module docstring):
+    :data:`EXIT_LOCKED` for :class:`~ringblob.errors.StoreLocked`, :data:`EXIT_CONFIG` for
+    :class:`~ringblob.errors.ConfigError`, else :data:`EXIT_FAILURE`."""
+    if isinstance(exc, StoreLocked):
+        return EXIT_LOCKED
+    if isinstance(exc, ConfigError):
+        return EXIT_CONFIG
+    return EXIT_FAILURE
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
