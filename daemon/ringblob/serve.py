@@ -15,9 +15,9 @@ daemon on the same data file refuses to start (StoreLocked).
 Exit status (sysexits.h, so a supervisor can tell the failures apart): 0 after
 a clean stop; 78 (EX_CONFIG) for a bad setting, a socket path another daemon
 serves or a metrics address it cannot listen on, which a restart does not mend
-(the systemd unit's RestartPreventExitStatus); 75 (EX_TEMPFAIL) when another process holds the data
-file's lock (the message names its pid); 2 for any other failure, as every
-ringblob command.
+(the systemd unit's RestartPreventExitStatus); 75 (EX_TEMPFAIL) when another
+process holds the data file's lock (the message names its pid); 2 for any
+other failure, as every ringblob command.
 """
 
 from __future__ import annotations
