@@ -68,19 +68,16 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "daemon"))
+sys.path.insert(0, os.path.join(ROOT, "bench"))
 
 from ringblob.direct import open_direct  # noqa: E402
 from ringblob.engine import open_engine  # noqa: E402
 from ringblob.engine.aio import FSYNC, WRITE, AsyncEngine, check_result  # noqa: E402
 
+from run import percentiles  # noqa: E402 (bench/run.py, beside this file)
+
 BS = 4096
 JOURNAL_PAGES = 4096  # the file's first 16 MiB take the journal writes; values go after
-
-
-def _percentile(sorted_vals: list[float], p: float) -> float:
-    if not sorted_vals:
-        return 0.0
-    return sorted_vals[min(len(sorted_vals) - 1, int(len(sorted_vals) * p / 100))]
 
 
 async def measure(aio: AsyncEngine, pages: int, conc: int, duration: float, shape: str,
@@ -172,7 +169,7 @@ async def measure(aio: AsyncEngine, pages: int, conc: int, duration: float, shap
                 f.cancel()
         aio.release(*bufs)
     cpu = time.process_time() - cpu0
-    waits.sort()
+    lat = percentiles(waits)  # the same percentiles as every row of bench/run.py's report
     return {
         "shape": shape,
         "rounds_in_flight": rounds_in_flight,
@@ -180,8 +177,8 @@ async def measure(aio: AsyncEngine, pages: int, conc: int, duration: float, shap
         "ops_per_s": state["acked"] / duration,
         "rounds_per_s": state["rounds"] / duration,
         "values_per_round": state["acked"] / state["rounds"] if state["rounds"] else 0.0,
-        "p50_us": _percentile(waits, 50) * 1e6,
-        "p99_us": _percentile(waits, 99) * 1e6,
+        "p50_us": lat.get("p50_us", 0.0),
+        "p99_us": lat.get("p99_us", 0.0),
         "cpu_s": cpu,
         "duration_s": duration,
     }
