@@ -19,9 +19,12 @@ import stat
 import subprocess
 import time
 import tomllib
+import unicodedata
 
 import blake3
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import ringblob
 from ringblob.commands._common import Progress, format_key, parse_key
@@ -133,6 +136,21 @@ def test_list_prefix(daemon):
     assert set(names) <= set(everything)
 
 
+def test_list_prints_awkward_keys_one_per_line(daemon):
+    s = str(daemon.socket)
+    keys = [b"cli-esc/a\nb", b"cli-esc/a\\x0ab", b"cli-esc/tab\t", b"cli-esc/\x81\x9b", "cli-esc/ü".encode()]
+    with ringblob.Client(daemon.socket) as c:
+        c.put_many({k: b"v" for k in keys})
+    lines = ok(rb("list", "--prefix", "cli-esc/", "--socket", s)).decode().split("\n")
+    assert lines[-1] == ""  # the output ends with a newline
+    assert lines[:-1] == [format_key(k, False) for k in sorted(keys)]
+    assert len(set(lines[:-1])) == len(keys)
+    assert "cli-esc/a\\x0ab" in lines and "cli-esc/a\\x5cx0ab" in lines  # a newline and its look-alike
+    hexed = ok(rb("list", "--hex", "--prefix", b"cli-esc/".hex(), "--socket", s)).decode().split()
+    assert [bytes.fromhex(h) for h in hexed] == sorted(keys)
+    assert ok(rb("get", "--hex", keys[0].hex(), "--socket", s)) == b"v"
+
+
 def test_flush_stat_ping(daemon):
     s = str(daemon.socket)
     ok(rb("put", "cli/flush", "--socket", s, input=b"x"))
@@ -206,6 +224,34 @@ def test_parse_and_format_keys():
         parse_key("0g", True)
     assert format_key(b"\x00\xff", True) == "00ff"
     assert format_key(b"a\xff", False) == "a\\xff"
+    assert format_key("päge/1".encode(), False) == "päge/1"
+    assert format_key(b"a\nb\tc\\d", False) == "a\\x0ab\\x09c\\x5cd"  # control characters and the backslash
+
+
+def _unescape(text: str) -> bytes:
+    """The key ``format_key(key, False)`` printed as ``text``."""
+    out = bytearray()
+    i = 0
+    while i < len(text):
+        if text[i] == "\\":
+            assert text[i + 1] == "x", text
+            out.append(int(text[i + 2:i + 4], 16))
+            i += 4
+        else:
+            out += text[i].encode()
+            i += 1
+    return bytes(out)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.binary(min_size=1, max_size=255) | st.text(min_size=1, max_size=60).map(lambda t: t.encode()))
+def test_a_printed_key_is_one_line_and_names_exactly_its_key(key):
+    """``ringblob list`` prints one key per line: whatever the key's bytes, its printed form has
+    no line break of any kind and reads back as that key alone (so no two keys print alike)."""
+    text = format_key(key, False)
+    assert len(text.splitlines()) == 1
+    assert not any(unicodedata.category(ch) in ("Cc", "Cs") for ch in text)  # no control character or lone surrogate
+    assert _unescape(text) == key
 
 
 # -- serve ------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 from typing import IO
@@ -54,11 +55,29 @@ def parse_key(text: str, hex_key: bool) -> bytes:
     return key
 
 
+# what format_key prints as is: UTF-8 text without control characters (C0, DEL, C1), the line and
+# paragraph separators U+2028/U+2029 or the backslash; undecodable bytes are the lone surrogates
+# U+DC80..U+DCFF of the surrogateescape decoding
+_PLAIN_KEY = re.compile(r"[^\x00-\x1f\\\x7f-\x9f\u2028\u2029\udc80-\udcff]*")
+
+
 def format_key(key: bytes, hex_key: bool) -> str:
-    """A key for printing: hex with ``--hex``, else UTF-8 (undecodable bytes as ``\\xNN``)."""
+    """A key for printing on one line: hex with ``--hex``; else UTF-8 text in which every byte
+    that is not printable text — bytes that are not UTF-8, control characters (a newline, say)
+    and the backslash itself — prints as ``\\xNN``, so no key spans two lines and no two keys
+    print alike (pass such a key back with ``--hex``)."""
     if hex_key:
         return key.hex()
-    return key.decode("utf-8", "backslashreplace")
+    text = key.decode("utf-8", "surrogateescape")
+    if _PLAIN_KEY.fullmatch(text):
+        return text
+    out = []
+    for ch in text:
+        if _PLAIN_KEY.fullmatch(ch):
+            out.append(ch)
+        else:
+            out.extend(f"\\x{b:02x}" for b in ch.encode("utf-8", "surrogateescape"))
+    return "".join(out)
 
 
 def connect(args: argparse.Namespace):

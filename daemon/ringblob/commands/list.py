@@ -1,8 +1,11 @@
 """List keys: `ringblob list [--prefix P]` prints one key per line in ascending byte order.
 
-Keys print as UTF-8 text (bytes that are not UTF-8 as \\xNN escapes), or as
-hex with --hex (then --prefix is hex too). The daemon sends the keys in pages;
-the command prints each page as it arrives.
+Keys print as UTF-8 text, one per line, in which bytes that are not UTF-8,
+control characters (a newline, a tab) and the backslash print as \\xNN
+escapes, so every key is one line and no two keys print alike; or as hex
+with --hex (then --prefix is hex too), which is how to pass such a key back.
+The daemon sends the keys in pages; the command prints each page as it
+arrives.
 """
 
 from __future__ import annotations
