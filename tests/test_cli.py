@@ -91,6 +91,11 @@ def test_put_cas_prints_blake3_digest(daemon, tmp_path):
     assert digest2 == blake3.blake3(b"cas from stdin").hexdigest()
     assert ok(rb("get", "--hex", digest, "--socket", s)) == data
     assert rb("has", "--hex", digest2, "--socket", s).returncode == 0
+    # the printed digest without --hex is other text: not found, and the error says what to add
+    line = one_line_error(rb("get", digest, "--socket", s), "get")
+    assert "no blob under key" in line and line.endswith("is hex: add --hex")
+    line = one_line_error(rb("get", "cli/absent-key", "--socket", s), "get")
+    assert "no blob under key" in line and "--hex" not in line
     line = one_line_error(rb("put", "--cas", "key", str(src), "--socket", s), "put")
     assert "no KEY" in line
 

@@ -1,16 +1,22 @@
 """Fetch a blob: `ringblob get KEY [-o FILE]` writes its bytes to standard output or FILE.
 
-Exit status: 0 found, 2 on error (NotFound when no blob has the key; Corrupt
-when its bytes fail their BLAKE3 digest, in which case nothing is written).
+Exit status: 0 found, 2 on error (NotFound when no blob has the key, with a
+hint to add --hex when KEY is the 64 hex digits `ringblob put --cas` prints;
+Corrupt when its bytes fail their BLAKE3 digest, in which case nothing is
+written).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 
+from ..errors import NotFound
 from . import _common
+
+_DIGEST_HEX = re.compile(r"[0-9a-fA-F]{64}")  # a BLAKE3 digest in hex, as `put --cas` prints it
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,7 +31,13 @@ def run(args: argparse.Namespace) -> int:
     """Send one GET and write the value out."""
     key = _common.parse_key(args.key, args.hex)
     with _common.connect(args) as client, _common.Progress("get") as progress:
-        value = client.get(key, progress=progress)
+        try:
+            value = client.get(key, progress=progress)
+        except NotFound as exc:
+            if not args.hex and _DIGEST_HEX.fullmatch(args.key):
+                # the hex that `put --cas` prints names the raw 32-byte digest, not this text
+                raise NotFound(f"{exc}; a key printed by `ringblob put --cas` is hex: add --hex") from None
+            raise
     if args.output is None or args.output == "-":
         out = sys.stdout.buffer
         out.write(value)
