@@ -78,6 +78,15 @@ def test_put_get_file_stdin_and_output(daemon, tmp_path):
     ok(rb("get", "cli/stdin", "-o", str(out), "--socket", s))
     assert out.read_bytes() == b"from stdin"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.bin", "out.bin"]
+    # failures name the file, leave the output as it was and nothing behind
+    line = one_line_error(rb("put", "cli/x", str(tmp_path / "missing.bin"), "--socket", s), "put")
+    assert line == f"ringblob put: cannot read the value from {tmp_path / 'missing.bin'}: No such file or directory"
+    line = one_line_error(rb("get", "cli/file", "-o", str(tmp_path / "no-dir" / "out.bin"), "--socket", s), "get")
+    assert line == f"ringblob get: cannot write {tmp_path / 'no-dir' / 'out.bin'}: No such file or directory"
+    line = one_line_error(rb("get", "cli/absent", "-o", str(out), "--socket", s), "get")
+    assert "no blob under key" in line
+    assert out.read_bytes() == b"from stdin"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.bin", "out.bin"]
 
 
 def test_put_cas_prints_blake3_digest(daemon, tmp_path):

@@ -13,7 +13,7 @@ import os
 import re
 import sys
 
-from ..errors import NotFound
+from ..errors import NotFound, RingblobError
 from . import _common
 
 _DIGEST_HEX = re.compile(r"[0-9a-fA-F]{64}")  # a BLAKE3 digest in hex, as `put --cas` prints it
@@ -30,28 +30,40 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Send one GET and write the value out."""
     key = _common.parse_key(args.key, args.hex)
-    with _common.connect(args) as client, _common.Progress("get") as progress:
-        try:
-            value = client.get(key, progress=progress)
-        except NotFound as exc:
-            if not args.hex and _DIGEST_HEX.fullmatch(args.key):
-                # the hex that `put --cas` prints names the raw 32-byte digest, not this text
-                raise NotFound(f"{exc}; a key printed by `ringblob put --cas` is hex: add --hex") from None
-            raise
-    if args.output is None or args.output == "-":
-        out = sys.stdout.buffer
-        out.write(value)
-        out.flush()
-        return 0
-    tmp = f"{args.output}.ringblob-tmp-{os.getpid()}"
+    to_stdout = args.output is None or args.output == "-"
+    tmp = None if to_stdout else f"{args.output}.ringblob-tmp-{os.getpid()}"
+    fh = None
     try:
-        with open(tmp, "wb") as fh:
-            fh.write(value)
-        os.replace(tmp, args.output)
-    except BaseException:
+        if tmp is not None:  # opened first: a FILE that cannot be written fails before the transfer
+            try:
+                fh = open(tmp, "wb")
+            except OSError as exc:
+                raise RingblobError(f"cannot write {args.output}: {exc.strerror or exc}") from None
+        with _common.connect(args) as client, _common.Progress("get") as progress:
+            try:
+                value = client.get(key, progress=progress)
+            except NotFound as exc:
+                if not args.hex and _DIGEST_HEX.fullmatch(args.key):
+                    # the hex that `put --cas` prints names the raw 32-byte digest, not this text
+                    raise NotFound(f"{exc}; a key printed by `ringblob put --cas` is hex: add --hex") from None
+                raise
+        if fh is None:
+            out = sys.stdout.buffer
+            out.write(value)
+            out.flush()
+            return 0
         try:
-            os.unlink(tmp)
-        except OSError:
-            pass
+            fh.write(value)
+            fh.close()
+            os.replace(tmp, args.output)
+        except OSError as exc:
+            raise RingblobError(f"cannot write {args.output}: {exc.strerror or exc}") from None
+    except BaseException:
+        if fh is not None:
+            fh.close()
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
         raise
     return 0

@@ -32,8 +32,11 @@ def _read(path: str | None) -> bytes:
         if sys.stdin.isatty():
             print("ringblob put: reading the value from standard input; end it with Ctrl-D", file=sys.stderr)
         return sys.stdin.buffer.read()
-    with open(path, "rb") as fh:
-        return fh.read()
+    try:
+        with open(path, "rb") as fh:
+            return fh.read()
+    except OSError as exc:
+        raise RingblobError(f"cannot read the value from {path}: {exc.strerror or exc}") from None
 
 
 def run(args: argparse.Namespace) -> int:
