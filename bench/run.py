@@ -207,6 +207,12 @@ def _cmd_out(argv: list[str]) -> str:
         return ""
 
 
+def git_commit(root: str = ROOT) -> str:
+    """The commit the benchmarked code is, short, with ``-dirty`` when tracked files differ from it
+    (a working tree with changes, or a copy of one under a stale ``.git``); "" outside git."""
+    return _cmd_out(["git", "-C", root, "describe", "--always", "--dirty", "--abbrev=7", "--exclude", "*"])
+
+
 def machine_stamp(workdir: str) -> dict:
     """nproc, CPU model, memory, kernel, file system and device of ``workdir``, tool versions, git commit."""
     cpu = ""
@@ -247,7 +253,7 @@ def machine_stamp(workdir: str) -> dict:
         "python": platform.python_version(),
         "fio": _cmd_out(["fio", "--version"]) if shutil.which("fio") else None,
         "redis": _cmd_out(["redis-server", "--version"]) if shutil.which("redis-server") else None,
-        "git_commit": _cmd_out(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"]),
+        "git_commit": git_commit(),
         "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
         "note": "shared 2-core VM where other jobs (test runs) may run at the same time: figures are noisy"
         if (os.cpu_count() or 0) <= 2

@@ -318,3 +318,25 @@ def test_a_data_file_another_daemon_holds_is_reported_not_formatted_afresh(bench
     finally:
         side.daemon.stop()  # (had it formatted afresh, its own daemon would be running)
         first.stop()
+
+
+def test_the_report_names_the_commit_and_says_when_the_tree_differs_from_it(bench, tmp_path):
+    """run.md's header names the benchmarked commit; a tree with changes to tracked files (or a copy
+    of one under a stale .git, as on a lent machine) is marked -dirty instead of passing for it."""
+    import subprocess
+
+    def git(*args):
+        return subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True, text=True).stdout
+
+    assert bench.git_commit(str(tmp_path)) == ""  # not a repository
+    git("init", "-q")
+    (tmp_path / "a.txt").write_text("one\n")
+    git("add", "a.txt")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "one")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "tag", "v1")  # a tag does not replace the hash
+    head = git("rev-parse", "--short=7", "HEAD").strip()
+    assert bench.git_commit(str(tmp_path)) == head
+    (tmp_path / "untracked.txt").write_text("new\n")
+    assert bench.git_commit(str(tmp_path)) == head
+    (tmp_path / "a.txt").write_text("two\n")
+    assert bench.git_commit(str(tmp_path)) == head + "-dirty"
