@@ -77,6 +77,9 @@ class FakeStore:
     async def get_many(self, keys):
         return [await self.get(k) for k in keys]
 
+    async def get_each(self, keys):  # BlobStore.get_each: each key's value or its own error
+        return list(await asyncio.gather(*(self.get(k) for k in keys), return_exceptions=True))
+
     def has(self, key):  # synchronous, like BlobStore.has
         self._check(key)
         return key in self.data

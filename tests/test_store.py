@@ -1575,6 +1575,80 @@ def test_get_nowait_verifies_pins_and_answers_once(tdir, engine):
     run(main())
 
 
+def test_get_each_answers_every_key_in_order_without_a_task_per_small_value(tdir, engine):
+    """get_each (the daemon's MGET, and get_many): each key's value or its own error, in order,
+    whatever the mix — more small values than fixed buffers, missing and invalid keys, an empty
+    and a large value, a value whose bytes fail their digest — with the small values read through
+    get_nowait (a task only for the empty and the large one), nothing left pinned, and other
+    readers of the same buffer pool served meanwhile."""
+    async def main():
+        p = os.path.join(tdir, "d")
+        s = await BlobStore.create(p, 16 * MiB, engine=engine, buffer_count=6)
+        values = {b"v%03d" % i: os.urandom(100 + 37 * i) for i in range(120)}
+        await s.put_many(list(values.items()), sync=True)
+        await s.put(b"empty", b"", sync=True)
+        big = os.urandom(2 * s._aio.buffer_size + 5)
+        await s.put(b"big", big, sync=True)
+        await s.put(b"bad", b"b" * 3000, sync=True)
+        bad_page = s._index.get(b"bad")[0]
+        await s.close()
+        flip_bit(p, bad_page * 4096 + 99, 2)
+        s = await BlobStore.open(p, engine=engine, buffer_count=6)
+        keys = list(values)
+        keys[5:5] = [b"missing", b"", b"empty", b"big", b"bad"]
+        tasks = 0
+        loop = asyncio.get_running_loop()
+
+        def counting(lp, coro, **kw):
+            nonlocal tasks
+            tasks += 1
+            return asyncio.Task(coro, loop=lp, **kw)
+
+        def check(got):
+            assert len(got) == len(keys)
+            for k, r in zip(keys, got):
+                if k == b"missing":
+                    assert isinstance(r, NotFound)
+                elif k == b"":
+                    assert isinstance(r, InvalidKey)
+                elif k == b"empty":
+                    assert r == b""
+                elif k == b"big":
+                    assert r == big
+                elif k == b"bad":
+                    assert isinstance(r, Corrupt) and r.keys == [b"bad"]
+                else:
+                    assert r == values[k], k
+
+        loop.set_task_factory(counting)
+        try:
+            check(await s.get_each(keys))
+        finally:
+            loop.set_task_factory(None)
+        assert tasks == 2  # the empty and the large value; none for the 120 small ones
+        assert not s._pins
+        # beside other readers of the 6 buffers (then keys may also go the awaiting way): all served
+        others = [asyncio.ensure_future(s.get(b"v%03d" % i)) for i in range(0, 120, 7)]
+        more = asyncio.ensure_future(s.get_each(keys))
+        await asyncio.sleep(0)
+        check(await s.get_each(keys))
+        check(await more)
+        assert [await o for o in others] == [values[b"v%03d" % i] for i in range(0, 120, 7)]
+        assert not s._pins
+        assert await s.get_each([]) == []
+        # get_many on top of it: None for a missing key, the first other error raised
+        assert await s.get_many([b"v001", b"missing", b"empty"]) == [values[b"v001"], None, b""]
+        with pytest.raises(Corrupt):
+            await s.get_many([b"v001", b"bad"])
+        with pytest.raises(InvalidKey):
+            await s.get_many([b"v001", b""])
+        await s.close()
+        # a closed store: every key answers EngineClosed
+        assert all(isinstance(r, EngineClosed) for r in await s.get_each([b"v001", b"v002"]))
+
+    run(main())
+
+
 def test_get_nowait_failed_read_is_ioerror(tdir):
     async def main():
         p = os.path.join(tdir, "d")

@@ -1160,15 +1160,14 @@ class Server(ServerCore):
         return 0
 
     async def _op_mget(self, req: P.Request) -> list:
-        get = self.store.get
         if self._value_size is not None:
             total = P.HEADER_SIZE + 4 + sum(6 + self._size_or_zero(k) for k in req.keys)
             if total > self.config.max_frame_size:
                 raise TooLarge(
                     f"the MGET reply would be {total} bytes, over the daemon's max_frame_size "
                     f"({self.config.max_frame_size} bytes); ask for fewer keys per request")
-        results = await asyncio.gather(*(get(k) for k in req.keys), return_exceptions=True)
-        return P.mget_reply_body(results)
+        # each key's value or its own error (the store's get_each: no task per key)
+        return P.mget_reply_body(await self.store.get_each(req.keys))
 
 
 def _sock_name(sock: socket.socket) -> str:

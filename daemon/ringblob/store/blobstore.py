@@ -9,12 +9,13 @@ import asyncio
 import collections
 import errno as _errno
 import fcntl
+import functools
 import logging
 import os
 import random
 import stat as _stat
 import time
-from typing import Any, AsyncIterator, Iterable
+from typing import Any, AsyncIterator, Iterable, Sequence
 
 import blake3
 
@@ -190,7 +191,9 @@ class BlobStore:
       fdatasync once all of them completed).
     * ``await get(key) -> bytes`` (:class:`NotFound`, :class:`Corrupt` when
       the bytes fail their BLAKE3 digest — they are never returned);
-      ``await get_many(keys) -> list[bytes | None]`` (None where missing).
+      ``await get_many(keys) -> list[bytes | None]`` (None where missing);
+      ``await get_each(keys) -> list`` (each key's value or its own error: the
+      daemon's MGET), their reads started like ``get_nowait``'s.
     * ``has(key) -> bool`` (no read); ``await delete(key, *, sync=False)``
       (missing keys are fine); ``list(prefix=b"", start_after=None,
       limit=None)``: an async iterator of keys in ascending order.
@@ -1800,19 +1803,41 @@ class BlobStore:
                        "are damaged; delete it and restore it from a replica or backup", [key])
 
     async def get_many(self, keys: Iterable[bytes]) -> list[bytes | None]:
-        """Values of ``keys`` in order (None for a missing key); reads go out in one ring turn.
+        """Values of ``keys`` in order (None for a missing key), read as :meth:`get_each` does.
 
-        Raises :class:`Corrupt` / :class:`IOFailed` like :meth:`get`.
+        Raises :class:`InvalidKey` for a bad key before reading anything, and
+        :class:`Corrupt` / :class:`IOFailed` like :meth:`get` (the first such error of the
+        keys, in order, once every read finished).
         """
         keys = [_check_key(k) for k in keys]
+        out: list[bytes | None] = []
+        for r in await self.get_each(keys):
+            if isinstance(r, NotFound):
+                out.append(None)
+            elif isinstance(r, BaseException):
+                raise r
+            else:
+                out.append(r)
+        return out
 
-        async def one(k):
-            try:
-                return await self.get(k)
-            except NotFound:
-                return None
+    async def get_each(self, keys: Sequence) -> list:
+        """For each of ``keys`` (a sequence), in order: its value (``bytes``, verified against
+        its BLAKE3 digest as :meth:`get` does) or the exception :meth:`get` would raise for it
+        (:class:`NotFound`, :class:`InvalidKey`, :class:`Corrupt`, :class:`IOFailed`,
+        :class:`EngineClosed`). Never raises for one key's failure: the server's MGET answers
+        each key with its own status.
 
-        return list(await asyncio.gather(*(one(k) for k in keys)))
+        The reads of values that fit one fixed buffer go out the way :meth:`get_nowait`'s do
+        (no coroutine, task or future per key; completions call back), as many at once as the
+        buffer pool and queue depth allow, each completion starting the next; larger or empty
+        values are read by :meth:`get`, one task each, beside them. Returns once every read
+        finished.
+        """
+        run = _GetEach(self, keys, self._aio.loop.create_future())
+        run.pump()
+        if run.active:
+            await run.fut
+        return run.results
 
     def has(self, key) -> bool:
         """Whether ``key`` is stored (reads no data)."""
@@ -2203,6 +2228,69 @@ class _Round:
         _settle(self.items, self.flushers, ReadOnly(f"{self.store.path}: the store is closing"))
         self.next = None  # cancelled in turn by abandon
         self._finish(False)
+
+
+class _GetEach:
+    """The reads of one :meth:`BlobStore.get_each`: keys are started in order, through
+    ``get_nowait`` while the buffer pool and queue depth take them, else (a value larger than
+    one buffer, or empty) by a task awaiting ``get``. When the pool or queue is short the
+    starting stops until one of this run's reads completes; with none of them in flight the
+    key goes to a task (``get`` waits for a buffer). ``fut`` is resolved once every key has
+    its result in ``results``."""
+
+    __slots__ = ("store", "keys", "results", "fut", "next", "active", "tasks")
+
+    def __init__(self, store: "BlobStore", keys: Sequence, fut: asyncio.Future):
+        self.store = store
+        self.keys = keys
+        self.results: list = [None] * len(keys)
+        self.fut = fut
+        self.next = 0  # the index of the next key to start
+        self.active = 0  # reads of this run started and not finished
+        self.tasks: set = set()
+
+    def pump(self) -> None:
+        """Start the next keys' reads, as many as the engine takes now."""
+        store, keys, results = self.store, self.keys, self.results
+        n = len(keys)
+        while self.next < n:
+            i = self.next
+            key = keys[i]
+            try:
+                queued = store.get_nowait(key, functools.partial(self._done, i))
+            except Exception as exc:  # NotFound, InvalidKey, EngineClosed: this key's answer
+                results[i] = exc
+                self.next = i + 1
+                continue
+            if queued:
+                self.active += 1
+                self.next = i + 1
+                continue
+            length = store.value_size(key)
+            if self.active and length and length <= store._aio.buffer_size:
+                return  # the pool or queue is short: the next completion of ours starts it
+            self.next = i + 1
+            self.active += 1
+            t = asyncio.ensure_future(self._get(i, key))
+            self.tasks.add(t)
+            t.add_done_callback(self.tasks.discard)
+        if not self.active and not self.fut.done():
+            self.fut.set_result(None)
+
+    async def _get(self, i: int, key) -> None:
+        try:
+            self.results[i] = await self.store.get(key)
+        except Exception as exc:
+            self.results[i] = exc
+        self._finished()
+
+    def _done(self, i: int, value, err) -> None:
+        self.results[i] = value if err is None else err
+        self._finished()
+
+    def _finished(self) -> None:
+        self.active -= 1
+        self.pump()
 
 
 _OPEN_TOKEN = object()
