@@ -1635,6 +1635,16 @@ def test_get_each_answers_every_key_in_order_without_a_task_per_small_value(tdir
         check(await more)
         assert [await o for o in others] == [values[b"v%03d" % i] for i in range(0, 120, 7)]
         assert not s._pins
+        # a caller that goes away (an MGET whose connection closed) stops the starting of reads
+        gets0 = s.stat()["gets"]
+        gone = asyncio.ensure_future(s.get_each(list(values)))
+        await asyncio.sleep(0)  # its first reads are in flight
+        gone.cancel()
+        for _ in range(500):
+            if not s._pins:
+                break
+            await asyncio.sleep(0.01)
+        assert not s._pins and s.stat()["gets"] - gets0 <= 6  # at most the six buffers' worth
         assert await s.get_each([]) == []
         # get_many on top of it: None for a missing key, the first other error raised
         assert await s.get_many([b"v001", b"missing", b"empty"]) == [values[b"v001"], None, b""]

@@ -2252,6 +2252,8 @@ class _GetEach:
     def pump(self) -> None:
         """Start the next keys' reads, as many as the engine takes now."""
         store, keys, results = self.store, self.keys, self.results
+        if self.fut.cancelled():
+            return  # the caller is gone (an MGET whose connection closed): start nothing more
         n = len(keys)
         while self.next < n:
             i = self.next
