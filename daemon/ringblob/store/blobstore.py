@@ -2236,7 +2236,8 @@ class _GetEach:
     one buffer, or empty) by a task awaiting ``get``. When the pool or queue is short the
     starting stops until one of this run's reads completes; with none of them in flight the
     key goes to a task (``get`` waits for a buffer). ``fut`` is resolved once every key has
-    its result in ``results``."""
+    its result in ``results``; once it is cancelled (the caller went away) nothing more is
+    started."""
 
     __slots__ = ("store", "keys", "results", "fut", "next", "active", "tasks")
 
