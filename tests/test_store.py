@@ -140,8 +140,11 @@ def test_keys_and_sizes_are_checked(tdir):
             with pytest.raises(InvalidKey):
                 await s.put(bad, b"v")
         await s.put(b"x" * 255, b"ok")
-        with pytest.raises(TooLarge):
+        with pytest.raises(TooLarge, match=r"value of 10001 bytes exceeds max_blob_size \(10000 bytes\).*--max-blob-size"):
             await s.put(b"k", bytes(10_001))
+        with pytest.raises(TooLarge, match=r"for key b'big'"):  # put_many names the key
+            await s.put_many([(b"ok", b"v"), (b"big", bytes(10_001))])
+        assert not s.has(b"ok")  # and stores none of them
         await s.put(b"k", bytes(10_000))
         assert len(await s.get(b"k")) == 10_000
         await s.put(b"ba", bytearray(b"from a bytearray"))

@@ -1011,7 +1011,7 @@ class BlobStore:
         self._check_writable()
         mv = _as_view(value)
         if len(mv) > self.max_blob_size:
-            raise TooLarge(f"value of {len(mv)} bytes exceeds max_blob_size {self.max_blob_size}")
+            raise self._too_large(len(mv))
         # BLAKE3 on the loop's thread (a large value: with BLAKE3's thread pool when
         # ringblob.digest's parallel_hash mode is on; see docs/FORMAT.md, "Data area")
         digest = _digest.digest(mv)
@@ -1139,7 +1139,7 @@ class BlobStore:
             self._check_writable()
             length = value.length
             if length > self.max_blob_size:
-                raise TooLarge(f"value of {length} bytes exceeds max_blob_size {self.max_blob_size}")
+                raise self._too_large(length)
             digest = value.digest()
             if verify and digest != key:
                 raise DigestMismatch(f"put: the BLAKE3 digest of the value is {digest.hex()}, not the key "
@@ -1185,7 +1185,7 @@ class BlobStore:
         self._check_writable()
         mv = _as_view(value)
         if len(mv) > self.max_blob_size:
-            raise TooLarge(f"value of {len(mv)} bytes exceeds max_blob_size {self.max_blob_size}")
+            raise self._too_large(len(mv))
         digest = _digest.digest(mv)
         await self._put_hashed(digest, mv, digest, sync)
         return digest
@@ -1202,7 +1202,7 @@ class BlobStore:
             key = _check_key(key)
             mv = _as_view(value)
             if len(mv) > self.max_blob_size:
-                raise TooLarge(f"value of {len(mv)} bytes for key {key!r} exceeds max_blob_size {self.max_blob_size}")
+                raise self._too_large(len(mv), key)
             prepared.append((key, mv, _digest.digest(mv)))
         # allocate everything first: NoSpace changes nothing
         pages = []
@@ -1772,6 +1772,12 @@ class BlobStore:
         :class:`EngineClosed` at once.
         """
         return self._getpath.get_nowait(key, done, max_size)
+
+    def _too_large(self, length: int, key: bytes | None = None) -> TooLarge:
+        """The :class:`TooLarge` for a value of ``length`` bytes over ``max_blob_size``."""
+        what = f"value of {length} bytes" + ("" if key is None else f" for key {key!r}")
+        return TooLarge(f"{what} exceeds max_blob_size ({self.max_blob_size} bytes); store it in "
+                        "smaller pieces or raise the daemon's max_blob_size setting (--max-blob-size)")
 
     def _lookup(self, key: bytes) -> tuple[int, int, bytes]:
         """``(page, length, digest)`` of ``key``; raises :class:`NotFound`, :class:`EngineClosed`."""
