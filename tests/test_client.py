@@ -448,6 +448,58 @@ def test_async_replies_out_of_order_are_matched_by_id():
         peer.close()
 
 
+def test_async_calls_of_one_loop_turn_go_out_together_and_in_order():
+    """Requests made in one loop turn reach the socket in one write (a burst of pipelined calls
+    costs one send, not one each), in the order they were made; a frame of 64 KiB or more goes
+    at once, after the ones before it."""
+    seen = []
+
+    def script(conn, dec):
+        frames = ScriptedPeer.read_frames(conn, dec, 51)
+        seen.extend((f.opcode, f.request_id) for f in frames)
+        conn.sendall(b"".join(protocol.encode_reply(f.opcode, f.request_id,
+                                                    f.body if f.opcode == protocol.Op.PING else b"")
+                              for f in frames))
+        ScriptedPeer.read_frames(conn, dec, 1)  # wait for the client to close
+
+    peer = ScriptedPeer(script)
+    writes = []
+
+    async def main():
+        async with ringblob.AsyncClient(peer.path) as c:
+            w = c._writer
+            plain_write, plain_writelines = w.write, w.writelines
+            w.write = lambda data: (writes.append(1), plain_write(data))[1]
+            w.writelines = lambda datas: (writes.append(len(datas)), plain_writelines(datas))[1]
+            calls = [c.ping(b"%d" % i) for i in range(25)] + [c.put(b"big", bytes(100_000))]
+            calls += [c.ping(b"%d" % i) for i in range(25, 50)]
+            return await asyncio.gather(*calls)
+
+    try:
+        results = run(main())
+        assert results[:25] + results[26:] == [b"%d" % i for i in range(50)] and results[25] is None
+        assert writes == [25, 1, 25]  # the pings before the big PUT, the PUT alone, the rest
+        ids = [rid for _, rid in seen]
+        assert ids == sorted(ids) and [op for op, _ in seen].count(protocol.Op.PUT) == 1
+        assert seen[25][0] == protocol.Op.PUT
+    finally:
+        peer.close()
+
+
+def test_async_close_with_requests_queued_fails_them_cleanly(daemon):
+    async def main():
+        c = await ringblob.AsyncClient(daemon.socket).connect()
+        calls = [asyncio.ensure_future(c.ping(b"%d" % i)) for i in range(10)]
+        await asyncio.sleep(0)  # queued for the end of the turn, not written yet
+        await c.close()
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        assert all(isinstance(r, ConnectionLost) for r in results), results
+        async with ringblob.AsyncClient(daemon.socket) as c2:  # the daemon is unaffected
+            assert await c2.ping(b"after") == b"after"
+
+    run(main())
+
+
 def test_connection_lost_mid_request():
     def script(conn, dec):
         frames = ScriptedPeer.read_frames(conn, dec, 3)

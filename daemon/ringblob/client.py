@@ -50,6 +50,7 @@ __all__ = ["Client", "AsyncClient", "DEFAULT_SOCKET", "default_socket_path"]
 DEFAULT_SOCKET = "./var/ringblob.sock"
 DEFAULT_MAX_REPLY_SIZE = 1 << 30  # largest reply frame a client accepts (bytes): MGET replies can be big
 _CHUNK = 1 << 20  # bytes per send/recv call when reporting progress
+_SEND_ALONE = 64 * 1024  # AsyncClient: request frames this large are written at once, not queued
 _MPUT_ITEM_OVERHEAD = 1 + 4  # u8 key length + u32 value length
 _MGET_ITEM_OVERHEAD = 1 + 6  # u8 key length in the request; u16 status + u32 length in the reply
 
@@ -457,6 +458,10 @@ class AsyncClient(_ClientBase):
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._task: asyncio.Task | None = None
+        # request frames queued in this loop turn, sent together at its end (see _send)
+        self._out: list = []
+        self._out_bytes = 0
+        self._out_handle: asyncio.Handle | None = None
 
     async def connect(self) -> "AsyncClient":
         """Open the connection (``OSError`` from ``connect(2)`` if nothing listens); returns ``self``."""
@@ -477,6 +482,7 @@ class AsyncClient(_ClientBase):
         writer, self._writer = self._writer, None
         if writer is None:
             return
+        self._drop_out()
         self._fail_all("the client was closed")
         writer.close()
         try:
@@ -503,6 +509,40 @@ class AsyncClient(_ClientBase):
         return len(self._pending)
 
     # -- plumbing --------------------------------------------------------------
+
+    def _send(self, writer: asyncio.StreamWriter, frame) -> None:
+        """Hand ``frame`` to the socket in order: frames of one loop turn are queued and written
+        together by one ``writelines`` at the turn's end (one ``send`` for a burst of pipelined
+        calls instead of one each); a frame of ``_SEND_ALONE`` bytes or more goes at once, after
+        those queued before it."""
+        if len(frame) >= _SEND_ALONE:
+            self._flush_out()
+            writer.write(frame)
+            return
+        self._out.append(frame)
+        self._out_bytes += len(frame)
+        if self._out_handle is None:
+            self._out_handle = asyncio.get_running_loop().call_soon(self._flush_out)
+
+    def _flush_out(self) -> None:
+        """Write the frames queued by :meth:`_send` (a ``call_soon`` callback, or before a frame
+        that goes at once)."""
+        handle, self._out_handle = self._out_handle, None
+        if handle is not None:
+            handle.cancel()
+        out, self._out = self._out, []
+        self._out_bytes = 0
+        writer = self._writer
+        if out and writer is not None and self._lost is None:
+            writer.writelines(out)
+
+    def _drop_out(self) -> None:
+        """Forget the queued frames (the connection is closing: their calls fail)."""
+        if self._out_handle is not None:
+            self._out_handle.cancel()
+            self._out_handle = None
+        self._out = []
+        self._out_bytes = 0
 
     def _fail_all(self, why: str) -> None:
         if self._lost is None:
@@ -565,9 +605,11 @@ class AsyncClient(_ClientBase):
             # backpressure: while the socket's send buffer is over its high-water mark, wait
             # before adding to it, so many calls in flight do not pile their frames up in memory
             transport = writer.transport
-            while transport.get_write_buffer_size() > self._high_water(transport) and not transport.is_closing():
+            while (transport.get_write_buffer_size() + self._out_bytes > self._high_water(transport)
+                   and not transport.is_closing()):
+                self._flush_out()
                 await writer.drain()
-            writer.write(frame)
+            self._send(writer, frame)
             await writer.drain()
         except (ConnectionError, OSError) as exc:
             # The daemon may have answered (e.g. FrameTooLarge) before closing; the read loop
