@@ -42,7 +42,7 @@ from typing import Any, AsyncIterator, Callable, Iterable, Iterator, Mapping
 import blake3
 
 from . import protocol
-from .errors import ConnectionLost, InvalidKey, NotFound, RingblobError, TooLarge
+from .errors import ConnectionLost, InvalidKey, NotFound, RingblobError, TooLarge, values_or_raise
 from .protocol import DEFAULT_MAX_FRAME_SIZE, HEADER, HEADER_SIZE, FrameDecoder, Op
 
 __all__ = ["Client", "AsyncClient", "DEFAULT_SOCKET", "default_socket_path"]
@@ -112,17 +112,6 @@ def _key_batches(keys: list[bytes], max_frame_size: int, max_keys: int = 4096) -
     if batch:
         yield batch
 
-
-def _mget_values(results: list) -> list[bytes | None]:
-    out: list[bytes | None] = []
-    for res in results:
-        if isinstance(res, NotFound):
-            out.append(None)
-        elif isinstance(res, BaseException):
-            raise res
-        else:
-            out.append(res)
-    return out
 
 
 class _ClientBase:
@@ -427,7 +416,7 @@ class Client(_ClientBase):
                     return [None]
             mid = len(batch) // 2
             return self._mget(batch[:mid]) + self._mget(batch[mid:])
-        return _mget_values(protocol.decode_mget_reply(reply.body))
+        return values_or_raise(protocol.decode_mget_reply(reply.body))
 
 
 class AsyncClient(_ClientBase):
@@ -723,4 +712,4 @@ class AsyncClient(_ClientBase):
             mid = len(batch) // 2
             left, right = await asyncio.gather(self._mget(batch[:mid]), self._mget(batch[mid:]))
             return left + right
-        return _mget_values(protocol.decode_mget_reply(reply.body))
+        return values_or_raise(protocol.decode_mget_reply(reply.body))

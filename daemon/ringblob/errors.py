@@ -233,3 +233,19 @@ def error_for_code(code: int) -> type[RingblobError]:
     an older client crash on a status it does not know.
     """
     return _BY_CODE.get(code, RingblobError)
+
+
+def values_or_raise(results) -> list:
+    """The ``get_many`` view of per-key results (each a value or the exception for that key,
+    as an MGET answers and :meth:`BlobStore.get_each <ringblob.store.BlobStore.get_each>`
+    returns): the values in order, None for a :class:`NotFound`; the first other exception,
+    in key order, is raised."""
+    out: list = []
+    for res in results:
+        if isinstance(res, NotFound):
+            out.append(None)
+        elif isinstance(res, BaseException):
+            raise res
+        else:
+            out.append(res)
+    return out

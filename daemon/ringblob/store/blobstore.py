@@ -37,6 +37,7 @@ from ..errors import (
     RingblobError,
     StoreLocked,
     TooLarge,
+    values_or_raise,
 )
 from . import format as F
 from .alloc import Allocator
@@ -1816,15 +1817,7 @@ class BlobStore:
         keys, in order, once every read finished).
         """
         keys = [_check_key(k) for k in keys]
-        out: list[bytes | None] = []
-        for r in await self.get_each(keys):
-            if isinstance(r, NotFound):
-                out.append(None)
-            elif isinstance(r, BaseException):
-                raise r
-            else:
-                out.append(r)
-        return out
+        return values_or_raise(await self.get_each(keys))
 
     async def get_each(self, keys: Sequence) -> list:
         """For each of ``keys`` (a sequence), in order: its value (``bytes``, verified against
