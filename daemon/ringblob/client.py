@@ -113,7 +113,6 @@ def _key_batches(keys: list[bytes], max_frame_size: int, max_keys: int = 4096) -
         yield batch
 
 
-
 class _ClientBase:
     """What :class:`Client` and :class:`AsyncClient` share: the constructor's arguments,
     checked and defaulted in one place, the request-id counter and the lost-connection reason.
@@ -516,22 +515,20 @@ class AsyncClient(_ClientBase):
     def _flush_out(self) -> None:
         """Write the frames queued by :meth:`_send` (a ``call_soon`` callback, or before a frame
         that goes at once)."""
+        out = self._drop_out()
+        writer = self._writer
+        if out and writer is not None and self._lost is None:
+            writer.writelines(out)
+
+    def _drop_out(self) -> list:
+        """Take the queued frames out of the queue (and its pending flush); returns them. Alone,
+        it forgets them: the connection is closing and their calls fail."""
         handle, self._out_handle = self._out_handle, None
         if handle is not None:
             handle.cancel()
         out, self._out = self._out, []
         self._out_bytes = 0
-        writer = self._writer
-        if out and writer is not None and self._lost is None:
-            writer.writelines(out)
-
-    def _drop_out(self) -> None:
-        """Forget the queued frames (the connection is closing: their calls fail)."""
-        if self._out_handle is not None:
-            self._out_handle.cancel()
-            self._out_handle = None
-        self._out = []
-        self._out_bytes = 0
+        return out
 
     def _fail_all(self, why: str) -> None:
         if self._lost is None:
